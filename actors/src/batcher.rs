@@ -1,0 +1,281 @@
+//! The dynamic batcher: pure queueing logic with Triton's knobs, no clocks and no IO.
+//!
+//! Rules, in order, each time [`Batcher::pop_ready`] is asked at `now`:
+//!
+//! 1. Requests whose caller has gone away ([`Pending::is_cancelled`]) leave the queue and are
+//!    handed back as cancelled; they never reach the model.
+//! 2. If `max_batch_size` requests wait, run exactly that many.
+//! 3. If the largest preferred batch size (or `max_batch_size` when none is set) can be formed,
+//!    run the largest preferred size that fits.
+//! 4. If the oldest request has waited `max_queue_delay`, run everything queued (up to
+//!    `max_batch_size`): no request waits longer than the delay before its batch starts.
+//! 5. Otherwise wait until [`Batcher::deadline`] or the next arrival.
+//!
+//! With `max_queue_delay = 0` the batcher runs whatever has accumulated while the previous batch
+//! ran ("opportunistic" batching); with `max_batch_size = 1` batching is off.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use crate::model::BatchPolicy;
+
+/// What the batcher needs to know about a queued request.
+pub trait Pending {
+    /// When the request entered the queue (the router stamps it before sending).
+    fn enqueued_at(&self) -> Instant;
+    /// True when nobody waits for the answer any more.
+    fn is_cancelled(&self) -> bool;
+}
+
+#[derive(Debug)]
+pub struct Batcher<T> {
+    policy: BatchPolicy,
+    queue: VecDeque<T>,
+}
+
+impl<T: Pending> Batcher<T> {
+    pub fn new(policy: BatchPolicy) -> Self {
+        Self { policy, queue: VecDeque::new() }
+    }
+
+    pub fn policy(&self) -> &BatchPolicy {
+        &self.policy
+    }
+
+    pub fn push(&mut self, item: T) {
+        self.queue.push_back(item);
+    }
+
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// When the oldest queued request must start, if any is queued.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.queue.front().map(|r| r.enqueued_at() + self.policy.max_queue_delay)
+    }
+
+    /// The next batch to run at `now`, if the rules above say one should run. Cancelled requests
+    /// found on the way are moved to `cancelled`.
+    pub fn pop_ready(&mut self, now: Instant, cancelled: &mut Vec<T>) -> Option<Vec<T>> {
+        if self.queue.iter().any(Pending::is_cancelled) {
+            let (gone, live): (VecDeque<T>, VecDeque<T>) =
+                std::mem::take(&mut self.queue).into_iter().partition(Pending::is_cancelled);
+            cancelled.extend(gone);
+            self.queue = live;
+        }
+        let len = self.queue.len();
+        let max = self.policy.max_batch_size;
+        let n = if len >= max {
+            max
+        } else if len >= self.policy.target() && len > 0 {
+            self.policy.preferred_batch_sizes.iter().rev().copied().find(|&p| p <= len).unwrap_or(len)
+        } else if self.deadline().is_some_and(|d| now >= d) {
+            len
+        } else {
+            return None;
+        };
+        Some(self.queue.drain(..n).collect())
+    }
+
+    /// Everything still queued, in arrival order (used when a worker shuts down).
+    pub fn drain_all(&mut self) -> impl Iterator<Item = T> + '_ {
+        self.queue.drain(..)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::collections::HashSet;
+    use std::rc::Rc;
+    use std::time::Duration;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Debug)]
+    struct Req {
+        id: usize,
+        at: Instant,
+        cancelled: Rc<Cell<bool>>,
+    }
+
+    impl Pending for Req {
+        fn enqueued_at(&self) -> Instant {
+            self.at
+        }
+        fn is_cancelled(&self) -> bool {
+            self.cancelled.get()
+        }
+    }
+
+    fn policy(max: usize, preferred: &[usize], delay_us: u64) -> BatchPolicy {
+        BatchPolicy {
+            max_batch_size: max,
+            preferred_batch_sizes: preferred.to_vec(),
+            max_queue_delay: Duration::from_micros(delay_us),
+        }
+    }
+
+    fn req(id: usize, at: Instant) -> Req {
+        Req { id, at, cancelled: Rc::new(Cell::new(false)) }
+    }
+
+    fn ids(batch: &[Req]) -> Vec<usize> {
+        batch.iter().map(|r| r.id).collect()
+    }
+
+    #[test]
+    fn waits_for_the_delay_then_runs_everything() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(policy(8, &[], 100));
+        b.push(req(0, t0));
+        b.push(req(1, t0 + Duration::from_micros(10)));
+        let mut gone = Vec::new();
+        assert!(b.pop_ready(t0 + Duration::from_micros(99), &mut gone).is_none());
+        assert_eq!(b.deadline(), Some(t0 + Duration::from_micros(100)));
+        let batch = b.pop_ready(t0 + Duration::from_micros(100), &mut gone).unwrap();
+        assert_eq!(ids(&batch), vec![0, 1]);
+        assert!(b.is_empty() && gone.is_empty());
+    }
+
+    #[test]
+    fn full_batches_run_at_once_and_preferred_sizes_win() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(policy(8, &[2, 4], 1_000_000));
+        let mut gone = Vec::new();
+        for i in 0..3 {
+            b.push(req(i, t0));
+        }
+        assert!(b.pop_ready(t0, &mut gone).is_none(), "3 < largest preferred size 4");
+        for i in 3..7 {
+            b.push(req(i, t0));
+        }
+        assert_eq!(ids(&b.pop_ready(t0, &mut gone).unwrap()), vec![0, 1, 2, 3]);
+        assert!(b.pop_ready(t0, &mut gone).is_none(), "3 left, waits for the delay");
+        for i in 7..20 {
+            b.push(req(i, t0));
+        }
+        assert_eq!(b.pop_ready(t0, &mut gone).unwrap().len(), 8, "max_batch_size reached");
+    }
+
+    #[test]
+    fn unbatched_policy_runs_one_at_a_time_without_waiting() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(BatchPolicy::unbatched());
+        b.push(req(0, t0));
+        b.push(req(1, t0));
+        let mut gone = Vec::new();
+        assert_eq!(ids(&b.pop_ready(t0, &mut gone).unwrap()), vec![0]);
+        assert_eq!(ids(&b.pop_ready(t0, &mut gone).unwrap()), vec![1]);
+    }
+
+    #[test]
+    fn cancelled_requests_never_reach_a_batch() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(policy(4, &[], 0));
+        let r = req(0, t0);
+        r.cancelled.set(true);
+        b.push(r);
+        b.push(req(1, t0));
+        let mut gone = Vec::new();
+        assert_eq!(ids(&b.pop_ready(t0, &mut gone).unwrap()), vec![1]);
+        assert_eq!(ids(&gone), vec![0]);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// A request arrives after `dt` µs.
+        Push(u64),
+        /// Time passes without arrivals.
+        Advance(u64),
+        /// The caller of the n-th request (modulo count) goes away.
+        Cancel(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (0u64..300).prop_map(Op::Push),
+            2 => (0u64..3_000).prop_map(Op::Advance),
+            1 => any::<usize>().prop_map(Op::Cancel),
+        ]
+    }
+
+    proptest! {
+        /// Whatever arrives, whenever: no batch exceeds `max_batch_size`, batches keep arrival order,
+        /// nothing overdue is left waiting after a poll, and every request comes out exactly once
+        /// (in a batch, or as cancelled if its caller left before its batch formed).
+        #[test]
+        fn batcher_properties(
+            max in 1usize..40,
+            preferred in proptest::collection::vec(1usize..40, 0..3),
+            delay_us in 0u64..2_000,
+            ops in proptest::collection::vec(op(), 1..300),
+        ) {
+            let preferred: Vec<usize> = {
+                let mut p: Vec<usize> = preferred.into_iter().filter(|&p| p <= max).collect();
+                p.sort_unstable();
+                p.dedup();
+                p
+            };
+            let pol = policy(max, &preferred, delay_us);
+            let mut b = Batcher::new(pol.clone());
+            let t0 = Instant::now();
+            let mut now = t0;
+            let mut flags: Vec<Rc<Cell<bool>>> = Vec::new();
+            let mut batched: Vec<usize> = Vec::new();
+            let mut cancelled: Vec<Req> = Vec::new();
+            let mut cancelled_before_batch = HashSet::new();
+            let poll = |b: &mut Batcher<Req>, now: Instant, batched: &mut Vec<usize>, cancelled: &mut Vec<Req>| {
+                while let Some(batch) = b.pop_ready(now, cancelled) {
+                    prop_assert!(!batch.is_empty() && batch.len() <= max, "batch of {}", batch.len());
+                    let got = ids(&batch);
+                    prop_assert!(got.windows(2).all(|w| w[0] < w[1]), "order {:?}", got);
+                    for r in &batch {
+                        prop_assert!(!r.is_cancelled(), "cancelled request {} was batched", r.id);
+                    }
+                    batched.extend(got);
+                }
+                if let Some(d) = b.deadline() {
+                    prop_assert!(d > now, "request overdue by {:?} after a poll", now - d);
+                }
+                Ok(())
+            };
+            for op in ops {
+                match op {
+                    Op::Push(dt) => {
+                        now += Duration::from_micros(dt);
+                        let r = req(flags.len(), now);
+                        flags.push(r.cancelled.clone());
+                        b.push(r);
+                    }
+                    Op::Advance(dt) => now += Duration::from_micros(dt),
+                    Op::Cancel(n) if !flags.is_empty() => {
+                        let i = n % flags.len();
+                        if !batched.contains(&i) {
+                            cancelled_before_batch.insert(i);
+                        }
+                        flags[i].set(true);
+                    }
+                    Op::Cancel(_) => {}
+                }
+                poll(&mut b, now, &mut batched, &mut cancelled)?;
+            }
+            poll(&mut b, now + pol.max_queue_delay + Duration::from_secs(1), &mut batched, &mut cancelled)?;
+            prop_assert!(b.is_empty());
+            let mut all: Vec<usize> = batched.clone();
+            all.extend(cancelled.iter().map(|r| r.id));
+            all.sort_unstable();
+            prop_assert_eq!(all, (0..flags.len()).collect::<Vec<_>>(), "each request exactly once");
+            for id in &batched {
+                prop_assert!(!cancelled_before_batch.contains(id));
+            }
+        }
+    }
+}

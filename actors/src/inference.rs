@@ -1,0 +1,217 @@
+//! Inference requests, their validation, errors, and the port a model runtime implements.
+//!
+//! The port is synchronous on purpose: a backend lives on one dedicated OS thread (the GPU
+//! worker's), never on the async runtime (ARCHITECTURE.md, invariant "the async runtime never
+//! blocks").
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::model::ModelSpec;
+
+/// One row of work: the features of one event and, for a stateful model, its key's state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InferRequest {
+    pub model: Arc<str>,
+    pub features: Vec<f32>,
+    /// The key's state before this event; `None` means "no state yet" (all zeros).
+    pub state: Option<Vec<f32>>,
+}
+
+/// The answer for one row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InferOutput {
+    pub score: f32,
+    /// The key's state after this event; empty for a stateless model.
+    pub new_state: Vec<f32>,
+    pub model_version: u32,
+    /// Rows in the `forward` call that served this request.
+    pub batch_size: usize,
+    /// From the router's send to the start of the batch.
+    pub queue_time: Duration,
+    /// The `forward` call, tensor building and copying out included.
+    pub compute_time: Duration,
+}
+
+/// Why a request got no score. The variant says what the caller should do.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InferError {
+    /// No model of that name is loaded. Bad input: dead-letter (`UNKNOWN_MODEL`).
+    #[error("unknown model {model:?}")]
+    UnknownModel { model: String },
+    /// Wrong number of values. Bad input: dead-letter (`SHAPE`). Checked before any tensor is built.
+    #[error("{input} has {got} values, model {model:?} expects {expected}")]
+    Shape { model: String, input: &'static str, expected: usize, got: usize },
+    /// NaN or infinite value. Bad input: dead-letter (`VALUE_RANGE`).
+    #[error("{input}[{index}] is {value}, not a finite number")]
+    ValueRange { input: &'static str, index: usize, value: f32 },
+    /// The model runtime failed on this request's batch (libtorch error, wrong output shape).
+    /// Only that batch failed; the caller may retry once, then dead-letter.
+    #[error("model runtime failed on this batch: {0}")]
+    Backend(String),
+    /// The model runtime panicked on this request's batch; the worker caught it and keeps serving.
+    #[error("model runtime panicked on this batch: {0}")]
+    Panicked(String),
+    /// The pool's queue is full: back off (pause the Kafka partition) and try again.
+    #[error("inference queue full ({capacity} requests in flight)")]
+    Overloaded { capacity: usize },
+    /// The worker holding the request died and the retries ran out, or none is healthy.
+    #[error("no healthy worker answered after {attempts} attempt(s)")]
+    WorkerLost { attempts: usize },
+    /// The pool is shutting down.
+    #[error("inference pool is shutting down")]
+    ShuttingDown,
+}
+
+impl InferError {
+    /// True for errors caused by the request itself: retrying cannot help.
+    pub fn is_bad_request(&self) -> bool {
+        matches!(self, Self::UnknownModel { .. } | Self::Shape { .. } | Self::ValueRange { .. })
+    }
+}
+
+/// Check a request against its model before it is queued: shapes and finiteness.
+pub fn validate(spec: &ModelSpec, req: &InferRequest) -> Result<(), InferError> {
+    let shape = |input, expected, got| InferError::Shape { model: spec.name.clone(), input, expected, got };
+    if req.features.len() != spec.feature_count {
+        return Err(shape("features", spec.feature_count, req.features.len()));
+    }
+    check_finite("features", &req.features)?;
+    match (&req.state, spec.is_stateful()) {
+        (Some(s), true) => {
+            if s.len() != spec.state_size {
+                return Err(shape("state", spec.state_size, s.len()));
+            }
+            check_finite("state", s)?;
+        }
+        (Some(s), false) => return Err(shape("state", 0, s.len())),
+        (None, _) => {}
+    }
+    Ok(())
+}
+
+fn check_finite(input: &'static str, values: &[f32]) -> Result<(), InferError> {
+    match values.iter().position(|v| !v.is_finite()) {
+        Some(index) => Err(InferError::ValueRange { input, index, value: values[index] }),
+        None => Ok(()),
+    }
+}
+
+/// Where a worker runs its model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+/// A batch handed to the backend: `rows` rows, row-major, already validated.
+#[derive(Debug)]
+pub struct BatchInput<'a> {
+    pub rows: usize,
+    /// `rows × feature_count` values.
+    pub features: &'a [f32],
+    /// `rows × state_size` values for a stateful model, else empty.
+    pub state: &'a [f32],
+}
+
+/// What the backend returns for a batch.
+#[derive(Debug, Default)]
+pub struct BatchOutput {
+    /// One score per row.
+    pub scores: Vec<f32>,
+    /// `rows × state_size` values for a stateful model, else empty.
+    pub new_state: Vec<f32>,
+}
+
+/// A failure of the model runtime.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    /// The model failed to load or warm up: the worker does not start.
+    #[error("loading {model}: {detail}")]
+    Load { model: String, detail: String },
+    /// One batch failed; the worker keeps serving.
+    #[error("{0}")]
+    Batch(String),
+    /// The device is gone (e.g. CUDA error): the worker stops and its supervisor restarts it.
+    #[error("device failed: {0}")]
+    Fatal(String),
+}
+
+/// A model timing after load, for `partita models` and logs.
+#[derive(Debug, Clone)]
+pub struct ModelReady {
+    pub name: String,
+    pub version: u32,
+    pub warmup: Duration,
+}
+
+/// The port a model runtime implements. One instance lives on one worker thread and runs
+/// `forward` for every model of the repository on one device.
+pub trait InferenceBackend {
+    /// Run one batch of model `model` (an index into the specs the backend was created with).
+    fn run(&mut self, model: usize, batch: &BatchInput<'_>) -> Result<BatchOutput, BackendError>;
+}
+
+/// Makes backends. Called on the worker's own thread, so a backend need not be `Send`.
+pub trait BackendFactory: Send + Sync + 'static {
+    /// Load every model in `specs` onto `device` and warm each up.
+    fn create(
+        &self,
+        device: Device,
+        specs: &[ModelSpec],
+    ) -> Result<(Box<dyn InferenceBackend>, Vec<ModelReady>), BackendError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::BatchPolicy;
+
+    fn spec(state_size: usize) -> ModelSpec {
+        ModelSpec {
+            name: "m".into(),
+            version: 1,
+            description: String::new(),
+            feature_count: 3,
+            state_size,
+            batch: BatchPolicy::unbatched(),
+            warmup_batch_sizes: vec![],
+        }
+    }
+
+    fn req(features: Vec<f32>, state: Option<Vec<f32>>) -> InferRequest {
+        InferRequest { model: "m".into(), features, state }
+    }
+
+    #[test]
+    fn bad_requests_are_rejected_with_their_reason() {
+        let s = spec(2);
+        assert!(validate(&s, &req(vec![1.0; 3], Some(vec![0.0; 2]))).is_ok());
+        assert!(validate(&s, &req(vec![1.0; 3], None)).is_ok());
+        assert_eq!(
+            validate(&s, &req(vec![1.0; 4], None)),
+            Err(InferError::Shape { model: "m".into(), input: "features", expected: 3, got: 4 })
+        );
+        assert_eq!(
+            validate(&s, &req(vec![1.0; 3], Some(vec![0.0; 5]))),
+            Err(InferError::Shape { model: "m".into(), input: "state", expected: 2, got: 5 })
+        );
+        let e = validate(&s, &req(vec![1.0, f32::NAN, 0.0], None)).unwrap_err();
+        assert!(matches!(e, InferError::ValueRange { input: "features", index: 1, .. }), "{e}");
+        let e = validate(&s, &req(vec![1.0; 3], Some(vec![f32::INFINITY, 0.0]))).unwrap_err();
+        assert!(matches!(e, InferError::ValueRange { input: "state", index: 0, .. }), "{e}");
+        assert!(e.is_bad_request());
+        let e = validate(&spec(0), &req(vec![1.0; 3], Some(vec![0.0]))).unwrap_err();
+        assert!(matches!(e, InferError::Shape { input: "state", expected: 0, .. }), "{e}");
+    }
+}

@@ -1,0 +1,18 @@
+//! partita's actors, their pure logic, and the ports (traits) they do IO through.
+//!
+//! Nothing here opens a socket or a file or links a native library: adapters live in
+//! `partita-runtime`.
+//!
+//! # Layout
+//!
+//! - [`model`]: Triton-style model config, validated into a [`model::ModelSpec`].
+//! - [`inference`]: requests, validation, errors, and the [`inference::InferenceBackend`] port.
+//! - [`batcher`]: the dynamic batcher (pure, takes `now`).
+//! - [`gpu_worker`]: the GPU-worker actor and the OS thread that runs the model.
+//! - [`pool`]: the supervisor over workers, and the [`pool::Router`] callers use.
+
+pub mod batcher;
+pub mod gpu_worker;
+pub mod inference;
+pub mod model;
+pub mod pool;

@@ -1,0 +1,175 @@
+//! The router: the one handle callers use to run inference on the pool.
+//!
+//! It validates a request against its model before anything is queued, bounds the pool's total
+//! in-flight work with a semaphore (callers wait, or get [`InferError::Overloaded`] from
+//! [`Router::try_infer`]), sends to the least-loaded healthy worker, and retries on another worker
+//! when the one holding the request died. Every request ends in exactly one `Ok` or `Err`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+
+use crate::gpu_worker::{Job, JobFailure, WorkerLink};
+use crate::inference::{InferError, InferOutput, InferRequest, validate};
+use crate::model::ModelSpec;
+
+#[derive(Clone, Debug)]
+pub struct Router {
+    inner: Arc<RouterInner>,
+}
+
+#[derive(Debug)]
+struct RouterInner {
+    specs: Arc<[ModelSpec]>,
+    by_name: HashMap<String, usize>,
+    /// One slot per configured worker; `None` while it is down or restarting. The supervisor
+    /// writes, callers read.
+    workers: RwLock<Vec<Option<Arc<WorkerLink>>>>,
+    /// Bounds requests in flight across the pool (queued + running): backpressure to callers.
+    permits: Arc<Semaphore>,
+    capacity: usize,
+    max_retries: usize,
+    retry_backoff: Duration,
+}
+
+impl Router {
+    pub(crate) fn new(
+        specs: Arc<[ModelSpec]>,
+        workers: usize,
+        capacity: usize,
+        max_retries: usize,
+        retry_backoff: Duration,
+    ) -> Self {
+        let by_name = specs.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
+        Self {
+            inner: Arc::new(RouterInner {
+                specs,
+                by_name,
+                workers: RwLock::new(vec![None; workers]),
+                permits: Arc::new(Semaphore::new(capacity)),
+                capacity,
+                max_retries,
+                retry_backoff,
+            }),
+        }
+    }
+
+    pub fn models(&self) -> &[ModelSpec] {
+        &self.inner.specs
+    }
+
+    pub fn model(&self, name: &str) -> Option<&ModelSpec> {
+        self.inner.by_name.get(name).map(|&i| &self.inner.specs[i])
+    }
+
+    /// Requests in flight across the pool, and the limit.
+    pub fn load(&self) -> (usize, usize) {
+        (self.inner.capacity - self.inner.permits.available_permits(), self.inner.capacity)
+    }
+
+    /// Run one request, waiting for room in the pool if it is full.
+    pub async fn infer(&self, req: InferRequest) -> Result<InferOutput, InferError> {
+        let model = self.check(&req)?;
+        let permit =
+            self.inner.permits.clone().acquire_owned().await.map_err(|_| InferError::ShuttingDown)?;
+        self.dispatch(model, Arc::new(req), permit).await
+    }
+
+    /// Run one request, or fail at once with [`InferError::Overloaded`] if the pool is full.
+    pub async fn try_infer(&self, req: InferRequest) -> Result<InferOutput, InferError> {
+        let model = self.check(&req)?;
+        let permit = self.inner.permits.clone().try_acquire_owned().map_err(|e| match e {
+            tokio::sync::TryAcquireError::Closed => InferError::ShuttingDown,
+            tokio::sync::TryAcquireError::NoPermits => {
+                InferError::Overloaded { capacity: self.inner.capacity }
+            }
+        })?;
+        self.dispatch(model, Arc::new(req), permit).await
+    }
+
+    fn check(&self, req: &InferRequest) -> Result<usize, InferError> {
+        let &model = self
+            .inner
+            .by_name
+            .get(&*req.model)
+            .ok_or_else(|| InferError::UnknownModel { model: req.model.to_string() })?;
+        validate(&self.inner.specs[model], req)?;
+        Ok(model)
+    }
+
+    async fn dispatch(
+        &self,
+        model: usize,
+        request: Arc<InferRequest>,
+        _permit: OwnedSemaphorePermit,
+    ) -> Result<InferOutput, InferError> {
+        let attempts = 1 + self.inner.max_retries;
+        // Jobs handed back unrun are bounded by the deaths of the workers holding them, which the
+        // restart budget bounds; this cap is a second fence. Each wait for a healthy worker (all
+        // restarting) is bounded too.
+        let (max_handbacks, max_waits) = (8 * attempts, 4 * attempts);
+        let (mut attempt, mut handbacks, mut waits) = (1, 0, 0);
+        loop {
+            let Some(link) = self.pick() else {
+                if waits == max_waits {
+                    return Err(InferError::WorkerLost { attempts: attempt });
+                }
+                waits += 1;
+                tokio::time::sleep(self.inner.retry_backoff).await;
+                continue;
+            };
+            let (reply, answer) = oneshot::channel();
+            let isolate = attempt > 1 || handbacks > 0;
+            let job = Job { model, request: request.clone(), enqueued_at: Instant::now(), isolate, reply };
+            if link.try_send(job).is_err() {
+                // Its thread is gone: wait for the supervisor like when no worker is healthy.
+                waits += 1;
+                if waits > max_waits {
+                    return Err(InferError::WorkerLost { attempts: attempt });
+                }
+                tokio::time::sleep(self.inner.retry_backoff).await;
+                continue;
+            }
+            waits = 0;
+            match answer.await {
+                Ok(Ok(output)) => return Ok(output),
+                Ok(Err(JobFailure::Error(e))) => return Err(e),
+                Ok(Err(JobFailure::Lost { ran: false })) if handbacks < max_handbacks => {
+                    handbacks += 1;
+                    tracing::debug!(worker = link.index, "worker handed back a request unrun; retrying");
+                }
+                // Ran in the batch that killed the worker, or its queue vanished with it.
+                _ => {
+                    if attempt == attempts {
+                        return Err(InferError::WorkerLost { attempts });
+                    }
+                    tracing::debug!(worker = link.index, attempt, "worker lost a request; retrying");
+                    attempt += 1;
+                    tokio::time::sleep(self.inner.retry_backoff).await;
+                }
+            }
+        }
+    }
+
+    /// The healthy worker with the fewest requests in flight.
+    fn pick(&self) -> Option<Arc<WorkerLink>> {
+        let workers = self.inner.workers.read().unwrap_or_else(|e| e.into_inner());
+        workers.iter().flatten().filter(|w| w.is_healthy()).min_by_key(|w| w.inflight()).cloned()
+    }
+
+    pub(crate) fn set_worker(&self, index: usize, link: Option<Arc<WorkerLink>>) {
+        let mut workers = self.inner.workers.write().unwrap_or_else(|e| e.into_inner());
+        workers[index] = link;
+    }
+
+    pub(crate) fn worker(&self, index: usize) -> Option<Arc<WorkerLink>> {
+        self.inner.workers.read().unwrap_or_else(|e| e.into_inner())[index].clone()
+    }
+
+    /// Refuse new requests; those already admitted finish.
+    pub(crate) fn close(&self) {
+        self.inner.permits.close();
+    }
+}

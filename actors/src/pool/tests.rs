@@ -1,0 +1,389 @@
+//! Pool, router and worker actors with a fake backend (pure Rust, no libtorch).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use super::*;
+use crate::inference::{BackendError, BatchInput, BatchOutput, InferError, InferRequest, InferenceBackend};
+use crate::model::BatchPolicy;
+
+const F: usize = 3;
+const H: usize = 2;
+
+/// Magic first-feature values that make the fake misbehave.
+const PANIC: f32 = 1e6;
+const FAIL: f32 = 2e6;
+const DEVICE_LOST: f32 = -1.0;
+
+#[derive(Default)]
+struct Record {
+    batch_sizes: Mutex<Vec<usize>>,
+    rows: AtomicUsize,
+    created: AtomicUsize,
+    /// Batches that entered `run` (before waiting on the gate).
+    entered: AtomicUsize,
+}
+
+/// score = sum(features) + sum(state); new_state = state + features[0].
+struct Fake {
+    record: Arc<Record>,
+    /// When set, every batch waits for one message before running.
+    gate: Option<Receiver<()>>,
+}
+
+impl InferenceBackend for Fake {
+    fn run(&mut self, _model: usize, b: &BatchInput<'_>) -> Result<BatchOutput, BackendError> {
+        self.record.entered.fetch_add(1, Ordering::SeqCst);
+        if let Some(gate) = &self.gate {
+            let _ = gate.recv();
+        }
+        self.record.batch_sizes.lock().unwrap().push(b.rows);
+        self.record.rows.fetch_add(b.rows, Ordering::SeqCst);
+        let mut out = BatchOutput::default();
+        for r in 0..b.rows {
+            let f = &b.features[r * F..(r + 1) * F];
+            let s = &b.state[r * H..(r + 1) * H];
+            match f[0] {
+                PANIC => panic!("poisoned input"),
+                FAIL => return Err(BackendError::Batch("kernel failed".into())),
+                DEVICE_LOST => return Err(BackendError::Fatal("device lost".into())),
+                _ => {}
+            }
+            out.scores.push(f.iter().sum::<f32>() + s.iter().sum::<f32>());
+            out.new_state.extend(s.iter().map(|v| v + f[0]));
+        }
+        Ok(out)
+    }
+}
+
+struct FakeFactory {
+    record: Arc<Record>,
+    gate: Option<Receiver<()>>,
+    /// Fail `create` with this message.
+    fail_start: Option<String>,
+}
+
+impl BackendFactory for FakeFactory {
+    fn create(
+        &self,
+        _device: Device,
+        specs: &[ModelSpec],
+    ) -> Result<(Box<dyn InferenceBackend>, Vec<ModelReady>), BackendError> {
+        if let Some(msg) = &self.fail_start {
+            return Err(BackendError::Load { model: specs[0].name.clone(), detail: msg.clone() });
+        }
+        self.record.created.fetch_add(1, Ordering::SeqCst);
+        let ready = specs
+            .iter()
+            .map(|s| ModelReady { name: s.name.clone(), version: s.version, warmup: Duration::ZERO })
+            .collect();
+        Ok((Box::new(Fake { record: self.record.clone(), gate: self.gate.clone() }), ready))
+    }
+}
+
+fn spec(batch: BatchPolicy) -> ModelSpec {
+    ModelSpec {
+        name: "m".into(),
+        version: 7,
+        description: String::new(),
+        feature_count: F,
+        state_size: H,
+        batch,
+        warmup_batch_sizes: vec![],
+    }
+}
+
+fn batched() -> BatchPolicy {
+    BatchPolicy {
+        max_batch_size: 8,
+        preferred_batch_sizes: vec![],
+        max_queue_delay: Duration::from_millis(2),
+    }
+}
+
+fn config(workers: usize, max_inflight: usize) -> PoolConfig {
+    config_with_retries(workers, max_inflight, 3)
+}
+
+fn config_with_retries(workers: usize, max_inflight: usize, max_retries: usize) -> PoolConfig {
+    PoolConfig {
+        devices: vec![Device::Cpu; workers],
+        max_inflight,
+        max_retries,
+        retry_backoff: Duration::from_millis(20),
+        restart: RestartPolicy {
+            max_restarts: 10,
+            within: Duration::from_secs(60),
+            backoff: Duration::from_millis(10),
+        },
+    }
+}
+
+struct Harness {
+    pool: InferencePool,
+    record: Arc<Record>,
+}
+
+async fn start(
+    workers: usize,
+    max_inflight: usize,
+    batch: BatchPolicy,
+    gate: Option<Receiver<()>>,
+) -> Harness {
+    start_with(config(workers, max_inflight), batch, gate).await
+}
+
+async fn start_with(config: PoolConfig, batch: BatchPolicy, gate: Option<Receiver<()>>) -> Harness {
+    let record = Arc::new(Record::default());
+    let factory = FakeFactory { record: record.clone(), gate, fail_start: None };
+    let pool = InferencePool::start(config, vec![spec(batch)], Arc::new(factory)).await.unwrap();
+    Harness { pool, record }
+}
+
+fn req(first: f32, state: Option<Vec<f32>>) -> InferRequest {
+    InferRequest { model: "m".into(), features: vec![first, 1.0, 2.0], state }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_row_gets_its_own_result_and_batches_stay_bounded() {
+    let h = start(2, 4096, batched(), None).await;
+    let router = h.pool.router();
+    let tasks: Vec<_> = (0..2000)
+        .map(|i| {
+            let router = router.clone();
+            tokio::spawn(async move { (i, router.infer(req(i as f32, Some(vec![0.5, i as f32]))).await) })
+        })
+        .collect();
+    for t in tasks {
+        let (i, out) = t.await.unwrap();
+        let out = out.unwrap();
+        let x = i as f32;
+        assert_eq!(out.score, x + 3.0 + 0.5 + x, "row {i}");
+        assert_eq!(out.new_state, vec![0.5 + x, x + x], "row {i}");
+        assert_eq!(out.model_version, 7);
+        assert!(out.batch_size >= 1 && out.batch_size <= 8);
+    }
+    let sizes = h.record.batch_sizes.lock().unwrap().clone();
+    assert_eq!(sizes.iter().sum::<usize>(), 2000, "each row ran exactly once");
+    assert!(sizes.iter().all(|&s| s <= 8), "{sizes:?}");
+    assert!(sizes.iter().any(|&s| s > 1), "concurrent load should batch: {sizes:?}");
+    assert_eq!(router.load().0, 0);
+    h.pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn missing_state_starts_from_zeros() {
+    let h = start(1, 16, batched(), None).await;
+    let out = h.pool.router().infer(req(2.0, None)).await.unwrap();
+    assert_eq!(out.score, 5.0);
+    assert_eq!(out.new_state, vec![2.0, 2.0]);
+    h.pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_requests_never_reach_the_backend() {
+    let h = start(1, 16, batched(), None).await;
+    let router = h.pool.router();
+    let unknown = InferRequest { model: "nope".into(), ..req(1.0, None) };
+    assert!(matches!(router.infer(unknown).await, Err(InferError::UnknownModel { .. })));
+    let short = InferRequest { features: vec![1.0], ..req(1.0, None) };
+    assert!(matches!(router.infer(short).await, Err(InferError::Shape { input: "features", .. })));
+    assert!(matches!(router.infer(req(f32::NAN, None)).await, Err(InferError::ValueRange { .. })));
+    assert!(matches!(
+        router.infer(req(1.0, Some(vec![0.0; 3]))).await,
+        Err(InferError::Shape { input: "state", .. })
+    ));
+    assert_eq!(h.record.rows.load(Ordering::SeqCst), 0);
+    h.pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_or_error_fails_only_its_batch_and_the_worker_keeps_serving() {
+    let h = start(1, 64, BatchPolicy::unbatched(), None).await;
+    let router = h.pool.router();
+    assert!(
+        matches!(router.infer(req(PANIC, None)).await, Err(InferError::Panicked(m)) if m.contains("poisoned"))
+    );
+    assert!(
+        matches!(router.infer(req(FAIL, None)).await, Err(InferError::Backend(m)) if m.contains("kernel"))
+    );
+    assert_eq!(router.infer(req(1.0, None)).await.unwrap().score, 4.0);
+    let status = h.pool.status().await;
+    assert!(status[0].healthy);
+    assert_eq!(status[0].restarts, 0);
+    assert_eq!(h.record.created.load(Ordering::SeqCst), 1, "no restart was needed");
+    h.pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_worker_is_restarted_and_its_requests_are_retried() {
+    let (open, gate) = crossbeam_channel::unbounded::<()>();
+    let h = start(1, 64, batched(), Some(gate)).await;
+    let router = h.pool.router();
+    // Queue a poison batch and normal requests behind it on the only worker.
+    let poison = tokio::spawn({
+        let r = router.clone();
+        async move { r.infer(req(DEVICE_LOST, None)).await }
+    });
+    let others: Vec<_> = (0..5)
+        .map(|i| {
+            let r = router.clone();
+            tokio::spawn(async move { r.infer(req(i as f32, None)).await })
+        })
+        .collect();
+    release_forever(open);
+    // The whole batch is handed back and retried, each request alone: its batch-mates succeed on
+    // the restarted worker, the poison kills it again until retries run out, and its caller gets
+    // an explicit error, never silence.
+    let lost = poison.await.unwrap();
+    assert!(matches!(lost, Err(InferError::WorkerLost { attempts: 4 })), "{lost:?}");
+    for (i, t) in others.into_iter().enumerate() {
+        assert_eq!(t.await.unwrap().unwrap().score, i as f32 + 3.0);
+    }
+    let status = wait_for(|| async { h.pool.status().await }, |s| s[0].healthy && s[0].restarts >= 1).await;
+    assert!(status[0].restarts <= 4, "one restart per run of the poison: {}", status[0].restarts);
+    assert!(h.record.created.load(Ordering::SeqCst) >= 2);
+    assert_eq!(router.infer(req(1.0, None)).await.unwrap().score, 4.0);
+    h.pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_pool_pushes_back() {
+    let (open, gate) = crossbeam_channel::unbounded::<()>();
+    let h = start(1, 2, BatchPolicy::unbatched(), Some(gate)).await;
+    let router = h.pool.router();
+    let held: Vec<_> = (0..2)
+        .map(|i| {
+            let r = router.clone();
+            tokio::spawn(async move { r.infer(req(i as f32, None)).await })
+        })
+        .collect();
+    wait_for(|| async { router.load().0 }, |&n| n == 2).await;
+    assert_eq!(router.try_infer(req(5.0, None)).await, Err(InferError::Overloaded { capacity: 2 }));
+    let waiting = tokio::spawn({
+        let r = router.clone();
+        async move { r.infer(req(5.0, None)).await }
+    });
+    release_forever(open);
+    for t in held {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(waiting.await.unwrap().unwrap().score, 8.0, "infer() waited for room instead of failing");
+    h.pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_requests_are_skipped_and_release_their_slot() {
+    let (open, gate) = crossbeam_channel::unbounded::<()>();
+    let h = start(1, 64, batched(), Some(gate)).await;
+    let router = h.pool.router();
+    // The first batch blocks the worker on the gate; the rest queue behind it.
+    let first = tokio::spawn({
+        let r = router.clone();
+        async move { r.infer(req(100.0, None)).await }
+    });
+    wait_for(|| async { h.record.entered.load(Ordering::SeqCst) }, |&n| n == 1).await;
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let r = router.clone();
+        tasks.push((i, tokio::spawn(async move { r.infer(req(i as f32, None)).await })));
+    }
+    wait_for(|| async { router.load().0 }, |&n| n == 21).await;
+    let (cancelled, kept): (Vec<_>, Vec<_>) = tasks.into_iter().partition(|(i, _)| i % 2 == 0);
+    for (_, t) in &cancelled {
+        t.abort();
+    }
+    for (_, t) in cancelled {
+        assert!(t.await.unwrap_err().is_cancelled());
+    }
+    release_forever(open);
+    first.await.unwrap().unwrap();
+    for (i, t) in kept {
+        assert_eq!(t.await.unwrap().unwrap().score, i as f32 + 3.0);
+    }
+    wait_for(|| async { router.load().0 }, |&n| n == 0).await;
+    let slot = h.pool.status().await[0].inflight;
+    assert_eq!(slot, 0, "cancelled requests released their worker slot");
+    assert_eq!(h.record.rows.load(Ordering::SeqCst), 11, "cancelled requests never reached the model");
+    h.pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_model_that_does_not_load_fails_the_start_with_its_reason() {
+    let factory =
+        FakeFactory { record: Arc::default(), gate: None, fail_start: Some("file is corrupt".into()) };
+    let err = InferencePool::start(config(1, 4), vec![spec(batched())], Arc::new(factory)).await.unwrap_err();
+    assert!(err.to_string().contains("file is corrupt"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_admitted_requests_then_refuses_new_ones() {
+    let slow = BatchPolicy {
+        max_batch_size: 64,
+        preferred_batch_sizes: vec![],
+        max_queue_delay: Duration::from_millis(200),
+    };
+    let h = start(1, 64, slow, None).await;
+    let router = h.pool.router();
+    let tasks: Vec<_> = (0..10)
+        .map(|i| {
+            let r = router.clone();
+            tokio::spawn(async move { r.infer(req(i as f32, None)).await })
+        })
+        .collect();
+    wait_for(|| async { h.pool.status().await[0].inflight }, |&n| n == 10).await;
+    h.pool.shutdown().await;
+    for (i, t) in tasks.into_iter().enumerate() {
+        assert_eq!(t.await.unwrap().unwrap().score, i as f32 + 3.0, "queued request {i} was finished");
+    }
+    assert_eq!(router.infer(req(1.0, None)).await, Err(InferError::ShuttingDown));
+}
+
+#[tokio::test(start_paused = true)]
+async fn restarts_respect_the_budget() {
+    // Paused time: restart backoffs elapse at once; each poison request kills the worker once.
+    let mut config = config_with_retries(1, 8, 0);
+    config.restart.max_restarts = 3;
+    let h = start_with(config, BatchPolicy::unbatched(), None).await;
+    let router = h.pool.router();
+    for restarts in 1..=3 {
+        assert_eq!(router.infer(req(DEVICE_LOST, None)).await, Err(InferError::WorkerLost { attempts: 1 }));
+        wait_for(|| async { h.pool.status().await }, |s| s[0].healthy && s[0].restarts == restarts).await;
+    }
+    assert_eq!(router.infer(req(DEVICE_LOST, None)).await, Err(InferError::WorkerLost { attempts: 1 }));
+    // For 300 ms of real time (many restart backoffs of paused time), it never comes back.
+    let watch = std::time::Instant::now();
+    while watch.elapsed() < Duration::from_millis(300) {
+        assert!(!h.pool.status().await[0].healthy, "past its budget the worker stays down");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let status = h.pool.status().await;
+    assert_eq!(status[0].restarts, 3, "budget is 3 restarts per minute");
+    assert!(!status[0].healthy, "past its budget the worker stays down");
+    assert_eq!(router.infer(req(1.0, None)).await, Err(InferError::WorkerLost { attempts: 1 }));
+    h.pool.shutdown().await;
+}
+
+/// Let every gated batch run from now on.
+fn release_forever(open: Sender<()>) {
+    drop(open);
+}
+
+/// Poll `probe` until `done` holds, for at most 10 s of real time.
+async fn wait_for<T: std::fmt::Debug, Fut>(probe: impl Fn() -> Fut, done: impl Fn(&T) -> bool) -> T
+where
+    Fut: std::future::Future<Output = T>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        let v = probe().await;
+        if done(&v) {
+            return v;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "condition not reached within 10 s: {v:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

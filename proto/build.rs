@@ -1,0 +1,4 @@
+fn main() -> std::io::Result<()> {
+    println!("cargo:rerun-if-changed=partita");
+    prost_build::compile_protos(&["partita/v1/inference.proto"], &["."])
+}

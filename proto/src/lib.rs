@@ -1,0 +1,24 @@
+//! partita's wire schemas. The `.proto` files under `proto/partita/` are the source of truth;
+//! field numbers are never reused (see docs/wire-formats.md once more messages land).
+
+/// `partita.v1`: inference rows between nodes.
+pub mod v1 {
+    include!(concat!(env!("OUT_DIR"), "/partita.v1.rs"));
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::v1::*;
+
+    #[test]
+    fn rows_round_trip() {
+        let req = InferBatchRequest {
+            model: "fraud_gru".into(),
+            rows: vec![InferRow { features: vec![1.0, 2.0], state: vec![] }],
+        };
+        let bytes = req.encode_to_vec();
+        assert_eq!(InferBatchRequest::decode(&*bytes).unwrap(), req);
+    }
+}

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Idempotent setup for partita: Debian packages, LibTorch (PyPI torch in a cached virtualenv),
+# the nisshi Kafka-protocol broker, and a shared cargo target directory.
+#
+# Everything lives in $PARTITA_CACHE (default ~/.cache/partita), outside the checkout, so a fresh
+# clone on the same machine reuses it. A second run takes seconds.
+#
+# Usage:  source <(scripts/setup.sh --print-env)   # just the environment
+#         scripts/setup.sh                          # install what is missing, then write env.sh
+set -euo pipefail
+
+CACHE="${PARTITA_CACHE:-$HOME/.cache/partita}"
+TORCH_VERSION="2.13.0"
+NISSHI_VERSION="0.8.1"
+VENV="$CACHE/venv"
+TOOLS="$CACHE/tools"
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+print_env() {
+    local torch_lib="$VENV/lib/python3.11/site-packages/torch/lib"
+    if [ -x "$VENV/bin/python" ]; then
+        torch_lib="$("$VENV/bin/python" -c 'import os,torch;print(os.path.join(os.path.dirname(torch.__file__),"lib"))' 2>/dev/null || echo "$torch_lib")"
+    fi
+    cat <<ENV
+export PARTITA_CACHE="$CACHE"
+export VIRTUAL_ENV="$VENV"
+export PATH="$VENV/bin:$TOOLS/bin:\$PATH"
+export LIBTORCH_USE_PYTORCH=1
+export LIBTORCH_BYPASS_VERSION_CHECK=1
+export LD_LIBRARY_PATH="$torch_lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
+export CARGO_TARGET_DIR="\${CARGO_TARGET_DIR:-$CACHE/target}"
+export PARTITA_NISSHI_BIN="$TOOLS/bin/nisshi"
+ENV
+}
+
+if [ "${1:-}" = "--print-env" ]; then
+    print_env
+    exit 0
+fi
+
+mkdir -p "$CACHE" "$TOOLS"
+start=$(date +%s)
+
+# 1. Debian packages the native builds need (rocksdb: clang; rdkafka: cmake; prost: protoc).
+#    Benchmarks compare against rocksdb-tools (db_bench) and redis-server.
+APT_PKGS=(build-essential cmake pkg-config clang libclang-dev protobuf-compiler libprotobuf-dev
+          libssl-dev libsasl2-dev zlib1g-dev libzstd-dev libcurl4-openssl-dev python3-venv
+          rocksdb-tools redis-server)
+missing=()
+for p in "${APT_PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    log "installing Debian packages: ${missing[*]}"
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# 2. LibTorch from the PyPI torch wheel, in a virtualenv kept in the cache.
+if ! "$VENV/bin/python" -c "import torch,sys; sys.exit(0 if torch.__version__.split('+')[0]=='$TORCH_VERSION' else 1)" 2>/dev/null; then
+    log "installing torch==$TORCH_VERSION into $VENV (large download, once)"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q --upgrade pip
+    "$VENV/bin/pip" install -q "torch==$TORCH_VERSION" numpy
+fi
+
+# 3. The nisshi broker (Kafka protocol), built once (~25 min on 2 cores).
+if ! [ -x "$TOOLS/bin/nisshi" ] || ! grep -q "nisshi v$NISSHI_VERSION" "$TOOLS/.crates.toml" 2>/dev/null; then
+    log "building nisshi $NISSHI_VERSION into $TOOLS (about 25 minutes on 2 cores, once)"
+    CARGO_TARGET_DIR="$CACHE/nisshi-build" cargo install nisshi --version "$NISSHI_VERSION" \
+        --locked --ignore-rust-version --root "$TOOLS" --quiet
+    rm -rf "$CACHE/nisshi-build"
+fi
+
+print_env > "$CACHE/env.sh"
+log "ready in $(( $(date +%s) - start ))s; environment in $CACHE/env.sh"
