@@ -12,7 +12,7 @@ abroad, online, at a risky merchant category). The amount alone is not enough: a
 normal purchase is larger than a small spender's fraud, so the model must learn the card's history
 in its recurrent state. That is what makes the state worth keeping per key.
 
-Usage: python models/build_reference.py [--out models] [--epochs N]
+Usage: python models/build_reference.py [--out models] [--epochs N] [--fixtures tests/fixtures/models]
 Deterministic: fixed seeds, single-threaded.
 """
 
@@ -198,10 +198,40 @@ def save(module: nn.Module, out: str, name: str, config: str) -> None:
     print(f"wrote {out}/{name}")
 
 
+class Faulty(nn.Module):
+    """Test fixture: the reference shapes, but libtorch raises when a feature is above 1e30."""
+
+    def __init__(self):
+        super().__init__()
+
+    def forward(self, features: torch.Tensor, state: torch.Tensor):
+        if bool((features > 1e30).any()):
+            raise RuntimeError("faulty fixture: feature above 1e30")
+        return features.sum(dim=1), state + 1.0
+
+
+class ShortState(nn.Module):
+    """Test fixture: returns a state shorter than its config declares (caught at warm-up)."""
+
+    def __init__(self):
+        super().__init__()
+
+    def forward(self, features: torch.Tensor, state: torch.Tensor):
+        return features.sum(dim=1), state[:, :1]
+
+
+def build_fixtures(out: str) -> None:
+    """Tiny models for the integration tests, one repository each, under `out`."""
+    for name, module in (("faulty", Faulty()), ("short_state", ShortState())):
+        config = GRU_CONFIG.replace('name = "fraud_gru"', f'name = "{name}"')
+        save(module, os.path.join(out, name), name, config)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
     ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--fixtures", default=None, help="also write the test fixture models under this directory")
     args = ap.parse_args()
     torch.manual_seed(7)
     torch.set_num_threads(1)
@@ -211,6 +241,8 @@ def main() -> None:
     print(f"fraud_gru: {recall:.1%} of fraud events score above the 99th percentile of legitimate ones")
     save(gru, args.out, "fraud_gru", GRU_CONFIG)
     save(FraudMLP(), args.out, "fraud_mlp", MLP_CONFIG)
+    if args.fixtures:
+        build_fixtures(args.fixtures)
 
 
 if __name__ == "__main__":

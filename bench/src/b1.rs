@@ -1,1 +1,349 @@
-fn main() {}
+//! B1: batched inference through the GPU-worker pool, against limits measured in the same run.
+//!
+//! 1. **bare**: a `forward` loop on one thread at batch size B (tensor in, tensors out, the same
+//!    conversions the adapter does): the limit.
+//! 2. **pool, saturated**: the worker pool with the model's dynamic batching, kept full by many
+//!    concurrent callers: throughput, mean batch size. `ratio_vs_bare` = pool / bare.
+//! 3. **unbatched, saturated**: the same pool with batching off. `gain_vs_unbatched` = pool / unbatched.
+//! 4. **open loop** at several offered rates, for both: latency measured from the *scheduled* send
+//!    time (no coordinated omission), p50/p99/p99.9, and whether the rate was sustained.
+//!
+//! Each saturated figure is the median of `--runs` runs, with min and max. Ends with one
+//! `RESULT {json}` line. Usage: `scripts/bench.sh b1 [--seconds S] [--runs N] [--model NAME]`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use hdrhistogram::Histogram;
+use partita_actors::inference::InferRequest;
+use partita_actors::model::ModelSpec;
+use partita_actors::pool::Router;
+use partita_runtime::inference::{DeviceChoice, InferenceOptions};
+use partita_runtime::model_repo::ModelRepository;
+use serde_json::json;
+use tch::{CModule, IValue, Tensor};
+
+#[derive(Debug, Parser)]
+struct Args {
+    #[arg(long, default_value = "models")]
+    repository: std::path::PathBuf,
+    #[arg(long, default_value = "fraud_gru")]
+    model: String,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
+    /// Runs per saturated measurement (median reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Batch size of the bare loop; defaults to the model's largest preferred batch size.
+    #[arg(long)]
+    batch: Option<usize>,
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    device: DeviceChoice,
+    /// libtorch intra-op threads, for the bare loop and the pool alike (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    intra_op_threads: usize,
+}
+
+/// Random rows, generated once; requests clone them (as a caller building requests would).
+struct Rows {
+    features: Vec<Vec<f32>>,
+    states: Vec<Vec<f32>>,
+}
+
+impl Rows {
+    fn new(spec: &ModelSpec, n: usize) -> Self {
+        let f = Tensor::randn([n as i64, spec.feature_count as i64], (tch::Kind::Float, tch::Device::Cpu));
+        let s =
+            Tensor::randn([n as i64, spec.state_size.max(1) as i64], (tch::Kind::Float, tch::Device::Cpu));
+        let f: Vec<Vec<f32>> = Vec::try_from(&f).unwrap();
+        let s: Vec<Vec<f32>> = Vec::try_from(&s).unwrap();
+        Self { features: f, states: s }
+    }
+
+    fn request(&self, model: &Arc<str>, stateful: bool, i: usize) -> InferRequest {
+        let i = i % self.features.len();
+        InferRequest {
+            model: model.clone(),
+            features: self.features[i].clone(),
+            state: stateful.then(|| self.states[i].clone()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Stat {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+fn stat(mut v: Vec<f64>) -> Stat {
+    v.sort_by(f64::total_cmp);
+    Stat { median: v[v.len() / 2], min: v[0], max: v[v.len() - 1] }
+}
+
+fn sjson(s: Stat) -> serde_json::Value {
+    json!({"median": s.median, "min": s.min, "max": s.max})
+}
+
+/// Rows per second of a bare forward loop at batch size `b`.
+fn bare_loop(path: &std::path::Path, spec: &ModelSpec, rows: &Rows, b: usize, seconds: f64) -> f64 {
+    let module = CModule::load_on_device(path, tch::Device::Cpu).unwrap();
+    let _g = tch::no_grad_guard();
+    let features: Vec<f32> = rows.features.iter().cycle().take(b).flatten().copied().collect();
+    let states: Vec<f32> = rows.states.iter().cycle().take(b).flatten().copied().collect();
+    let (bi, f, h) = (b as i64, spec.feature_count as i64, spec.state_size as i64);
+    let step = || {
+        let x = Tensor::from_slice(&features).view([bi, f]);
+        if h == 0 {
+            let s = module.forward_ts(&[x]).unwrap();
+            Vec::<f32>::try_from(&s.view([-1])).unwrap().len()
+        } else {
+            let st = Tensor::from_slice(&states[..b * h as usize]).view([bi, h]);
+            match module.forward_is(&[IValue::Tensor(x), IValue::Tensor(st)]).unwrap() {
+                IValue::Tuple(out) => match (&out[0], &out[1]) {
+                    (IValue::Tensor(s), IValue::Tensor(n)) => {
+                        Vec::<f32>::try_from(&s.view([-1])).unwrap().len()
+                            + Vec::<f32>::try_from(&n.view([-1])).unwrap().len()
+                    }
+                    _ => unreachable!(),
+                },
+                _ => unreachable!(),
+            }
+        }
+    };
+    for _ in 0..20 {
+        step();
+    }
+    let start = Instant::now();
+    let mut done = 0usize;
+    while start.elapsed().as_secs_f64() < seconds {
+        std::hint::black_box(step());
+        done += b;
+    }
+    done as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Keep `concurrency` requests in flight for `seconds`; returns (rows/s, mean batch size).
+async fn saturate(
+    router: &Router,
+    rows: &Arc<Rows>,
+    spec: &ModelSpec,
+    concurrency: usize,
+    seconds: f64,
+) -> (f64, f64) {
+    let model: Arc<str> = spec.name.as_str().into();
+    let stop = Instant::now() + Duration::from_secs_f64(seconds);
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|c| {
+            let (router, rows, model, stateful) =
+                (router.clone(), rows.clone(), model.clone(), spec.is_stateful());
+            tokio::spawn(async move {
+                let (mut n, mut batch_sum, mut i) = (0usize, 0usize, c);
+                while Instant::now() < stop {
+                    let out = router.infer(rows.request(&model, stateful, i)).await.unwrap();
+                    n += 1;
+                    batch_sum += out.batch_size;
+                    i += concurrency;
+                }
+                (n, batch_sum)
+            })
+        })
+        .collect();
+    let start = Instant::now();
+    let (mut n, mut batch_sum) = (0, 0);
+    for t in tasks {
+        let (a, b) = t.await.unwrap();
+        n += a;
+        batch_sum += b;
+    }
+    (n as f64 / start.elapsed().as_secs_f64(), batch_sum as f64 / n.max(1) as f64)
+}
+
+/// Offer `rate` requests/s for `seconds`, open loop; latencies from the scheduled send time.
+async fn open_loop(
+    router: &Router,
+    rows: &Arc<Rows>,
+    spec: &ModelSpec,
+    rate: f64,
+    seconds: f64,
+) -> serde_json::Value {
+    let model: Arc<str> = spec.name.as_str().into();
+    let n = (rate * seconds) as usize;
+    let period = Duration::from_secs_f64(1.0 / rate);
+    let start = tokio::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let at = start + period * i as u32;
+        tokio::time::sleep_until(at).await;
+        let (router, req) = (router.clone(), rows.request(&model, spec.is_stateful(), i));
+        tasks.spawn(async move {
+            let ok = router.infer(req).await.is_ok();
+            (at.elapsed(), ok)
+        });
+    }
+    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    let mut failed = 0;
+    while let Some(r) = tasks.join_next().await {
+        let (lat, ok) = r.unwrap();
+        failed += usize::from(!ok);
+        h.saturating_record(lat.as_micros() as u64);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1e3;
+    json!({
+        "offered_per_s": rate,
+        "achieved_per_s": n as f64 / elapsed,
+        "sustained": elapsed < seconds * 1.1 + 0.05,
+        "failed": failed,
+        "p50_ms": ms(0.5), "p99_ms": ms(0.99), "p999_ms": ms(0.999),
+    })
+}
+
+fn git_rev() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map_or_else(|| "unknown".into(), |s| s.trim().to_owned())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let repo = ModelRepository::load(&args.repository)?;
+    let entry = repo
+        .models
+        .iter()
+        .find(|m| m.spec.name == args.model)
+        .ok_or_else(|| anyhow::anyhow!("model {} not in {}", args.model, args.repository.display()))?;
+    let spec = entry.spec.clone();
+    let b = args.batch.unwrap_or(spec.batch.target());
+    let rows = Arc::new(Rows::new(&spec, 4096));
+    let opts = |no_batching| InferenceOptions {
+        repository: args.repository.clone(),
+        device: args.device,
+        cpu_workers: 1,
+        intra_op_threads: args.intra_op_threads,
+        max_inflight: 4 * spec.batch.max_batch_size,
+        no_batching,
+    };
+    // Starting a pool sets the intra-op threads, so the bare loop below runs with the same setting.
+    let (pool, _) = opts(false).start().await?;
+    let concurrency = 2 * spec.batch.max_batch_size;
+    println!(
+        "B1 {} v{} on {:?}: bare batch {b}, {concurrency} concurrent callers",
+        spec.name, spec.version, args.device
+    );
+
+    let mut bare = Vec::new();
+    let mut batched = Vec::new();
+    let mut batch_sizes = Vec::new();
+    for _ in 0..args.runs {
+        let (path, s, r, secs) = (entry.path.clone(), spec.clone(), rows.clone(), args.seconds);
+        bare.push(tokio::task::spawn_blocking(move || bare_loop(&path, &s, &r, b, secs)).await?);
+        let (tput, mean_batch) = saturate(&pool.router(), &rows, &spec, concurrency, args.seconds).await;
+        batched.push(tput);
+        batch_sizes.push(mean_batch);
+    }
+    let (bare, batched, mean_batch) = (stat(bare), stat(batched), stat(batch_sizes));
+    println!("{}", json!({"name": "bare_forward", "batch": b, "rows_per_s": sjson(bare)}));
+    println!(
+        "{}",
+        json!({"name": "pool_batched_saturated", "rows_per_s": sjson(batched), "mean_batch": sjson(mean_batch)})
+    );
+
+    let (unpool, _) = opts(true).start().await?;
+    let mut unbatched = Vec::new();
+    for _ in 0..args.runs {
+        unbatched.push(saturate(&unpool.router(), &rows, &spec, concurrency, args.seconds).await.0);
+    }
+    let unbatched = stat(unbatched);
+    println!("{}", json!({"name": "pool_unbatched_saturated", "rows_per_s": sjson(unbatched)}));
+
+    // Offered rates: below and near the unbatched limit (where both can keep up, so p99 compares
+    // like for like), then beyond it, up to near the batched limit.
+    let u = unbatched.median;
+    let p = batched.median;
+    let mut rates = vec![0.5 * u, 0.9 * u, 2.0 * u, 0.5 * p, 0.8 * p];
+    rates.retain(|r| *r >= 50.0);
+    rates.sort_by(f64::total_cmp);
+    rates.dedup_by(|a, b| (*a - *b).abs() < 1.0);
+    let mut open = Vec::new();
+    for &rate in &rates {
+        let rb = open_loop(&pool.router(), &rows, &spec, rate, args.seconds).await;
+        let ru = if rate <= 2.0 * u {
+            open_loop(&unpool.router(), &rows, &spec, rate, args.seconds).await
+        } else {
+            json!(null)
+        };
+        let line = json!({"name": "open_loop", "offered_per_s": rate, "batched": rb, "unbatched": ru});
+        println!("{line}");
+        open.push(line);
+    }
+    pool.shutdown().await;
+    unpool.shutdown().await;
+
+    let p99_at = |mode: &str, i: usize| open.get(i).and_then(|l| l[mode]["p99_ms"].as_f64());
+    // The rate at 0.9 x the unbatched limit: the highest where both should keep up.
+    let near = rates.iter().position(|r| (*r - 0.9 * u).abs() < 1.0);
+    let (p99_b, p99_u) = near.map_or((None, None), |i| (p99_at("batched", i), p99_at("unbatched", i)));
+    let ratio_vs_bare = batched.median / bare.median;
+    let gain_vs_unbatched = batched.median / unbatched.median;
+    let added_us = (1.0 / batched.median - 1.0 / bare.median) * 1e6;
+
+    println!();
+    println!("{:<34} {:>14} {:>14} {:>14}", "measurement (rows/s)", "median", "min", "max");
+    for (name, s) in
+        [("bare forward loop", bare), ("pool, batched", batched), ("pool, batching off", unbatched)]
+    {
+        println!("{name:<34} {:>14.0} {:>14.0} {:>14.0}", s.median, s.min, s.max);
+    }
+    println!("mean batch size (batched, saturated): {:.1}", mean_batch.median);
+    println!("{:<14} {:>22} {:>22}", "offered/s", "batched p50/p99 ms", "unbatched p50/p99 ms");
+    for l in &open {
+        let f = |m: &str| {
+            if l[m].is_null() {
+                "-".to_owned()
+            } else {
+                let ok = if l[m]["sustained"].as_bool() == Some(true) { "" } else { " (behind)" };
+                format!(
+                    "{:.2}/{:.2}{ok}",
+                    l[m]["p50_ms"].as_f64().unwrap_or(0.0),
+                    l[m]["p99_ms"].as_f64().unwrap_or(0.0)
+                )
+            }
+        };
+        println!(
+            "{:<14.0} {:>22} {:>22}",
+            l["offered_per_s"].as_f64().unwrap_or(0.0),
+            f("batched"),
+            f("unbatched")
+        );
+    }
+    println!(
+        "ratio vs bare: {ratio_vs_bare:.3} (target >= 0.9); gain vs unbatched: {gain_vs_unbatched:.2}x (target >= 5)"
+    );
+    println!(
+        "RESULT {}",
+        json!({
+            "bench": "B1",
+            "git": git_rev(),
+            "model": spec.name,
+            "device": format!("{:?}", args.device),
+            "batch": b,
+            "bare_rows_per_s": bare.median,
+            "batched_rows_per_s": batched.median,
+            "unbatched_rows_per_s": unbatched.median,
+            "mean_batch": mean_batch.median,
+            "ratio_vs_bare": ratio_vs_bare,
+            "gain_vs_unbatched": gain_vs_unbatched,
+            "added_us_per_row_saturated": added_us,
+            "p99_ms_at_0_9_unbatched_limit": {"batched": p99_b, "unbatched": p99_u},
+        })
+    );
+    Ok(())
+}

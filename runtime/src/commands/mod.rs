@@ -1,0 +1,3 @@
+//! One module per `partita` subcommand; `main.rs` only parses and dispatches.
+
+pub mod models;

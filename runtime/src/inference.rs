@@ -1,0 +1,116 @@
+//! Wiring of the inference half: options, device selection, and starting the worker pool on the
+//! model repository with the LibTorch adapter.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use partita_actors::inference::Device;
+use partita_actors::model::BatchPolicy;
+use partita_actors::pool::{InferencePool, PoolConfig, RestartPolicy};
+
+use crate::model_repo::ModelRepository;
+use crate::tch_backend::{TchFactory, cuda_device_count, set_intra_op_threads};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceChoice {
+    /// One worker per CUDA GPU if libtorch sees any, else CPU workers.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// How the inference pool runs. Flags of `partita models` (and later of `partita node`).
+#[derive(Debug, Clone, Args)]
+pub struct InferenceOptions {
+    /// The model repository: <model>/config.toml and <model>/<version>/model.pt.
+    #[arg(long, env = "PARTITA_MODEL_REPOSITORY", default_value = "models")]
+    pub repository: PathBuf,
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+    /// Workers when running on CPU (each runs one batch at a time).
+    #[arg(long, default_value_t = 1)]
+    pub cpu_workers: usize,
+    /// libtorch intra-op threads (process-wide); 0 = the number of CPU cores.
+    #[arg(long, default_value_t = 0)]
+    pub intra_op_threads: usize,
+    /// Requests in flight across the pool before callers wait (backpressure).
+    #[arg(long, default_value_t = 4096)]
+    pub max_inflight: usize,
+    /// Ignore the models' dynamic batching and run one request per forward (for comparison).
+    #[arg(long)]
+    pub no_batching: bool,
+}
+
+impl Default for InferenceOptions {
+    fn default() -> Self {
+        Self {
+            repository: PathBuf::from("models"),
+            device: DeviceChoice::Auto,
+            cpu_workers: 1,
+            intra_op_threads: 0,
+            max_inflight: 4096,
+            no_batching: false,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Repository(#[from] crate::model_repo::RepoError),
+    #[error("--device cuda: libtorch sees no CUDA device (CPU-only build, or no GPU)")]
+    NoCuda,
+    #[error("--cpu-workers must be at least 1")]
+    NoWorkers,
+    #[error("starting the worker pool: {0}")]
+    Pool(#[from] partita_actors::pool::PoolError),
+}
+
+impl InferenceOptions {
+    pub fn devices(&self) -> Result<Vec<Device>, StartError> {
+        let gpus = cuda_device_count();
+        let cpu = || {
+            if self.cpu_workers == 0 {
+                Err(StartError::NoWorkers)
+            } else {
+                Ok(vec![Device::Cpu; self.cpu_workers])
+            }
+        };
+        match self.device {
+            DeviceChoice::Cuda if gpus == 0 => Err(StartError::NoCuda),
+            DeviceChoice::Cuda => Ok((0..gpus).map(Device::Cuda).collect()),
+            DeviceChoice::Auto if gpus > 0 => Ok((0..gpus).map(Device::Cuda).collect()),
+            DeviceChoice::Auto | DeviceChoice::Cpu => cpu(),
+        }
+    }
+
+    /// Load and validate the repository, then start one warmed-up worker per device.
+    pub async fn start(&self) -> Result<(InferencePool, ModelRepository), StartError> {
+        let repo = ModelRepository::load(&self.repository)?;
+        let devices = self.devices()?;
+        let threads = if self.intra_op_threads == 0 {
+            std::thread::available_parallelism().map_or(1, usize::from)
+        } else {
+            self.intra_op_threads
+        };
+        set_intra_op_threads(threads);
+        let mut specs = repo.specs();
+        if self.no_batching {
+            for s in &mut specs {
+                s.batch = BatchPolicy::unbatched();
+            }
+        }
+        let factory = TchFactory::new(repo.models.iter().map(|m| m.path.clone()).collect());
+        let config = PoolConfig {
+            devices,
+            max_inflight: self.max_inflight,
+            max_retries: 2,
+            retry_backoff: Duration::from_millis(100),
+            restart: RestartPolicy::default(),
+        };
+        let pool = InferencePool::start(config, specs, Arc::new(factory)).await?;
+        Ok((pool, repo))
+    }
+}

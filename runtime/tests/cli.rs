@@ -1,0 +1,35 @@
+//! The `partita` binary as a user runs it.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn partita(args: &[&str]) -> std::process::Output {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    Command::new(env!("CARGO_BIN_EXE_partita")).args(args).current_dir(root).output().unwrap()
+}
+
+#[test]
+fn models_prints_a_ready_table() {
+    let out = partita(&["models", "--device", "cpu", "--cpu-workers", "2"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let ready: Vec<&str> = stdout.lines().filter(|l| l.contains("READY")).collect();
+    assert_eq!(ready.len(), 4, "2 models x 2 workers:\n{stdout}");
+    assert!(stdout.contains("fraud_gru") && stdout.contains("features[16] state[64]"), "{stdout}");
+    assert!(stdout.contains("score[] new_state[64]") && stdout.contains("cpu"), "{stdout}");
+}
+
+#[test]
+fn an_invalid_repository_is_a_clear_error_and_a_failing_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("m/1")).unwrap();
+    std::fs::write(dir.path().join("m/config.toml"), "name = \"m\"\nplatform = \"onnx\"\n").unwrap();
+    let out = partita(&["models", "--repository", dir.path().to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("invalid model repository") && stderr.contains("m/config.toml"), "{stderr}");
+
+    let out = partita(&["models", "--repository", "/nonexistent/repo"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read directory"));
+}

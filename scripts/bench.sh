@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Run one benchmark from bench/ in release mode: scripts/bench.sh b1 [flags...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+# shellcheck disable=SC1091
+source "${PARTITA_CACHE:-$HOME/.cache/partita}/env.sh"
+name="${1:?usage: scripts/bench.sh <b1> [flags]}"; shift
+cargo build --release --locked -p partita-bench --bin "$name"
+exec "$CARGO_TARGET_DIR/release/$name" "$@"

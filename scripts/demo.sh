@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The README's main command: set up what is missing, build, and run partita on embedded defaults.
+# Today that is the inference half: load the model repository, warm the models up, print the
+# READY table. Extra arguments go to `partita models`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+# shellcheck disable=SC1091
+source "${PARTITA_CACHE:-$HOME/.cache/partita}/env.sh"
+cargo build --release --locked -p partita-runtime --bin partita
+exec "$CARGO_TARGET_DIR/release/partita" models "$@"
