@@ -67,7 +67,7 @@ if ! "$VENV/bin/python" -c "import torch,sys; sys.exit(0 if torch.__version__.sp
 fi
 
 # 3. The nisshi broker (Kafka protocol), built once (~25 min on 2 cores).
-if ! [ -x "$TOOLS/bin/nisshi" ] || ! grep -q "nisshi v$NISSHI_VERSION" "$TOOLS/.crates.toml" 2>/dev/null; then
+if ! [ -x "$TOOLS/bin/nisshi" ] || ! grep -q "\"nisshi $NISSHI_VERSION " "$TOOLS/.crates.toml" 2>/dev/null; then
     log "building nisshi $NISSHI_VERSION into $TOOLS (about 25 minutes on 2 cores, once)"
     CARGO_TARGET_DIR="$CACHE/nisshi-build" cargo install nisshi --version "$NISSHI_VERSION" \
         --locked --ignore-rust-version --root "$TOOLS" --quiet

@@ -16,3 +16,4 @@ pub mod gpu_worker;
 pub mod inference;
 pub mod model;
 pub mod pool;
+pub mod state;

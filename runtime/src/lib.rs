@@ -11,4 +11,5 @@
 pub mod commands;
 pub mod inference;
 pub mod model_repo;
+pub mod state;
 pub mod tch_backend;

@@ -17,6 +17,8 @@ struct Cli {
 enum Command {
     /// Load the model repository on the configured devices, warm every model up, print a READY table.
     Models(InferenceOptions),
+    /// Print the ScyllaDB schema (keyspace and tables); with --apply, create it on a cluster.
+    Schema(commands::schema::SchemaArgs),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +40,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Models(opts) => commands::models::run(&opts).await,
+            Command::Schema(args) => commands::schema::run(&args).await,
         }
     });
     match result {

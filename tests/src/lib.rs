@@ -1,5 +1,7 @@
 //! Helpers for partita's integration tests, which run on the real components.
 
+pub mod state_contract;
+
 use std::path::PathBuf;
 
 /// The repository root (tests run with the package directory as working directory).

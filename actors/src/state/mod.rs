@@ -1,0 +1,172 @@
+//! Per-key model state: the store port that every backend implements, and the byte-bounded
+//! [`StateCache`] in front of it.
+//!
+//! The port's promises (the contract suite in `tests/src/state_contract.rs` checks them on every
+//! backend):
+//!
+//! - [`StateStore::write`] stores a batch of `(key → state)` **together with** the partition's
+//!   applied offset and the writer's epoch in one atomic operation: after a crash either all of it
+//!   is visible or none of it.
+//! - **Fencing**: a write or claim whose epoch is older than the stored one fails with
+//!   [`StoreError::Fenced`] and changes nothing. A newer epoch replaces the stored one.
+//! - Reads return exactly what the last successful write stored (read-your-writes), `None` for
+//!   a key never written.
+//! - Values carry a format version ([`StateValue::format`]) so a layout change can be read back.
+
+mod cache;
+
+use std::fmt;
+use std::future::Future;
+
+pub use cache::{CacheObserver, CacheStats, ENTRY_OVERHEAD, NoopObserver, StateCache};
+
+/// A Kafka partition of the ingestion topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PartitionId(pub u32);
+
+/// The owner generation of a partition (the consumer-group generation that assigned it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Epoch(pub u64);
+
+/// A Kafka offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Offset(pub i64);
+
+impl fmt::Display for PartitionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl fmt::Display for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// One key's state as stored: a format version and opaque bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateValue {
+    /// Layout of `data`; readers reject formats they do not know ([`StoreError::Corrupt`]).
+    pub format: u16,
+    pub data: Vec<u8>,
+}
+
+/// Format 1: the model's state vector as little-endian f32 values.
+pub const FORMAT_F32_LE: u16 = 1;
+
+impl StateValue {
+    /// Bytes of the stored encoding besides `data`.
+    pub const HEADER_LEN: usize = 2;
+
+    pub fn from_f32(values: &[f32]) -> Self {
+        Self { format: FORMAT_F32_LE, data: values.iter().flat_map(|v| v.to_le_bytes()).collect() }
+    }
+
+    pub fn to_f32(&self) -> Result<Vec<f32>, StoreError> {
+        if self.format != FORMAT_F32_LE || !self.data.len().is_multiple_of(4) {
+            return Err(StoreError::Corrupt {
+                detail: format!(
+                    "expected format {FORMAT_F32_LE} with 4-byte values, found format {} with {} bytes",
+                    self.format,
+                    self.data.len()
+                ),
+            });
+        }
+        Ok(self.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+
+    /// The stored bytes: format (u16, big-endian) then data.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(Self::HEADER_LEN + self.data.len());
+        out.extend_from_slice(&self.format.to_be_bytes());
+        out.extend_from_slice(&self.data);
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        match bytes {
+            [a, b, data @ ..] => Ok(Self { format: u16::from_be_bytes([*a, *b]), data: data.to_vec() }),
+            _ => Err(StoreError::Corrupt {
+                detail: format!("state value of {} bytes has no format header", bytes.len()),
+            }),
+        }
+    }
+}
+
+/// What a store knows about one partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PartitionMeta {
+    /// The highest input offset whose effect is in the stored state; `None` before the first write.
+    pub applied_offset: Option<Offset>,
+    /// The newest owner epoch that claimed or wrote the partition.
+    pub epoch: Epoch,
+}
+
+/// One atomic write: new states of some keys, with the offset they bring the partition to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateWrite {
+    pub partition: PartitionId,
+    pub epoch: Epoch,
+    pub applied_offset: Offset,
+    pub entries: Vec<(Vec<u8>, StateValue)>,
+}
+
+/// Why a store operation failed. Each variant says what the partition actor does about it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// A newer owner holds the partition: this writer is a zombie. Stop the partition actor, do
+    /// not retry, do not commit offsets.
+    #[error("partition {partition}: epoch {epoch} is fenced by epoch {current}")]
+    Fenced { partition: PartitionId, epoch: Epoch, current: Epoch },
+    /// Stored bytes cannot be decoded (unknown format, truncated). Stop the partition and alert:
+    /// retrying cannot help and overwriting would lose state.
+    #[error("corrupt state: {detail}")]
+    Corrupt { detail: String },
+    /// The store failed or timed out. Pause the partition and retry with backoff; nothing was
+    /// applied (the write is atomic).
+    #[error("state store unavailable: {detail}")]
+    Unavailable { detail: String },
+}
+
+/// The port every state backend implements (RocksDB, ScyllaDB). Methods are async so a backend
+/// can run blocking IO off the async runtime.
+pub trait StateStore: Send + Sync + 'static {
+    /// The states of `keys` of one partition, in order; `None` for keys never written.
+    fn read(
+        &self,
+        partition: PartitionId,
+        keys: &[Vec<u8>],
+    ) -> impl Future<Output = Result<Vec<Option<StateValue>>, StoreError>> + Send;
+
+    /// Store `write.entries` with the applied offset and epoch, atomically; fenced if the stored
+    /// epoch is newer than `write.epoch`.
+    fn write(&self, write: StateWrite) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The partition's applied offset and epoch (defaults if never written).
+    fn meta(&self, partition: PartitionId) -> impl Future<Output = Result<PartitionMeta, StoreError>> + Send;
+
+    /// Become the owner of `partition` at `epoch`: raises the stored epoch (fencing older owners)
+    /// and returns the meta to resume from. Fenced if a newer epoch already claimed it.
+    fn claim(
+        &self,
+        partition: PartitionId,
+        epoch: Epoch,
+    ) -> impl Future<Output = Result<PartitionMeta, StoreError>> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_round_trip_with_their_format() {
+        let v = StateValue::from_f32(&[1.5, -2.0]);
+        let back = StateValue::decode(&v.encode()).unwrap();
+        assert_eq!(back, v);
+        assert_eq!(back.to_f32().unwrap(), vec![1.5, -2.0]);
+        assert!(StateValue::decode(&[1]).is_err());
+        let unknown = StateValue { format: 9, data: vec![0; 4] };
+        assert!(matches!(unknown.to_f32(), Err(StoreError::Corrupt { .. })));
+    }
+}

@@ -1,0 +1,389 @@
+//! B6 + B3: state larger than memory, through the byte-bounded cache and RocksDB, against RocksDB's
+//! own `db_bench` and Redis with `maxmemory`, in the same run.
+//!
+//! 1. **stream**: every key of a universe holding `--factor` × the cache budget of state (values
+//!    256 B to `--max-value` bytes, fixed per key) is read-modified-written once, in waves, through
+//!    `StateCache` + `RocksStore`. RSS is sampled throughout; nothing may fail.
+//! 2. **zipf**: read-modify-write waves of Zipf(1.1)-distributed keys for `--seconds`: keys/s.
+//!    Then single-key reads of the hottest key: p50/p99.
+//! 3. **db_bench** `updaterandom` (RocksDB's own read-modify-write loop, one thread) on the same
+//!    number of keys and mean value size: the raw store's rate. `ratio_vs_db_bench` = 2 ÷ 3.
+//! 4. **redis** with `maxmemory` = the same memory budget and `noeviction` (the case study's
+//!    setup): the same key stream until Redis answers "OOM command not allowed".
+//!
+//! Ends with `RESULT {json}`. Usage: `scripts/bench.sh b6 [--budget-mib 64] [--factor 10]`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use hdrhistogram::Histogram;
+use partita_actors::state::{Epoch, NoopObserver, Offset, PartitionId, StateCache, StateValue, StateWrite};
+use partita_runtime::state::rocks::{RocksConfig, RocksStore};
+use serde_json::json;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// The state cache's byte budget, MiB.
+    #[arg(long, default_value_t = 64)]
+    budget_mib: u64,
+    /// Distinct state streamed, as a multiple of the budget.
+    #[arg(long, default_value_t = 10)]
+    factor: u64,
+    #[arg(long, default_value_t = 4096)]
+    max_value: usize,
+    /// Keys per wave (one batched load and one atomic write per wave).
+    #[arg(long, default_value_t = 256)]
+    wave: usize,
+    /// Seconds of Zipf read-modify-write.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Where RocksDB and db_bench put their files (default: a temporary directory).
+    #[arg(long)]
+    dir: Option<std::path::PathBuf>,
+}
+
+/// Deterministic per-key value size between 256 B and `max` (log-uniform).
+fn value_len(key: u64, max: usize) -> usize {
+    let h = key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11;
+    let u = (h as f64) / ((1u64 << 53) as f64);
+    (256.0 * ((max as f64 / 256.0).powf(u))) as usize
+}
+
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(|l| l.to_owned()))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()))
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Zipf(s) over 0..n by inverse-CDF sampling on a precomputed table (built once).
+struct Zipf {
+    cdf: Vec<f64>,
+    state: u64,
+}
+
+impl Zipf {
+    fn new(n: usize, s: f64) -> Self {
+        let mut cdf = Vec::with_capacity(n);
+        let mut sum = 0.0;
+        for i in 1..=n {
+            sum += 1.0 / (i as f64).powf(s);
+            cdf.push(sum);
+        }
+        for c in &mut cdf {
+            *c /= sum;
+        }
+        Self { cdf, state: 0x2545_F491_4F6C_DD1D }
+    }
+
+    fn next(&mut self) -> u64 {
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        let u = (self.state >> 11) as f64 / (1u64 << 53) as f64;
+        self.cdf.partition_point(|c| *c < u) as u64
+    }
+}
+
+fn key_bytes(k: u64) -> Vec<u8> {
+    format!("card-{k:012}").into_bytes()
+}
+
+/// Read-modify-write one wave: one batched load, change each value, one atomic write.
+async fn rmw(
+    cache: &StateCache<RocksStore>,
+    keys: &[u64],
+    offset: i64,
+    max_value: usize,
+) -> anyhow::Result<()> {
+    let p = PartitionId(0);
+    let kb: Vec<Vec<u8>> = keys.iter().map(|&k| key_bytes(k)).collect();
+    let current = cache.get_many(p, &kb).await?;
+    let entries = kb
+        .into_iter()
+        .zip(keys)
+        .zip(current)
+        .map(|((key, &k), cur)| {
+            let mut data = cur.map_or_else(|| vec![0u8; value_len(k, max_value)], |v| v.data.clone());
+            data[0] = data[0].wrapping_add(1);
+            (key, StateValue { format: 1, data })
+        })
+        .collect();
+    cache
+        .apply(StateWrite { partition: p, epoch: Epoch(1), applied_offset: Offset(offset), entries })
+        .await?;
+    Ok(())
+}
+
+/// RocksDB's own read-modify-write rate: `fillseq` of `num` keys, then `updaterandom` (uniform
+/// random keys, one thread) on that database for `seconds`.
+fn db_bench(dir: &std::path::Path, num: u64, value_size: usize, seconds: f64) -> anyhow::Result<f64> {
+    let run = |bench: &str, extra: &[String]| -> anyhow::Result<String> {
+        let mut args = vec![
+            format!("--benchmarks={bench}"),
+            format!("--num={num}"),
+            format!("--value_size={value_size}"),
+            format!("--db={}", dir.join("db_bench").display()),
+            "--compression_type=lz4".to_owned(),
+            "--threads=1".to_owned(),
+            "--cache_size=33554432".to_owned(),
+            "--write_buffer_size=16777216".to_owned(),
+            "--sync=false".to_owned(),
+        ];
+        args.extend_from_slice(extra);
+        let out = Command::new("db_bench").args(&args).output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "db_bench {bench} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    run("fillseq", &[])?;
+    let text = run(
+        "updaterandom",
+        &["--use_existing_db=1".to_owned(), format!("--duration={}", seconds.ceil() as u64)],
+    )?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("updaterandom"))
+        .ok_or_else(|| anyhow::anyhow!("db_bench printed no updaterandom line:\n{text}"))?;
+    // "updaterandom :  12.345 micros/op 81000 ops/sec ..."
+    let ops = line
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .windows(2)
+        .find(|w| w[1] == "ops/sec")
+        .and_then(|w| w[0].parse::<f64>().ok())
+        .ok_or_else(|| anyhow::anyhow!("cannot parse {line:?}"))?;
+    Ok(ops)
+}
+
+/// Start redis-server with `maxmemory` and write the key stream until it refuses.
+fn redis(budget: u64, keys: u64, max_value: usize) -> anyhow::Result<serde_json::Value> {
+    let port = 20000 + (std::process::id() % 20000) as u16;
+    let mut server = Command::new("redis-server")
+        .args([
+            "--port".to_owned(),
+            port.to_string(),
+            "--bind".to_owned(),
+            "127.0.0.1".to_owned(),
+            "--maxmemory".to_owned(),
+            budget.to_string(),
+            "--maxmemory-policy".to_owned(),
+            "noeviction".to_owned(),
+            "--save".to_owned(),
+            String::new(),
+            "--appendonly".to_owned(),
+            "no".to_owned(),
+        ])
+        .stdout(Stdio::null())
+        .spawn()?;
+    let result = (|| -> anyhow::Result<serde_json::Value> {
+        let start = Instant::now();
+        let conn = loop {
+            match TcpStream::connect(("127.0.0.1", port)) {
+                Ok(c) => break c,
+                Err(_) if start.elapsed() < Duration::from_secs(5) => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let mut writer = conn.try_clone()?;
+        let mut reader = BufReader::new(conn);
+        let started = Instant::now();
+        let (mut written, mut oom) = (0u64, None);
+        'outer: for chunk in (0..keys).collect::<Vec<_>>().chunks(256) {
+            let mut buf = Vec::new();
+            for &k in chunk {
+                let key = key_bytes(k);
+                let value = vec![b'x'; value_len(k, max_value)];
+                write!(buf, "*3\r\n$3\r\nSET\r\n${}\r\n", key.len())?;
+                buf.extend_from_slice(&key);
+                write!(buf, "\r\n${}\r\n", value.len())?;
+                buf.extend_from_slice(&value);
+                buf.extend_from_slice(b"\r\n");
+            }
+            writer.write_all(&buf)?;
+            for _ in chunk {
+                let mut line = String::new();
+                reader.read_line(&mut line)?;
+                if line.starts_with('-') {
+                    oom.get_or_insert_with(|| line.trim().to_owned());
+                } else if oom.is_none() {
+                    written += 1;
+                }
+            }
+            if oom.is_some() {
+                break 'outer;
+            }
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let mut info = String::new();
+        writer.write_all(b"*2\r\n$4\r\nINFO\r\n$6\r\nmemory\r\n")?;
+        let mut header = String::new();
+        reader.read_line(&mut header)?;
+        if let Some(n) = header.trim().strip_prefix('$').and_then(|n| n.parse::<usize>().ok()) {
+            let mut body = vec![0; n + 2];
+            reader.read_exact(&mut body)?;
+            info = String::from_utf8_lossy(&body).into_owned();
+        }
+        let used = info.lines().find_map(|l| l.strip_prefix("used_memory:")).unwrap_or("?").trim().to_owned();
+        Ok(json!({
+            "keys_offered": keys,
+            "keys_written_before_refusal": written,
+            "error": oom,
+            "used_memory_bytes": used,
+            "sets_per_s": written as f64 / secs,
+        }))
+    })();
+    let _ = server.kill();
+    let _ = server.wait();
+    result
+}
+
+fn git_rev() -> String {
+    Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map_or_else(|| "unknown".into(), |s| s.trim().to_owned())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let tmp = tempfile::tempdir_in(args.dir.clone().unwrap_or_else(std::env::temp_dir))?;
+    let budget = args.budget_mib << 20;
+    let mean_value = {
+        let n = 10_000u64;
+        (0..n).map(|k| value_len(k, args.max_value) as u64).sum::<u64>() / n
+    };
+    let per_key = mean_value + 17 + partita_actors::state::ENTRY_OVERHEAD;
+    let keys = args.factor * budget / per_key;
+    let rocks_cfg = RocksConfig {
+        path: tmp.path().join("partita"),
+        sync_wal: false,
+        block_cache_bytes: 32 << 20,
+        write_buffer_bytes: 16 << 20,
+    };
+    // The memory the configuration allows for state: cache + RocksDB block cache + 2 memtables.
+    let configured = budget + rocks_cfg.block_cache_bytes as u64 + 2 * rocks_cfg.write_buffer_bytes as u64;
+    println!(
+        "B6: {keys} keys, mean value {mean_value} B, {:.0} MiB of state through a {} MiB cache ({:.0} MiB configured in all)",
+        (keys * mean_value) as f64 / 1048576.0,
+        args.budget_mib,
+        configured as f64 / 1048576.0
+    );
+
+    let baseline = rss_bytes();
+    let store = RocksStore::open(&rocks_cfg)?;
+    let cache = Arc::new(StateCache::new(store, budget, Arc::new(NoopObserver)));
+    let mut peak = 0u64;
+    let mut offset = 0i64;
+    let started = Instant::now();
+    let all: Vec<u64> = (0..keys).collect();
+    for wave in all.chunks(args.wave) {
+        rmw(&cache, wave, offset, args.max_value).await?;
+        offset += 1;
+        if offset % 64 == 0 {
+            peak = peak.max(rss_bytes().saturating_sub(baseline));
+        }
+    }
+    let stream_secs = started.elapsed().as_secs_f64();
+    let stream_rate = keys as f64 / stream_secs;
+    let stats = cache.stats();
+    println!(
+        "{}",
+        json!({"name": "stream", "keys": keys, "keys_per_s": stream_rate, "cache": format!("{stats:?}"), "rss_growth_peak": peak})
+    );
+
+    let mut zipf = Zipf::new(keys as usize, 1.1);
+    let started = Instant::now();
+    let mut done = 0u64;
+    while started.elapsed().as_secs_f64() < args.seconds {
+        let wave: Vec<u64> = (0..args.wave).map(|_| zipf.next()).collect();
+        rmw(&cache, &wave, offset, args.max_value).await?;
+        offset += 1;
+        done += wave.len() as u64;
+        if offset % 64 == 0 {
+            peak = peak.max(rss_bytes().saturating_sub(baseline));
+        }
+    }
+    let zipf_rate = done as f64 / started.elapsed().as_secs_f64();
+    let mut hot = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3)?;
+    let hot_key = vec![key_bytes(0)];
+    for _ in 0..100_000 {
+        let t = Instant::now();
+        cache.get_many(PartitionId(0), &hot_key).await?;
+        hot.record(t.elapsed().as_nanos().max(1) as u64)?;
+    }
+    peak = peak.max(rss_bytes().saturating_sub(baseline));
+    let stats = cache.stats();
+    let hit_ratio = stats.hits as f64 / (stats.hits + stats.misses).max(1) as f64;
+    println!(
+        "{}",
+        json!({"name": "zipf_rmw", "keys_per_s": zipf_rate, "hit_ratio": hit_ratio,
+               "hot_read_p50_us": hot.value_at_quantile(0.5) as f64 / 1e3,
+               "hot_read_p99_us": hot.value_at_quantile(0.99) as f64 / 1e3})
+    );
+    drop(cache);
+
+    let db_bench_rate = db_bench(tmp.path(), keys, mean_value as usize, args.seconds)?;
+    println!("{}", json!({"name": "db_bench_updaterandom", "ops_per_s": db_bench_rate}));
+    let redis = redis(budget, keys, args.max_value)?;
+    println!("{}", json!({"name": "redis_maxmemory", "result": redis}));
+
+    let ratio = zipf_rate / db_bench_rate;
+    let ratio_cold = stream_rate / db_bench_rate;
+    let rss_ratio = peak as f64 / configured as f64;
+    println!();
+    println!(
+        "state streamed: {:.0} MiB = {}x the cache budget; failures: 0",
+        (keys * mean_value) as f64 / 1048576.0,
+        args.factor
+    );
+    println!(
+        "RSS growth peak: {:.1} MiB vs {:.1} MiB configured (cache {} + block cache 32 + memtables 32): {:.2}x",
+        peak as f64 / 1048576.0,
+        configured as f64 / 1048576.0,
+        args.budget_mib,
+        rss_ratio
+    );
+    println!(
+        "Zipf RMW through cache + RocksDB: {zipf_rate:.0} keys/s (hit ratio {hit_ratio:.3}); db_bench updaterandom: {db_bench_rate:.0} ops/s; ratio {ratio:.2} (target >= 0.5)"
+    );
+    println!("all-miss RMW (the stream): {stream_rate:.0} keys/s; ratio {ratio_cold:.2}");
+    println!("hot-key read p99: {:.1} us (target <= 1 ms)", hot.value_at_quantile(0.99) as f64 / 1e3);
+    println!("redis (maxmemory {} MiB, noeviction): {}", args.budget_mib, redis);
+    println!(
+        "RESULT {}",
+        json!({
+            "bench": "B6+B3",
+            "git": git_rev(),
+            "keys": keys,
+            "state_bytes": keys * mean_value,
+            "budget_bytes": budget,
+            "configured_bytes": configured,
+            "rss_growth_peak_bytes": peak,
+            "rss_vs_configured": rss_ratio,
+            "stream_keys_per_s": stream_rate,
+            "zipf_rmw_keys_per_s": zipf_rate,
+            "db_bench_updaterandom_ops_per_s": db_bench_rate,
+            "ratio_vs_db_bench": ratio,
+            "ratio_vs_db_bench_all_misses": ratio_cold,
+            "hit_ratio": hit_ratio,
+            "hot_read_p99_us": hot.value_at_quantile(0.99) as f64 / 1e3,
+            "failures": 0,
+            "redis": redis,
+        })
+    );
+    Ok(())
+}

@@ -1,0 +1,295 @@
+//! The ScyllaDB state backend (cluster mode). Schema and query design: `docs/state.md`.
+//!
+//! One CQL partition per Kafka partition: the keys' states are its clustering rows and the
+//! partition's applied offset and epoch are **static columns** of it. That puts state and offset
+//! in one CQL partition, so a conditional (LWT) batch writes both atomically and checks the epoch
+//! fence in the same Paxos round. Reads and writes use `LOCAL_QUORUM` (`LOCAL_SERIAL` for the
+//! fence); the driver routes token-aware to replicas, preferring the node's own zone (rack).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use partita_actors::state::{
+    Epoch, Offset, PartitionId, PartitionMeta, StateStore, StateValue, StateWrite, StoreError,
+};
+use scylla::client::execution_profile::ExecutionProfile;
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::frame::types::{Consistency, SerialConsistency};
+use scylla::policies::load_balancing::DefaultPolicy;
+use scylla::policies::retry::{DefaultRetryPolicy, FallthroughRetryPolicy, RetryPolicy};
+use scylla::statement::batch::{Batch, BatchType};
+use scylla::statement::prepared::PreparedStatement;
+use scylla::value::{CqlValue, Row};
+
+/// Clustering-key restrictions per `IN` query (Scylla's default limit is 100).
+const READ_CHUNK: usize = 100;
+
+#[derive(Debug, Clone)]
+pub struct ScyllaConfig {
+    /// Contact points, `host:port`.
+    pub nodes: Vec<String>,
+    pub keyspace: String,
+    /// Replication per datacenter (NetworkTopologyStrategy). Zones are racks inside a datacenter:
+    /// with RF 3 over 3 zones Scylla puts one replica in each, and LOCAL_QUORUM survives a zone.
+    pub replication: BTreeMap<String, u32>,
+    /// The node's datacenter and zone (rack): preferred for routing.
+    pub datacenter: Option<String>,
+    pub zone: Option<String>,
+    pub request_timeout: Duration,
+    /// Retry idempotent requests on timeouts and unavailable replicas (the driver's default
+    /// policy); off = fail at once and let the partition actor back off.
+    pub retries: bool,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl ScyllaConfig {
+    /// Defaults for one node URI, e.g. `127.0.0.1:9042`.
+    pub fn new(uri: &str) -> Self {
+        Self {
+            nodes: uri.split(',').map(|s| s.trim().trim_start_matches("scylla://").to_owned()).collect(),
+            keyspace: "partita".into(),
+            replication: BTreeMap::from([("datacenter1".to_owned(), 3)]),
+            datacenter: None,
+            zone: None,
+            request_timeout: Duration::from_secs(2),
+            retries: true,
+            username: None,
+            password: None,
+        }
+    }
+
+    /// The schema, as CQL statements, in the order to run them.
+    pub fn schema(&self) -> Vec<String> {
+        let replication: Vec<String> =
+            self.replication.iter().map(|(dc, rf)| format!("'{dc}': {rf}")).collect();
+        let ks = &self.keyspace;
+        vec![
+            format!(
+                "CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = \
+                 {{'class': 'NetworkTopologyStrategy', {}}}",
+                replication.join(", ")
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {ks}.state (\
+                 partition int, \
+                 key blob, \
+                 value blob, \
+                 applied_offset bigint STATIC, \
+                 epoch bigint STATIC, \
+                 PRIMARY KEY ((partition), key)\
+                 ) WITH compaction = {{'class': 'IncrementalCompactionStrategy'}}"
+            ),
+        ]
+    }
+}
+
+struct Statements {
+    read: PreparedStatement,
+    meta: PreparedStatement,
+    meta_serial: PreparedStatement,
+    /// `UPDATE ... SET applied_offset, epoch ... IF epoch <= ?`: the fence, first in every write batch.
+    fence_write: PreparedStatement,
+    put: PreparedStatement,
+    claim: PreparedStatement,
+    /// Creates the static row of a partition never seen (a conditional UPDATE on a missing
+    /// static row does not apply).
+    init: PreparedStatement,
+}
+
+#[derive(Clone)]
+pub struct ScyllaStore {
+    session: Arc<Session>,
+    st: Arc<Statements>,
+}
+
+impl std::fmt::Debug for ScyllaStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScyllaStore").finish_non_exhaustive()
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable { detail: e.to_string() }
+}
+
+fn epoch_i64(e: Epoch) -> i64 {
+    i64::try_from(e.0).unwrap_or(i64::MAX)
+}
+
+impl ScyllaStore {
+    /// Connect, create the schema if missing, prepare the statements.
+    pub async fn connect(config: &ScyllaConfig) -> Result<Self, StoreError> {
+        let mut policy = DefaultPolicy::builder().token_aware(true);
+        policy = match (&config.datacenter, &config.zone) {
+            (Some(dc), Some(zone)) => policy.prefer_datacenter_and_rack(dc.clone(), zone.clone()),
+            (Some(dc), None) => policy.prefer_datacenter(dc.clone()),
+            _ => policy,
+        };
+        let retry: Arc<dyn RetryPolicy> = if config.retries {
+            Arc::new(DefaultRetryPolicy::new())
+        } else {
+            Arc::new(FallthroughRetryPolicy::new())
+        };
+        let profile = ExecutionProfile::builder()
+            .load_balancing_policy(policy.build())
+            .consistency(Consistency::LocalQuorum)
+            .serial_consistency(Some(SerialConsistency::LocalSerial))
+            .request_timeout(Some(config.request_timeout))
+            .retry_policy(retry)
+            .build();
+        let mut builder = SessionBuilder::new()
+            .known_nodes(&config.nodes)
+            .default_execution_profile_handle(profile.into_handle());
+        if let (Some(u), Some(p)) = (&config.username, &config.password) {
+            builder = builder.user(u, p);
+        }
+        let session = builder
+            .build()
+            .await
+            .map_err(|e| unavailable(format!("connecting to {:?}: {e}", config.nodes)))?;
+        for stmt in config.schema() {
+            session
+                .query_unpaged(stmt, &[])
+                .await
+                .map_err(|e| unavailable(format!("creating schema: {e}")))?;
+        }
+        session.await_schema_agreement().await.map_err(unavailable)?;
+        let ks = &config.keyspace;
+        let prepare = |cql: String| {
+            let session = &session;
+            async move { session.prepare(cql).await.map_err(|e| unavailable(format!("preparing statement: {e}"))) }
+        };
+        let mut read =
+            prepare(format!("SELECT key, value FROM {ks}.state WHERE partition = ? AND key IN ?")).await?;
+        read.set_is_idempotent(true);
+        let mut meta =
+            prepare(format!("SELECT applied_offset, epoch FROM {ks}.state WHERE partition = ? LIMIT 1"))
+                .await?;
+        meta.set_is_idempotent(true);
+        let mut meta_serial = meta.clone();
+        meta_serial.set_consistency(Consistency::LocalSerial);
+        let fence_write = prepare(format!(
+            "UPDATE {ks}.state SET applied_offset = ?, epoch = ? WHERE partition = ? IF epoch <= ?"
+        ))
+        .await?;
+        let put = prepare(format!("INSERT INTO {ks}.state (partition, key, value) VALUES (?, ?, ?)")).await?;
+        let claim =
+            prepare(format!("UPDATE {ks}.state SET epoch = ? WHERE partition = ? IF epoch <= ?")).await?;
+        let init =
+            prepare(format!("INSERT INTO {ks}.state (partition, epoch) VALUES (?, 0) IF NOT EXISTS")).await?;
+        let st = Statements { read, meta, meta_serial, fence_write, put, claim, init };
+        Ok(Self { session: Arc::new(session), st: Arc::new(st) })
+    }
+
+    async fn meta_with(
+        &self,
+        stmt: &PreparedStatement,
+        p: PartitionId,
+    ) -> Result<Option<PartitionMeta>, StoreError> {
+        let result = self.session.execute_unpaged(stmt, (p.0 as i32,)).await.map_err(unavailable)?;
+        let rows = result.into_rows_result().map_err(unavailable)?;
+        let row = rows.maybe_first_row::<(Option<i64>, Option<i64>)>().map_err(unavailable)?;
+        Ok(row.and_then(|(offset, epoch)| {
+            epoch.map(|e| PartitionMeta { applied_offset: offset.map(Offset), epoch: Epoch(e.max(0) as u64) })
+        }))
+    }
+
+    /// Run a conditional statement or batch result: was it applied?
+    fn applied(result: scylla::response::query_result::QueryResult) -> Result<bool, StoreError> {
+        let rows = result.into_rows_result().map_err(unavailable)?;
+        let row = rows.first_row::<Row>().map_err(unavailable)?;
+        match row.columns.first() {
+            Some(Some(CqlValue::Boolean(b))) => Ok(*b),
+            other => Err(unavailable(format!("LWT result without [applied]: {other:?}"))),
+        }
+    }
+
+    /// After a conditional write did not apply: fenced (newer epoch stored), or the partition's
+    /// static row does not exist yet (create it and tell the caller to retry).
+    async fn not_applied(&self, p: PartitionId, epoch: Epoch) -> Result<(), StoreError> {
+        match self.meta_with(&self.st.meta_serial, p).await? {
+            Some(m) if m.epoch > epoch => Err(StoreError::Fenced { partition: p, epoch, current: m.epoch }),
+            Some(_) => Ok(()), // raced with another writer of an older epoch: retry
+            None => {
+                self.session.execute_unpaged(&self.st.init, (p.0 as i32,)).await.map_err(unavailable)?;
+                Ok(())
+            }
+        }
+    }
+}
+
+impl StateStore for ScyllaStore {
+    async fn read(
+        &self,
+        partition: PartitionId,
+        keys: &[Vec<u8>],
+    ) -> Result<Vec<Option<StateValue>>, StoreError> {
+        let mut found: std::collections::HashMap<Vec<u8>, StateValue> = std::collections::HashMap::new();
+        for chunk in keys.chunks(READ_CHUNK) {
+            let result = self
+                .session
+                .execute_unpaged(&self.st.read, (partition.0 as i32, chunk.to_vec()))
+                .await
+                .map_err(unavailable)?;
+            let rows = result.into_rows_result().map_err(unavailable)?;
+            for row in rows.rows::<(Vec<u8>, Option<Vec<u8>>)>().map_err(unavailable)? {
+                let (key, value) = row.map_err(unavailable)?;
+                if let Some(v) = value {
+                    found.insert(key, StateValue::decode(&v)?);
+                }
+            }
+        }
+        Ok(keys.iter().map(|k| found.get(k).cloned()).collect())
+    }
+
+    async fn write(&self, write: StateWrite) -> Result<(), StoreError> {
+        let p = write.partition.0 as i32;
+        let epoch = epoch_i64(write.epoch);
+        let mut batch = Batch::new(BatchType::Logged);
+        batch.append_statement(self.st.fence_write.clone());
+        let mut values: Vec<Vec<CqlValue>> = Vec::with_capacity(1 + write.entries.len());
+        values.push(vec![
+            CqlValue::BigInt(write.applied_offset.0),
+            CqlValue::BigInt(epoch),
+            CqlValue::Int(p),
+            CqlValue::BigInt(epoch),
+        ]);
+        for (k, v) in &write.entries {
+            batch.append_statement(self.st.put.clone());
+            values.push(vec![CqlValue::Int(p), CqlValue::Blob(k.clone()), CqlValue::Blob(v.encode())]);
+        }
+        // Two tries: the second one only after creating a never-seen partition's static row.
+        for _ in 0..2 {
+            let result = self.session.batch(&batch, &values).await.map_err(unavailable)?;
+            if Self::applied(result)? {
+                return Ok(());
+            }
+            self.not_applied(write.partition, write.epoch).await?;
+        }
+        Err(unavailable(format!("partition {}: conditional write kept losing races", write.partition)))
+    }
+
+    async fn meta(&self, partition: PartitionId) -> Result<PartitionMeta, StoreError> {
+        Ok(self.meta_with(&self.st.meta, partition).await?.unwrap_or_default())
+    }
+
+    async fn claim(&self, partition: PartitionId, epoch: Epoch) -> Result<PartitionMeta, StoreError> {
+        let e = epoch_i64(epoch);
+        for _ in 0..2 {
+            let result = self
+                .session
+                .execute_unpaged(&self.st.claim, (e, partition.0 as i32, e))
+                .await
+                .map_err(unavailable)?;
+            if Self::applied(result)? {
+                let meta = self.meta_with(&self.st.meta_serial, partition).await?.unwrap_or_default();
+                return Ok(PartitionMeta { epoch, ..meta });
+            }
+            self.not_applied(partition, epoch).await?;
+        }
+        Err(unavailable(format!("partition {partition}: claim kept losing races")))
+    }
+}
