@@ -6,5 +6,5 @@ bash scripts/setup.sh
 # shellcheck disable=SC1091
 source "${PARTITA_CACHE:-$HOME/.cache/partita}/env.sh"
 name="${1:?usage: scripts/bench.sh <b1> [flags]}"; shift
-cargo build --release --locked -p partita-bench --bin "$name"
+cargo build --release --locked --workspace --bins
 exec "$CARGO_TARGET_DIR/release/$name" "$@"

@@ -7,5 +7,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # shellcheck disable=SC1091
 source "${PARTITA_CACHE:-$HOME/.cache/partita}/env.sh"
-cargo build --release --locked -p partita-runtime --bin partita
+# One release build of every binary (demo and benches share it: same features, one RocksDB build).
+cargo build --release --locked --workspace --bins
 exec "$CARGO_TARGET_DIR/release/partita" models "$@"
