@@ -19,6 +19,7 @@ use hdrhistogram::Histogram;
 use partita_actors::inference::InferRequest;
 use partita_actors::model::ModelSpec;
 use partita_actors::pool::Router;
+use partita_bench::git_rev;
 use partita_runtime::inference::{DeviceChoice, InferenceOptions};
 use partita_runtime::model_repo::ModelRepository;
 use serde_json::json;
@@ -218,15 +219,6 @@ async fn open_loop(
         "failed": failed,
         "p50_ms": ms(0.5), "p99_ms": ms(0.99), "p999_ms": ms(0.999),
     })
-}
-
-fn git_rev() -> String {
-    std::process::Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map_or_else(|| "unknown".into(), |s| s.trim().to_owned())
 }
 
 #[tokio::main]

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use partita_actors::state::{Epoch, NoopObserver, Offset, PartitionId, StateCache, StateValue, StateWrite};
+use partita_bench::git_rev;
 use partita_runtime::state::rocks::{RocksConfig, RocksStore};
 use serde_json::json;
 
@@ -246,15 +247,6 @@ fn redis(budget: u64, keys: u64, max_value: usize) -> anyhow::Result<serde_json:
     let _ = server.kill();
     let _ = server.wait();
     result
-}
-
-fn git_rev() -> String {
-    Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map_or_else(|| "unknown".into(), |s| s.trim().to_owned())
 }
 
 #[tokio::main]
