@@ -10,10 +10,13 @@
 //! - [`batcher`]: the dynamic batcher (pure, takes `now`).
 //! - [`gpu_worker`]: the GPU-worker actor and the OS thread that runs the model.
 //! - [`pool`]: the supervisor over workers, and the [`pool::Router`] callers use.
+//! - [`state`]: the state store port and the byte-bounded cache.
+//! - [`partition`]: the partition actor (decode, per-key waves, apply) and its output port.
 
 pub mod batcher;
 pub mod gpu_worker;
 pub mod inference;
 pub mod model;
+pub mod partition;
 pub mod pool;
 pub mod state;

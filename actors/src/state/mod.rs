@@ -55,6 +55,10 @@ pub struct StateValue {
 /// Format 1: the model's state vector as little-endian f32 values.
 pub const FORMAT_F32_LE: u16 = 1;
 
+/// Format 2: the key's last applied sequence number (u64 LE), then its state vector (f32 LE).
+/// What partition actors store: the sequence makes a duplicate event recognisable.
+pub const FORMAT_SEQ_F32_LE: u16 = 2;
+
 impl StateValue {
     /// Bytes of the stored encoding besides `data`.
     pub const HEADER_LEN: usize = 2;
@@ -74,6 +78,31 @@ impl StateValue {
             });
         }
         Ok(self.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+
+    /// A key's state after the event with per-key `sequence` (format 2).
+    pub fn sequenced(sequence: u64, values: &[f32]) -> Self {
+        let mut data = Vec::with_capacity(8 + 4 * values.len());
+        data.extend_from_slice(&sequence.to_le_bytes());
+        data.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        Self { format: FORMAT_SEQ_F32_LE, data }
+    }
+
+    /// The last applied sequence and the state vector of a format-2 value.
+    pub fn to_sequenced(&self) -> Result<(u64, Vec<f32>), StoreError> {
+        match self.data.split_first_chunk::<8>() {
+            Some((seq, rest)) if self.format == FORMAT_SEQ_F32_LE && rest.len().is_multiple_of(4) => Ok((
+                u64::from_le_bytes(*seq),
+                rest.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            )),
+            _ => Err(StoreError::Corrupt {
+                detail: format!(
+                    "expected format {FORMAT_SEQ_F32_LE} (sequence + f32 values), found format {} with {} bytes",
+                    self.format,
+                    self.data.len()
+                ),
+            }),
+        }
     }
 
     /// The stored bytes: format (u16, big-endian) then data.
@@ -168,5 +197,14 @@ mod tests {
         assert!(StateValue::decode(&[1]).is_err());
         let unknown = StateValue { format: 9, data: vec![0; 4] };
         assert!(matches!(unknown.to_f32(), Err(StoreError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn sequenced_values_round_trip() {
+        let v = StateValue::sequenced(7, &[0.5, -1.0]);
+        assert_eq!(StateValue::decode(&v.encode()).unwrap().to_sequenced().unwrap(), (7, vec![0.5, -1.0]));
+        assert_eq!(StateValue::sequenced(3, &[]).to_sequenced().unwrap(), (3, vec![]));
+        assert!(StateValue::from_f32(&[1.0, 2.0]).to_sequenced().is_err());
+        assert!(StateValue { format: FORMAT_SEQ_F32_LE, data: vec![0; 5] }.to_sequenced().is_err());
     }
 }

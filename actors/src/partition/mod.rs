@@ -1,0 +1,544 @@
+//! The partition actor: owns one Kafka partition of the ingestion topic and the state of its keys.
+//!
+//! Records arrive through a bounded channel that the consumer thread fills (when it is full the
+//! consumer pauses the Kafka partition: pressure never turns into buffering). One batch at a time:
+//!
+//! 1. skip records at or below the stored applied offset (redelivered after a restart);
+//! 2. decode and validate ([`decode`]); bad records become dead letters;
+//! 3. group the good ones into per-key [`waves`], so one key's records apply in offset order;
+//! 4. per wave: load the keys' states through the cache (one batched read), drop duplicates
+//!    (sequence at or below the key's), run the rows through the inference [`Router`] (deadline,
+//!    bounded retries), keep the new states in memory;
+//! 5. produce scores and dead letters and wait until the broker acknowledged every one;
+//! 6. write the new states **with** the batch's last offset in one atomic, fenced store write;
+//! 7. hand `last + 1` to the group's offset commit.
+//!
+//! A crash before 6 re-runs the batch from the stored offset: the state effect happens once,
+//! outputs may repeat (at least once), recognisable by their source coordinates. A crash after 6
+//! skips the batch (step 1). Transient failures (broker, store, no healthy worker) retry the step
+//! with backoff and never commit past it; a fenced or corrupt store stops the actor.
+
+pub mod decode;
+pub mod waves;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::Receiver;
+use partita_proto::v1::{DeadLetter, DeadLetterReason, Score, StageLatencies};
+use prost::Message;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use sha2::{Digest, Sha256};
+
+use crate::inference::{InferError, InferOutput, InferRequest};
+use crate::pool::Router;
+use crate::state::{Epoch, Offset, PartitionId, StateCache, StateStore, StateValue, StateWrite, StoreError};
+pub use decode::{Limits, Rejection, ValidEvent};
+
+/// Header names on scores and dead letters.
+pub const HEADER_SOURCE_TOPIC: &str = "partita-source-topic";
+pub const HEADER_SOURCE_PARTITION: &str = "partita-source-partition";
+pub const HEADER_SOURCE_OFFSET: &str = "partita-source-offset";
+pub const HEADER_DLQ_REASON: &str = "partita-dlq-reason";
+/// W3C trace context: copied from the input record to its score or dead letter.
+pub const HEADER_TRACEPARENT: &str = "traceparent";
+
+/// Bytes of an oversized value kept in its dead letter (with the hash of the whole value).
+pub const DEAD_LETTER_PREFIX: usize = 1024;
+
+/// One record of the ingestion topic, copied out of the consumer.
+#[derive(Debug, Clone)]
+pub struct InputRecord {
+    pub topic: Arc<str>,
+    pub partition: PartitionId,
+    pub offset: Offset,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// When the consumer handed it over (node latency starts here).
+    pub received: Instant,
+}
+
+impl InputRecord {
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_slice())
+    }
+}
+
+/// Which topic of the processing tier an output goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputTopic {
+    Scores,
+    DeadLetters,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputRecord {
+    pub topic: OutputTopic,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// The producer could not deliver every record (broker down, topic missing, timeout).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("output not delivered: {0}")]
+pub struct SinkError(pub String);
+
+/// The port to the processing tier and the consumer group (the rdkafka adapter implements it).
+pub trait PartitionSink: Send + Sync + 'static {
+    /// Produce `records` in order; resolves once the broker acknowledged all of them (`acks=all`).
+    fn produce(&self, records: Vec<OutputRecord>) -> impl Future<Output = Result<(), SinkError>> + Send;
+    /// Every record of `partition` below `next_offset` is durable: the group may commit it.
+    fn commit(&self, partition: PartitionId, next_offset: Offset);
+}
+
+/// How a partition actor processes.
+#[derive(Debug, Clone)]
+pub struct PartitionConfig {
+    /// Records taken from the queue into one batch.
+    pub max_batch: usize,
+    /// Per-record inference deadline; a record that misses it is retried, then dead-lettered.
+    pub infer_deadline: Duration,
+    /// Inference attempts per record before it is dead-lettered (errors, panics, deadlines).
+    pub max_attempts: u32,
+    /// First wait before retrying a failed produce or store write (doubles up to `max_backoff`).
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for PartitionConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: 1024,
+            infer_deadline: Duration::from_secs(2),
+            max_attempts: 3,
+            backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Node-wide counters, shared by every partition actor (read by the node's report and metrics).
+#[derive(Debug, Default)]
+pub struct PipelineCounters {
+    /// Records taken from the ingestion topic (redeliveries included).
+    pub received: AtomicU64,
+    /// Records at or below the stored applied offset: already applied, skipped.
+    pub redelivered: AtomicU64,
+    pub scored: AtomicU64,
+    /// Dead letters, indexed by `DeadLetterReason as usize`.
+    pub dead_letters: [AtomicU64; DEAD_LETTER_REASONS],
+    pub unknown_fields: AtomicU64,
+    pub time_suspect: AtomicU64,
+    pub batches: AtomicU64,
+    /// Produce or store-write attempts that failed and were retried.
+    pub retries: AtomicU64,
+}
+
+/// Number of `DeadLetterReason` values (the enum's highest value + 1).
+pub const DEAD_LETTER_REASONS: usize = DeadLetterReason::Duplicate as usize + 1;
+
+impl PipelineCounters {
+    pub fn dead_lettered(&self, reason: DeadLetterReason) -> u64 {
+        self.dead_letters[reason as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn dead_lettered_total(&self) -> u64 {
+        self.dead_letters.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+}
+
+pub struct PartitionArgs<S, K> {
+    pub topic: Arc<str>,
+    pub partition: PartitionId,
+    /// This owner's epoch (fences older owners' writes).
+    pub epoch: Epoch,
+    /// The stored applied offset to resume after.
+    pub applied: Option<Offset>,
+    pub queue: Receiver<InputRecord>,
+    /// Set by the consumer when it sends a `Wake`; cleared by the actor before it drains.
+    pub wake_pending: Arc<AtomicBool>,
+    pub cache: Arc<StateCache<S>>,
+    pub router: Router,
+    pub sink: Arc<K>,
+    pub limits: Arc<Limits>,
+    pub config: PartitionConfig,
+    pub counters: Arc<PipelineCounters>,
+}
+
+pub struct PartitionState<S, K> {
+    args: PartitionArgs<S, K>,
+}
+
+#[derive(Debug)]
+pub enum PartitionMsg {
+    /// Records are waiting in the queue.
+    Wake,
+    /// Process what is queued, then stop; replies with the applied offset.
+    Drain(RpcReplyPort<Option<Offset>>),
+}
+
+/// Config-less actor type; everything lives in [`PartitionState`].
+pub struct PartitionActor<S, K>(PhantomData<fn() -> (S, K)>);
+
+impl<S, K> Default for PartitionActor<S, K> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<S: StateStore, K: PartitionSink> Actor for PartitionActor<S, K> {
+    type Msg = PartitionMsg;
+    type State = PartitionState<S, K>;
+    type Arguments = PartitionArgs<S, K>;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(PartitionState { args })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            PartitionMsg::Wake => state.drain_queue().await?,
+            PartitionMsg::Drain(reply) => {
+                state.drain_queue().await?;
+                let _ = reply.send(state.args.applied);
+                myself.stop(Some("drained".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a batch stopped: retry it, or stop the actor.
+enum Halt {
+    Transient(String),
+    Fatal(StoreError),
+}
+
+impl From<StoreError> for Halt {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable { detail } => Halt::Transient(detail),
+            fatal => Halt::Fatal(fatal),
+        }
+    }
+}
+
+/// One key's state while a batch runs.
+struct KeyState {
+    sequence: u64,
+    state: Vec<f32>,
+    dirty: bool,
+}
+
+enum Outcome {
+    Scored(Box<InferOutput>),
+    Dead(DeadLetterReason, String, u32),
+    /// No healthy worker or the pool is stopping: retry the batch later.
+    Retry(InferError),
+}
+
+impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
+    async fn drain_queue(&mut self) -> Result<(), ActorProcessingErr> {
+        self.args.wake_pending.store(false, Ordering::SeqCst);
+        loop {
+            let batch: Vec<InputRecord> =
+                self.args.queue.try_iter().take(self.args.config.max_batch).collect();
+            if batch.is_empty() {
+                return Ok(());
+            }
+            self.run_batch(batch).await?;
+        }
+    }
+
+    /// Run `batch` to its commit, retrying transient failures with backoff.
+    async fn run_batch(&mut self, batch: Vec<InputRecord>) -> Result<(), ActorProcessingErr> {
+        let mut backoff = self.args.config.backoff;
+        loop {
+            match self.process(&batch).await {
+                Ok(()) => return Ok(()),
+                Err(Halt::Fatal(e)) => {
+                    tracing::error!(partition = %self.args.partition, error = %e, "partition stops");
+                    return Err(e.into());
+                }
+                Err(Halt::Transient(detail)) => {
+                    self.args.counters.retries.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(partition = %self.args.partition, %detail, ?backoff, "batch failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.args.config.max_backoff);
+                }
+            }
+        }
+    }
+
+    async fn process(&mut self, batch: &[InputRecord]) -> Result<(), Halt> {
+        let a = &self.args;
+        let c = &a.counters;
+        let Some(last) = batch.last().map(|r| r.offset) else { return Ok(()) };
+        c.received.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let now = unix_micros();
+        let fresh: Vec<&InputRecord> =
+            batch.iter().filter(|r| a.applied.is_none_or(|done| r.offset > done)).collect();
+        c.redelivered.fetch_add((batch.len() - fresh.len()) as u64, Ordering::Relaxed);
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let router = &a.router;
+        let mut outputs: Vec<(Offset, OutputRecord)> = Vec::with_capacity(fresh.len());
+        let mut dead: Vec<DeadLetterReason> = Vec::new();
+        let mut good: Vec<(&InputRecord, ValidEvent)> = Vec::with_capacity(fresh.len());
+        for &rec in &fresh {
+            match decode::decode(rec, &a.limits, |m| router.model(m), now) {
+                Ok(v) => {
+                    if v.unknown_fields {
+                        c.unknown_fields.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if v.time_suspect {
+                        c.time_suspect.fetch_add(1, Ordering::Relaxed);
+                    }
+                    good.push((rec, v));
+                }
+                Err(r) => {
+                    dead.push(r.reason);
+                    outputs.push((rec.offset, dead_letter(rec, r.reason, &r.detail, 1, &a.limits)));
+                }
+            }
+        }
+
+        let mut keys: HashMap<Vec<u8>, KeyState> = HashMap::new();
+        let mut scored = 0u64;
+        for wave in waves::waves(good.iter().map(|(_, v)| v.event.key.as_slice())) {
+            let load_started = Instant::now();
+            let missing: Vec<Vec<u8>> = wave
+                .iter()
+                .map(|&i| &good[i].1.event.key)
+                .filter(|k| !keys.contains_key(*k))
+                .cloned()
+                .collect();
+            if !missing.is_empty() {
+                let loaded = a.cache.get_many(a.partition, &missing).await?;
+                for (key, value) in missing.into_iter().zip(loaded) {
+                    let (sequence, state) = match value {
+                        Some(v) => v.to_sequenced()?,
+                        None => (0, Vec::new()),
+                    };
+                    keys.insert(key, KeyState { sequence, state, dirty: false });
+                }
+            }
+            let load_us = micros(load_started.elapsed());
+
+            let mut runs = Vec::with_capacity(wave.len());
+            for &i in &wave {
+                let (rec, v) = &good[i];
+                let ks = &keys[&v.event.key];
+                if v.event.sequence <= ks.sequence {
+                    let detail =
+                        format!("sequence {} already applied (key at {})", v.event.sequence, ks.sequence);
+                    dead.push(DeadLetterReason::Duplicate);
+                    outputs.push((
+                        rec.offset,
+                        dead_letter(rec, DeadLetterReason::Duplicate, &detail, 1, &a.limits),
+                    ));
+                    continue;
+                }
+                let req = InferRequest {
+                    model: v.model.clone(),
+                    features: v.event.features.clone(),
+                    state: (!ks.state.is_empty()).then(|| ks.state.clone()),
+                };
+                runs.push((i, infer(router, req, &a.config)));
+            }
+            let (idx, futs): (Vec<usize>, Vec<_>) = runs.into_iter().unzip();
+            for (i, outcome) in idx.into_iter().zip(futures::future::join_all(futs).await) {
+                let (rec, v) = &good[i];
+                match outcome {
+                    Outcome::Scored(out) => {
+                        let ks = keys.get_mut(&v.event.key).expect("loaded above");
+                        ks.sequence = v.event.sequence;
+                        ks.state = out.new_state.clone();
+                        ks.dirty = true;
+                        scored += 1;
+                        outputs.push((rec.offset, score(rec, v, &out, load_us)));
+                    }
+                    Outcome::Dead(reason, detail, attempts) => {
+                        dead.push(reason);
+                        outputs.push((rec.offset, dead_letter(rec, reason, &detail, attempts, &a.limits)));
+                    }
+                    Outcome::Retry(e) => return Err(Halt::Transient(e.to_string())),
+                }
+            }
+        }
+
+        // Outputs first, acknowledged; then state + offset in one write; then the commit.
+        outputs.sort_by_key(|(o, _)| *o);
+        a.sink
+            .produce(outputs.into_iter().map(|(_, o)| o).collect())
+            .await
+            .map_err(|e| Halt::Transient(e.0))?;
+        let entries = keys
+            .into_iter()
+            .filter(|(_, ks)| ks.dirty)
+            .map(|(k, ks)| (k, StateValue::sequenced(ks.sequence, &ks.state)))
+            .collect();
+        let write = StateWrite { partition: a.partition, epoch: a.epoch, applied_offset: last, entries };
+        self.store_with_retry(write).await?;
+        let a = &mut self.args;
+        a.applied = Some(last);
+        a.sink.commit(a.partition, Offset(last.0 + 1));
+        let c = &a.counters;
+        c.scored.fetch_add(scored, Ordering::Relaxed);
+        for r in dead {
+            c.dead_letters[r as usize].fetch_add(1, Ordering::Relaxed);
+        }
+        c.batches.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The outputs are out: the state write must now succeed (or the actor stop) before anything
+    /// else happens, so it retries here rather than re-running the batch.
+    async fn store_with_retry(&self, write: StateWrite) -> Result<(), Halt> {
+        let mut backoff = self.args.config.backoff;
+        loop {
+            match self.args.cache.apply(write.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(StoreError::Unavailable { detail }) => {
+                    self.args.counters.retries.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(partition = %self.args.partition, %detail, "state write failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.args.config.max_backoff);
+                }
+                Err(fatal) => return Err(Halt::Fatal(fatal)),
+            }
+        }
+    }
+}
+
+/// One record's inference: deadline per attempt, bounded attempts, bad requests dead-lettered.
+async fn infer(router: &Router, req: InferRequest, config: &PartitionConfig) -> Outcome {
+    let mut last = (DeadLetterReason::InferenceFailed, String::new());
+    for _ in 0..config.max_attempts {
+        match tokio::time::timeout(config.infer_deadline, router.infer(req.clone())).await {
+            Ok(Ok(out)) => return Outcome::Scored(Box::new(out)),
+            Ok(Err(e)) => match e {
+                InferError::UnknownModel { .. } => {
+                    return Outcome::Dead(DeadLetterReason::UnknownModel, e.to_string(), 1);
+                }
+                InferError::Shape { .. } => return Outcome::Dead(DeadLetterReason::Shape, e.to_string(), 1),
+                InferError::ValueRange { .. } => {
+                    return Outcome::Dead(DeadLetterReason::ValueRange, e.to_string(), 1);
+                }
+                InferError::Backend(_) | InferError::Panicked(_) => {
+                    last = (DeadLetterReason::InferenceFailed, e.to_string());
+                }
+                InferError::Overloaded { .. } | InferError::WorkerLost { .. } | InferError::ShuttingDown => {
+                    return Outcome::Retry(e);
+                }
+            },
+            Err(_) => {
+                last = (DeadLetterReason::Timeout, format!("no answer within {:?}", config.infer_deadline));
+            }
+        }
+    }
+    Outcome::Dead(last.0, last.1, config.max_attempts)
+}
+
+fn source_headers(rec: &InputRecord) -> Vec<(String, Vec<u8>)> {
+    let mut h = vec![
+        (HEADER_SOURCE_TOPIC.to_owned(), rec.topic.as_bytes().to_vec()),
+        (HEADER_SOURCE_PARTITION.to_owned(), rec.partition.0.to_string().into_bytes()),
+        (HEADER_SOURCE_OFFSET.to_owned(), rec.offset.0.to_string().into_bytes()),
+    ];
+    if let Some(tp) = rec.header(HEADER_TRACEPARENT) {
+        h.push((HEADER_TRACEPARENT.to_owned(), tp.to_vec()));
+    }
+    h
+}
+
+fn score(rec: &InputRecord, v: &ValidEvent, out: &InferOutput, load_us: u64) -> OutputRecord {
+    let e = &v.event;
+    let msg = Score {
+        source_topic: rec.topic.to_string(),
+        source_partition: rec.partition.0 as i32,
+        source_offset: rec.offset.0,
+        event_id: e.event_id.clone(),
+        key: e.key.clone(),
+        sequence: e.sequence,
+        model: v.model.to_string(),
+        model_version: out.model_version,
+        score: out.score,
+        event_time_unix_micros: e.event_time_unix_micros,
+        batch_size: out.batch_size as u32,
+        latency: Some(StageLatencies {
+            node_us: micros(rec.received.elapsed()),
+            queue_us: micros(out.queue_time),
+            compute_us: micros(out.compute_time),
+            state_load_us: load_us,
+        }),
+        event_time_suspect: v.time_suspect,
+    };
+    OutputRecord {
+        topic: OutputTopic::Scores,
+        key: e.key.clone(),
+        value: msg.encode_to_vec(),
+        headers: source_headers(rec),
+    }
+}
+
+fn dead_letter(
+    rec: &InputRecord,
+    reason: DeadLetterReason,
+    detail: &str,
+    attempts: u32,
+    limits: &Limits,
+) -> OutputRecord {
+    tracing::debug!(partition = %rec.partition, offset = rec.offset.0, ?reason, %detail, "dead letter");
+    let raw = rec.value.as_deref().unwrap_or_default();
+    let truncated = raw.len() > limits.max_value_bytes;
+    let kept = if truncated { &raw[..DEAD_LETTER_PREFIX.min(raw.len())] } else { raw };
+    let msg = DeadLetter {
+        source_topic: rec.topic.to_string(),
+        source_partition: rec.partition.0 as i32,
+        source_offset: rec.offset.0,
+        key: rec.key.clone().unwrap_or_default(),
+        reason: reason as i32,
+        detail: detail.to_owned(),
+        value: kept.to_vec(),
+        truncated,
+        value_sha256: Sha256::digest(raw).to_vec(),
+        value_len: raw.len() as u64,
+        attempts,
+    };
+    let mut headers = source_headers(rec);
+    headers.push((HEADER_DLQ_REASON.to_owned(), reason.as_str_name().as_bytes().to_vec()));
+    OutputRecord {
+        topic: OutputTopic::DeadLetters,
+        key: rec.key.clone().unwrap_or_default(),
+        value: msg.encode_to_vec(),
+        headers,
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Microseconds since the Unix epoch on this node's clock.
+pub fn unix_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
