@@ -17,6 +17,13 @@ struct Cli {
 enum Command {
     /// Load the model repository on the configured devices, warm every model up, print a READY table.
     Models(InferenceOptions),
+    /// Run a node: consume the ingestion topic, score events with their keys' state, produce
+    /// scores and dead letters, until SIGTERM (then drain).
+    Node(Box<partita_runtime::node::NodeOptions>),
+    /// Produce events at a fixed rate and measure the scores coming back.
+    Loadgen(partita_runtime::loadgen::LoadgenOptions),
+    /// Start a local broker, a node and the load generator; print where things ran and the results.
+    Demo(commands::demo::DemoArgs),
     /// Print the ScyllaDB schema (keyspace and tables); with --apply, create it on a cluster.
     Schema(commands::schema::SchemaArgs),
 }
@@ -41,8 +48,13 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Models(opts) => commands::models::run(&opts).await,
             Command::Schema(args) => commands::schema::run(&args).await,
+            Command::Node(opts) => commands::node::run(&opts).await,
+            Command::Loadgen(opts) => commands::loadgen::run(&opts).await,
+            Command::Demo(args) => commands::demo::run(&args).await,
         }
     });
+    // Blocking threads (the load generator) must not keep the process alive after an interrupt.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1,4 +1,7 @@
 //! One module per `partita` subcommand; `main.rs` only parses and dispatches.
 
+pub mod demo;
+pub mod loadgen;
 pub mod models;
+pub mod node;
 pub mod schema;

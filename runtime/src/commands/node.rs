@@ -1,0 +1,50 @@
+//! `partita node`: run one node until SIGTERM or Ctrl-C, then drain in order. A second signal
+//! exits at once (nothing past the stored applied offsets is committed, so nothing is lost).
+
+use std::sync::atomic::Ordering;
+
+use crate::node::{Node, NodeOptions};
+
+pub async fn run(opts: &NodeOptions) -> anyhow::Result<()> {
+    let node = Node::start(opts).await?;
+    tracing::info!(devices = ?node.devices, group = %opts.group, zone = %opts.zone, input = %opts.input_topic, "node started");
+    let summary = node.run_until(shutdown_signal()).await?;
+    let c = &summary.counters;
+    tracing::info!(
+        scored = c.scored.load(Ordering::Relaxed),
+        dead_letters = c.dead_lettered_total(),
+        redelivered = c.redelivered.load(Ordering::Relaxed),
+        "node stopped"
+    );
+    Ok(())
+}
+
+/// Resolves on the first SIGTERM or SIGINT; a second one exits the process at once.
+pub async fn shutdown_signal() {
+    first_signal().await;
+    tracing::info!("shutdown signal: draining (a second signal exits at once)");
+    tokio::spawn(async {
+        first_signal().await;
+        eprintln!("second signal: exiting without draining");
+        std::process::exit(130);
+    });
+}
+
+async fn first_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut term) = signal(SignalKind::terminate()) else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

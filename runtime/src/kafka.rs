@@ -1,0 +1,569 @@
+//! The rdkafka adapter: client settings per Kafka tier, the producer behind
+//! [`PartitionSink`], and the consumer thread that owns the group membership and feeds partition
+//! actors.
+//!
+//! librdkafka's polling runs on one dedicated OS thread (`partita-consumer`), never on the async
+//! runtime. Rebalance callbacks run on that thread too, so they may block: on assign they claim the
+//! partition in the state store (which fences older owners) and start its actor at the stored
+//! applied offset; on revoke they drain the actor and commit before giving the partition up.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use partita_actors::partition::decode::Limits;
+use partita_actors::partition::{
+    InputRecord, OutputRecord, OutputTopic, PartitionActor, PartitionArgs, PartitionConfig, PartitionMsg,
+    PartitionSink, PipelineCounters, SinkError,
+};
+use partita_actors::pool::Router;
+use partita_actors::state::{Epoch, Offset, PartitionId, StateCache, StateStore};
+use ractor::{Actor, ActorRef};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientContext, Offset as KOffset, TopicPartitionList};
+use tokio::runtime::Handle;
+
+/// One Kafka cluster: where it is and any extra librdkafka settings (`security.protocol`, ...).
+#[derive(Debug, Clone, Default)]
+pub struct KafkaTier {
+    pub bootstrap: String,
+    /// librdkafka properties applied last (they win over partita's defaults).
+    pub properties: Vec<(String, String)>,
+}
+
+impl KafkaTier {
+    pub fn new(bootstrap: impl Into<String>) -> Self {
+        Self { bootstrap: bootstrap.into(), properties: Vec::new() }
+    }
+
+    /// A client config with `defaults`, then this tier's own properties.
+    pub fn client_config(&self, defaults: &[(&str, &str)]) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.bootstrap);
+        for (k, v) in defaults {
+            c.set(*k, *v);
+        }
+        for (k, v) in &self.properties {
+            c.set(k, v);
+        }
+        c
+    }
+
+    /// The idempotent, `acks=all` producer partita writes outputs with.
+    pub fn producer(&self) -> anyhow::Result<FutureProducer> {
+        self.client_config(&[
+            ("enable.idempotence", "true"),
+            ("acks", "all"),
+            ("linger.ms", "2"),
+            ("message.timeout.ms", "30000"),
+        ])
+        .create()
+        .with_context(|| format!("creating a producer for {}", self.bootstrap))
+    }
+}
+
+/// Parse `KEY=VALUE` (librdkafka property flags).
+pub fn parse_property(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+/// Scores and dead letters to the processing tier; commits through the consumer thread.
+pub struct KafkaSink {
+    producer: FutureProducer,
+    scores_topic: String,
+    dlq_topic: String,
+    commits: Sender<(PartitionId, Offset)>,
+}
+
+impl KafkaSink {
+    pub fn new(
+        producer: FutureProducer,
+        scores_topic: String,
+        dlq_topic: String,
+        commits: Sender<(PartitionId, Offset)>,
+    ) -> Self {
+        Self { producer, scores_topic, dlq_topic, commits }
+    }
+}
+
+impl PartitionSink for KafkaSink {
+    async fn produce(&self, records: Vec<OutputRecord>) -> Result<(), SinkError> {
+        let mut pending = Vec::with_capacity(records.len());
+        for r in &records {
+            let topic = match r.topic {
+                OutputTopic::Scores => &self.scores_topic,
+                OutputTopic::DeadLetters => &self.dlq_topic,
+            };
+            let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
+            for (k, v) in &r.headers {
+                headers = headers.insert(Header { key: k, value: Some(v) });
+            }
+            let mut record = FutureRecord::to(topic).key(&r.key).payload(&r.value).headers(headers);
+            loop {
+                match self.producer.send_result(record) {
+                    Ok(delivery) => {
+                        pending.push(delivery);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    Err((e, _)) => return Err(SinkError(format!("{topic}: {e}"))),
+                }
+            }
+        }
+        for delivery in futures::future::join_all(pending).await {
+            match delivery {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, m))) => return Err(SinkError(format!("{}: {e}", m.topic()))),
+                Err(_) => return Err(SinkError("producer dropped the delivery".into())),
+            }
+        }
+        Ok(())
+    }
+
+    fn commit(&self, partition: PartitionId, next_offset: Offset) {
+        // The consumer thread stores it; a closed channel means the node is stopping.
+        let _ = self.commits.send((partition, next_offset));
+    }
+}
+
+/// What the consumer thread needs to start partition actors.
+pub struct Wiring<S: StateStore> {
+    pub topic: Arc<str>,
+    pub cache: Arc<StateCache<S>>,
+    pub router: Router,
+    pub sink: Arc<KafkaSink>,
+    pub limits: Arc<Limits>,
+    pub config: PartitionConfig,
+    pub counters: Arc<PipelineCounters>,
+    /// Records queued per partition before the consumer pauses it.
+    pub queue_capacity: usize,
+    /// Longest wait for a partition actor to drain on revoke or shutdown.
+    pub drain_timeout: Duration,
+}
+
+/// A running partition: its queue, its actor, and records held back while it is paused.
+struct Slot {
+    tx: Sender<InputRecord>,
+    wake_pending: Arc<AtomicBool>,
+    actor: ActorRef<PartitionMsg>,
+    /// Records polled after the queue filled. librdkafka purges a paused partition's prefetched
+    /// records and resumes after the last one polled, so this holds one record, or a few polled
+    /// in the instant before the pause took effect; none may be dropped (they count as consumed).
+    held: VecDeque<InputRecord>,
+    /// Offsets below this were handed over already (librdkafka may redeliver after a pause).
+    next_offset: i64,
+    dead: bool,
+}
+
+/// The consumer's context: rebalance handling and statistics.
+pub struct NodeContext<S: StateStore> {
+    wiring: Wiring<S>,
+    handle: Handle,
+    slots: Mutex<HashMap<i32, Slot>>,
+    commits: Receiver<(PartitionId, Offset)>,
+    /// Consumer lag per partition, from librdkafka's statistics.
+    pub lag: Mutex<HashMap<i32, i64>>,
+    /// Set when a rebalance could not complete (the node stops with an error).
+    fatal: Mutex<Option<String>>,
+    /// Partitions assigned now.
+    pub assigned: AtomicI64,
+}
+
+impl<S: StateStore> ClientContext for NodeContext<S> {
+    fn stats(&self, stats: Statistics) {
+        let mut lag = self.lag.lock().unwrap();
+        if let Some(t) = stats.topics.get(&*self.wiring.topic) {
+            for (p, part) in &t.partitions {
+                if *p >= 0 && part.consumer_lag >= 0 {
+                    lag.insert(*p, part.consumer_lag);
+                }
+            }
+        }
+    }
+}
+
+impl<S: StateStore> ConsumerContext for NodeContext<S> {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: rdkafka::types::RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        use rdkafka::types::RDKafkaRespErr as E;
+        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let result = match err {
+            E::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.on_assign(tpl);
+                if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) }
+            }
+            E::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.on_revoke(consumer, tpl);
+                if cooperative { consumer.incremental_unassign(tpl) } else { consumer.unassign() }
+            }
+            other => {
+                tracing::error!(error = ?other, "rebalance error");
+                consumer.unassign()
+            }
+        };
+        if let Err(e) = result {
+            self.set_fatal(format!("applying the rebalance: {e}"));
+        }
+        let n = consumer.assignment().map_or(0, |a| a.count());
+        self.assigned.store(n as i64, Ordering::SeqCst);
+    }
+}
+
+impl<S: StateStore> NodeContext<S> {
+    fn set_fatal(&self, msg: String) {
+        tracing::error!(%msg, "consumer cannot continue");
+        self.fatal.lock().unwrap().get_or_insert(msg);
+    }
+
+    /// Claim each partition (fencing older owners), start its actor, and set the offset to resume
+    /// from: the one after the stored applied offset (Kafka's committed offset is only a lower
+    /// bound: the store is the truth).
+    fn on_assign(&self, tpl: &mut TopicPartitionList) {
+        let w = &self.wiring;
+        let parts: Vec<(String, i32)> =
+            tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
+        for (topic, p) in parts {
+            let partition = PartitionId(p as u32);
+            let claimed = self.handle.block_on(async {
+                let meta = w.cache.store().meta(partition).await?;
+                w.cache.store().claim(partition, Epoch(meta.epoch.0 + 1)).await
+            });
+            let meta = match claimed {
+                Ok(m) => m,
+                Err(e) => {
+                    self.set_fatal(format!("claiming partition {p}: {e}"));
+                    continue;
+                }
+            };
+            if let Some(applied) = meta.applied_offset {
+                let _ = tpl.set_partition_offset(&topic, p, KOffset::Offset(applied.0 + 1));
+            }
+            let (tx, rx) = crossbeam_channel::bounded(w.queue_capacity);
+            let wake_pending = Arc::new(AtomicBool::new(false));
+            let args = PartitionArgs {
+                topic: w.topic.clone(),
+                partition,
+                epoch: meta.epoch,
+                applied: meta.applied_offset,
+                queue: rx,
+                wake_pending: wake_pending.clone(),
+                cache: w.cache.clone(),
+                router: w.router.clone(),
+                sink: w.sink.clone(),
+                limits: w.limits.clone(),
+                config: w.config.clone(),
+                counters: w.counters.clone(),
+            };
+            let spawned =
+                self.handle.block_on(Actor::spawn(None, PartitionActor::<S, KafkaSink>::default(), args));
+            match spawned {
+                Ok((actor, _)) => {
+                    tracing::info!(partition = p, epoch = meta.epoch.0, resume_after = ?meta.applied_offset.map(|o| o.0), "partition assigned");
+                    let next_offset = meta.applied_offset.map_or(0, |o| o.0 + 1);
+                    let slot =
+                        Slot { tx, wake_pending, actor, held: VecDeque::new(), next_offset, dead: false };
+                    self.slots.lock().unwrap().insert(p, slot);
+                }
+                Err(e) => self.set_fatal(format!("starting the actor of partition {p}: {e}")),
+            }
+        }
+    }
+
+    /// Drain each revoked partition's actor (it finishes what it has, writes state, hands over its
+    /// offset), then commit synchronously before the partition goes.
+    fn on_revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
+        let revoked: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+        let slots: Vec<(i32, Slot)> = {
+            let mut all = self.slots.lock().unwrap();
+            revoked.iter().filter_map(|p| all.remove(p).map(|s| (*p, s))).collect()
+        };
+        self.drain(slots);
+        self.store_commits(consumer);
+        if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync)
+            && !matches!(e, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset))
+        {
+            tracing::warn!(error = %e, "commit on revoke failed; the stored applied offsets still hold");
+        }
+        for p in revoked {
+            self.wiring.cache.invalidate_partition(PartitionId(p as u32));
+            self.lag.lock().unwrap().remove(&p);
+            tracing::info!(partition = p, "partition revoked");
+        }
+    }
+
+    fn drain(&self, slots: Vec<(i32, Slot)>) {
+        let timeout = self.wiring.drain_timeout;
+        self.handle.block_on(async {
+            let calls = slots.into_iter().map(|(p, slot)| async move {
+                drop(slot.tx);
+                match ractor::call_t!(slot.actor, PartitionMsg::Drain, timeout.as_millis() as u64) {
+                    Ok(applied) => tracing::info!(partition = p, applied = ?applied.map(|o| o.0), "partition drained"),
+                    Err(e) => {
+                        tracing::error!(partition = p, error = %e, "partition did not drain in time; nothing past its stored offset is committed");
+                        slot.actor.kill();
+                    }
+                }
+            });
+            futures::future::join_all(calls).await;
+        });
+    }
+
+    fn store_commits(&self, consumer: &BaseConsumer<Self>) {
+        for (p, next) in self.commits.try_iter() {
+            if let Err(e) = consumer.store_offset(&self.wiring.topic, p.0 as i32, next.0) {
+                tracing::debug!(partition = p.0, error = %e, "offset not stored (partition no longer assigned)");
+            }
+        }
+    }
+
+    /// Hand a record to its partition's actor; pause the partition when its queue is full.
+    fn route(&self, consumer: &BaseConsumer<Self>, rec: InputRecord) {
+        let p = rec.partition.0 as i32;
+        let mut slots = self.slots.lock().unwrap();
+        let Some(slot) = slots.get_mut(&p) else { return };
+        if rec.offset.0 < slot.next_offset || slot.dead {
+            return; // redelivered; or the actor stopped (nothing past its stored offset is committed)
+        }
+        slot.next_offset = rec.offset.0 + 1;
+        if !slot.held.is_empty() {
+            slot.held.push_back(rec);
+            return;
+        }
+        match slot.tx.try_send(rec) {
+            Ok(()) => wake(slot),
+            Err(TrySendError::Full(rec)) => {
+                slot.held.push_back(rec);
+                pause(consumer, &self.wiring.topic, p, true);
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                slot.dead = true;
+                pause(consumer, &self.wiring.topic, p, true);
+                tracing::error!(
+                    partition = p,
+                    "partition actor stopped; partition paused, nothing past its stored offset is committed"
+                );
+            }
+        }
+    }
+
+    /// Retry held records; resume a partition once its record went in.
+    fn unblock(&self, consumer: &BaseConsumer<Self>) {
+        let mut slots = self.slots.lock().unwrap();
+        for (&p, slot) in slots.iter_mut() {
+            if slot.held.is_empty() {
+                continue;
+            }
+            while let Some(rec) = slot.held.pop_front() {
+                match slot.tx.try_send(rec) {
+                    Ok(()) => wake(slot),
+                    Err(TrySendError::Full(rec)) => {
+                        slot.held.push_front(rec);
+                        break;
+                    }
+                    Err(TrySendError::Disconnected(_)) => {
+                        slot.dead = true;
+                        slot.held.clear();
+                    }
+                }
+            }
+            if slot.held.is_empty() && !slot.dead {
+                pause(consumer, &self.wiring.topic, p, false);
+            }
+        }
+    }
+
+    fn take_fatal(&self) -> Option<String> {
+        self.fatal.lock().unwrap().take()
+    }
+}
+
+fn wake(slot: &Slot) {
+    if !slot.wake_pending.swap(true, Ordering::SeqCst) {
+        let _ = slot.actor.cast(PartitionMsg::Wake);
+    }
+}
+
+fn pause<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str, p: i32, paused: bool) {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, p);
+    let r = if paused { consumer.pause(&tpl) } else { consumer.resume(&tpl) };
+    if let Err(e) = r {
+        tracing::warn!(partition = p, paused, error = %e, "pause/resume failed");
+    }
+}
+
+fn to_record(topic: &Arc<str>, m: &rdkafka::message::BorrowedMessage<'_>) -> InputRecord {
+    let headers = m
+        .headers()
+        .map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec())).collect())
+        .unwrap_or_default();
+    InputRecord {
+        topic: topic.clone(),
+        partition: PartitionId(m.partition() as u32),
+        offset: Offset(m.offset()),
+        key: m.key().map(<[u8]>::to_vec),
+        value: m.payload().map(<[u8]>::to_vec),
+        headers,
+        received: Instant::now(),
+    }
+}
+
+/// Group membership settings for the ingestion consumer.
+#[derive(Debug, Clone)]
+pub struct ConsumerSettings {
+    pub group: String,
+    /// `client.rack`: the node's zone.
+    pub zone: String,
+    /// Static membership (`group.instance.id`): a restart within the session timeout keeps the
+    /// assignment without a rebalance.
+    pub instance_id: Option<String>,
+    pub session_timeout: Duration,
+}
+
+/// The running consumer: the thread's handle and its shared context.
+pub struct ConsumerHandle<S: StateStore> {
+    pub context: Arc<NodeContext<S>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl<S: StateStore> ConsumerHandle<S> {
+    /// Ask the thread to drain and leave the group; returns at once.
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Wait for the thread (off the async runtime).
+    pub async fn join(mut self) -> anyhow::Result<()> {
+        let Some(t) = self.thread.take() else { return Ok(()) };
+        tokio::task::spawn_blocking(move || {
+            t.join().unwrap_or_else(|_| Err(anyhow::anyhow!("consumer thread panicked")))
+        })
+        .await
+        .context("joining the consumer thread")?
+    }
+}
+
+/// Subscribe to the ingestion topic and start the consumer thread.
+pub fn start_consumer<S: StateStore>(
+    tier: &KafkaTier,
+    settings: &ConsumerSettings,
+    wiring: Wiring<S>,
+    commits: (Sender<(PartitionId, Offset)>, Receiver<(PartitionId, Offset)>),
+) -> anyhow::Result<ConsumerHandle<S>> {
+    let topic = wiring.topic.clone();
+    let context = NodeContext {
+        wiring,
+        handle: Handle::current(),
+        slots: Mutex::new(HashMap::new()),
+        commits: commits.1,
+        lag: Mutex::new(HashMap::new()),
+        fatal: Mutex::new(None),
+        assigned: AtomicI64::new(0),
+    };
+    drop(commits.0);
+    let session = settings.session_timeout.as_millis().to_string();
+    let mut config = tier.client_config(&[
+        ("group.id", &settings.group),
+        ("client.rack", &settings.zone),
+        ("partition.assignment.strategy", "cooperative-sticky"),
+        ("enable.auto.commit", "true"),
+        ("auto.commit.interval.ms", "1000"),
+        ("enable.auto.offset.store", "false"),
+        ("auto.offset.reset", "earliest"),
+        ("session.timeout.ms", &session),
+        ("statistics.interval.ms", "1000"),
+        ("enable.partition.eof", "false"),
+    ]);
+    if let Some(id) = &settings.instance_id {
+        config.set("group.instance.id", id);
+    }
+    let consumer: BaseConsumer<NodeContext<S>> = config
+        .create_with_context(context)
+        .with_context(|| format!("creating the consumer for {}", tier.bootstrap))?;
+    consumer.subscribe(&[&topic]).with_context(|| format!("subscribing to {topic}"))?;
+    let consumer = Arc::new(consumer);
+    let context = consumer.context().clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread = {
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("partita-consumer".into())
+            .spawn(move || poll_loop(&consumer, &topic, &stop))
+            .context("spawning the consumer thread")?
+    };
+    Ok(ConsumerHandle { context, stop, thread: Some(thread) })
+}
+
+fn poll_loop<S: StateStore>(
+    consumer: &Arc<BaseConsumer<NodeContext<S>>>,
+    topic: &Arc<str>,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
+    let ctx = consumer.context().clone();
+    while !stop.load(Ordering::SeqCst) {
+        if let Some(msg) = ctx.take_fatal() {
+            shutdown(consumer, &ctx);
+            anyhow::bail!(msg);
+        }
+        // Block briefly for the first message, then take what is ready without blocking.
+        let mut timeout = Duration::from_millis(20);
+        for _ in 0..2048 {
+            match consumer.poll(timeout) {
+                None => break,
+                Some(Ok(m)) => ctx.route(consumer, to_record(topic, &m)),
+                Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+            }
+            timeout = Duration::ZERO;
+        }
+        ctx.store_commits(consumer);
+        ctx.unblock(consumer);
+    }
+    shutdown(consumer, &ctx);
+    Ok(())
+}
+
+/// Stop intake, drain every partition actor, commit, and leave the group.
+fn shutdown<S: StateStore>(consumer: &BaseConsumer<NodeContext<S>>, ctx: &NodeContext<S>) {
+    let all: TopicPartitionList = consumer.assignment().unwrap_or_default();
+    if let Err(e) = consumer.pause(&all) {
+        tracing::debug!(error = %e, "pausing before shutdown");
+    }
+    let slots: Vec<(i32, Slot)> = ctx.slots.lock().unwrap().drain().collect();
+    ctx.drain(slots);
+    ctx.store_commits(consumer);
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+        Err(e) => tracing::warn!(error = %e, "final commit failed; the stored applied offsets still hold"),
+    }
+    consumer.unsubscribe();
+    // Serve the revoke callback (nothing left to drain) so the group sees us leave.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while consumer.assignment().is_ok_and(|a| a.count() > 0) && Instant::now() < deadline {
+        let _ = consumer.poll(Duration::from_millis(50));
+    }
+    tracing::info!("left the consumer group");
+}

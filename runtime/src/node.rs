@@ -1,0 +1,205 @@
+//! `partita node`: the inference pool, the state store and cache, the producer and the consumer
+//! group, wired together; runs until a shutdown signal, then drains in order.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+use partita_actors::partition::decode::Limits;
+use partita_actors::partition::{PartitionConfig, PipelineCounters};
+use partita_actors::state::{NoopObserver, StateCache};
+
+use crate::inference::InferenceOptions;
+use crate::kafka::{ConsumerSettings, KafkaSink, KafkaTier, Wiring, parse_property, start_consumer};
+use crate::state::rocks::{RocksConfig, RocksStore};
+
+/// Flags of `partita node` (and the node inside `partita demo`).
+#[derive(Debug, Clone, Args)]
+pub struct NodeOptions {
+    /// Ingestion tier: bootstrap servers of the cluster holding the input topic.
+    #[arg(long, env = "PARTITA_INGESTION_BOOTSTRAP", default_value = "127.0.0.1:9092")]
+    pub ingestion_bootstrap: String,
+    /// Extra librdkafka setting for the ingestion consumer, KEY=VALUE (repeatable).
+    #[arg(long = "ingestion-property", value_parser = parse_property)]
+    pub ingestion_properties: Vec<(String, String)>,
+    /// Processing tier: bootstrap servers for scores and dead letters (default: the ingestion tier's).
+    #[arg(long, env = "PARTITA_PROCESSING_BOOTSTRAP")]
+    pub processing_bootstrap: Option<String>,
+    /// Extra librdkafka setting for the output producer, KEY=VALUE (repeatable).
+    #[arg(long = "processing-property", value_parser = parse_property)]
+    pub processing_properties: Vec<(String, String)>,
+    #[arg(long, default_value = "transactions")]
+    pub input_topic: String,
+    #[arg(long, default_value = "scores")]
+    pub scores_topic: String,
+    #[arg(long, default_value = "transactions.dlq")]
+    pub dlq_topic: String,
+    #[arg(long, default_value = "partita")]
+    pub group: String,
+    /// This node's zone (`client.rack` for rack-aware assignment).
+    #[arg(long, env = "PARTITA_ZONE", default_value = "local")]
+    pub zone: String,
+    /// Static group membership id (a quick restart keeps the assignment).
+    #[arg(long)]
+    pub instance_id: Option<String>,
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    pub session_timeout: Duration,
+    /// RocksDB directory for per-key state and applied offsets.
+    #[arg(long, default_value = "partita-state")]
+    pub state_dir: PathBuf,
+    /// Byte budget of the state cache, MiB.
+    #[arg(long, default_value_t = 256)]
+    pub cache_mib: u64,
+    /// Model for events that name none.
+    #[arg(long, default_value = "fraud_gru")]
+    pub default_model: String,
+    /// Largest record value accepted (larger: dead letter TOO_LARGE).
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub max_value_bytes: usize,
+    /// Records per partition batch.
+    #[arg(long, default_value_t = 1024)]
+    pub max_batch: usize,
+    /// Records queued per partition before its Kafka partition is paused.
+    #[arg(long, default_value_t = 4096)]
+    pub partition_queue: usize,
+    /// Per-record inference deadline (then retried, then dead letter TIMEOUT).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    pub infer_deadline: Duration,
+    /// How long shutdown may take to drain partitions before the node exits anyway.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "20s")]
+    pub grace: Duration,
+    #[command(flatten)]
+    pub inference: InferenceOptions,
+}
+
+impl NodeOptions {
+    /// Defaults for a node on `bootstrap` with state in `state_dir` (demo, tests, benchmarks).
+    pub fn local(bootstrap: &str, state_dir: PathBuf) -> Self {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            node: NodeOptions,
+        }
+        let mut node = Wrap::parse_from(["node"]).node;
+        node.ingestion_bootstrap = bootstrap.to_owned();
+        node.state_dir = state_dir;
+        node
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            max_value_bytes: self.max_value_bytes,
+            default_model: Arc::from(self.default_model.as_str()),
+            ..Limits::default()
+        }
+    }
+}
+
+/// What a node did, for the caller's report.
+#[derive(Debug, Clone)]
+pub struct NodeSummary {
+    pub counters: Arc<PipelineCounters>,
+}
+
+/// A started node: warm models, open store, consumer thread running.
+pub struct Node {
+    pool: partita_actors::pool::InferencePool,
+    consumer: crate::kafka::ConsumerHandle<RocksStore>,
+    counters: Arc<PipelineCounters>,
+    pub devices: Vec<String>,
+    grace: Duration,
+}
+
+impl Node {
+    pub async fn start(opts: &NodeOptions) -> anyhow::Result<Self> {
+        let (pool, _repo) = opts.inference.start().await.context("starting the inference pool")?;
+        let devices = pool.status().await.iter().map(|w| w.device.to_string()).collect();
+        let store = RocksStore::open(&RocksConfig::new(&opts.state_dir))
+            .with_context(|| format!("opening the state store in {}", opts.state_dir.display()))?;
+        let cache = Arc::new(StateCache::new(store, opts.cache_mib << 20, Arc::new(NoopObserver)));
+        let processing = KafkaTier {
+            bootstrap: opts.processing_bootstrap.clone().unwrap_or_else(|| opts.ingestion_bootstrap.clone()),
+            properties: opts.processing_properties.clone(),
+        };
+        let ingestion = KafkaTier {
+            bootstrap: opts.ingestion_bootstrap.clone(),
+            properties: opts.ingestion_properties.clone(),
+        };
+        let commits = crossbeam_channel::unbounded();
+        let sink = Arc::new(KafkaSink::new(
+            processing.producer()?,
+            opts.scores_topic.clone(),
+            opts.dlq_topic.clone(),
+            commits.0.clone(),
+        ));
+        let counters = Arc::new(PipelineCounters::default());
+        let wiring = Wiring {
+            topic: Arc::from(opts.input_topic.as_str()),
+            cache,
+            router: pool.router(),
+            sink,
+            limits: Arc::new(opts.limits()),
+            config: PartitionConfig {
+                max_batch: opts.max_batch,
+                infer_deadline: opts.infer_deadline,
+                ..PartitionConfig::default()
+            },
+            counters: counters.clone(),
+            queue_capacity: opts.partition_queue,
+            drain_timeout: opts.grace,
+        };
+        let settings = ConsumerSettings {
+            group: opts.group.clone(),
+            zone: opts.zone.clone(),
+            instance_id: opts.instance_id.clone(),
+            session_timeout: opts.session_timeout,
+        };
+        let consumer = start_consumer(&ingestion, &settings, wiring, commits)?;
+        Ok(Self { pool, consumer, counters, devices, grace: opts.grace })
+    }
+
+    pub fn counters(&self) -> &Arc<PipelineCounters> {
+        &self.counters
+    }
+
+    /// Partitions this node owns now.
+    pub fn assigned(&self) -> i64 {
+        self.consumer.context.assigned.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Total consumer lag over the owned partitions (librdkafka statistics, refreshed each second).
+    pub fn lag(&self) -> i64 {
+        self.consumer.context.lag.lock().unwrap().values().sum()
+    }
+
+    /// Run until `shutdown` resolves or the consumer fails, then drain: stop intake, finish
+    /// in-flight batches, write state, commit, leave the group, stop the workers.
+    pub async fn run_until(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<NodeSummary> {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                () = tokio::time::sleep(Duration::from_millis(100)) => {
+                    if self.consumer.is_finished() {
+                        break;
+                    }
+                }
+            }
+        }
+        self.stop().await
+    }
+
+    pub async fn stop(self) -> anyhow::Result<NodeSummary> {
+        tracing::info!(grace = ?self.grace, "draining");
+        self.consumer.request_stop();
+        let result = self.consumer.join().await;
+        self.pool.shutdown().await;
+        result.map(|()| NodeSummary { counters: self.counters })
+    }
+}
