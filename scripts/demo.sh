@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The README's main command: set up what is missing, build, and run partita on embedded defaults.
-# Today that is the inference half: load the model repository, warm the models up, print the
-# READY table. Extra arguments go to `partita models`.
+# The README's main command: set up what is missing, build, and run `partita demo` on embedded
+# defaults (local nisshi broker, one node with RocksDB state and the shipped model, the load
+# generator, a results table). Extra arguments go to `partita demo`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -9,4 +9,4 @@ bash scripts/setup.sh
 source "${PARTITA_CACHE:-$HOME/.cache/partita}/env.sh"
 # One release build of every binary (demo and benches share it: same features, one RocksDB build).
 cargo build --release --locked --workspace --bins
-exec "$CARGO_TARGET_DIR/release/partita" models "$@"
+exec "$CARGO_TARGET_DIR/release/partita" demo "$@"

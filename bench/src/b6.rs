@@ -23,6 +23,7 @@ use clap::Parser;
 use hdrhistogram::Histogram;
 use partita_actors::state::{Epoch, NoopObserver, Offset, PartitionId, StateCache, StateValue, StateWrite};
 use partita_bench::git_rev;
+use partita_runtime::loadgen::Zipf;
 use partita_runtime::state::rocks::{RocksConfig, RocksStore};
 use serde_json::json;
 
@@ -60,35 +61,6 @@ fn rss_bytes() -> u64 {
         .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(|l| l.to_owned()))
         .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()))
         .map_or(0, |kb| kb * 1024)
-}
-
-/// Zipf(s) over 0..n by inverse-CDF sampling on a precomputed table (built once).
-struct Zipf {
-    cdf: Vec<f64>,
-    state: u64,
-}
-
-impl Zipf {
-    fn new(n: usize, s: f64) -> Self {
-        let mut cdf = Vec::with_capacity(n);
-        let mut sum = 0.0;
-        for i in 1..=n {
-            sum += 1.0 / (i as f64).powf(s);
-            cdf.push(sum);
-        }
-        for c in &mut cdf {
-            *c /= sum;
-        }
-        Self { cdf, state: 0x2545_F491_4F6C_DD1D }
-    }
-
-    fn next(&mut self) -> u64 {
-        self.state ^= self.state << 13;
-        self.state ^= self.state >> 7;
-        self.state ^= self.state << 17;
-        let u = (self.state >> 11) as f64 / (1u64 << 53) as f64;
-        self.cdf.partition_point(|c| *c < u) as u64
-    }
 }
 
 fn key_bytes(k: u64) -> Vec<u8> {
@@ -297,11 +269,11 @@ async fn main() -> anyhow::Result<()> {
         json!({"name": "stream", "keys": keys, "keys_per_s": stream_rate, "cache": format!("{stats:?}"), "rss_growth_peak": peak})
     );
 
-    let mut zipf = Zipf::new(keys as usize, 1.1);
+    let mut zipf = Zipf::new(keys as usize, 1.1, 1);
     let started = Instant::now();
     let mut done = 0u64;
     while started.elapsed().as_secs_f64() < args.seconds {
-        let wave: Vec<u64> = (0..args.wave).map(|_| zipf.next()).collect();
+        let wave: Vec<u64> = (0..args.wave).map(|_| zipf.sample()).collect();
         rmw(&cache, &wave, offset, args.max_value).await?;
         offset += 1;
         done += wave.len() as u64;

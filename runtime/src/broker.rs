@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::{BaseProducer, Producer};
 
@@ -67,8 +66,7 @@ impl LocalBroker {
             }
             let bootstrap = self.bootstrap.clone();
             let up = tokio::task::spawn_blocking(move || {
-                let p: BaseProducer =
-                    ClientConfig::new().set("bootstrap.servers", &bootstrap).create().ok()?;
+                let p: BaseProducer = crate::kafka::client_config(&bootstrap).create().ok()?;
                 p.client().fetch_metadata(None, Duration::from_millis(500)).ok()
             })
             .await?;
@@ -94,10 +92,8 @@ impl LocalBroker {
 
 /// Create `topics` (name, partitions) with replication 1; existing topics are left as they are.
 pub async fn create_topics(bootstrap: &str, topics: &[(&str, i32)]) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .context("creating an admin client")?;
+    let admin: AdminClient<DefaultClientContext> =
+        crate::kafka::client_config(bootstrap).create().context("creating an admin client")?;
     let new: Vec<NewTopic<'_>> =
         topics.iter().map(|(name, n)| NewTopic::new(name, *n, TopicReplication::Fixed(1))).collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));

@@ -47,8 +47,7 @@ impl KafkaTier {
 
     /// A client config with `defaults`, then this tier's own properties.
     pub fn client_config(&self, defaults: &[(&str, &str)]) -> ClientConfig {
-        let mut c = ClientConfig::new();
-        c.set("bootstrap.servers", &self.bootstrap);
+        let mut c = client_config(&self.bootstrap);
         for (k, v) in defaults {
             c.set(*k, *v);
         }
@@ -63,12 +62,20 @@ impl KafkaTier {
         self.client_config(&[
             ("enable.idempotence", "true"),
             ("acks", "all"),
-            ("linger.ms", "2"),
+            ("linger.ms", "1"),
             ("message.timeout.ms", "30000"),
         ])
         .create()
         .with_context(|| format!("creating a producer for {}", self.bootstrap))
     }
+}
+
+/// The base settings of every partita Kafka client: the bootstrap servers and
+/// `socket.nagle.disable` (small requests must not wait for Nagle's algorithm on a 50 ms budget).
+pub fn client_config(bootstrap: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", bootstrap).set("socket.nagle.disable", "true");
+    c
 }
 
 /// Parse `KEY=VALUE` (librdkafka property flags).
@@ -328,8 +335,14 @@ impl<S: StateStore> NodeContext<S> {
     }
 
     fn store_commits(&self, consumer: &BaseConsumer<Self>) {
+        // `store_offsets` takes the next offset to consume as is (the single-partition
+        // `store_offset` would add one to it: it takes a message's offset).
         for (p, next) in self.commits.try_iter() {
-            if let Err(e) = consumer.store_offset(&self.wiring.topic, p.0 as i32, next.0) {
+            let mut tpl = TopicPartitionList::new();
+            let stored = tpl
+                .add_partition_offset(&self.wiring.topic, p.0 as i32, KOffset::Offset(next.0))
+                .and_then(|()| consumer.store_offsets(&tpl));
+            if let Err(e) = stored {
                 tracing::debug!(partition = p.0, error = %e, "offset not stored (partition no longer assigned)");
             }
         }
@@ -472,19 +485,18 @@ pub fn start_consumer<S: StateStore>(
     tier: &KafkaTier,
     settings: &ConsumerSettings,
     wiring: Wiring<S>,
-    commits: (Sender<(PartitionId, Offset)>, Receiver<(PartitionId, Offset)>),
+    commits: Receiver<(PartitionId, Offset)>,
 ) -> anyhow::Result<ConsumerHandle<S>> {
     let topic = wiring.topic.clone();
     let context = NodeContext {
         wiring,
         handle: Handle::current(),
         slots: Mutex::new(HashMap::new()),
-        commits: commits.1,
+        commits,
         lag: Mutex::new(HashMap::new()),
         fatal: Mutex::new(None),
         assigned: AtomicI64::new(0),
     };
-    drop(commits.0);
     let session = settings.session_timeout.as_millis().to_string();
     let mut config = tier.client_config(&[
         ("group.id", &settings.group),
@@ -496,6 +508,9 @@ pub fn start_consumer<S: StateStore>(
         ("auto.offset.reset", "earliest"),
         ("session.timeout.ms", &session),
         ("statistics.interval.ms", "1000"),
+        // A fetch returns at once when data is there; this bounds the wait when there is none
+        // (the default 500 ms would be the floor of end-to-end latency on a quiet partition).
+        ("fetch.wait.max.ms", "10"),
         ("enable.partition.eof", "false"),
     ]);
     if let Some(id) = &settings.instance_id {

@@ -19,7 +19,6 @@ use hdrhistogram::Histogram;
 use partita_actors::partition::{HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, unix_micros};
 use partita_proto::v1::{DeadLetter, Event, InferBatchRequest, Score};
 use prost::Message as _;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
@@ -60,6 +59,9 @@ pub struct LoadgenOptions {
     pub features: usize,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Namespace of this run's card keys (default: the start time, so runs never share cards).
+    #[arg(long)]
+    pub run_id: Option<u64>,
     /// After producing, how long to wait for the last outputs.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "15s")]
     pub drain: Duration,
@@ -122,7 +124,7 @@ impl Zipf {
         Self { cdf, rng: XorShift::new(seed) }
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn sample(&mut self) -> u64 {
         let u = self.rng.unit();
         self.cdf.partition_point(|c| *c < u) as u64
     }
@@ -150,9 +152,10 @@ impl XorShift {
     }
 }
 
-/// The record key of card `k`.
-pub fn card_key(k: u64) -> Vec<u8> {
-    format!("card-{k:08}").into_bytes()
+/// The record key of card `k` in run `run` (each run has its own cards, so a second run against
+/// the same state does not replay sequence numbers the first one applied).
+pub fn card_key(run: u64, k: u64) -> Vec<u8> {
+    format!("card-{run}-{k:08}").into_bytes()
 }
 
 /// One generated record.
@@ -168,6 +171,7 @@ pub struct GenRecord {
 /// The event stream: deterministic for a seed, good events in per-key sequence.
 #[derive(Debug)]
 pub struct Generator {
+    run: u64,
     zipf: Zipf,
     rng: XorShift,
     features: usize,
@@ -179,8 +183,9 @@ pub struct Generator {
 }
 
 impl Generator {
-    pub fn new(keys: usize, zipf: f64, features: usize, bad_ratio: f64, seed: u64) -> Self {
+    pub fn new(run: u64, keys: usize, zipf: f64, features: usize, bad_ratio: f64, seed: u64) -> Self {
         Self {
+            run,
             zipf: Zipf::new(keys, zipf, seed),
             rng: XorShift::new(seed ^ 0x5151),
             features,
@@ -193,10 +198,10 @@ impl Generator {
     }
 
     /// The next record, stamped with `event_time` (µs since the epoch).
-    pub fn next(&mut self, event_time: i64) -> GenRecord {
+    pub fn record(&mut self, event_time: i64) -> GenRecord {
         self.produced += 1;
-        let card = self.zipf.next();
-        let key = card_key(card);
+        let card = self.zipf.sample();
+        let key = card_key(self.run, card);
         let seq = self.sequences.get(&card).copied().unwrap_or(0) + 1;
         let mut event = Event {
             event_id: format!("ev-{}", self.produced),
@@ -295,17 +300,23 @@ struct ReaderShared {
     duplicates: AtomicU64,
     scored: AtomicU64,
     reasons: Mutex<BTreeMap<String, u64>>,
+    /// Sums of the scores' stage latencies, µs: node, queue, compute, state load.
+    stages: [AtomicU64; 4],
     latency: Mutex<Option<Histogram<u64>>>,
+    /// Latency since the last progress line.
+    window: Mutex<Option<Histogram<u64>>>,
+    /// When the latest new source record was answered.
+    last_answer: Mutex<Option<Instant>>,
 }
 
 impl OutputReader {
     /// Start reading `scores` and `dlq` on `bootstrap` from their current ends.
     pub fn start(bootstrap: &str, scores: &str, dlq: &str, keep: bool) -> anyhow::Result<Self> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
+        let consumer: BaseConsumer = crate::kafka::client_config(bootstrap)
             .set("group.id", format!("partita-loadgen-{}", std::process::id()))
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
+            .set("fetch.wait.max.ms", "10")
             .create()
             .context("creating the output reader")?;
         let mut tpl = TopicPartitionList::new();
@@ -324,6 +335,7 @@ impl OutputReader {
         consumer.assign(&tpl).context("assigning the output topics")?;
         let shared = Arc::new(ReaderShared {
             latency: Mutex::new(Some(Histogram::new_with_bounds(1, 600_000_000, 3)?)),
+            window: Mutex::new(Some(Histogram::new_with_bounds(1, 600_000_000, 3)?)),
             ..ReaderShared::default()
         });
         let stop = Arc::new(AtomicBool::new(false));
@@ -338,10 +350,19 @@ impl OutputReader {
                     let payload = m.payload().unwrap_or_default();
                     let out = if m.topic() == scores_topic {
                         let Ok(s) = Score::decode(payload) else { continue };
-                        if let Some(h) = shared.latency.lock().unwrap().as_mut() {
-                            let _ = h.record((now - s.event_time_unix_micros).max(1) as u64);
+                        let us = (now - s.event_time_unix_micros).max(1) as u64;
+                        for h in [&shared.latency, &shared.window] {
+                            if let Some(h) = h.lock().unwrap().as_mut() {
+                                h.saturating_record(us);
+                            }
                         }
                         shared.scored.fetch_add(1, Ordering::Relaxed);
+                        let l = s.latency.unwrap_or_default();
+                        for (sum, v) in
+                            shared.stages.iter().zip([l.node_us, l.queue_us, l.compute_us, l.state_load_us])
+                        {
+                            sum.fetch_add(v, Ordering::Relaxed);
+                        }
                         Output::Score(s)
                     } else {
                         let Ok(d) = DeadLetter::decode(payload) else { continue };
@@ -356,6 +377,7 @@ impl OutputReader {
                     let source = source_of(&m).unwrap_or((-1, m.offset()));
                     if seen.insert(source) {
                         shared.unique.fetch_add(1, Ordering::Relaxed);
+                        *shared.last_answer.lock().unwrap() = Some(Instant::now());
                     } else {
                         shared.duplicates.fetch_add(1, Ordering::Relaxed);
                     }
@@ -373,6 +395,15 @@ impl OutputReader {
         self.shared.unique.load(Ordering::Relaxed)
     }
 
+    /// p99 end-to-end latency (ms) of the scores seen since the last call.
+    pub fn window_p99_ms(&self) -> f64 {
+        let mut w = self.shared.window.lock().unwrap();
+        let Some(h) = w.as_mut() else { return 0.0 };
+        let p99 = h.value_at_quantile(0.99) as f64 / 1000.0;
+        h.reset();
+        p99
+    }
+
     /// Stop reading and return what was seen.
     pub fn finish(mut self) -> ReaderResult {
         self.stop.store(true, Ordering::SeqCst);
@@ -386,6 +417,11 @@ impl OutputReader {
             unique: sh.unique.load(Ordering::Relaxed),
             duplicates: sh.duplicates.load(Ordering::Relaxed),
             scores: sh.scored.load(Ordering::Relaxed),
+            last_answer: *sh.last_answer.lock().unwrap(),
+            mean_stage_ms: {
+                let n = sh.scored.load(Ordering::Relaxed).max(1) as f64;
+                sh.stages.each_ref().map(|s| s.load(Ordering::Relaxed) as f64 / n / 1000.0)
+            },
             dead_letters_by_reason: std::mem::take(&mut *sh.reasons.lock().unwrap()),
         }
     }
@@ -404,6 +440,9 @@ pub struct ReaderResult {
     pub duplicates: u64,
     /// Score records seen (duplicates included).
     pub scores: u64,
+    pub last_answer: Option<Instant>,
+    /// Mean stage latencies of the scores, ms: in the node, inference queue, forward, state load.
+    pub mean_stage_ms: [f64; 4],
     pub dead_letters_by_reason: BTreeMap<String, u64>,
 }
 
@@ -478,6 +517,9 @@ pub struct LoadReport {
     pub duplicates: u64,
     /// Scores per second over the produce window.
     pub throughput: f64,
+    /// Records answered per second from the first send to the last answer: the capacity when the
+    /// offered rate is above it.
+    pub answered_rate: f64,
     pub p50_ms: f64,
     pub p90_ms: f64,
     pub p99_ms: f64,
@@ -485,6 +527,12 @@ pub struct LoadReport {
     pub max_ms: f64,
     /// Share of scores within 50 ms end to end.
     pub under_50ms: f64,
+    /// Mean ms per score: in the node (receive to produce), in the inference queue, in the
+    /// forward pass, loading state.
+    pub node_ms: f64,
+    pub queue_ms: f64,
+    pub compute_ms: f64,
+    pub state_load_ms: f64,
     pub dead_letters_by_reason: BTreeMap<String, u64>,
     pub bad_sent_by_kind: BTreeMap<String, u64>,
 }
@@ -494,15 +542,22 @@ pub struct LoadReport {
 pub fn run(opts: &LoadgenOptions, stop: &AtomicBool) -> anyhow::Result<LoadReport> {
     let out_bootstrap = opts.processing_bootstrap.as_deref().unwrap_or(&opts.bootstrap);
     let reader = OutputReader::start(out_bootstrap, &opts.scores_topic, &opts.dlq_topic, false)?;
-    let producer: BaseProducer<DeliveryCounter> = ClientConfig::new()
-        .set("bootstrap.servers", &opts.bootstrap)
+    let producer: BaseProducer<DeliveryCounter> = crate::kafka::client_config(&opts.bootstrap)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "1")
         .set("queue.buffering.max.messages", "1000000")
         .create_with_context(DeliveryCounter::default())
         .context("creating the load producer")?;
-    let mut generator = Generator::new(opts.keys, opts.zipf, opts.features, opts.bad_ratio, opts.seed);
+    // Warm up before the clock starts: connect, let the idempotent producer get its id and the
+    // reader its first fetch position, so client start-up is not counted as pipeline latency.
+    producer
+        .client()
+        .fetch_metadata(Some(&opts.topic), Duration::from_secs(10))
+        .context("input topic metadata")?;
+    std::thread::sleep(Duration::from_secs(1));
+    let run = opts.run_id.unwrap_or_else(|| (unix_micros() / 1000) as u64);
+    let mut generator = Generator::new(run, opts.keys, opts.zipf, opts.features, opts.bad_ratio, opts.seed);
     let total = (opts.rate * opts.duration.as_secs_f64()).round() as u64;
     let progress = Progress::new(total, opts.plain);
     let start_wall = unix_micros();
@@ -519,7 +574,7 @@ pub fn run(opts: &LoadgenOptions, stop: &AtomicBool) -> anyhow::Result<LoadRepor
         }
         while sent < due {
             let scheduled = start_wall + (sent as f64 * 1e6 / opts.rate) as i64;
-            let rec = generator.next(scheduled);
+            let rec = generator.record(scheduled);
             if let Some(k) = rec.bad {
                 *bad_by_kind.entry(BAD_KINDS[k].0.to_owned()).or_default() += 1;
             }
@@ -529,7 +584,7 @@ pub fn run(opts: &LoadgenOptions, stop: &AtomicBool) -> anyhow::Result<LoadRepor
         producer.poll(Duration::ZERO);
         if last_tick.elapsed() >= Duration::from_secs(1) {
             last_tick = Instant::now();
-            progress.tick(sent, reader.unique());
+            progress.tick(sent, reader.unique(), reader.window_p99_ms());
         }
     }
     producer.flush(Duration::from_secs(30)).context("flushing the load producer")?;
@@ -539,7 +594,7 @@ pub fn run(opts: &LoadgenOptions, stop: &AtomicBool) -> anyhow::Result<LoadRepor
         std::thread::sleep(Duration::from_millis(50));
         if last_tick.elapsed() >= Duration::from_secs(1) {
             last_tick = Instant::now();
-            progress.tick(sent, reader.unique());
+            progress.tick(sent, reader.unique(), reader.window_p99_ms());
         }
     }
     progress.done();
@@ -558,12 +613,17 @@ pub fn run(opts: &LoadgenOptions, stop: &AtomicBool) -> anyhow::Result<LoadRepor
         missing: sent.saturating_sub(r.unique),
         duplicates: r.duplicates,
         throughput: r.scores as f64 / produce_seconds.max(1e-9),
+        answered_rate: r.last_answer.map_or(0.0, |t| r.unique as f64 / (t - start).as_secs_f64().max(1e-9)),
         p50_ms: ms(0.5),
         p90_ms: ms(0.9),
         p99_ms: ms(0.99),
         p999_ms: ms(0.999),
         max_ms: hist.max() as f64 / 1000.0,
         under_50ms: under,
+        node_ms: r.mean_stage_ms[0],
+        queue_ms: r.mean_stage_ms[1],
+        compute_ms: r.mean_stage_ms[2],
+        state_load_ms: r.mean_stage_ms[3],
         dead_letters_by_reason: r.dead_letters_by_reason,
         bad_sent_by_kind: bad_by_kind,
     })
@@ -589,13 +649,14 @@ impl Progress {
         Self { bar, total }
     }
 
-    fn tick(&self, sent: u64, answered: u64) {
+    fn tick(&self, sent: u64, answered: u64, p99_ms: f64) {
+        let msg = format!("{answered} answered, p99 {p99_ms:.1} ms over the last second");
         match &self.bar {
             Some(b) => {
                 b.set_position(sent);
-                b.set_message(format!("{answered} answered"));
+                b.set_message(msg);
             }
-            None => eprintln!("loadgen: sent {sent}/{} answered {answered}", self.total),
+            None => eprintln!("loadgen: sent {sent}/{}, {msg}", self.total),
         }
     }
 
@@ -625,6 +686,13 @@ impl LoadReport {
             ),
         );
         row("under 50 ms", format!("{:.2} %", self.under_50ms * 100.0));
+        row(
+            "mean time per score",
+            format!(
+                "in node {:.2} ms (inference queue {:.2}, forward {:.2}, state load {:.2})",
+                self.node_ms, self.queue_ms, self.compute_ms, self.state_load_ms
+            ),
+        );
         for (reason, n) in &self.dead_letters_by_reason {
             row(&format!("  DLQ {reason}"), n.to_string());
         }

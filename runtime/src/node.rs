@@ -157,7 +157,7 @@ impl Node {
             instance_id: opts.instance_id.clone(),
             session_timeout: opts.session_timeout,
         };
-        let consumer = start_consumer(&ingestion, &settings, wiring, commits)?;
+        let consumer = start_consumer(&ingestion, &settings, wiring, commits.1)?;
         Ok(Self { pool, consumer, counters, devices, grace: opts.grace })
     }
 

@@ -289,6 +289,7 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
         let a = &self.args;
         let c = &a.counters;
         let Some(last) = batch.last().map(|r| r.offset) else { return Ok(()) };
+        let started = Instant::now();
         c.received.fetch_add(batch.len() as u64, Ordering::Relaxed);
         let now = unix_micros();
         let fresh: Vec<&InputRecord> =
@@ -321,7 +322,9 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
 
         let mut keys: HashMap<Vec<u8>, KeyState> = HashMap::new();
         let mut scored = 0u64;
-        for wave in waves::waves(good.iter().map(|(_, v)| v.event.key.as_slice())) {
+        let waves = waves::waves(good.iter().map(|(_, v)| v.event.key.as_slice()));
+        let n_waves = waves.len();
+        for wave in waves {
             let load_started = Instant::now();
             let missing: Vec<Vec<u8>> = wave
                 .iter()
@@ -384,6 +387,7 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
         }
 
         // Outputs first, acknowledged; then state + offset in one write; then the commit.
+        let infer_done = Instant::now();
         outputs.sort_by_key(|(o, _)| *o);
         a.sink
             .produce(outputs.into_iter().map(|(_, o)| o).collect())
@@ -395,7 +399,17 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
             .map(|(k, ks)| (k, StateValue::sequenced(ks.sequence, &ks.state)))
             .collect();
         let write = StateWrite { partition: a.partition, epoch: a.epoch, applied_offset: last, entries };
+        let produced = Instant::now();
         self.store_with_retry(write).await?;
+        tracing::debug!(
+            partition = %a.partition,
+            records = batch.len(),
+            waves = n_waves,
+            decode_infer_us = micros(infer_done - started),
+            produce_us = micros(produced - infer_done),
+            store_us = micros(produced.elapsed()),
+            "batch applied"
+        );
         let a = &mut self.args;
         a.applied = Some(last);
         a.sink.commit(a.partition, Offset(last.0 + 1));

@@ -27,8 +27,11 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 4)]
     pub partitions: i32,
     /// Distinct keys (cards).
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 100_000)]
     pub keys: usize,
+    /// Zipf exponent of the key distribution.
+    #[arg(long, default_value_t = 0.8)]
+    pub zipf: f64,
     /// Share of bad records mixed in (every kind of the bad-input table).
     #[arg(long, default_value_t = 0.01)]
     pub bad_ratio: f64,
@@ -134,6 +137,7 @@ async fn with_node(
     load.rate = args.rate;
     load.duration = args.duration;
     load.keys = args.keys;
+    load.zipf = args.zipf;
     load.bad_ratio = args.bad_ratio;
     let stop = stop.clone();
     let report =

@@ -1,0 +1,244 @@
+//! B4: end to end through the local broker: Kafka -> state -> model -> Kafka, against the
+//! pipeline's limit measured in the same run on the same broker.
+//!
+//! 1. **pass-through**: an rdkafka consumer (group member) that decodes each event and produces a
+//!    minimal score (source headers, event time) with the same producer settings as the node
+//!    (idempotent, `acks=all`), on one thread: what the broker and clients alone sustain.
+//! 2. **node**: `partita node` in process (RocksDB state, fraud_gru on CPU) on its own topics.
+//!
+//! For each, the load generator offers a ladder of rates (open loop, latency from the scheduled
+//! send time) for `--seconds` each; the **max sustainable rate** is the highest rung whose p99 is
+//! at most 50 ms with every record answered and throughput >= 95 % of the offered rate.
+//! `ratio_vs_pass_through` = node / pass-through. Ends with `RESULT {json}`.
+//! Usage: `scripts/bench.sh b4 [--seconds 5] [--rates 1000,2000,...] [--partitions 4]`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use clap::Parser;
+use partita_actors::partition::{HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION};
+use partita_bench::git_rev;
+use partita_proto::v1::{Event, Score};
+use partita_runtime::broker::{LocalBroker, create_topics};
+use partita_runtime::loadgen::{LoadReport, LoadgenOptions, run as run_load};
+use partita_runtime::node::{Node, NodeOptions};
+use prost::Message as _;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use serde_json::json;
+
+#[derive(Debug, Parser)]
+struct Args {
+    #[arg(long, default_value = "models")]
+    repository: std::path::PathBuf,
+    /// Seconds per rung.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Offered rates, events/s, in increasing order.
+    #[arg(long, value_delimiter = ',', default_value = "500,1000,2000,3000,5000,10000,20000")]
+    rates: Vec<f64>,
+    /// Offered rate of the saturation run (capacity regardless of latency).
+    #[arg(long, default_value_t = 50_000.0)]
+    saturate: f64,
+    #[arg(long, default_value_t = 4)]
+    partitions: i32,
+    #[arg(long, default_value_t = 100_000)]
+    keys: usize,
+    #[arg(long, default_value_t = 0.8)]
+    zipf: f64,
+}
+
+const P99_LIMIT_MS: f64 = 50.0;
+
+fn sustained(r: &LoadReport) -> bool {
+    r.p99_ms <= P99_LIMIT_MS && r.missing == 0 && r.throughput >= 0.95 * r.offered_rate
+}
+
+/// One load run against `topics`.
+fn load(
+    args: &Args,
+    bootstrap: &str,
+    topics: (&str, &str, &str),
+    rate: f64,
+    drain: u64,
+) -> anyhow::Result<LoadReport> {
+    let mut o = LoadgenOptions::local(bootstrap);
+    (o.topic, o.scores_topic, o.dlq_topic) = (topics.0.into(), topics.1.into(), topics.2.into());
+    o.rate = rate;
+    o.duration = Duration::from_secs_f64(args.seconds);
+    o.keys = args.keys;
+    o.zipf = args.zipf;
+    o.plain = true;
+    o.drain = Duration::from_secs(drain);
+    run_load(&o, &AtomicBool::new(false))
+}
+
+/// Offer every rate (a noisy rung does not end the ladder); then one saturation run.
+fn ladder(
+    args: &Args,
+    bootstrap: &str,
+    topics: (&str, &str, &str),
+    label: &str,
+) -> anyhow::Result<(Vec<LoadReport>, LoadReport)> {
+    let mut rungs = Vec::new();
+    for &rate in &args.rates {
+        let r = load(args, bootstrap, topics, rate, 10)?;
+        println!(
+            "{label:<13} offered {:>7.0}/s  answered {:>8.0}/s  p50 {:>7.1} ms  p99 {:>8.1} ms  p99.9 {:>8.1} ms  missing {:>6}  {}",
+            rate,
+            r.answered_rate,
+            r.p50_ms,
+            r.p99_ms,
+            r.p999_ms,
+            r.missing,
+            if sustained(&r) { "sustained" } else { "NOT sustained" }
+        );
+        println!("{}", json!({"name": format!("b4/{label}"), "rate": rate, "report": r, "git": git_rev()}));
+        rungs.push(r);
+    }
+    let sat = load(args, bootstrap, topics, args.saturate, 60)?;
+    println!(
+        "{label:<13} saturation: offered {:.0}/s, sent {}, answered {:.0}/s from first send to last answer, missing {}",
+        args.saturate, sat.sent, sat.answered_rate, sat.missing
+    );
+    println!("{}", json!({"name": format!("b4/{label}/saturation"), "report": sat, "git": git_rev()}));
+    Ok((rungs, sat))
+}
+
+fn best(reports: &[LoadReport]) -> f64 {
+    reports.iter().filter(|r| sustained(r)).map(|r| r.offered_rate).fold(0.0, f64::max)
+}
+
+/// The pass-through: consume, decode, produce a minimal score, on one thread.
+fn pass_through(bootstrap: &str, input: &str, output: &str, stop: &AtomicBool) -> anyhow::Result<()> {
+    let consumer: BaseConsumer = partita_runtime::kafka::client_config(bootstrap)
+        .set("group.id", "b4-pass-through")
+        .set("auto.offset.reset", "latest")
+        .set("fetch.wait.max.ms", "10")
+        .create()?;
+    consumer.subscribe(&[input])?;
+    let producer: BaseProducer = partita_runtime::kafka::client_config(bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "1")
+        .create()?;
+    while !stop.load(Ordering::Relaxed) {
+        producer.poll(Duration::ZERO);
+        let Some(Ok(m)) = consumer.poll(Duration::from_millis(20)) else { continue };
+        let Ok(e) = Event::decode(m.payload().unwrap_or_default()) else { continue };
+        let score = Score {
+            source_partition: m.partition(),
+            source_offset: m.offset(),
+            key: e.key.clone(),
+            sequence: e.sequence,
+            event_time_unix_micros: e.event_time_unix_micros,
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let (p, o) = (m.partition().to_string(), m.offset().to_string());
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: HEADER_SOURCE_PARTITION, value: Some(&p) })
+            .insert(Header { key: HEADER_SOURCE_OFFSET, value: Some(&o) });
+        let mut rec = BaseRecord::to(output).key(&e.key[..]).payload(&score[..]).headers(headers);
+        loop {
+            match producer.send(rec) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    rec = back;
+                    producer.poll(Duration::from_millis(1));
+                }
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(10))?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let broker = LocalBroker::start("memory://nisshi/").await?;
+    let b = broker.bootstrap.clone();
+    let p = args.partitions;
+    create_topics(
+        &b,
+        &[
+            ("pt-in", p),
+            ("pt-out", p),
+            ("pt-dlq", 1),
+            ("transactions", p),
+            ("scores", p),
+            ("transactions.dlq", 1),
+        ],
+    )
+    .await?;
+
+    // 1. Pass-through.
+    let stop = Arc::new(AtomicBool::new(false));
+    let pt = {
+        let (b, stop) = (b.clone(), stop.clone());
+        std::thread::spawn(move || pass_through(&b, "pt-in", "pt-out", &stop))
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await; // join the group
+    let args = Arc::new(args);
+    let pass = {
+        let (args, b) = (args.clone(), b.clone());
+        tokio::task::spawn_blocking(move || ladder(&args, &b, ("pt-in", "pt-out", "pt-dlq"), "pass-through"))
+            .await??
+    };
+    stop.store(true, Ordering::SeqCst);
+    pt.join().map_err(|_| anyhow::anyhow!("pass-through panicked"))??;
+
+    // 2. The node.
+    let dir = tempfile::tempdir()?;
+    let mut opts = NodeOptions::local(&b, dir.path().join("state"));
+    opts.inference.repository = args.repository.clone();
+    let node = Node::start(&opts).await?;
+    while node.assigned() < i64::from(p) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pipeline = {
+        let (args, b) = (args.clone(), b.clone());
+        tokio::task::spawn_blocking(move || {
+            ladder(&args, &b, ("transactions", "scores", "transactions.dlq"), "node")
+        })
+        .await??
+    };
+    node.stop().await?;
+    broker.stop().await;
+
+    let (pt_best, node_best) = (best(&pass.0), best(&pipeline.0));
+    let ratio = if pt_best > 0.0 { node_best / pt_best } else { 0.0 };
+    let (pt_cap, node_cap) = (pass.1.answered_rate, pipeline.1.answered_rate);
+    let cap_ratio = if pt_cap > 0.0 { node_cap / pt_cap } else { 0.0 };
+    println!();
+    println!(
+        "max sustainable rate (p99 <= {P99_LIMIT_MS} ms): pass-through {pt_best:.0}/s, node {node_best:.0}/s, ratio {ratio:.2}"
+    );
+    println!(
+        "capacity (saturated, latency ignored): pass-through {pt_cap:.0}/s, node {node_cap:.0}/s, ratio {cap_ratio:.2}"
+    );
+    println!("targets: node >= 20000/s on 2 cores; ratio >= 0.7");
+    let result = json!({
+        "name": "b4",
+        "git": git_rev(),
+        "partitions": p,
+        "seconds_per_rung": args.seconds,
+        "keys": args.keys,
+        "zipf": args.zipf,
+        "pass_through_max_rate": pt_best,
+        "node_max_rate": node_best,
+        "ratio_vs_pass_through": ratio,
+        "pass_through_capacity": pt_cap,
+        "node_capacity": node_cap,
+        "capacity_ratio": cap_ratio,
+        "pass_through": pass.0,
+        "node": pipeline.0,
+        "pass_through_saturation": pass.1,
+        "node_saturation": pipeline.1,
+    });
+    println!("RESULT {result}");
+    Ok(())
+}

@@ -1,0 +1,149 @@
+//! Helpers for the end-to-end tests: a real nisshi broker, `partita node` as a child process, a
+//! producer that remembers where each record landed, and the checker's expectations.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use partita_runtime::loadgen::GenRecord;
+use rdkafka::ClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::BaseRecord;
+use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
+
+use crate::models_dir;
+
+pub const INPUT: &str = "transactions";
+pub const SCORES: &str = "scores";
+pub const DLQ: &str = "transactions.dlq";
+
+/// The `partita` binary of this build (cargo builds it for the workspace's tests).
+pub fn partita_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
+    let bin = dir.join("partita");
+    assert!(bin.exists(), "{} not built: run `cargo test --workspace`", bin.display());
+    bin
+}
+
+/// `partita node` as a child process, logging to `<state_dir>.log`.
+pub struct NodeProcess {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl NodeProcess {
+    pub fn start(bootstrap: &str, state_dir: &Path, extra: &[&str]) -> Self {
+        let log = state_dir.with_extension("log");
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("node log file");
+        let child = Command::new(partita_bin())
+            .arg("node")
+            .args(["--ingestion-bootstrap", bootstrap])
+            .arg("--state-dir")
+            .arg(state_dir)
+            .arg("--repository")
+            .arg(models_dir())
+            .args(["--device", "cpu", "--intra-op-threads", "1", "--session-timeout", "6s", "--grace", "15s"])
+            .args(extra)
+            .env("RUST_LOG", "warn,partita=info")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log handle"))
+            .stderr(file)
+            .spawn()
+            .expect("starting partita node");
+        Self { child, log }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Wait until the node's log shows `n` partitions assigned (counting from `since` lines).
+    pub fn wait_assigned(&self, n: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.log_text().matches("partition assigned").count() < n {
+            assert!(
+                Instant::now() < deadline,
+                "node not assigned {n} partitions in {within:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGTERM, then the exit status, or `None` if it did not exit within `grace` (then killed).
+    pub fn terminate(mut self, grace: Duration) -> (Option<std::process::ExitStatus>, String) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + grace;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for the node") {
+                return (Some(status), self.log_text());
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return (None, self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL (kill -9) and reap.
+    pub fn kill9(mut self) {
+        self.child.kill().expect("kill -9");
+        self.child.wait().expect("reaping the node");
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Where each record landed, by its index in the produced slice.
+#[derive(Default)]
+struct Landed(Mutex<Vec<Option<(i32, i64)>>>);
+
+impl ClientContext for Landed {}
+impl ProducerContext for Landed {
+    type DeliveryOpaque = Box<usize>;
+    fn delivery(&self, result: &DeliveryResult<'_>, index: Box<usize>) {
+        use rdkafka::message::Message;
+        let m = result.as_ref().expect("test records are delivered");
+        self.0.lock().unwrap()[*index] = Some((m.partition(), m.offset()));
+    }
+}
+
+/// Produce `records` in order (idempotent producer: order kept per partition) and return where
+/// each landed (partition, offset).
+pub fn produce_tracked(bootstrap: &str, records: &[GenRecord]) -> Vec<(i32, i64)> {
+    let producer: BaseProducer<Landed> = partita_runtime::kafka::client_config(bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "1")
+        .create_with_context(Landed(Mutex::new(vec![None; records.len()])))
+        .expect("test producer");
+    for (i, rec) in records.iter().enumerate() {
+        let mut headers = OwnedHeaders::new();
+        for (k, v) in &rec.headers {
+            headers = headers.insert(Header { key: k, value: Some(v) });
+        }
+        let mut r = BaseRecord::with_opaque_to(INPUT, Box::new(i)).payload(&rec.value[..]).headers(headers);
+        if let Some(k) = &rec.key {
+            r = r.key(&k[..]);
+        }
+        while let Err((e, back)) = producer.send(r) {
+            assert!(matches!(e, KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)), "produce: {e}");
+            r = back;
+            producer.poll(Duration::from_millis(5));
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(30)).expect("flush");
+    let landed = producer.context().0.lock().unwrap().clone();
+    landed.into_iter().map(|l| l.expect("every record acknowledged")).collect()
+}

@@ -1,0 +1,297 @@
+//! End to end on the real components: a nisshi broker on loopback, `partita node` as a child
+//! process (real librdkafka, LibTorch and RocksDB), the checker's invariants from RELIABILITY.md.
+//!
+//! Output mode under test: **state is exactly once** (the applied offset is stored with the state),
+//! **scores and dead letters are at least once**: after a crash a batch that produced its outputs
+//! but had not stored its state runs again, and its outputs appear twice, each carrying the same
+//! source partition and offset in its headers (`partita-source-partition`, `-offset`): that pair
+//! identifies a duplicate.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use partita_actors::inference::InferRequest;
+use partita_actors::state::{PartitionId, StateStore};
+use partita_proto::v1::{Event, Score};
+use partita_runtime::broker::{LocalBroker, create_topics};
+use partita_runtime::inference::{DeviceChoice, InferenceOptions};
+use partita_runtime::loadgen::{BAD_KINDS, GenRecord, Generator, Output, OutputReader, ReaderResult};
+use partita_runtime::state::rocks::{RocksConfig, RocksStore};
+use partita_tests::models_dir;
+use partita_tests::pipeline::{DLQ, INPUT, NodeProcess, SCORES, produce_tracked};
+use prost::Message;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+
+const PARTITIONS: i32 = 3;
+
+async fn broker() -> LocalBroker {
+    let b = LocalBroker::start("memory://nisshi/").await.expect("nisshi broker (scripts/setup.sh builds it)");
+    create_topics(&b.bootstrap, &[(INPUT, PARTITIONS), (SCORES, PARTITIONS), (DLQ, 1)]).await.unwrap();
+    b
+}
+
+fn records(n: usize, keys: usize, bad_ratio: f64, seed: u64) -> Vec<GenRecord> {
+    let mut g = Generator::new(seed, keys, 0.9, 16, bad_ratio, seed);
+    let now = partita_actors::partition::unix_micros();
+    (0..n).map(|_| g.record(now)).collect()
+}
+
+/// Read outputs until `n` distinct source records are answered.
+fn wait_answered(
+    reader: OutputReader,
+    n: u64,
+    within: Duration,
+    node_log: impl Fn() -> String,
+) -> ReaderResult {
+    let deadline = Instant::now() + within;
+    while reader.unique() < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} records answered within {within:?}; node log:\n{}",
+            reader.unique(),
+            node_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Anything still in flight (a duplicate) shows up within a moment.
+    std::thread::sleep(Duration::from_millis(500));
+    reader.finish()
+}
+
+/// The checker: every record answered by exactly the right output, per-key order, and the stored
+/// state equal to a one-by-one replay of the good events. Returns the number of duplicate outputs.
+async fn check(records: &[GenRecord], landed: &[(i32, i64)], seen: &ReaderResult, state_dir: &Path) -> u64 {
+    let mut by_source: HashMap<(i32, i64), Vec<&Output>> = HashMap::new();
+    for (p, o, out) in &seen.outputs {
+        by_source.entry((*p, *o)).or_default().push(out);
+    }
+    // INV-1 and INV-2: each input has an output; copies (at least once) are identical in meaning.
+    let mut duplicates = 0;
+    let mut per_key: BTreeMap<Vec<u8>, Vec<(i64, u64)>> = BTreeMap::new();
+    for (i, (rec, source)) in records.iter().zip(landed).enumerate() {
+        let outs = by_source.get(source).unwrap_or_else(|| panic!("record {i} at {source:?} has no output"));
+        duplicates += outs.len() as u64 - 1;
+        for out in outs {
+            match (rec.bad, out) {
+                (None, Output::Score(s)) => {
+                    let e = Event::decode(rec.value.as_slice()).unwrap();
+                    assert_eq!(
+                        (&s.key, s.sequence),
+                        (&e.key, e.sequence),
+                        "record {i}: score of the wrong event"
+                    );
+                    assert!(
+                        s.score.is_finite() && (0.0..=1.0).contains(&s.score),
+                        "record {i}: score {}",
+                        s.score
+                    );
+                }
+                (Some(k), Output::DeadLetter(d)) => {
+                    assert_eq!(
+                        d.reason().as_str_name(),
+                        BAD_KINDS[k].1,
+                        "record {i} ({}): {}",
+                        BAD_KINDS[k].0,
+                        d.detail
+                    );
+                    assert_eq!((d.source_partition, d.source_offset), *source);
+                    assert!(!d.detail.is_empty());
+                }
+                (bad, out) => panic!("record {i} (bad kind {bad:?}) got the wrong output: {out:?}"),
+            }
+        }
+        if let (None, Some(Output::Score(s))) = (rec.bad, outs.first()) {
+            per_key.entry(s.key.clone()).or_default().push((source.1, s.sequence));
+        }
+    }
+    // INV-3: per key, in offset order, sequences go up by exactly one.
+    for (key, mut seqs) in per_key.clone() {
+        seqs.sort_unstable();
+        let s: Vec<u64> = seqs.iter().map(|(_, s)| *s).collect();
+        assert_eq!(
+            s,
+            (1..=s.len() as u64).collect::<Vec<_>>(),
+            "key {}: sequences",
+            String::from_utf8_lossy(&key)
+        );
+    }
+
+    // Stored state == replay of the good events one by one on the real model (no batching).
+    let replay = InferenceOptions {
+        repository: models_dir(),
+        device: DeviceChoice::Cpu,
+        intra_op_threads: 1,
+        no_batching: true,
+        ..Default::default()
+    };
+    let (pool, _) = replay.start().await.unwrap();
+    let router = pool.router();
+    let mut expected: HashMap<Vec<u8>, (i32, u64, Vec<f32>)> = HashMap::new();
+    for (rec, source) in records.iter().zip(landed) {
+        if rec.bad.is_some() {
+            continue;
+        }
+        let e = Event::decode(rec.value.as_slice()).unwrap();
+        let entry = expected.entry(e.key.clone()).or_insert((source.0, 0, Vec::new()));
+        let state = (!entry.2.is_empty()).then(|| entry.2.clone());
+        let out = router
+            .infer(InferRequest { model: Arc::from("fraud_gru"), features: e.features, state })
+            .await
+            .unwrap();
+        *entry = (source.0, e.sequence, out.new_state);
+    }
+    pool.shutdown().await;
+    let store = RocksStore::open(&RocksConfig::new(state_dir)).unwrap();
+    for (key, (p, seq, state)) in &expected {
+        let stored = store.read(PartitionId(*p as u32), std::slice::from_ref(key)).await.unwrap();
+        let (stored_seq, stored_state) = stored[0].as_ref().expect("key has state").to_sequenced().unwrap();
+        assert_eq!(stored_seq, *seq, "key {}: last applied sequence", String::from_utf8_lossy(key));
+        for (a, b) in stored_state.iter().zip(state) {
+            assert!(
+                (a - b).abs() < 1e-3,
+                "key {}: stored state {a} vs replay {b}",
+                String::from_utf8_lossy(key)
+            );
+        }
+    }
+    // INV-4: each partition's stored applied offset is its last input offset.
+    for p in 0..PARTITIONS {
+        let last = landed.iter().filter(|(lp, _)| *lp == p).map(|(_, o)| *o).max();
+        let meta = store.meta(PartitionId(p as u32)).await.unwrap();
+        assert_eq!(meta.applied_offset.map(|o| o.0), last, "partition {p}: stored applied offset");
+    }
+    duplicates
+}
+
+fn committed(bootstrap: &str) -> Vec<i64> {
+    let c: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", bootstrap).set("group.id", "partita").create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition(INPUT, p);
+    }
+    let got = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    (0..PARTITIONS)
+        .map(|p| match got.find_partition(INPUT, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => o,
+            _ => -1,
+        })
+        .collect()
+}
+
+fn high_watermarks(bootstrap: &str) -> Vec<i64> {
+    let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap).create().unwrap();
+    (0..PARTITIONS).map(|p| c.fetch_watermarks(INPUT, p, Duration::from_secs(10)).unwrap().1).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_record_is_answered_once_in_key_order_and_state_equals_a_replay() {
+    let broker = broker().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let reader = OutputReader::start(&broker.bootstrap, SCORES, DLQ, true).unwrap();
+    let node = NodeProcess::start(&broker.bootstrap, &state, &[]);
+    // 1500 records over 40 keys, a fifth of them bad (every kind of the table, round robin).
+    let recs = records(1500, 40, 0.2, 7);
+    assert!(
+        BAD_KINDS.iter().enumerate().all(|(k, _)| recs.iter().any(|r| r.bad == Some(k))),
+        "every bad kind sent"
+    );
+    let landed = tokio::task::block_in_place(|| produce_tracked(&broker.bootstrap, &recs));
+    let seen = tokio::task::block_in_place(|| {
+        wait_answered(reader, recs.len() as u64, Duration::from_secs(120), || node.log_text())
+    });
+    let (status, log) = node.terminate(Duration::from_secs(20));
+    assert!(status.is_some_and(|s| s.success()), "node did not exit cleanly on SIGTERM: {status:?}\n{log}");
+    assert_eq!(seen.duplicates, 0, "no crash, so no duplicate outputs");
+    let dups = check(&recs, &landed, &seen, &state).await;
+    assert_eq!(dups, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_then_restart_loses_nothing_and_applies_nothing_twice() {
+    let broker = broker().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let reader = OutputReader::start(&broker.bootstrap, SCORES, DLQ, true).unwrap();
+    let node = NodeProcess::start(&broker.bootstrap, &state, &[]);
+    let recs = records(3000, 60, 0.05, 11);
+    let bootstrap = broker.bootstrap.clone();
+    let producing = {
+        let recs = recs.clone();
+        std::thread::spawn(move || produce_tracked(&bootstrap, &recs))
+    };
+    // Kill the node while records stream in and outputs come out.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while reader.unique() < 600 {
+        assert!(Instant::now() < deadline, "node made no progress:\n{}", node.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let answered_at_kill = reader.unique();
+    node.kill9();
+    let node = NodeProcess::start(&broker.bootstrap, &state, &[]);
+    let landed = tokio::task::block_in_place(|| producing.join().unwrap());
+    let seen = tokio::task::block_in_place(|| {
+        wait_answered(reader, recs.len() as u64, Duration::from_secs(120), || node.log_text())
+    });
+    let (status, log) = node.terminate(Duration::from_secs(20));
+    assert!(status.is_some_and(|s| s.success()), "restarted node did not exit cleanly: {status:?}\n{log}");
+    let dups = check(&recs, &landed, &seen, &state).await;
+    eprintln!(
+        "kill -9 after {answered_at_kill} of {} records answered: {dups} duplicate outputs after the restart (at least once), state exactly once",
+        recs.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_commits_everything_and_a_restart_reprocesses_nothing() {
+    let broker = broker().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let reader = OutputReader::start(&broker.bootstrap, SCORES, DLQ, true).unwrap();
+    let node = NodeProcess::start(&broker.bootstrap, &state, &[]);
+    let recs = records(400, 20, 0.0, 3);
+    tokio::task::block_in_place(|| produce_tracked(&broker.bootstrap, &recs));
+    let first = tokio::task::block_in_place(|| {
+        wait_answered(reader, recs.len() as u64, Duration::from_secs(60), || node.log_text())
+    });
+    assert_eq!(first.duplicates, 0);
+    let started = Instant::now();
+    let (status, log) = node.terminate(Duration::from_secs(20));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "no clean exit on SIGTERM within the grace period: {status:?}\n{log}"
+    );
+    eprintln!("SIGTERM to exit: {:?}", started.elapsed());
+    assert!(log.contains("left the consumer group"), "{log}");
+    let bootstrap = broker.bootstrap.clone();
+    let (committed, high) =
+        tokio::task::block_in_place(|| (committed(&bootstrap), high_watermarks(&bootstrap)));
+    assert_eq!(committed, high, "committed offsets == end of each partition");
+
+    // Restart on the same state: nothing is processed again.
+    let reader = OutputReader::start(&broker.bootstrap, SCORES, DLQ, true).unwrap();
+    let node = NodeProcess::start(&broker.bootstrap, &state, &[]);
+    tokio::task::block_in_place(|| node.wait_assigned(PARTITIONS as usize, Duration::from_secs(60)));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(reader.unique(), 0, "a restart after a clean stop must not reprocess anything");
+    // ... and new records still flow.
+    let more = records(30, 5, 0.0, 99); // run 99: cards the first run never used
+    tokio::task::block_in_place(|| produce_tracked(&broker.bootstrap, &more));
+    let after = tokio::task::block_in_place(|| {
+        wait_answered(reader, more.len() as u64, Duration::from_secs(60), || node.log_text())
+    });
+    assert_eq!(after.unique, more.len() as u64);
+    assert!(
+        after
+            .outputs
+            .iter()
+            .all(|(_, _, o)| matches!(o, Output::Score(Score { key, .. }) if key.starts_with(b"card-99-")))
+    );
+    let (status, log) = node.terminate(Duration::from_secs(20));
+    assert!(status.is_some_and(|s| s.success()), "{log}");
+}
