@@ -44,9 +44,9 @@ struct Args {
     saturate: f64,
     #[arg(long, default_value_t = 4)]
     partitions: i32,
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 1_000_000)]
     keys: usize,
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.6)]
     zipf: f64,
 }
 

@@ -1,7 +1,7 @@
 //! partita's wire schemas. The `.proto` files under `proto/partita/` are the source of truth;
-//! field numbers are never reused (see docs/wire-formats.md once more messages land).
+//! field numbers are never reused (decisions in docs/pipeline.md).
 
-/// `partita.v1`: inference rows between nodes.
+/// `partita.v1`: events, scores, dead letters, and inference rows between nodes.
 pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/partita.v1.rs"));
 }

@@ -61,6 +61,10 @@ pub struct NodeOptions {
     /// Records per partition batch.
     #[arg(long, default_value_t = 1024)]
     pub max_batch: usize,
+    /// Records of one key per batch (a hot key's records run one after another; the cap keeps
+    /// the batch's other keys from waiting on it).
+    #[arg(long, default_value_t = 4)]
+    pub max_waves: usize,
     /// Records queued per partition before its Kafka partition is paused.
     #[arg(long, default_value_t = 4096)]
     pub partition_queue: usize,
@@ -144,6 +148,7 @@ impl Node {
             limits: Arc::new(opts.limits()),
             config: PartitionConfig {
                 max_batch: opts.max_batch,
+                max_waves: opts.max_waves.max(1),
                 infer_deadline: opts.infer_deadline,
                 ..PartitionConfig::default()
             },

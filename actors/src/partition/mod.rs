@@ -102,6 +102,9 @@ pub trait PartitionSink: Send + Sync + 'static {
 pub struct PartitionConfig {
     /// Records taken from the queue into one batch.
     pub max_batch: usize,
+    /// Records of one key in one batch (= waves per batch). A hot key's records must run one
+    /// after another; capping them keeps a batch's other keys from waiting on that chain.
+    pub max_waves: usize,
     /// Per-record inference deadline; a record that misses it is retried, then dead-lettered.
     pub infer_deadline: Duration,
     /// Inference attempts per record before it is dead-lettered (errors, panics, deadlines).
@@ -115,6 +118,7 @@ impl Default for PartitionConfig {
     fn default() -> Self {
         Self {
             max_batch: 1024,
+            max_waves: 4,
             infer_deadline: Duration::from_secs(2),
             max_attempts: 3,
             backoff: Duration::from_millis(50),
@@ -173,6 +177,8 @@ pub struct PartitionArgs<S, K> {
 
 pub struct PartitionState<S, K> {
     args: PartitionArgs<S, K>,
+    /// The record that would have exceeded `max_waves`: first in the next batch.
+    carry: Option<InputRecord>,
 }
 
 #[derive(Debug)]
@@ -202,7 +208,7 @@ impl<S: StateStore, K: PartitionSink> Actor for PartitionActor<S, K> {
         _myself: ActorRef<Self::Msg>,
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
-        Ok(PartitionState { args })
+        Ok(PartitionState { args, carry: None })
     }
 
     async fn handle(
@@ -256,13 +262,34 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
     async fn drain_queue(&mut self) -> Result<(), ActorProcessingErr> {
         self.args.wake_pending.store(false, Ordering::SeqCst);
         loop {
-            let batch: Vec<InputRecord> =
-                self.args.queue.try_iter().take(self.args.config.max_batch).collect();
+            let batch = self.next_batch();
             if batch.is_empty() {
                 return Ok(());
             }
             self.run_batch(batch).await?;
         }
+    }
+
+    /// Up to `max_batch` queued records, at most `max_waves` of any one key.
+    fn next_batch(&mut self) -> Vec<InputRecord> {
+        let config = &self.args.config;
+        let mut batch = Vec::new();
+        let mut per_key: HashMap<Vec<u8>, usize> = HashMap::new();
+        let mut next = self.carry.take().or_else(|| self.args.queue.try_recv().ok());
+        while let Some(rec) = next {
+            let n = per_key.entry(rec.key.clone().unwrap_or_default()).or_insert(0);
+            if *n == config.max_waves {
+                self.carry = Some(rec);
+                break;
+            }
+            *n += 1;
+            batch.push(rec);
+            if batch.len() == config.max_batch {
+                break;
+            }
+            next = self.args.queue.try_recv().ok();
+        }
+        batch
     }
 
     /// Run `batch` to its commit, retrying transient failures with backoff.

@@ -27,10 +27,10 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 4)]
     pub partitions: i32,
     /// Distinct keys (cards).
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 1_000_000)]
     pub keys: usize,
     /// Zipf exponent of the key distribution.
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.6)]
     pub zipf: f64,
     /// Share of bad records mixed in (every kind of the bad-input table).
     #[arg(long, default_value_t = 0.01)]
