@@ -6,7 +6,8 @@
 //!    (idempotent, `acks=all`), on one thread: what the broker and clients alone sustain.
 //! 2. **node**: `partita node` in process (RocksDB state, fraud_gru on CPU) on its own topics.
 //!
-//! For each, the load generator offers a ladder of rates (open loop, latency from the scheduled
+//! Every rung runs on a fresh broker with fresh topics (nisshi's memory storage slows down as a
+//! topic grows). For each, the load generator offers a ladder of rates (open loop, latency from the scheduled
 //! send time) for `--seconds` each; the **max sustainable rate** is the highest rung whose p99 is
 //! at most 50 ms with every record answered and throughput >= 95 % of the offered rate.
 //! `ratio_vs_pass_through` = node / pass-through. Ends with `RESULT {json}`.
@@ -56,16 +57,12 @@ fn sustained(r: &LoadReport) -> bool {
     r.p99_ms <= P99_LIMIT_MS && r.missing == 0 && r.throughput >= 0.95 * r.offered_rate
 }
 
-/// One load run against `topics`.
-fn load(
-    args: &Args,
-    bootstrap: &str,
-    topics: (&str, &str, &str),
-    rate: f64,
-    drain: u64,
-) -> anyhow::Result<LoadReport> {
+const TOPICS: (&str, &str, &str) = ("transactions", "scores", "transactions.dlq");
+
+/// One load run against the topics on `bootstrap`.
+fn load(args: &Args, bootstrap: &str, rate: f64, drain: u64) -> anyhow::Result<LoadReport> {
     let mut o = LoadgenOptions::local(bootstrap);
-    (o.topic, o.scores_topic, o.dlq_topic) = (topics.0.into(), topics.1.into(), topics.2.into());
+    (o.topic, o.scores_topic, o.dlq_topic) = (TOPICS.0.into(), TOPICS.1.into(), TOPICS.2.into());
     o.rate = rate;
     o.duration = Duration::from_secs_f64(args.seconds);
     o.keys = args.keys;
@@ -75,16 +72,59 @@ fn load(
     run_load(&o, &AtomicBool::new(false))
 }
 
-/// Offer every rate (a noisy rung does not end the ladder); then one saturation run.
-fn ladder(
-    args: &Args,
-    bootstrap: &str,
-    topics: (&str, &str, &str),
-    label: &str,
-) -> anyhow::Result<(Vec<LoadReport>, LoadReport)> {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    PassThrough,
+    Node,
+}
+
+/// One rung on a fresh broker (nisshi's memory storage slows down as a topic grows, so rungs
+/// must not inherit each other's records): topics, the system under test, the load, teardown.
+async fn rung(args: &Arc<Args>, mode: Mode, rate: f64, drain: u64) -> anyhow::Result<LoadReport> {
+    let broker = LocalBroker::start("memory://nisshi/").await?;
+    let b = broker.bootstrap.clone();
+    let p = args.partitions;
+    create_topics(&b, &[(TOPICS.0, p), (TOPICS.1, p), (TOPICS.2, 1)]).await?;
+    let run = {
+        let (args, b) = (args.clone(), b.clone());
+        move || load(&args, &b, rate, drain)
+    };
+    let report = match mode {
+        Mode::PassThrough => {
+            let stop = Arc::new(AtomicBool::new(false));
+            let pt = {
+                let (b, stop) = (b.clone(), stop.clone());
+                std::thread::spawn(move || pass_through(&b, TOPICS.0, TOPICS.1, &stop))
+            };
+            tokio::time::sleep(Duration::from_secs(2)).await; // join the group
+            let r = tokio::task::spawn_blocking(run).await?;
+            stop.store(true, Ordering::SeqCst);
+            pt.join().map_err(|_| anyhow::anyhow!("pass-through panicked"))??;
+            r?
+        }
+        Mode::Node => {
+            let dir = tempfile::tempdir()?;
+            let mut opts = NodeOptions::local(&b, dir.path().join("state"));
+            opts.inference.repository = args.repository.clone();
+            let node = Node::start(&opts).await?;
+            while node.assigned() < i64::from(p) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let r = tokio::task::spawn_blocking(run).await?;
+            node.stop().await?;
+            r?
+        }
+    };
+    broker.stop().await;
+    Ok(report)
+}
+
+/// Every rate (a noisy rung does not end the ladder), then one saturation run.
+async fn ladder(args: &Arc<Args>, mode: Mode) -> anyhow::Result<(Vec<LoadReport>, LoadReport)> {
+    let label = if mode == Mode::Node { "node" } else { "pass-through" };
     let mut rungs = Vec::new();
     for &rate in &args.rates {
-        let r = load(args, bootstrap, topics, rate, 10)?;
+        let r = rung(args, mode, rate, 10).await?;
         println!(
             "{label:<13} offered {:>7.0}/s  answered {:>8.0}/s  p50 {:>7.1} ms  p99 {:>8.1} ms  p99.9 {:>8.1} ms  missing {:>6}  {}",
             rate,
@@ -98,10 +138,16 @@ fn ladder(
         println!("{}", json!({"name": format!("b4/{label}"), "rate": rate, "report": r, "git": git_rev()}));
         rungs.push(r);
     }
-    let sat = load(args, bootstrap, topics, args.saturate, 60)?;
+    let sat = rung(args, mode, args.saturate, 60).await?;
     println!(
-        "{label:<13} saturation: offered {:.0}/s, sent {}, answered {:.0}/s from first send to last answer, missing {}",
-        args.saturate, sat.sent, sat.answered_rate, sat.missing
+        "{label:<13} saturation: offered {:.0}/s, sent {}, answered {:.0}/s from first send to last answer (node stages per score: in node {:.1} ms, inference queue {:.1}, forward {:.1}, state load {:.1})",
+        args.saturate,
+        sat.sent,
+        sat.answered_rate,
+        sat.node_ms,
+        sat.queue_ms,
+        sat.compute_ms,
+        sat.state_load_ms
     );
     println!("{}", json!({"name": format!("b4/{label}/saturation"), "report": sat, "git": git_rev()}));
     Ok((rungs, sat))
@@ -158,56 +204,16 @@ fn pass_through(bootstrap: &str, input: &str, output: &str, stop: &AtomicBool) -
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let broker = LocalBroker::start("memory://nisshi/").await?;
-    let b = broker.bootstrap.clone();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Arc::new(Args::parse());
     let p = args.partitions;
-    create_topics(
-        &b,
-        &[
-            ("pt-in", p),
-            ("pt-out", p),
-            ("pt-dlq", 1),
-            ("transactions", p),
-            ("scores", p),
-            ("transactions.dlq", 1),
-        ],
-    )
-    .await?;
-
-    // 1. Pass-through.
-    let stop = Arc::new(AtomicBool::new(false));
-    let pt = {
-        let (b, stop) = (b.clone(), stop.clone());
-        std::thread::spawn(move || pass_through(&b, "pt-in", "pt-out", &stop))
-    };
-    tokio::time::sleep(Duration::from_secs(3)).await; // join the group
-    let args = Arc::new(args);
-    let pass = {
-        let (args, b) = (args.clone(), b.clone());
-        tokio::task::spawn_blocking(move || ladder(&args, &b, ("pt-in", "pt-out", "pt-dlq"), "pass-through"))
-            .await??
-    };
-    stop.store(true, Ordering::SeqCst);
-    pt.join().map_err(|_| anyhow::anyhow!("pass-through panicked"))??;
-
-    // 2. The node.
-    let dir = tempfile::tempdir()?;
-    let mut opts = NodeOptions::local(&b, dir.path().join("state"));
-    opts.inference.repository = args.repository.clone();
-    let node = Node::start(&opts).await?;
-    while node.assigned() < i64::from(p) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let pipeline = {
-        let (args, b) = (args.clone(), b.clone());
-        tokio::task::spawn_blocking(move || {
-            ladder(&args, &b, ("transactions", "scores", "transactions.dlq"), "node")
-        })
-        .await??
-    };
-    node.stop().await?;
-    broker.stop().await;
+    let pass = ladder(&args, Mode::PassThrough).await?;
+    let pipeline = ladder(&args, Mode::Node).await?;
 
     let (pt_best, node_best) = (best(&pass.0), best(&pipeline.0));
     let ratio = if pt_best > 0.0 { node_best / pt_best } else { 0.0 };

@@ -26,7 +26,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Offset as KOffset, TopicPartitionList};
@@ -87,8 +87,13 @@ pub fn parse_property(s: &str) -> Result<(String, String), String> {
 }
 
 /// Scores and dead letters to the processing tier; commits through the consumer thread.
+///
+/// An idempotent producer that hits a fatal error (the broker rejected its sequence numbers) is
+/// unusable for good; the sink then builds a new one and fails the batch, which the partition
+/// actor retries (outputs may repeat: at least once).
 pub struct KafkaSink {
-    producer: FutureProducer,
+    tier: KafkaTier,
+    producer: std::sync::RwLock<FutureProducer>,
     scores_topic: String,
     dlq_topic: String,
     commits: Sender<(PartitionId, Offset)>,
@@ -96,17 +101,40 @@ pub struct KafkaSink {
 
 impl KafkaSink {
     pub fn new(
-        producer: FutureProducer,
+        tier: KafkaTier,
         scores_topic: String,
         dlq_topic: String,
         commits: Sender<(PartitionId, Offset)>,
-    ) -> Self {
-        Self { producer, scores_topic, dlq_topic, commits }
+    ) -> anyhow::Result<Self> {
+        let producer = std::sync::RwLock::new(tier.producer()?);
+        Ok(Self { tier, producer, scores_topic, dlq_topic, commits })
     }
+
+    fn current(&self) -> FutureProducer {
+        self.producer.read().unwrap().clone()
+    }
+
+    /// Replace a producer that reported a fatal error (once, whoever sees it first).
+    fn replace_fatal(&self, failed: &FutureProducer, error: &KafkaError) {
+        let mut p = self.producer.write().unwrap();
+        if !std::ptr::eq(p.client().native_ptr(), failed.client().native_ptr()) {
+            return; // already replaced
+        }
+        tracing::error!(%error, "the output producer hit a fatal error; replacing it");
+        match self.tier.producer() {
+            Ok(fresh) => *p = fresh,
+            Err(e) => tracing::error!(error = %e, "cannot create a new output producer"),
+        }
+    }
+}
+
+fn is_fatal(e: &KafkaError) -> bool {
+    e.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal)
 }
 
 impl PartitionSink for KafkaSink {
     async fn produce(&self, records: Vec<OutputRecord>) -> Result<(), SinkError> {
+        let producer = self.current();
         let mut pending = Vec::with_capacity(records.len());
         for r in &records {
             let topic = match r.topic {
@@ -119,7 +147,7 @@ impl PartitionSink for KafkaSink {
             }
             let mut record = FutureRecord::to(topic).key(&r.key).payload(&r.value).headers(headers);
             loop {
-                match self.producer.send_result(record) {
+                match producer.send_result(record) {
                     Ok(delivery) => {
                         pending.push(delivery);
                         break;
@@ -128,14 +156,24 @@ impl PartitionSink for KafkaSink {
                         record = back;
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
-                    Err((e, _)) => return Err(SinkError(format!("{topic}: {e}"))),
+                    Err((e, _)) => {
+                        if is_fatal(&e) {
+                            self.replace_fatal(&producer, &e);
+                        }
+                        return Err(SinkError(format!("{topic}: {e}")));
+                    }
                 }
             }
         }
         for delivery in futures::future::join_all(pending).await {
             match delivery {
                 Ok(Ok(_)) => {}
-                Ok(Err((e, m))) => return Err(SinkError(format!("{}: {e}", m.topic()))),
+                Ok(Err((e, m))) => {
+                    if is_fatal(&e) {
+                        self.replace_fatal(&producer, &e);
+                    }
+                    return Err(SinkError(format!("{}: {e}", m.topic())));
+                }
                 Err(_) => return Err(SinkError("producer dropped the delivery".into())),
             }
         }

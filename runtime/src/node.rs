@@ -134,11 +134,11 @@ impl Node {
         };
         let commits = crossbeam_channel::unbounded();
         let sink = Arc::new(KafkaSink::new(
-            processing.producer()?,
+            processing,
             opts.scores_topic.clone(),
             opts.dlq_topic.clone(),
             commits.0.clone(),
-        ));
+        )?);
         let counters = Arc::new(PipelineCounters::default());
         let wiring = Wiring {
             topic: Arc::from(opts.input_topic.as_str()),
