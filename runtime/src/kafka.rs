@@ -17,7 +17,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use partita_actors::partition::decode::Limits;
 use partita_actors::partition::{
     InputRecord, OutputRecord, OutputTopic, PartitionActor, PartitionArgs, PartitionConfig, PartitionMsg,
-    PartitionSink, PipelineCounters, SinkError,
+    PartitionSink, PipelineCounters, PipelineObserver, SinkError,
 };
 use partita_actors::pool::Router;
 use partita_actors::state::{Epoch, Offset, PartitionId, StateCache, StateStore};
@@ -195,6 +195,9 @@ pub struct Wiring<S: StateStore> {
     pub limits: Arc<Limits>,
     pub config: PartitionConfig,
     pub counters: Arc<PipelineCounters>,
+    pub observer: Arc<dyn PipelineObserver>,
+    /// `joined` is set once the group assigned this node (possibly nothing).
+    pub health: Arc<crate::telemetry::Health>,
     /// Records queued per partition before the consumer pauses it.
     pub queue_capacity: usize,
     /// Longest wait for a partition actor to drain on revoke or shutdown.
@@ -254,6 +257,7 @@ impl<S: StateStore> ConsumerContext for NodeContext<S> {
         let result = match err {
             E::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 self.on_assign(tpl);
+                self.wiring.health.joined.store(true, Ordering::SeqCst);
                 if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) }
             }
             E::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
@@ -317,6 +321,7 @@ impl<S: StateStore> NodeContext<S> {
                 limits: w.limits.clone(),
                 config: w.config.clone(),
                 counters: w.counters.clone(),
+                observer: w.observer.clone(),
             };
             let spawned =
                 self.handle.block_on(Actor::spawn(None, PartitionActor::<S, KafkaSink>::default(), args));

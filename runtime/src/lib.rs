@@ -17,3 +17,4 @@ pub mod model_repo;
 pub mod node;
 pub mod state;
 pub mod tch_backend;
+pub mod telemetry;

@@ -9,11 +9,13 @@ use anyhow::Context as _;
 use clap::Args;
 use partita_actors::partition::decode::Limits;
 use partita_actors::partition::{PartitionConfig, PipelineCounters};
-use partita_actors::state::{NoopObserver, StateCache};
+use partita_actors::state::StateCache;
+use std::sync::atomic::Ordering;
 
 use crate::inference::InferenceOptions;
 use crate::kafka::{ConsumerSettings, KafkaSink, KafkaTier, Wiring, parse_property, start_consumer};
 use crate::state::rocks::{RocksConfig, RocksStore};
+use crate::telemetry::{Health, Metrics, Sources, serve};
 
 /// Flags of `partita node` (and the node inside `partita demo`).
 #[derive(Debug, Clone, Args)]
@@ -74,6 +76,9 @@ pub struct NodeOptions {
     /// How long shutdown may take to drain partitions before the node exits anyway.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "20s")]
     pub grace: Duration,
+    /// Where `/metrics`, `/livez` and `/readyz` are served.
+    #[arg(long, env = "PARTITA_HTTP_LISTEN", default_value = "0.0.0.0:9464")]
+    pub http_listen: std::net::SocketAddr,
     #[command(flatten)]
     pub inference: InferenceOptions,
 }
@@ -90,6 +95,7 @@ impl NodeOptions {
         let mut node = Wrap::parse_from(["node"]).node;
         node.ingestion_bootstrap = bootstrap.to_owned();
         node.state_dir = state_dir;
+        node.http_listen = ([127, 0, 0, 1], 0).into();
         node
     }
 
@@ -111,6 +117,10 @@ pub struct NodeSummary {
 /// A started node: warm models, open store, consumer thread running.
 pub struct Node {
     pool: partita_actors::pool::InferencePool,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    /// Where the HTTP endpoints listen.
+    pub http: std::net::SocketAddr,
     consumer: crate::kafka::ConsumerHandle<RocksStore>,
     counters: Arc<PipelineCounters>,
     pub devices: Vec<String>,
@@ -119,11 +129,16 @@ pub struct Node {
 
 impl Node {
     pub async fn start(opts: &NodeOptions) -> anyhow::Result<Self> {
+        // Health and metrics first: `/livez` answers (and `/readyz` says why not) during warm-up.
+        let metrics = Arc::new(Metrics::new(&opts.zone));
+        let health = Arc::new(Health::default());
+        let http = serve(opts.http_listen, metrics.clone(), health.clone()).await?;
         let (pool, _repo) = opts.inference.start().await.context("starting the inference pool")?;
+        health.models_ready.store(true, Ordering::SeqCst);
         let devices = pool.status().await.iter().map(|w| w.device.to_string()).collect();
         let store = RocksStore::open(&RocksConfig::new(&opts.state_dir))
             .with_context(|| format!("opening the state store in {}", opts.state_dir.display()))?;
-        let cache = Arc::new(StateCache::new(store, opts.cache_mib << 20, Arc::new(NoopObserver)));
+        let cache = Arc::new(StateCache::new(store, opts.cache_mib << 20, metrics.clone()));
         let processing = KafkaTier {
             bootstrap: opts.processing_bootstrap.clone().unwrap_or_else(|| opts.ingestion_bootstrap.clone()),
             properties: opts.processing_properties.clone(),
@@ -142,7 +157,7 @@ impl Node {
         let counters = Arc::new(PipelineCounters::default());
         let wiring = Wiring {
             topic: Arc::from(opts.input_topic.as_str()),
-            cache,
+            cache: cache.clone(),
             router: pool.router(),
             sink,
             limits: Arc::new(opts.limits()),
@@ -153,6 +168,8 @@ impl Node {
                 ..PartitionConfig::default()
             },
             counters: counters.clone(),
+            observer: metrics.clone(),
+            health: health.clone(),
             queue_capacity: opts.partition_queue,
             drain_timeout: opts.grace,
         };
@@ -163,7 +180,17 @@ impl Node {
             session_timeout: opts.session_timeout,
         };
         let consumer = start_consumer(&ingestion, &settings, wiring, commits.1)?;
-        Ok(Self { pool, consumer, counters, devices, grace: opts.grace })
+        let context = consumer.context.clone();
+        metrics.attach(
+            Sources {
+                counters: counters.clone(),
+                cache: Box::new(move || cache.stats()),
+                lag: Box::new(move || context.lag.lock().unwrap().iter().map(|(p, l)| (*p, *l)).collect()),
+                workers: Default::default(),
+            },
+            pool.status_probe(),
+        );
+        Ok(Self { pool, metrics, health, http, consumer, counters, devices, grace: opts.grace })
     }
 
     pub fn counters(&self) -> &Arc<PipelineCounters> {
@@ -202,6 +229,7 @@ impl Node {
 
     pub async fn stop(self) -> anyhow::Result<NodeSummary> {
         tracing::info!(grace = ?self.grace, "draining");
+        self.health.draining.store(true, Ordering::SeqCst);
         self.consumer.request_stop();
         let result = self.consumer.join().await;
         self.pool.shutdown().await;

@@ -20,7 +20,7 @@ use partita_runtime::inference::{DeviceChoice, InferenceOptions};
 use partita_runtime::loadgen::{BAD_KINDS, GenRecord, Generator, Output, OutputReader, ReaderResult};
 use partita_runtime::state::rocks::{RocksConfig, RocksStore};
 use partita_tests::models_dir;
-use partita_tests::pipeline::{DLQ, INPUT, NodeProcess, SCORES, produce_tracked};
+use partita_tests::pipeline::{DLQ, INPUT, NodeProcess, SCORES, http_get, metric, produce_tracked};
 use prost::Message;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -292,6 +292,76 @@ async fn sigterm_commits_everything_and_a_restart_reprocesses_nothing() {
             .iter()
             .all(|(_, _, o)| matches!(o, Output::Score(Score { key, .. }) if key.starts_with(b"card-99-")))
     );
+    let (status, log) = node.terminate(Duration::from_secs(20));
+    assert!(status.is_some_and(|s| s.success()), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_match_what_was_processed_and_readiness_follows_the_node() {
+    let broker = broker().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let addr = format!("127.0.0.1:{}", partita_runtime::broker::free_port().unwrap());
+    let reader = OutputReader::start(&broker.bootstrap, SCORES, DLQ, true).unwrap();
+    let node = NodeProcess::start(&broker.bootstrap, &state, &["--http-listen", &addr]);
+
+    // Readiness: the endpoint answers during warm-up with 503, then 200 once the models are warm
+    // and the group assigned the node.
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(Instant::now() < deadline, "never ready: {seen:?}\n{}", node.log_text());
+        if let Some((code, body)) = http_get(&addr, "/readyz") {
+            if seen.last().is_none_or(|(c, _): &(u16, String)| *c != code) {
+                seen.push((code, body.trim().to_owned()));
+            }
+            if code == 200 {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(seen.first().map(|(c, _)| *c), Some(503), "not ready before warm-up and group join: {seen:?}");
+    assert_eq!(http_get(&addr, "/livez").map(|(c, _)| c), Some(200));
+
+    let recs = records(600, 30, 0.2, 21);
+    let landed = tokio::task::block_in_place(|| produce_tracked(&broker.bootstrap, &recs));
+    let answered = tokio::task::block_in_place(|| {
+        wait_answered(reader, recs.len() as u64, Duration::from_secs(60), || node.log_text())
+    });
+    let (_, text) = http_get(&addr, "/metrics").expect("metrics endpoint");
+    let zone = [("zone", "local")];
+    let good = recs.iter().filter(|r| r.bad.is_none()).count() as f64;
+    assert_eq!(metric(&text, "partita_scores_total", &zone), Some(good), "{text}");
+    assert_eq!(metric(&text, "partita_records_received_total", &[]), Some(recs.len() as f64));
+    for (reason, n) in &answered.dead_letters_by_reason {
+        assert_eq!(
+            metric(&text, "partita_dead_letters_total", &[("reason", reason)]),
+            Some(*n as f64),
+            "{reason}"
+        );
+    }
+    let model = [("model", "fraud_gru"), ("version", "1")];
+    assert_eq!(metric(&text, "partita_inference_requests_total", &model), Some(good));
+    let execs = metric(&text, "partita_inference_executions_total", &model).unwrap();
+    assert!(execs >= 1.0 && execs <= good + 1e-6, "executions {execs} for {good} requests");
+    assert_eq!(metric(&text, "partita_inference_queue_seconds_count", &model), Some(good));
+    assert_eq!(metric(&text, "partita_event_in_node_seconds_count", &[]), Some(good));
+    for p in 0..PARTITIONS {
+        let last = landed.iter().filter(|(lp, _)| *lp == p).map(|(_, o)| *o).max().unwrap();
+        assert_eq!(
+            metric(&text, "partita_applied_offset", &[("partition", &p.to_string())]),
+            Some(last as f64)
+        );
+    }
+    assert!(metric(&text, "partita_state_cache_misses_total", &[]).unwrap() >= 30.0);
+    assert_eq!(metric(&text, "partita_worker_healthy", &[("device", "cpu")]), Some(1.0));
+    assert_eq!(metric(&text, "partita_worker_restarts_total", &[]), Some(0.0));
+    for family in
+        ["partita_consumer_lag", "partita_state_write_seconds_bucket", "partita_inference_batch_size_bucket"]
+    {
+        assert!(text.contains(family), "{family} missing:\n{text}");
+    }
     let (status, log) = node.terminate(Duration::from_secs(20));
     assert!(status.is_some_and(|s| s.success()), "{log}");
 }

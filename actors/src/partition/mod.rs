@@ -142,7 +142,23 @@ pub struct PipelineCounters {
     pub batches: AtomicU64,
     /// Produce or store-write attempts that failed and were retried.
     pub retries: AtomicU64,
+    /// The stored applied offset of each partition this node applied to.
+    pub applied_offsets: std::sync::Mutex<std::collections::BTreeMap<u32, i64>>,
 }
+
+/// Hooks for metrics, called by partition actors. Every method has a no-op default.
+pub trait PipelineObserver: Send + Sync + 'static {
+    /// One record scored by `model`: its inference result, the time from the node receiving it to
+    /// its score being ready, and from its event time to then (`None` when the event time is
+    /// in the future of this node's clock).
+    fn scored(&self, _model: &str, _out: &InferOutput, _in_node: Duration, _since_event: Option<Duration>) {}
+    /// One batch's state write (with its offset) took `elapsed`.
+    fn state_written(&self, _partition: PartitionId, _elapsed: Duration) {}
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoopPipelineObserver;
+impl PipelineObserver for NoopPipelineObserver {}
 
 /// Number of `DeadLetterReason` values (the enum's highest value + 1).
 pub const DEAD_LETTER_REASONS: usize = DeadLetterReason::Duplicate as usize + 1;
@@ -173,6 +189,7 @@ pub struct PartitionArgs<S, K> {
     pub limits: Arc<Limits>,
     pub config: PartitionConfig,
     pub counters: Arc<PipelineCounters>,
+    pub observer: Arc<dyn PipelineObserver>,
 }
 
 pub struct PartitionState<S, K> {
@@ -402,6 +419,10 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
                         ks.state = out.new_state.clone();
                         ks.dirty = true;
                         scored += 1;
+                        let since_event = u64::try_from(unix_micros() - v.event.event_time_unix_micros)
+                            .ok()
+                            .map(Duration::from_micros);
+                        a.observer.scored(&v.model, &out, rec.received.elapsed(), since_event);
                         outputs.push((rec.offset, score(rec, v, &out, load_us)));
                     }
                     Outcome::Dead(reason, detail, attempts) => {
@@ -438,7 +459,9 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
             "batch applied"
         );
         let a = &mut self.args;
+        a.observer.state_written(a.partition, produced.elapsed());
         a.applied = Some(last);
+        a.counters.applied_offsets.lock().unwrap().insert(a.partition.0, last.0);
         a.sink.commit(a.partition, Offset(last.0 + 1));
         let c = &a.counters;
         c.scored.fetch_add(scored, Ordering::Relaxed);

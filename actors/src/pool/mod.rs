@@ -250,6 +250,16 @@ pub enum PoolError {
     Start(String),
 }
 
+/// Asks the pool supervisor for every worker's status; empty once the pool stopped.
+#[derive(Debug, Clone)]
+pub struct StatusProbe(ActorRef<WorkerPoolMsg>);
+
+impl StatusProbe {
+    pub async fn get(&self) -> Vec<WorkerStatus> {
+        ractor::call!(self.0, WorkerPoolMsg::Status).unwrap_or_default()
+    }
+}
+
 /// The running pool: its supervisor actor and the router handle.
 #[derive(Debug)]
 pub struct InferencePool {
@@ -289,7 +299,12 @@ impl InferencePool {
     }
 
     pub async fn status(&self) -> Vec<WorkerStatus> {
-        ractor::call!(self.actor, WorkerPoolMsg::Status).unwrap_or_default()
+        self.status_probe().get().await
+    }
+
+    /// A cloneable handle that asks for the workers' status (for metrics and health).
+    pub fn status_probe(&self) -> StatusProbe {
+        StatusProbe(self.actor.clone())
     }
 
     /// Refuse new requests, finish the admitted ones, stop every worker.

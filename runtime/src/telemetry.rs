@@ -1,0 +1,479 @@
+//! Prometheus metrics and the HTTP endpoints of a node: `/metrics` (OpenMetrics text, which
+//! Prometheus scrapes),
+//! `/livez` and `/readyz`.
+//!
+//! Metric meanings follow Triton's where they overlap: `partita_inference_requests_total` counts
+//! rows requested, `partita_inference_executions_total` counts model executions (batches), so the
+//! average batch size is requests ÷ executions. Base units only (`_seconds`), counters end in
+//! `_total`, histograms have buckets chosen for a 50 ms budget. Every series carries the node's
+//! `zone`; inference series carry `model` and `version`, partition series `partition`, worker
+//! series `worker` and `device`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use partita_actors::inference::InferOutput;
+use partita_actors::partition::{PipelineCounters, PipelineObserver};
+use partita_actors::pool::{StatusProbe, WorkerStatus};
+use partita_actors::state::{CacheObserver, CacheStats, PartitionId};
+use partita_proto::v1::DeadLetterReason;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+
+/// Latency buckets, seconds: fine below the 50 ms budget, coarse above.
+const SECONDS: [f64; 14] =
+    [0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0];
+const BATCH: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+
+fn seconds_histogram() -> Histogram {
+    Histogram::new(SECONDS)
+}
+
+fn batch_histogram() -> Histogram {
+    Histogram::new(BATCH)
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    model: String,
+    version: String,
+}
+
+/// Readiness: models warm, consumer in its group, not draining.
+#[derive(Debug, Default)]
+pub struct Health {
+    pub models_ready: AtomicBool,
+    pub joined: AtomicBool,
+    pub draining: AtomicBool,
+}
+
+impl Health {
+    pub fn ready(&self) -> bool {
+        self.models_ready.load(Ordering::SeqCst)
+            && self.joined.load(Ordering::SeqCst)
+            && !self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Why the node is not ready, for the `/readyz` body.
+    pub fn reason(&self) -> &'static str {
+        if self.draining.load(Ordering::SeqCst) {
+            "draining"
+        } else if !self.models_ready.load(Ordering::SeqCst) {
+            "models loading"
+        } else if !self.joined.load(Ordering::SeqCst) {
+            "joining the consumer group"
+        } else {
+            "ready"
+        }
+    }
+}
+
+/// What the scrape-time collector reads: counters the actors keep, cache stats, consumer lag,
+/// worker status.
+pub struct Sources {
+    pub counters: Arc<PipelineCounters>,
+    pub cache: Box<dyn Fn() -> CacheStats + Send + Sync>,
+    pub lag: Box<dyn Fn() -> Vec<(i32, i64)> + Send + Sync>,
+    pub workers: Mutex<Vec<WorkerStatus>>,
+}
+
+struct NodeCollector(Arc<Mutex<Option<Sources>>>);
+
+impl fmt::Debug for NodeCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("NodeCollector")
+    }
+}
+
+fn counter(enc: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: u64) -> fmt::Result {
+    let c = ConstCounter::new(v);
+    c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+fn gauge(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    v: i64,
+) -> fmt::Result {
+    let g = ConstGauge::new(v);
+    g.encode(enc.encode_descriptor(name, help, unit, g.metric_type())?)
+}
+
+impl Collector for NodeCollector {
+    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> fmt::Result {
+        let guard = self.0.lock().unwrap();
+        let Some(s) = guard.as_ref() else { return Ok(()) };
+        let c = &s.counters;
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        counter(
+            &mut enc,
+            "partita_records_received",
+            "Records taken from the ingestion topic",
+            get(&c.received),
+        )?;
+        counter(
+            &mut enc,
+            "partita_records_redelivered",
+            "Records at or below the stored applied offset, skipped",
+            get(&c.redelivered),
+        )?;
+        counter(&mut enc, "partita_scores", "Scores produced", get(&c.scored))?;
+        counter(&mut enc, "partita_batches", "Partition batches applied", get(&c.batches))?;
+        counter(&mut enc, "partita_retries", "Produce or state-write attempts retried", get(&c.retries))?;
+        counter(
+            &mut enc,
+            "partita_unknown_field_events",
+            "Events carrying fields this schema does not know (accepted)",
+            get(&c.unknown_fields),
+        )?;
+        counter(
+            &mut enc,
+            "partita_event_time_suspect",
+            "Events whose event time is over an hour from the node's clock (accepted, flagged)",
+            get(&c.time_suspect),
+        )?;
+        {
+            let mut m = enc.encode_descriptor(
+                "partita_dead_letters",
+                "Records sent to the dead-letter topic, by reason",
+                None,
+                MetricType::Counter,
+            )?;
+            for (i, n) in c.dead_letters.iter().enumerate().skip(1) {
+                let Ok(reason) = DeadLetterReason::try_from(i as i32) else { continue };
+                let labels = [("reason", reason.as_str_name())];
+                ConstCounter::new(n.load(Ordering::Relaxed)).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let applied = c.applied_offsets.lock().unwrap();
+            let mut m = enc.encode_descriptor(
+                "partita_applied_offset",
+                "The stored applied offset of each partition (state and offset written together)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (p, o) in applied.iter() {
+                let labels = [("partition", p.to_string())];
+                ConstGauge::new(*o).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor(
+                "partita_consumer_lag",
+                "Records behind the end of each owned partition (librdkafka statistics)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (p, lag) in (s.lag)() {
+                let labels = [("partition", p.to_string())];
+                ConstGauge::new(lag).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        let cache = (s.cache)();
+        counter(&mut enc, "partita_state_cache_hits", "State cache hits", cache.hits)?;
+        counter(
+            &mut enc,
+            "partita_state_cache_misses",
+            "State cache misses (loaded from the store)",
+            cache.misses,
+        )?;
+        counter(&mut enc, "partita_state_cache_evictions", "State cache evictions", cache.evictions)?;
+        gauge(&mut enc, "partita_state_cache", "State cache size", Some(&Unit::Bytes), cache.bytes as i64)?;
+        gauge(
+            &mut enc,
+            "partita_state_cache_budget",
+            "State cache budget",
+            Some(&Unit::Bytes),
+            cache.budget as i64,
+        )?;
+        let workers = s.workers.lock().unwrap();
+        {
+            let mut m = enc.encode_descriptor(
+                "partita_worker_healthy",
+                "1 if the worker serves",
+                None,
+                MetricType::Gauge,
+            )?;
+            for w in workers.iter() {
+                let labels = [("worker", w.index.to_string()), ("device", w.device.to_string())];
+                ConstGauge::new(i64::from(w.healthy)).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        let mut m = enc.encode_descriptor(
+            "partita_worker_restarts",
+            "Restarts of each worker by its supervisor",
+            None,
+            MetricType::Counter,
+        )?;
+        for w in workers.iter() {
+            let labels = [("worker", w.index.to_string()), ("device", w.device.to_string())];
+            ConstCounter::new(w.restarts as u64).encode(m.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The node's metrics: the registry, the recorded families, and the collector's sources.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<ModelLabels, Counter>,
+    executions: Family<ModelLabels, Counter<f64>>,
+    queue: Family<ModelLabels, Histogram, fn() -> Histogram>,
+    compute: Family<ModelLabels, Histogram, fn() -> Histogram>,
+    batch_size: Family<ModelLabels, Histogram, fn() -> Histogram>,
+    in_node: Histogram,
+    event_latency: Histogram,
+    state_write: Histogram,
+    state_load: Histogram,
+    sources: Arc<Mutex<Option<Sources>>>,
+    probe: Mutex<Option<StatusProbe>>,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    pub fn new(zone: &str) -> Self {
+        let mut registry = Registry::with_labels([("zone".into(), zone.to_owned().into())].into_iter());
+        let requests = Family::<ModelLabels, Counter>::default();
+        let executions = Family::<ModelLabels, Counter<f64>>::default();
+        let queue = Family::new_with_constructor(seconds_histogram as fn() -> Histogram);
+        let compute = Family::new_with_constructor(seconds_histogram as fn() -> Histogram);
+        let batch_size = Family::new_with_constructor(batch_histogram as fn() -> Histogram);
+        let in_node = seconds_histogram();
+        let event_latency = seconds_histogram();
+        let state_write = seconds_histogram();
+        let state_load = seconds_histogram();
+        registry.register(
+            "partita_inference_requests",
+            "Inference requests (rows) that succeeded, as Triton's nv_inference_request_success",
+            requests.clone(),
+        );
+        registry.register(
+            "partita_inference_executions",
+            "Model executions (batches) that served them, as Triton's nv_inference_exec_count; average batch = requests / executions",
+            executions.clone(),
+        );
+        registry.register_with_unit(
+            "partita_inference_queue",
+            "Time a request waited for its batch",
+            Unit::Seconds,
+            queue.clone(),
+        );
+        registry.register_with_unit(
+            "partita_inference_compute",
+            "Forward pass of the batch a request was in",
+            Unit::Seconds,
+            compute.clone(),
+        );
+        registry.register(
+            "partita_inference_batch_size",
+            "Rows in the batch each request ran in",
+            batch_size.clone(),
+        );
+        registry.register_with_unit(
+            "partita_event_in_node",
+            "From the node receiving a record to its score being ready",
+            Unit::Seconds,
+            in_node.clone(),
+        );
+        registry.register_with_unit(
+            "partita_event_latency",
+            "From an event's event time (producer clock) to its score being ready (node clock)",
+            Unit::Seconds,
+            event_latency.clone(),
+        );
+        registry.register_with_unit(
+            "partita_state_write",
+            "Atomic state + applied-offset writes, one per batch",
+            Unit::Seconds,
+            state_write.clone(),
+        );
+        registry.register_with_unit(
+            "partita_state_load",
+            "Batched state loads from the store on cache misses",
+            Unit::Seconds,
+            state_load.clone(),
+        );
+        let sources = Arc::new(Mutex::new(None));
+        registry.register_collector(Box::new(NodeCollector(sources.clone())));
+        Self {
+            registry,
+            requests,
+            executions,
+            queue,
+            compute,
+            batch_size,
+            in_node,
+            event_latency,
+            state_write,
+            state_load,
+            sources,
+            probe: Mutex::new(None),
+        }
+    }
+
+    /// Connect the scrape-time sources once the node's parts exist.
+    pub fn attach(&self, sources: Sources, probe: StatusProbe) {
+        *self.sources.lock().unwrap() = Some(sources);
+        *self.probe.lock().unwrap() = Some(probe);
+    }
+
+    /// The Prometheus text exposition, refreshing the worker status first.
+    pub async fn render(&self) -> String {
+        let probe = self.probe.lock().unwrap().clone();
+        if let Some(probe) = probe {
+            let status = probe.get().await;
+            if let Some(s) = self.sources.lock().unwrap().as_ref() {
+                *s.workers.lock().unwrap() = status;
+            }
+        }
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::warn!(error = %e, "encoding metrics");
+        }
+        out
+    }
+}
+
+impl PipelineObserver for Metrics {
+    fn scored(&self, model: &str, out: &InferOutput, in_node: Duration, since_event: Option<Duration>) {
+        let labels = ModelLabels { model: model.to_owned(), version: out.model_version.to_string() };
+        self.requests.get_or_create(&labels).inc();
+        // Each row of a batch of n adds 1/n: the batch adds up to one execution.
+        self.executions.get_or_create(&labels).inc_by(1.0 / out.batch_size.max(1) as f64);
+        self.queue.get_or_create(&labels).observe(out.queue_time.as_secs_f64());
+        self.compute.get_or_create(&labels).observe(out.compute_time.as_secs_f64());
+        self.batch_size.get_or_create(&labels).observe(out.batch_size as f64);
+        self.in_node.observe(in_node.as_secs_f64());
+        if let Some(d) = since_event {
+            self.event_latency.observe(d.as_secs_f64());
+        }
+    }
+
+    fn state_written(&self, _partition: PartitionId, elapsed: Duration) {
+        self.state_write.observe(elapsed.as_secs_f64());
+    }
+}
+
+impl CacheObserver for Metrics {
+    fn loaded(&self, _keys: usize, elapsed: Duration) {
+        self.state_load.observe(elapsed.as_secs_f64());
+    }
+}
+
+/// Serve `/metrics`, `/livez` and `/readyz` on `addr` until the process ends. Returns the bound
+/// address (port 0 picks a free one).
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+) -> anyhow::Result<SocketAddr> {
+    use axum::http::{StatusCode, header};
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    let bound = listener.local_addr()?;
+    let ready = health.clone();
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    (
+                        // prometheus-client writes OpenMetrics text (`_total` samples of a
+                        // counter family, `# UNIT`, `# EOF`); Prometheus scrapes it as such.
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        metrics.render().await,
+                    )
+                }
+            }),
+        )
+        .route("/livez", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let h = ready.clone();
+                async move {
+                    let code = if h.ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                    (code, format!("{}\n", h.reason()))
+                }
+            }),
+        );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the HTTP endpoint stopped");
+        }
+    });
+    tracing::info!(%bound, "serving /metrics, /livez, /readyz");
+    Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_only_when_warm_joined_and_not_draining() {
+        let h = Health::default();
+        assert!(!h.ready());
+        assert_eq!(h.reason(), "models loading");
+        h.models_ready.store(true, Ordering::SeqCst);
+        assert_eq!(h.reason(), "joining the consumer group");
+        h.joined.store(true, Ordering::SeqCst);
+        assert!(h.ready());
+        h.draining.store(true, Ordering::SeqCst);
+        assert!(!h.ready());
+        assert_eq!(h.reason(), "draining");
+    }
+
+    #[tokio::test]
+    async fn recorded_inferences_render_in_prometheus_text_with_the_zone() {
+        let m = Metrics::new("zone-a");
+        let out = InferOutput {
+            score: 0.5,
+            new_state: vec![],
+            model_version: 3,
+            batch_size: 4,
+            queue_time: Duration::from_millis(2),
+            compute_time: Duration::from_millis(1),
+        };
+        for _ in 0..4 {
+            m.scored("m", &out, Duration::from_millis(5), Some(Duration::from_millis(9)));
+        }
+        let text = m.render().await;
+        assert!(
+            text.contains(r#"partita_inference_requests_total{zone="zone-a",model="m",version="3"} 4"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"partita_inference_executions_total{zone="zone-a",model="m",version="3"} 1.0"#),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE partita_inference_queue_seconds histogram"), "{text}");
+        assert!(
+            text.contains(r#"partita_event_latency_seconds_bucket{zone="zone-a",le="0.01"} 4"#),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"), "OpenMetrics text ends with # EOF");
+    }
+}
