@@ -365,3 +365,38 @@ async fn metrics_match_what_was_processed_and_readiness_follows_the_node() {
     let (status, log) = node.terminate(Duration::from_secs(20));
     assert!(status.is_some_and(|s| s.success()), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producers_traceparent_comes_back_on_the_score() {
+    use rdkafka::message::{Headers, Message as _};
+    let broker = broker().await;
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start(&broker.bootstrap, &dir.path().join("state"), &[]);
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut recs = records(3, 3, 0.0, 5);
+    recs[1].headers.push(("traceparent".into(), traceparent.as_bytes().to_vec()));
+    let landed = tokio::task::block_in_place(|| produce_tracked(&broker.bootstrap, &recs));
+    let consumer: BaseConsumer = partita_runtime::kafka::client_config(&broker.bootstrap)
+        .set("group.id", "trace-check")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[SCORES]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let found = loop {
+        assert!(Instant::now() < deadline, "no score for the traced record:\n{}", node.log_text());
+        let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) else { continue };
+        if partita_runtime::loadgen::source_of(&m) != Some(landed[1]) {
+            continue;
+        }
+        break m.headers().and_then(|h| {
+            h.iter()
+                .find(|h| h.key == "traceparent")
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        });
+    };
+    let found = found.expect("the score carries a traceparent");
+    assert_eq!(found.split('-').nth(1), traceparent.split('-').nth(1), "same trace id");
+    drop(node);
+}
