@@ -10,6 +10,7 @@
 
 pub mod broker;
 pub mod commands;
+pub mod config;
 pub mod inference;
 pub mod kafka;
 pub mod loadgen;

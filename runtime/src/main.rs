@@ -19,7 +19,19 @@ enum Command {
     Models(InferenceOptions),
     /// Run a node: consume the ingestion topic, score events with their keys' state, produce
     /// scores and dead letters, until SIGTERM (then drain).
-    Node(Box<partita_runtime::node::NodeOptions>),
+    /// Settings: `--config FILE` (TOML, see config/partita.toml), then PARTITA_<SECTION>__<KEY>
+    /// environment variables, then flags (`partita node --help` lists them).
+    #[command(disable_help_flag = true)]
+    Node {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
+    /// Check a node's configuration (file, environment, flags) and print every problem at once.
+    #[command(disable_help_flag = true)]
+    CheckConfig {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Produce events at a fixed rate and measure the scores coming back.
     Loadgen(partita_runtime::loadgen::LoadgenOptions),
     /// Start a local broker, a node and the load generator; print where things ran and the results.
@@ -48,7 +60,11 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Models(opts) => commands::models::run(&opts).await,
             Command::Schema(args) => commands::schema::run(&args).await,
-            Command::Node(opts) => commands::node::run(&opts).await,
+            Command::Node { args } => match partita_runtime::config::resolve(&args) {
+                Ok((opts, _)) => commands::node::run(&opts).await,
+                Err(errors) => Err(anyhow::anyhow!("invalid configuration:\n  {}", errors.join("\n  "))),
+            },
+            Command::CheckConfig { args } => commands::check_config::run(&args),
             Command::Loadgen(opts) => commands::loadgen::run(&opts).await,
             Command::Demo(args) => commands::demo::run(&args).await,
         }

@@ -21,13 +21,13 @@ use crate::telemetry::{Health, Metrics, Sources, serve};
 #[derive(Debug, Clone, Args)]
 pub struct NodeOptions {
     /// Ingestion tier: bootstrap servers of the cluster holding the input topic.
-    #[arg(long, env = "PARTITA_INGESTION_BOOTSTRAP", default_value = "127.0.0.1:9092")]
+    #[arg(long, default_value = "127.0.0.1:9092")]
     pub ingestion_bootstrap: String,
     /// Extra librdkafka setting for the ingestion consumer, KEY=VALUE (repeatable).
     #[arg(long = "ingestion-property", value_parser = parse_property)]
     pub ingestion_properties: Vec<(String, String)>,
     /// Processing tier: bootstrap servers for scores and dead letters (default: the ingestion tier's).
-    #[arg(long, env = "PARTITA_PROCESSING_BOOTSTRAP")]
+    #[arg(long)]
     pub processing_bootstrap: Option<String>,
     /// Extra librdkafka setting for the output producer, KEY=VALUE (repeatable).
     #[arg(long = "processing-property", value_parser = parse_property)]
@@ -41,7 +41,7 @@ pub struct NodeOptions {
     #[arg(long, default_value = "partita")]
     pub group: String,
     /// This node's zone (`client.rack` for rack-aware assignment).
-    #[arg(long, env = "PARTITA_ZONE", default_value = "local")]
+    #[arg(long, default_value = "local")]
     pub zone: String,
     /// Static group membership id (a quick restart keeps the assignment).
     #[arg(long)]
@@ -51,15 +51,15 @@ pub struct NodeOptions {
     /// RocksDB directory for per-key state and applied offsets.
     #[arg(long, default_value = "partita-state")]
     pub state_dir: PathBuf,
-    /// Byte budget of the state cache, MiB.
-    #[arg(long, default_value_t = 256)]
-    pub cache_mib: u64,
+    /// Byte budget of the state cache (e.g. 256MiB).
+    #[arg(long, default_value = "256MiB")]
+    pub cache_size: bytesize::ByteSize,
     /// Model for events that name none.
     #[arg(long, default_value = "fraud_gru")]
     pub default_model: String,
     /// Largest record value accepted (larger: dead letter TOO_LARGE).
-    #[arg(long, default_value_t = 64 * 1024)]
-    pub max_value_bytes: usize,
+    #[arg(long, default_value = "64KiB")]
+    pub max_value_size: bytesize::ByteSize,
     /// Records per partition batch.
     #[arg(long, default_value_t = 1024)]
     pub max_batch: usize,
@@ -77,7 +77,7 @@ pub struct NodeOptions {
     #[arg(long, value_parser = humantime::parse_duration, default_value = "20s")]
     pub grace: Duration,
     /// Where `/metrics`, `/livez` and `/readyz` are served.
-    #[arg(long, env = "PARTITA_HTTP_LISTEN", default_value = "0.0.0.0:9464")]
+    #[arg(long, default_value = "0.0.0.0:9464")]
     pub http_listen: std::net::SocketAddr,
     #[command(flatten)]
     pub inference: InferenceOptions,
@@ -101,7 +101,7 @@ impl NodeOptions {
 
     fn limits(&self) -> Limits {
         Limits {
-            max_value_bytes: self.max_value_bytes,
+            max_value_bytes: usize::try_from(self.max_value_size.as_u64()).unwrap_or(usize::MAX),
             default_model: Arc::from(self.default_model.as_str()),
             ..Limits::default()
         }
@@ -138,7 +138,7 @@ impl Node {
         let devices = pool.status().await.iter().map(|w| w.device.to_string()).collect();
         let store = RocksStore::open(&RocksConfig::new(&opts.state_dir))
             .with_context(|| format!("opening the state store in {}", opts.state_dir.display()))?;
-        let cache = Arc::new(StateCache::new(store, opts.cache_mib << 20, metrics.clone()));
+        let cache = Arc::new(StateCache::new(store, opts.cache_size.as_u64(), metrics.clone()));
         let processing = KafkaTier {
             bootstrap: opts.processing_bootstrap.clone().unwrap_or_else(|| opts.ingestion_bootstrap.clone()),
             properties: opts.processing_properties.clone(),

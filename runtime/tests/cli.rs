@@ -33,3 +33,32 @@ fn an_invalid_repository_is_a_clear_error_and_a_failing_exit() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read directory"));
 }
+
+#[test]
+fn check_config_accepts_the_shipped_file_and_lists_every_problem_of_a_bad_one() {
+    let out = partita(&["check-config", "--config", "config/partita.toml", "--zone", "eu-1a"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("configuration OK") && stdout.contains("\"eu-1a\""), "{stdout}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[group]\nzone = 3\nsize = 1\n[state]\ncache_size = \"big\"\n[partition]\ninfer_deadline = \"later\"\n")
+        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_partita"))
+        .args(["check-config", "--config", bad.to_str().unwrap()])
+        .env("PARTITA_NODE__GRACE", "forever")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    for needle in [
+        "[group] size: unknown setting",
+        "[state] cache_size",
+        "[partition] infer_deadline",
+        "PARTITA_NODE__GRACE",
+    ] {
+        assert!(stderr.contains(needle), "{needle:?} not reported:\n{stderr}");
+    }
+    assert!(stderr.contains("4 problem(s)"), "{stderr}");
+}

@@ -90,11 +90,7 @@ async fn with_broker(args: &DemoArgs, broker: &LocalBroker, stop: &Arc<AtomicBoo
         "  node          group {}, zone {}, {} partition actors, workers on [{}]",
         node_opts.group, node_opts.zone, started, devices
     );
-    println!(
-        "  state         RocksDB in {} (removed), cache {} MiB",
-        state_dir.display(),
-        node_opts.cache_mib
-    );
+    println!("  state         RocksDB in {} (removed), cache {}", state_dir.display(), node_opts.cache_size);
     println!("  model         {} from {}", node_opts.default_model, node_opts.inference.repository.display());
     println!();
     println!("results");

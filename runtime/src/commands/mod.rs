@@ -1,5 +1,6 @@
 //! One module per `partita` subcommand; `main.rs` only parses and dispatches.
 
+pub mod check_config;
 pub mod demo;
 pub mod loadgen;
 pub mod models;

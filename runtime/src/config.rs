@@ -1,0 +1,351 @@
+//! Layered configuration of `partita node`: a TOML file (every default is in
+//! `config/partita.toml`), then environment variables `PARTITA_<SECTION>__<KEY>`, then command-line
+//! flags; the later layer wins. Unknown sections and keys are errors; durations (`"2s"`) and
+//! sizes (`"256MiB"`) carry units.
+//!
+//! Every setting is a flag of `partita node`, so the layers are merged into one argument list and
+//! parsed once by clap: one parser, one set of defaults, one place that checks values. Each file
+//! or environment entry is also parsed on its own first, so `partita check-config` reports every
+//! bad entry at once, each with where it came from.
+
+use std::ffi::OsString;
+use std::path::Path;
+
+use clap::Parser;
+
+use crate::node::NodeOptions;
+
+/// One setting: its place in the file / environment and the flag it sets.
+#[derive(Debug, Clone, Copy)]
+struct Setting {
+    section: &'static str,
+    key: &'static str,
+    flag: &'static str,
+    kind: Kind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// `--flag VALUE`, once.
+    Value,
+    /// A TOML table of librdkafka properties: `--flag K=V` per entry (env: `K=V,K=V`).
+    Properties,
+    /// `true` adds the bare flag.
+    Switch,
+}
+
+const fn s(section: &'static str, key: &'static str, flag: &'static str) -> Setting {
+    Setting { section, key, flag, kind: Kind::Value }
+}
+
+const SETTINGS: &[Setting] = &[
+    s("ingestion", "bootstrap", "--ingestion-bootstrap"),
+    Setting { section: "ingestion", key: "properties", flag: "--ingestion-property", kind: Kind::Properties },
+    s("processing", "bootstrap", "--processing-bootstrap"),
+    Setting {
+        section: "processing",
+        key: "properties",
+        flag: "--processing-property",
+        kind: Kind::Properties,
+    },
+    s("topics", "input", "--input-topic"),
+    s("topics", "scores", "--scores-topic"),
+    s("topics", "dead_letters", "--dlq-topic"),
+    s("group", "id", "--group"),
+    s("group", "zone", "--zone"),
+    s("group", "instance_id", "--instance-id"),
+    s("group", "session_timeout", "--session-timeout"),
+    s("state", "dir", "--state-dir"),
+    s("state", "cache_size", "--cache-size"),
+    s("partition", "max_batch", "--max-batch"),
+    s("partition", "max_waves", "--max-waves"),
+    s("partition", "queue", "--partition-queue"),
+    s("partition", "infer_deadline", "--infer-deadline"),
+    s("partition", "max_value_size", "--max-value-size"),
+    s("inference", "repository", "--repository"),
+    s("inference", "device", "--device"),
+    s("inference", "cpu_workers", "--cpu-workers"),
+    s("inference", "intra_op_threads", "--intra-op-threads"),
+    s("inference", "max_inflight", "--max-inflight"),
+    s("inference", "default_model", "--default-model"),
+    Setting { section: "inference", key: "no_batching", flag: "--no-batching", kind: Kind::Switch },
+    s("node", "grace", "--grace"),
+    s("node", "http_listen", "--http-listen"),
+];
+
+fn setting(section: &str, key: &str) -> Option<&'static Setting> {
+    SETTINGS.iter().find(|s| s.section == section && s.key == key)
+}
+
+// The flags of `partita node` on their own (also used to check one entry at a time).
+#[derive(Debug, Parser)]
+#[command(
+    name = "partita node",
+    no_binary_name = true,
+    about = "Run a node. Settings: --config FILE (TOML, every default in config/partita.toml; or $PARTITA_CONFIG), then PARTITA_<SECTION>__<KEY> environment variables, then these flags."
+)]
+struct NodeFlags {
+    #[command(flatten)]
+    node: NodeOptions,
+}
+
+/// One entry from a layer, as flag arguments, with where it came from.
+#[derive(Debug)]
+struct Entry {
+    flag: &'static str,
+    kind: Kind,
+    args: Vec<String>,
+    origin: String,
+}
+
+/// The merged arguments, or every problem found.
+#[derive(Debug, Default)]
+pub struct Layered {
+    pub args: Vec<OsString>,
+    pub errors: Vec<String>,
+    /// Entries taken from the file and the environment (for `check-config`'s summary).
+    pub from_file: usize,
+    pub from_env: usize,
+}
+
+fn scalar(v: &toml::Value) -> Option<String> {
+    match v {
+        toml::Value::String(s) => Some(s.clone()),
+        toml::Value::Integer(i) => Some(i.to_string()),
+        toml::Value::Float(f) => Some(f.to_string()),
+        toml::Value::Boolean(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn entry(setting: &'static Setting, value: &toml::Value, origin: String) -> Result<Entry, String> {
+    let args = match (setting.kind, value) {
+        (Kind::Properties, toml::Value::Table(t)) => t
+            .iter()
+            .map(|(k, v)| {
+                scalar(v).map(|v| format!("{k}={v}")).ok_or_else(|| format!("{origin}: {k} must be a string"))
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        (Kind::Properties, toml::Value::String(s)) => {
+            s.split(',').filter(|p| !p.trim().is_empty()).map(|p| p.trim().to_owned()).collect()
+        }
+        (Kind::Properties, _) => return Err(format!("{origin}: expected a table of librdkafka properties")),
+        (Kind::Switch, v) => match scalar(v).as_deref() {
+            Some("true") => vec![],
+            Some("false") => {
+                return Ok(Entry {
+                    flag: setting.flag,
+                    kind: setting.kind,
+                    args: vec!["false".into()],
+                    origin,
+                });
+            }
+            _ => return Err(format!("{origin}: expected true or false")),
+        },
+        (Kind::Value, v) => {
+            vec![scalar(v).ok_or_else(|| format!("{origin}: expected a value, not a table or array"))?]
+        }
+    };
+    Ok(Entry { flag: setting.flag, kind: setting.kind, args, origin })
+}
+
+impl Entry {
+    /// The entry's flag arguments (a switch set to false contributes nothing).
+    fn argv(&self) -> Vec<String> {
+        match self.kind {
+            Kind::Value => vec![self.flag.to_owned(), self.args[0].clone()],
+            Kind::Properties => self.args.iter().flat_map(|a| [self.flag.to_owned(), a.clone()]).collect(),
+            Kind::Switch if self.args.is_empty() => vec![self.flag.to_owned()],
+            Kind::Switch => vec![],
+        }
+    }
+}
+
+/// Merge `file` (TOML), `env` (`PARTITA_<SECTION>__<KEY>` variables) and `cli` (the user's flags
+/// of `partita node`) into one argument list; later layers win for single-valued settings,
+/// properties accumulate.
+pub fn layer(
+    file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+    cli: &[OsString],
+) -> Layered {
+    let mut out = Layered::default();
+    let mut entries: Vec<Entry> = Vec::new();
+    if let Some(path) = file {
+        match std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|t| t.parse::<toml::Table>().map_err(|e| e.to_string()))
+        {
+            Err(e) => out.errors.push(format!("{}: {e}", path.display())),
+            Ok(table) => {
+                for (section, keys) in &table {
+                    let Some(keys) = keys.as_table() else {
+                        out.errors.push(format!("{}: [{section}] must be a table", path.display()));
+                        continue;
+                    };
+                    for (key, value) in keys {
+                        let origin = format!("{}: [{section}] {key}", path.display());
+                        match setting(section, key) {
+                            None => out.errors.push(format!("{origin}: unknown setting")),
+                            Some(s) => match entry(s, value, origin) {
+                                Ok(e) => {
+                                    out.from_file += 1;
+                                    entries.push(e);
+                                }
+                                Err(e) => out.errors.push(e),
+                            },
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let mut env: Vec<(String, String)> = env.into_iter().collect();
+    env.sort();
+    for (name, value) in env {
+        let Some((section, key)) = name.strip_prefix("PARTITA_").and_then(|r| r.split_once("__")) else {
+            continue;
+        };
+        let origin = format!("environment {name}");
+        match setting(&section.to_lowercase(), &key.to_lowercase()) {
+            None => out.errors.push(format!("{origin}: unknown setting")),
+            Some(s) => match entry(s, &toml::Value::String(value), origin) {
+                Ok(e) => {
+                    out.from_env += 1;
+                    entries.push(e);
+                }
+                Err(e) => out.errors.push(e),
+            },
+        }
+    }
+    // Check each entry on its own so every bad value is reported, with its origin.
+    for e in &entries {
+        if let Err(err) = NodeFlags::try_parse_from(e.argv()) {
+            let text = err.to_string();
+            let first = text.lines().next().unwrap_or_default().trim_start_matches("error: ");
+            out.errors.push(format!("{}: {first}", e.origin));
+        }
+    }
+    let cli_flags: Vec<String> = cli
+        .iter()
+        .filter_map(|a| a.to_str())
+        .filter(|a| a.starts_with("--"))
+        .map(|a| a.split('=').next().unwrap_or(a).to_owned())
+        .collect();
+    for (i, e) in entries.iter().enumerate() {
+        let overridden = e.kind != Kind::Properties
+            && (entries[i + 1..].iter().any(|later| later.flag == e.flag)
+                || cli_flags.iter().any(|f| f == e.flag));
+        if !overridden {
+            out.args.extend(e.argv().into_iter().map(OsString::from));
+        }
+    }
+    out.args.extend(cli.iter().cloned());
+    out
+}
+
+/// Resolve `partita node`'s options from the layers: `--config FILE` (or `$PARTITA_CONFIG`)
+/// is taken out of `cli`; `Err` lists every problem. `--help` prints the flags and exits.
+pub fn resolve(cli: &[OsString]) -> Result<(NodeOptions, Layered), Vec<String>> {
+    if cli.iter().any(|a| a == "--help" || a == "-h") {
+        NodeFlags::parse_from(cli);
+    }
+    let mut file: Option<std::path::PathBuf> = std::env::var_os("PARTITA_CONFIG").map(Into::into);
+    let mut rest = Vec::with_capacity(cli.len());
+    let mut args = cli.iter();
+    while let Some(a) = args.next() {
+        match a.to_str() {
+            Some("--config") => match args.next() {
+                Some(v) => file = Some(v.into()),
+                None => return Err(vec!["--config needs a file".into()]),
+            },
+            Some(s) if s.starts_with("--config=") => file = Some(s["--config=".len()..].into()),
+            _ => rest.push(a.clone()),
+        }
+    }
+    let env = std::env::vars().filter(|(k, _)| k.starts_with("PARTITA_") && k.contains("__"));
+    let layered = layer(file.as_deref(), env, &rest);
+    if !layered.errors.is_empty() {
+        return Err(layered.errors);
+    }
+    match NodeFlags::try_parse_from(&layered.args) {
+        Ok(f) => Ok((f.node, layered)),
+        Err(e) => Err(vec![e.to_string().trim().trim_start_matches("error: ").to_owned()]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    fn parse(l: &Layered) -> NodeOptions {
+        assert!(l.errors.is_empty(), "{:?}", l.errors);
+        NodeFlags::try_parse_from(&l.args).unwrap().node
+    }
+
+    #[test]
+    fn the_checked_in_file_holds_every_setting_and_equals_the_built_in_defaults() {
+        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../config/partita.toml");
+        let l = layer(Some(&path), [], &[]);
+        let text = std::fs::read_to_string(&path).unwrap();
+        for s in SETTINGS {
+            // Settings without a default (optional) are there commented out.
+            let present = text.lines().any(|l| {
+                let l = l.trim_start_matches(['#', ' ']);
+                l.starts_with(&format!("{} =", s.key)) || l.starts_with(&format!("[{}.{}]", s.section, s.key))
+            });
+            assert!(present, "config/partita.toml lacks [{}] {}", s.section, s.key);
+        }
+        let from_file = parse(&l);
+        let built_in = NodeFlags::try_parse_from(Vec::<String>::new()).unwrap().node;
+        assert_eq!(format!("{from_file:?}"), format!("{built_in:?}"));
+    }
+
+    #[test]
+    fn environment_beats_file_and_flags_beat_both() {
+        let f = file(
+            "[group]\nzone = \"a\"\nid = \"g\"\n[state]\ncache_size = \"64MiB\"\n[ingestion.properties]\n\"client.id\" = \"x\"\n",
+        );
+        let env = [("PARTITA_GROUP__ZONE".to_owned(), "b".to_owned())];
+        let o = parse(&layer(Some(f.path()), env.clone(), &[]));
+        assert_eq!((o.zone.as_str(), o.group.as_str(), o.cache_size.as_u64()), ("b", "g", 64 << 20));
+        assert_eq!(o.ingestion_properties, vec![("client.id".to_owned(), "x".to_owned())]);
+        let cli: Vec<OsString> =
+            ["--zone", "c", "--ingestion-property", "acks=all"].map(OsString::from).to_vec();
+        let o = parse(&layer(Some(f.path()), env, &cli));
+        assert_eq!(o.zone, "c");
+        assert_eq!(o.ingestion_properties.len(), 2, "properties accumulate");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_with_its_origin() {
+        let f = file(
+            "[group]\nzone = \"a\"\ncolour = \"red\"\n[partition]\ninfer_deadline = \"soon\"\nmax_batch = -3\n[nonsense]\nx = 1\n",
+        );
+        let env = [
+            ("PARTITA_STATE__CACHE_SIZE".to_owned(), "lots".to_owned()),
+            ("PARTITA_STATE__COLOUR".to_owned(), "blue".to_owned()),
+        ];
+        let l = layer(Some(f.path()), env, &[]);
+        let all = l.errors.join("\n");
+        assert_eq!(l.errors.len(), 6, "{all}");
+        for needle in [
+            "[group] colour: unknown setting",
+            "[partition] infer_deadline",
+            "[partition] max_batch",
+            "[nonsense] x",
+            "PARTITA_STATE__CACHE_SIZE",
+            "PARTITA_STATE__COLOUR",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+    }
+}
