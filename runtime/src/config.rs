@@ -71,6 +71,7 @@ const SETTINGS: &[Setting] = &[
     Setting { section: "inference", key: "no_batching", flag: "--no-batching", kind: Kind::Switch },
     s("node", "grace", "--grace"),
     s("node", "http_listen", "--http-listen"),
+    s("node", "grpc_listen", "--grpc-listen"),
 ];
 
 fn setting(section: &str, key: &str) -> Option<&'static Setting> {

@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use crate::inference::InferenceOptions;
 use crate::kafka::{ConsumerSettings, KafkaSink, KafkaTier, Wiring, parse_property, start_consumer};
 use crate::state::rocks::{RocksConfig, RocksStore};
-use crate::telemetry::{Health, Metrics, Sources, serve};
+use crate::telemetry::{Health, Metrics, Sources, serve, serve_grpc_health};
 
 /// Flags of `partita node` (and the node inside `partita demo`).
 #[derive(Debug, Clone, Args)]
@@ -79,6 +79,9 @@ pub struct NodeOptions {
     /// Where `/metrics`, `/livez` and `/readyz` are served.
     #[arg(long, default_value = "0.0.0.0:9464")]
     pub http_listen: std::net::SocketAddr,
+    /// Where the gRPC health service (grpc.health.v1) is served.
+    #[arg(long, default_value = "0.0.0.0:50051")]
+    pub grpc_listen: std::net::SocketAddr,
     #[command(flatten)]
     pub inference: InferenceOptions,
 }
@@ -96,6 +99,7 @@ impl NodeOptions {
         node.ingestion_bootstrap = bootstrap.to_owned();
         node.state_dir = state_dir;
         node.http_listen = ([127, 0, 0, 1], 0).into();
+        node.grpc_listen = ([127, 0, 0, 1], 0).into();
         node
     }
 
@@ -121,6 +125,8 @@ pub struct Node {
     pub health: Arc<Health>,
     /// Where the HTTP endpoints listen.
     pub http: std::net::SocketAddr,
+    /// Where the gRPC health service listens.
+    pub grpc: std::net::SocketAddr,
     consumer: crate::kafka::ConsumerHandle<RocksStore>,
     counters: Arc<PipelineCounters>,
     pub devices: Vec<String>,
@@ -133,6 +139,7 @@ impl Node {
         let metrics = Arc::new(Metrics::new(&opts.zone));
         let health = Arc::new(Health::default());
         let http = serve(opts.http_listen, metrics.clone(), health.clone()).await?;
+        let grpc = serve_grpc_health(opts.grpc_listen, health.clone()).await?;
         let (pool, _repo) = opts.inference.start().await.context("starting the inference pool")?;
         health.models_ready.store(true, Ordering::SeqCst);
         let devices = pool.status().await.iter().map(|w| w.device.to_string()).collect();
@@ -190,7 +197,7 @@ impl Node {
             },
             pool.status_probe(),
         );
-        Ok(Self { pool, metrics, health, http, consumer, counters, devices, grace: opts.grace })
+        Ok(Self { pool, metrics, health, http, grpc, consumer, counters, devices, grace: opts.grace })
     }
 
     pub fn counters(&self) -> &Arc<PipelineCounters> {

@@ -428,6 +428,38 @@ pub async fn serve(
     Ok(bound)
 }
 
+/// Serve the standard gRPC health service (`grpc.health.v1.Health`) on `addr`: the overall
+/// status (service `""`) is SERVING exactly when [`Health::ready`] holds. Returns the bound address.
+pub async fn serve_grpc_health(addr: SocketAddr, health: Arc<Health>) -> anyhow::Result<SocketAddr> {
+    use tonic_health::ServingStatus;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    let bound = listener.local_addr()?;
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter.set_service_status("", ServingStatus::NotServing).await;
+    tokio::spawn(async move {
+        let mut last = None;
+        loop {
+            let ready = health.ready();
+            if last != Some(ready) {
+                let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
+                reporter.set_service_status("", status).await;
+                last = Some(ready);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    tokio::spawn(async move {
+        if let Err(e) =
+            tonic::transport::Server::builder().add_service(service).serve_with_incoming(incoming).await
+        {
+            tracing::error!(error = %e, "the gRPC health endpoint stopped");
+        }
+    });
+    tracing::info!(%bound, "serving grpc.health.v1.Health");
+    Ok(bound)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

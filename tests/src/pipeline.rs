@@ -48,11 +48,12 @@ impl NodeProcess {
             .args(["--device", "cpu", "--intra-op-threads", "1", "--session-timeout", "6s", "--grace", "15s"])
             .args(extra)
             // Tests run in parallel: each node picks a free port unless the test chose one.
-            .args(if extra.contains(&"--http-listen") {
-                &[][..]
-            } else {
-                &["--http-listen", "127.0.0.1:0"][..]
-            })
+            .args(
+                ["--http-listen", "--grpc-listen"]
+                    .iter()
+                    .filter(|f| !extra.contains(f))
+                    .flat_map(|f| [*f, "127.0.0.1:0"]),
+            )
             .env("RUST_LOG", "warn,partita=info")
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log handle"))

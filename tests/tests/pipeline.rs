@@ -302,8 +302,10 @@ async fn metrics_match_what_was_processed_and_readiness_follows_the_node() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let addr = format!("127.0.0.1:{}", partita_runtime::broker::free_port().unwrap());
+    let grpc = format!("127.0.0.1:{}", partita_runtime::broker::free_port().unwrap());
     let reader = OutputReader::start(&broker.bootstrap, SCORES, DLQ, true).unwrap();
-    let node = NodeProcess::start(&broker.bootstrap, &state, &["--http-listen", &addr]);
+    let node =
+        NodeProcess::start(&broker.bootstrap, &state, &["--http-listen", &addr, "--grpc-listen", &grpc]);
 
     // Readiness: the endpoint answers during warm-up with 503, then 200 once the models are warm
     // and the group assigned the node.
@@ -323,6 +325,24 @@ async fn metrics_match_what_was_processed_and_readiness_follows_the_node() {
     }
     assert_eq!(seen.first().map(|(c, _)| *c), Some(503), "not ready before warm-up and group join: {seen:?}");
     assert_eq!(http_get(&addr, "/livez").map(|(c, _)| c), Some(200));
+    // The gRPC health service agrees.
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://{grpc}")).unwrap().connect().await.unwrap();
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = client
+            .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        if status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "gRPC health never SERVING (status {status})");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let recs = records(600, 30, 0.2, 21);
     let landed = tokio::task::block_in_place(|| produce_tracked(&broker.bootstrap, &recs));
