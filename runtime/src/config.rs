@@ -74,6 +74,13 @@ const SETTINGS: &[Setting] = &[
     s("node", "grpc_listen", "--grpc-listen"),
 ];
 
+/// The defaults of a group of flags, as clap parses an empty command line (one source of
+/// defaults for the CLI, the config file test, the demo, tests and benchmarks).
+pub fn defaults<T: clap::Args + clap::FromArgMatches>() -> T {
+    let cmd = T::augment_args(clap::Command::new("defaults").no_binary_name(true));
+    T::from_arg_matches(&cmd.get_matches_from(Vec::<String>::new())).expect("flag defaults parse")
+}
+
 fn setting(section: &str, key: &str) -> Option<&'static Setting> {
     SETTINGS.iter().find(|s| s.section == section && s.key == key)
 }
@@ -306,7 +313,7 @@ mod tests {
             assert!(present, "config/partita.toml lacks [{}] {}", s.section, s.key);
         }
         let from_file = parse(&l);
-        let built_in = NodeFlags::try_parse_from(Vec::<String>::new()).unwrap().node;
+        let built_in: NodeOptions = defaults();
         assert_eq!(format!("{from_file:?}"), format!("{built_in:?}"));
     }
 

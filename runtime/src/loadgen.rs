@@ -75,13 +75,7 @@ pub struct LoadgenOptions {
 impl LoadgenOptions {
     /// Defaults against `bootstrap` (demo, tests, benchmarks).
     pub fn local(bootstrap: &str) -> Self {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Wrap {
-            #[command(flatten)]
-            opts: LoadgenOptions,
-        }
-        let mut o = Wrap::parse_from(["loadgen"]).opts;
+        let mut o: LoadgenOptions = crate::config::defaults();
         o.bootstrap = bootstrap.to_owned();
         o
     }

@@ -89,13 +89,7 @@ pub struct NodeOptions {
 impl NodeOptions {
     /// Defaults for a node on `bootstrap` with state in `state_dir` (demo, tests, benchmarks).
     pub fn local(bootstrap: &str, state_dir: PathBuf) -> Self {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Wrap {
-            #[command(flatten)]
-            node: NodeOptions,
-        }
-        let mut node = Wrap::parse_from(["node"]).node;
+        let mut node: NodeOptions = crate::config::defaults();
         node.ingestion_bootstrap = bootstrap.to_owned();
         node.state_dir = state_dir;
         node.http_listen = ([127, 0, 0, 1], 0).into();
