@@ -233,6 +233,7 @@ impl Node {
         self.health.draining.store(true, Ordering::SeqCst);
         self.consumer.request_stop();
         let result = self.consumer.join().await;
+        self.metrics.detach();
         self.pool.shutdown().await;
         result.map(|()| NodeSummary { counters: self.counters })
     }

@@ -335,6 +335,13 @@ impl Metrics {
         *self.probe.lock().unwrap() = Some(probe);
     }
 
+    /// Drop the scrape-time sources (they hold the consumer's context and with it the producer),
+    /// so a stopped node's Kafka clients close even while the HTTP endpoint lives on.
+    pub fn detach(&self) {
+        *self.sources.lock().unwrap() = None;
+        *self.probe.lock().unwrap() = None;
+    }
+
     /// The Prometheus text exposition, refreshing the worker status first.
     pub async fn render(&self) -> String {
         let probe = self.probe.lock().unwrap().clone();
