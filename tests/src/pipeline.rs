@@ -36,6 +36,11 @@ pub struct NodeProcess {
 
 impl NodeProcess {
     pub fn start(bootstrap: &str, state_dir: &Path, extra: &[&str]) -> Self {
+        Self::start_with_env(bootstrap, state_dir, extra, &[])
+    }
+
+    /// Like [`NodeProcess::start`], with extra environment variables (failpoints).
+    pub fn start_with_env(bootstrap: &str, state_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let log = state_dir.with_extension("log");
         let file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("node log file");
         let child = Command::new(partita_bin())
@@ -55,6 +60,7 @@ impl NodeProcess {
                     .flat_map(|f| [*f, "127.0.0.1:0"]),
             )
             .env("RUST_LOG", "warn,partita=info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log handle"))
             .stderr(file)
@@ -95,6 +101,18 @@ impl NodeProcess {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Wait until the process exits on its own (a failpoint), within `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(s) = self.child.try_wait().expect("waiting for the node") {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// SIGKILL (kill -9) and reap.

@@ -248,6 +248,44 @@ async fn kill_9_mid_stream_then_restart_loses_nothing_and_applies_nothing_twice(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_produce_and_state_write_repeats_outputs_but_applies_state_once() {
+    let broker = broker().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let reader = OutputReader::start(&broker.bootstrap, SCORES, DLQ, true).unwrap();
+    let recs = records(1200, 30, 0.05, 13);
+    let landed = tokio::task::block_in_place(|| produce_tracked(&broker.bootstrap, &recs));
+    // The node aborts right after its 3rd acknowledged output batch, before that batch's state
+    // write: the worst moment for effectively-once.
+    let mut node = NodeProcess::start_with_env(
+        &broker.bootstrap,
+        &state,
+        &[],
+        &[("PARTITA_FAILPOINT_CRASH_AFTER_PRODUCE", "3")],
+    );
+    let status = tokio::task::block_in_place(|| node.wait_exit(Duration::from_secs(60)));
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the failpoint did not fire: {status:?}\n{}",
+        node.log_text()
+    );
+    assert!(node.log_text().contains("failpoint: crashing"), "{}", node.log_text());
+    drop(node);
+    let node = NodeProcess::start(&broker.bootstrap, &state, &[]);
+    let seen = tokio::task::block_in_place(|| {
+        wait_answered(reader, recs.len() as u64, Duration::from_secs(120), || node.log_text())
+    });
+    let (status, log) = node.terminate(Duration::from_secs(20));
+    assert!(status.is_some_and(|s| s.success()), "{log}");
+    let dups = check(&recs, &landed, &seen, &state).await;
+    assert!(dups > 0, "the crashed batch's outputs must show up again after the restart (at least once)");
+    assert_eq!(dups, seen.duplicates);
+    eprintln!(
+        "crash after produce: {dups} duplicate outputs, every one with the source coordinates of its original; state == replay"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_commits_everything_and_a_restart_reprocesses_nothing() {
     let broker = broker().await;
     let dir = tempfile::tempdir().unwrap();
