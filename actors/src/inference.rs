@@ -28,6 +28,8 @@ pub struct InferOutput {
     pub model_version: u32,
     /// Rows in the `forward` call that served this request.
     pub batch_size: usize,
+    /// The device of the worker that ran it.
+    pub device: Device,
     /// From the router's send to the start of the batch.
     pub queue_time: Duration,
     /// The `forward` call, tensor building and copying out included.

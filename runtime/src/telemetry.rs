@@ -6,7 +6,7 @@
 //! rows requested, `partita_inference_executions_total` counts model executions (batches), so the
 //! average batch size is requests ÷ executions. Base units only (`_seconds`), counters end in
 //! `_total`, histograms have buckets chosen for a 50 ms budget. Every series carries the node's
-//! `zone`; inference series carry `model` and `version`, partition series `partition`, worker
+//! `zone`; inference series carry `model`, `version` and `device`, partition series `partition`, worker
 //! series `worker` and `device`.
 
 use std::fmt;
@@ -47,6 +47,7 @@ fn batch_histogram() -> Histogram {
 struct ModelLabels {
     model: String,
     version: String,
+    device: String,
 }
 
 /// Readiness: models warm, consumer in its group, not draining.
@@ -361,7 +362,11 @@ impl Metrics {
 
 impl PipelineObserver for Metrics {
     fn scored(&self, model: &str, out: &InferOutput, in_node: Duration, since_event: Option<Duration>) {
-        let labels = ModelLabels { model: model.to_owned(), version: out.model_version.to_string() };
+        let labels = ModelLabels {
+            model: model.to_owned(),
+            version: out.model_version.to_string(),
+            device: out.device.to_string(),
+        };
         self.requests.get_or_create(&labels).inc();
         // Each row of a batch of n adds 1/n: the batch adds up to one execution.
         self.executions.get_or_create(&labels).inc_by(1.0 / out.batch_size.max(1) as f64);
@@ -493,6 +498,7 @@ mod tests {
             new_state: vec![],
             model_version: 3,
             batch_size: 4,
+            device: partita_actors::inference::Device::Cpu,
             queue_time: Duration::from_millis(2),
             compute_time: Duration::from_millis(1),
         };
@@ -501,11 +507,15 @@ mod tests {
         }
         let text = m.render().await;
         assert!(
-            text.contains(r#"partita_inference_requests_total{zone="zone-a",model="m",version="3"} 4"#),
+            text.contains(
+                r#"partita_inference_requests_total{zone="zone-a",model="m",version="3",device="cpu"} 4"#
+            ),
             "{text}"
         );
         assert!(
-            text.contains(r#"partita_inference_executions_total{zone="zone-a",model="m",version="3"} 1.0"#),
+            text.contains(
+                r#"partita_inference_executions_total{zone="zone-a",model="m",version="3",device="cpu"} 1.0"#
+            ),
             "{text}"
         );
         assert!(text.contains("# TYPE partita_inference_queue_seconds histogram"), "{text}");

@@ -399,7 +399,7 @@ async fn metrics_match_what_was_processed_and_readiness_follows_the_node() {
             "{reason}"
         );
     }
-    let model = [("model", "fraud_gru"), ("version", "1")];
+    let model = [("model", "fraud_gru"), ("version", "1"), ("device", "cpu")];
     assert_eq!(metric(&text, "partita_inference_requests_total", &model), Some(good));
     let execs = metric(&text, "partita_inference_executions_total", &model).unwrap();
     assert!(execs >= 1.0 && execs <= good + 1e-6, "executions {execs} for {good} requests");

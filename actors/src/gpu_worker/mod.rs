@@ -88,7 +88,7 @@ impl Actor for GpuWorker {
                         return;
                     }
                 };
-                let exit = WorkerThread::new(backend, specs, shared.clone()).run(queue);
+                let exit = WorkerThread::new(backend, specs, shared.clone(), device).run(queue);
                 shared.set_healthy(false);
                 let _ = myself.send_message(GpuWorkerMsg::ThreadExited(exit));
             })?;

@@ -13,7 +13,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use super::link::{Job, JobFailure, WorkerShared};
 use crate::batcher::{Batcher, Pending};
-use crate::inference::{BackendError, BatchInput, InferError, InferOutput, InferenceBackend};
+use crate::inference::{BackendError, BatchInput, Device, InferError, InferOutput, InferenceBackend};
 use crate::model::ModelSpec;
 
 /// Why the thread stopped.
@@ -30,6 +30,7 @@ pub(crate) struct WorkerThread {
     specs: Arc<[ModelSpec]>,
     batchers: Vec<Batcher<Job>>,
     shared: Arc<WorkerShared>,
+    device: Device,
     /// Reused across batches so a steady load allocates nothing per batch for inputs.
     features: Vec<f32>,
     state: Vec<f32>,
@@ -43,6 +44,7 @@ impl WorkerThread {
         backend: Box<dyn InferenceBackend>,
         specs: Arc<[ModelSpec]>,
         shared: Arc<WorkerShared>,
+        device: Device,
     ) -> Self {
         let batchers = specs.iter().map(|s| Batcher::new(s.batch.clone())).collect();
         Self {
@@ -50,6 +52,7 @@ impl WorkerThread {
             specs,
             batchers,
             shared,
+            device,
             features: Vec::new(),
             state: Vec::new(),
             cancelled: Vec::new(),
@@ -211,6 +214,7 @@ impl WorkerThread {
                         new_state: out.new_state[i * h..(i + 1) * h].to_vec(),
                         model_version: spec.version,
                         batch_size: rows,
+                        device: self.device,
                         queue_time: started.saturating_duration_since(job.enqueued_at),
                         compute_time,
                     };
