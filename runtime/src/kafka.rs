@@ -78,6 +78,13 @@ pub fn client_config(bootstrap: &str) -> ClientConfig {
     c
 }
 
+/// Record headers as rdkafka takes them.
+pub fn owned_headers(headers: &[(String, Vec<u8>)]) -> OwnedHeaders {
+    headers.iter().fold(OwnedHeaders::new_with_capacity(headers.len()), |h, (k, v)| {
+        h.insert(Header { key: k, value: Some(v) })
+    })
+}
+
 /// Parse `KEY=VALUE` (librdkafka property flags).
 pub fn parse_property(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
@@ -148,11 +155,8 @@ impl PartitionSink for KafkaSink {
                 OutputTopic::Scores => &self.scores_topic,
                 OutputTopic::DeadLetters => &self.dlq_topic,
             };
-            let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
-            for (k, v) in &r.headers {
-                headers = headers.insert(Header { key: k, value: Some(v) });
-            }
-            let mut record = FutureRecord::to(topic).key(&r.key).payload(&r.value).headers(headers);
+            let mut record =
+                FutureRecord::to(topic).key(&r.key).payload(&r.value).headers(owned_headers(&r.headers));
             loop {
                 match producer.send_result(record) {
                     Ok(delivery) => {

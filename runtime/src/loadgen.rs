@@ -21,10 +21,12 @@ use partita_proto::v1::{DeadLetter, Event, InferBatchRequest, Score};
 use prost::Message as _;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde::Serialize;
+
+use crate::kafka::owned_headers;
 
 #[derive(Debug, Clone, Args)]
 pub struct LoadgenOptions {
@@ -470,18 +472,16 @@ impl ProducerContext for DeliveryCounter {
     }
 }
 
-/// Send `rec` to `topic`, waiting while the producer's queue is full.
-pub fn send<C: ProducerContext<DeliveryOpaque = ()>>(
+/// Send `rec` to `topic` with the delivery `opaque`, waiting while the producer's queue is full.
+pub fn send<C: ProducerContext>(
     producer: &BaseProducer<C>,
     topic: &str,
     rec: &GenRecord,
+    opaque: C::DeliveryOpaque,
 ) -> anyhow::Result<()> {
-    let mut headers = OwnedHeaders::new_with_capacity(rec.headers.len());
-    for (k, v) in &rec.headers {
-        headers = headers.insert(Header { key: k, value: Some(v) });
-    }
-    let mut record: BaseRecord<'_, [u8], [u8]> =
-        BaseRecord::to(topic).payload(&rec.value[..]).headers(headers);
+    let mut record: BaseRecord<'_, [u8], [u8], C::DeliveryOpaque> = BaseRecord::with_opaque_to(topic, opaque)
+        .payload(&rec.value[..])
+        .headers(owned_headers(&rec.headers));
     if let Some(k) = &rec.key {
         record = record.key(&k[..]);
     }
@@ -580,7 +580,7 @@ pub fn run(opts: &LoadgenOptions, stop: &AtomicBool) -> anyhow::Result<LoadRepor
             if let Some(k) = rec.bad {
                 *bad_by_kind.entry(BAD_KINDS[k].0.to_owned()).or_default() += 1;
             }
-            send(&producer, &opts.topic, &rec)?;
+            send(&producer, &opts.topic, &rec, ())?;
             sent += 1;
         }
         producer.poll(Duration::ZERO);

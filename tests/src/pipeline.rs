@@ -6,11 +6,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use partita_runtime::loadgen::GenRecord;
+use partita_runtime::loadgen::{GenRecord, send};
 use rdkafka::ClientContext;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::BaseRecord;
 use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
 
 use crate::models_dir;
@@ -143,7 +140,7 @@ impl ProducerContext for Landed {
     }
 }
 
-/// Produce `records` in order (idempotent producer: order kept per partition) and return where
+/// Produce `records` in order (one request in flight: order kept per partition) and return where
 /// each landed (partition, offset).
 pub fn produce_tracked(bootstrap: &str, records: &[GenRecord]) -> Vec<(i32, i64)> {
     let producer: BaseProducer<Landed> = partita_runtime::kafka::client_config(bootstrap)
@@ -155,19 +152,7 @@ pub fn produce_tracked(bootstrap: &str, records: &[GenRecord]) -> Vec<(i32, i64)
         .create_with_context(Landed(Mutex::new(vec![None; records.len()])))
         .expect("test producer");
     for (i, rec) in records.iter().enumerate() {
-        let mut headers = OwnedHeaders::new();
-        for (k, v) in &rec.headers {
-            headers = headers.insert(Header { key: k, value: Some(v) });
-        }
-        let mut r = BaseRecord::with_opaque_to(INPUT, Box::new(i)).payload(&rec.value[..]).headers(headers);
-        if let Some(k) = &rec.key {
-            r = r.key(&k[..]);
-        }
-        while let Err((e, back)) = producer.send(r) {
-            assert!(matches!(e, KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)), "produce: {e}");
-            r = back;
-            producer.poll(Duration::from_millis(5));
-        }
+        send(&producer, INPUT, rec, Box::new(i)).expect("produce");
         producer.poll(Duration::ZERO);
     }
     producer.flush(Duration::from_secs(30)).expect("flush");
