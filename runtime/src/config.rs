@@ -72,6 +72,8 @@ const SETTINGS: &[Setting] = &[
     s("node", "grace", "--grace"),
     s("node", "http_listen", "--http-listen"),
     s("node", "grpc_listen", "--grpc-listen"),
+    s("traces", "otlp_endpoint", "--otlp-endpoint"),
+    s("traces", "sample_ratio", "--trace-sample-ratio"),
 ];
 
 /// The defaults of a group of flags, as clap parses an empty command line (one source of

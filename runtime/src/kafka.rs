@@ -17,7 +17,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use partita_actors::partition::decode::Limits;
 use partita_actors::partition::{
     InputRecord, OutputRecord, OutputTopic, PartitionActor, PartitionArgs, PartitionConfig, PartitionMsg,
-    PartitionSink, PipelineCounters, PipelineObserver, SinkError,
+    PartitionSink, PipelineCounters, PipelineObserver, SinkError, Tracer,
 };
 use partita_actors::pool::Router;
 use partita_actors::state::{Epoch, Offset, PartitionId, StateCache, StateStore};
@@ -213,6 +213,7 @@ pub struct Wiring<S: StateStore> {
     pub config: PartitionConfig,
     pub counters: Arc<PipelineCounters>,
     pub observer: Arc<dyn PipelineObserver>,
+    pub tracer: Arc<dyn Tracer>,
     /// `joined` is set once the group assigned this node (possibly nothing).
     pub health: Arc<crate::telemetry::Health>,
     /// Records queued per partition before the consumer pauses it.
@@ -339,6 +340,7 @@ impl<S: StateStore> NodeContext<S> {
                 config: w.config.clone(),
                 counters: w.counters.clone(),
                 observer: w.observer.clone(),
+                tracer: w.tracer.clone(),
             };
             let spawned =
                 self.handle.block_on(Actor::spawn(None, PartitionActor::<S, KafkaSink>::default(), args));

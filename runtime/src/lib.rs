@@ -19,3 +19,4 @@ pub mod node;
 pub mod state;
 pub mod tch_backend;
 pub mod telemetry;
+pub mod traces;

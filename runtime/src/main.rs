@@ -5,6 +5,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use partita_runtime::commands;
 use partita_runtime::inference::InferenceOptions;
+use partita_runtime::node::NodeOptions;
+use partita_runtime::traces::{self, LogFormat};
 
 #[derive(Debug, Parser)]
 #[command(name = "partita", version, about = "real-time, stateful ML scoring of event streams")]
@@ -14,12 +16,6 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -51,14 +47,6 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = || {
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,partita=info".into())
-    };
-    let logs = tracing_subscriber::fmt().with_env_filter(filter()).with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Text => logs.init(),
-        LogFormat::Json => logs.json().with_current_span(true).init(),
-    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -66,19 +54,39 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // A node's configuration first: it says whether spans are exported.
+    let node = match &cli.command {
+        Command::Node { args } => match partita_runtime::config::resolve(args) {
+            Ok((opts, _)) => Some(opts),
+            Err(errors) => {
+                eprintln!("error: invalid configuration:\n  {}", errors.join("\n  "));
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
+    let telemetry = {
+        let _context = runtime.enter();
+        match traces::init(cli.log_format, node.as_ref().and_then(NodeOptions::otlp).as_ref()) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
     let result = runtime.block_on(async {
         match cli.command {
             Command::Models(opts) => commands::models::run(&opts).await,
             Command::Schema(args) => commands::schema::run(&args).await,
-            Command::Node { args } => match partita_runtime::config::resolve(&args) {
-                Ok((opts, _)) => commands::node::run(&opts).await,
-                Err(errors) => Err(anyhow::anyhow!("invalid configuration:\n  {}", errors.join("\n  "))),
-            },
+            Command::Node { .. } => commands::node::run(&node.expect("resolved above")).await,
             Command::CheckConfig { args } => commands::check_config::run(&args),
             Command::Loadgen(opts) => commands::loadgen::run(&opts).await,
             Command::Demo(args) => commands::demo::run(&args).await,
         }
     });
+    // Spans not yet exported go out while the runtime still runs (the exporter uses it).
+    telemetry.shutdown();
     // Blocking threads (the load generator) must not keep the process alive after an interrupt.
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     match result {

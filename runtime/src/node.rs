@@ -16,6 +16,14 @@ use crate::inference::InferenceOptions;
 use crate::kafka::{ConsumerSettings, KafkaSink, KafkaTier, Wiring, parse_property, start_consumer};
 use crate::state::rocks::{RocksConfig, RocksStore};
 use crate::telemetry::{Health, Metrics, Sources, serve, serve_grpc_health};
+use crate::traces::{OtelTracer, Otlp};
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("expected a number from 0 to 1, got {s:?}")),
+    }
+}
 
 /// Flags of `partita node` (and the node inside `partita demo`).
 #[derive(Debug, Clone, Args)]
@@ -82,6 +90,12 @@ pub struct NodeOptions {
     /// Where the gRPC health service (grpc.health.v1) is served.
     #[arg(long, default_value = "0.0.0.0:50051")]
     pub grpc_listen: std::net::SocketAddr,
+    /// Export spans over OTLP/gRPC to this collector (e.g. http://otel-collector:4317); unset: off.
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
+    /// Share of batch traces exported (0..=1); records with a `traceparent` follow its sampled flag.
+    #[arg(long, value_parser = parse_ratio, default_value_t = 0.01)]
+    pub trace_sample_ratio: f64,
     #[command(flatten)]
     pub inference: InferenceOptions,
 }
@@ -95,6 +109,27 @@ impl NodeOptions {
         node.http_listen = ([127, 0, 0, 1], 0).into();
         node.grpc_listen = ([127, 0, 0, 1], 0).into();
         node
+    }
+
+    /// This node's name in traces: the static membership id, else the host name.
+    pub fn node_name(&self) -> String {
+        self.instance_id.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .or_else(|_| std::env::var("HOSTNAME"))
+                .unwrap_or_else(|_| "partita".to_owned())
+        })
+    }
+
+    /// The span exporter's settings, when `otlp_endpoint` is set.
+    pub fn otlp(&self) -> Option<Otlp> {
+        let endpoint = self.otlp_endpoint.clone().filter(|e| !e.is_empty())?;
+        Some(Otlp {
+            endpoint,
+            sample_ratio: self.trace_sample_ratio,
+            node: self.node_name(),
+            zone: self.zone.clone(),
+        })
     }
 
     fn limits(&self) -> Limits {
@@ -170,6 +205,7 @@ impl Node {
             },
             counters: counters.clone(),
             observer: metrics.clone(),
+            tracer: Arc::new(OtelTracer::new(&opts.node_name(), &opts.zone)),
             health: health.clone(),
             queue_capacity: opts.partition_queue,
             drain_timeout: opts.grace,

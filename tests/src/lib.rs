@@ -1,5 +1,6 @@
 //! Helpers for partita's integration tests, which run on the real components.
 
+pub mod otlp;
 pub mod pipeline;
 pub mod state_contract;
 

@@ -20,6 +20,7 @@ use partita_runtime::inference::{DeviceChoice, InferenceOptions};
 use partita_runtime::loadgen::{BAD_KINDS, GenRecord, Generator, Output, OutputReader, ReaderResult};
 use partita_runtime::state::rocks::{RocksConfig, RocksStore};
 use partita_tests::models_dir;
+use partita_tests::otlp::OtlpReceiver;
 use partita_tests::pipeline::{DLQ, INPUT, NodeProcess, SCORES, http_get, metric, produce_tracked};
 use prost::Message;
 use rdkafka::config::ClientConfig;
@@ -424,37 +425,144 @@ async fn metrics_match_what_was_processed_and_readiness_follows_the_node() {
     assert!(status.is_some_and(|s| s.success()), "{log}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_producers_traceparent_comes_back_on_the_score() {
+/// Each record's output (score or dead letter) by source coordinates, with its `traceparent`.
+fn outputs_with_traceparent(
+    bootstrap: &str,
+    landed: &[(i32, i64)],
+    node: &NodeProcess,
+) -> HashMap<(i32, i64), (String, Option<String>)> {
     use rdkafka::message::{Headers, Message as _};
-    let broker = broker().await;
-    let dir = tempfile::tempdir().unwrap();
-    let node = NodeProcess::start(&broker.bootstrap, &dir.path().join("state"), &[]);
-    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-    let mut recs = records(3, 3, 0.0, 5);
-    recs[1].headers.push(("traceparent".into(), traceparent.as_bytes().to_vec()));
-    let landed = tokio::task::block_in_place(|| produce_tracked(&broker.bootstrap, &recs));
-    let consumer: BaseConsumer = partita_runtime::kafka::client_config(&broker.bootstrap)
+    let consumer: BaseConsumer = partita_runtime::kafka::client_config(bootstrap)
         .set("group.id", "trace-check")
         .set("auto.offset.reset", "earliest")
         .create()
         .unwrap();
-    consumer.subscribe(&[SCORES]).unwrap();
+    consumer.subscribe(&[SCORES, DLQ]).unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    let found = loop {
-        assert!(Instant::now() < deadline, "no score for the traced record:\n{}", node.log_text());
+    let mut seen = HashMap::new();
+    while !landed.iter().all(|l| seen.contains_key(l)) {
+        assert!(Instant::now() < deadline, "not every record answered:\n{}", node.log_text());
         let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) else { continue };
-        if partita_runtime::loadgen::source_of(&m) != Some(landed[1]) {
-            continue;
-        }
-        break m.headers().and_then(|h| {
+        let traceparent = m.headers().and_then(|h| {
             h.iter()
                 .find(|h| h.key == "traceparent")
                 .and_then(|h| h.value)
                 .map(|v| String::from_utf8_lossy(v).into_owned())
         });
-    };
-    let found = found.expect("the score carries a traceparent");
-    assert_eq!(found.split('-').nth(1), traceparent.split('-').nth(1), "same trace id");
+        seen.insert(partita_runtime::loadgen::source_of(&m).unwrap(), (m.topic().to_owned(), traceparent));
+    }
+    seen
+}
+
+/// `traceparent` = version-trace id-parent span id-flags.
+fn trace_parts(tp: &str) -> (String, String, String) {
+    let parts: Vec<&str> = tp.split('-').collect();
+    assert_eq!(parts.len(), 4, "malformed traceparent {tp:?}");
+    (parts[1].to_owned(), parts[2].to_owned(), parts[3].to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_exporter_the_producers_traceparent_comes_back_unchanged() {
+    let broker = broker().await;
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start(&broker.bootstrap, &dir.path().join("state"), &[]);
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut recs = records(6, 3, 0.0, 5);
+    recs[1].headers.push(("traceparent".into(), traceparent.as_bytes().to_vec()));
+    let landed = tokio::task::block_in_place(|| produce_tracked(&broker.bootstrap, &recs));
+    let outs = tokio::task::block_in_place(|| outputs_with_traceparent(&broker.bootstrap, &landed, &node));
+    assert_eq!(
+        outs[&landed[1]].1.as_deref(),
+        Some(traceparent),
+        "no exporter: the node's spans do not exist"
+    );
+    for (i, l) in landed.iter().enumerate().filter(|(i, _)| *i != 1) {
+        assert_eq!(outs[l].1, None, "record {i} had no traceparent, its output has none");
+    }
     drop(node);
+}
+
+/// The OpenTelemetry exporter on: the node's record span is the child of the producer's span, the
+/// output names the node's span, the batch span links to its records, and all of it reaches an
+/// OTLP collector (an in-process receiver) with node, zone, partition and device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_reach_an_otlp_collector_and_one_trace_runs_producer_node_score() {
+    let collector = OtlpReceiver::start().await;
+    let broker = broker().await;
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start_with_env(
+        &broker.bootstrap,
+        &dir.path().join("state"),
+        &["--zone", "zone-t", "--instance-id", "node-t"],
+        &[
+            ("PARTITA_TRACES__OTLP_ENDPOINT", collector.endpoint.as_str()),
+            ("PARTITA_TRACES__SAMPLE_RATIO", "1"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+        ],
+    );
+    // 40 records over 8 keys, a quarter bad; each with its own sampled producer trace.
+    let mut recs = records(40, 8, 0.25, 11);
+    let producer_span = |i: usize| (format!("{:032x}", 0x5eed_0000 + i), format!("{:016x}", 0xfeed_0000 + i));
+    for (i, r) in recs.iter_mut().enumerate() {
+        let (trace, span) = producer_span(i);
+        r.headers.push(("traceparent".into(), format!("00-{trace}-{span}-01").into_bytes()));
+    }
+    let landed = tokio::task::block_in_place(|| produce_tracked(&broker.bootstrap, &recs));
+    let outs = tokio::task::block_in_place(|| outputs_with_traceparent(&broker.bootstrap, &landed, &node));
+    // SIGTERM: the node flushes its spans before it exits.
+    let (status, log) = node.terminate(Duration::from_secs(20));
+    assert!(status.is_some_and(|s| s.success()), "{log}");
+    let spans = collector.spans();
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let by_id: HashMap<String, &partita_tests::otlp::Received> =
+        spans.iter().map(|s| (hex(&s.span.span_id), s)).collect();
+    let batches: Vec<_> = spans.iter().filter(|s| s.span.name == "partita.batch").collect();
+    assert!(!batches.is_empty(), "no batch spans among {} spans; node log:\n{log}", spans.len());
+    let linked: std::collections::HashSet<String> =
+        batches.iter().flat_map(|b| b.span.links.iter().map(|l| hex(&l.span_id))).collect();
+    for b in &batches {
+        assert_eq!(b.attr("node").as_deref(), Some("node-t"));
+        assert_eq!(b.attr("zone").as_deref(), Some("zone-t"));
+        assert!(b.attr("partition").is_some_and(|p| p.parse::<i32>().is_ok_and(|p| p < PARTITIONS)));
+    }
+    for (i, (rec, source)) in recs.iter().zip(&landed).enumerate() {
+        let (topic, tp) = &outs[source];
+        let (trace, parent, flags) =
+            trace_parts(tp.as_deref().unwrap_or_else(|| panic!("record {i}: no traceparent")));
+        let (producer_trace, producer_span) = producer_span(i);
+        assert_eq!(
+            (trace.as_str(), flags.as_str()),
+            (producer_trace.as_str(), "01"),
+            "record {i}: the producer's trace"
+        );
+        assert_ne!(parent, producer_span, "record {i}: the output names the node's span, not the producer's");
+        let span = by_id.get(&parent).unwrap_or_else(|| panic!("record {i}: span {parent} not exported"));
+        assert_eq!(span.span.name, "partita.record");
+        assert_eq!(hex(&span.span.trace_id), producer_trace, "record {i}");
+        assert_eq!(hex(&span.span.parent_span_id), producer_span, "record {i}: child of the producer's span");
+        assert_eq!(span.attr("partition"), Some(source.0.to_string()));
+        assert_eq!(span.attr("offset"), Some(source.1.to_string()));
+        assert_eq!(span.attr("trace_id"), Some(producer_trace.clone()));
+        match rec.bad {
+            None => {
+                assert_eq!(topic, SCORES, "record {i}");
+                assert_eq!(span.attr("outcome").as_deref(), Some("SCORED"));
+                assert_eq!(span.attr("device").as_deref(), Some("cpu"));
+                assert_eq!(span.attr("model").as_deref(), Some("fraud_gru"));
+            }
+            Some(k) => {
+                assert_eq!(topic, DLQ, "record {i}");
+                assert_eq!(
+                    span.attr("outcome").as_deref(),
+                    Some(BAD_KINDS[k].1),
+                    "record {i} ({})",
+                    BAD_KINDS[k].0
+                );
+            }
+        }
+        assert!(linked.contains(&parent), "record {i}: no batch span links to it");
+        assert_eq!(span.resource_attr("service.name").as_deref(), Some("partita"));
+        assert_eq!(span.resource_attr("service.instance.id").as_deref(), Some("node-t"));
+        assert_eq!(span.resource_attr("cloud.availability_zone").as_deref(), Some("zone-t"));
+    }
 }

@@ -19,6 +19,7 @@
 //! with backoff and never commit past it; a fenced or corrupt store stops the actor.
 
 pub mod decode;
+pub mod trace;
 pub mod waves;
 
 use std::collections::HashMap;
@@ -33,18 +34,21 @@ use partita_proto::v1::{DeadLetter, DeadLetterReason, Score, StageLatencies};
 use prost::Message;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use sha2::{Digest, Sha256};
+use tracing::{Instrument as _, Span};
 
 use crate::inference::{InferError, InferOutput, InferRequest};
 use crate::pool::Router;
 use crate::state::{Epoch, Offset, PartitionId, StateCache, StateStore, StateValue, StateWrite, StoreError};
 pub use decode::{Limits, Rejection, ValidEvent};
+pub use trace::{NoTraces, Tracer};
 
 /// Header names on scores and dead letters.
 pub const HEADER_SOURCE_TOPIC: &str = "partita-source-topic";
 pub const HEADER_SOURCE_PARTITION: &str = "partita-source-partition";
 pub const HEADER_SOURCE_OFFSET: &str = "partita-source-offset";
 pub const HEADER_DLQ_REASON: &str = "partita-dlq-reason";
-/// W3C trace context: copied from the input record to its score or dead letter.
+/// W3C trace context: read from the input record; its score or dead letter carries the node's
+/// span for the record (or, without traces, the input's header unchanged).
 pub const HEADER_TRACEPARENT: &str = "traceparent";
 
 /// Bytes of an oversized value kept in its dead letter (with the hash of the whole value).
@@ -64,7 +68,7 @@ pub struct InputRecord {
 }
 
 impl InputRecord {
-    fn header(&self, name: &str) -> Option<&[u8]> {
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_slice())
     }
 }
@@ -190,6 +194,7 @@ pub struct PartitionArgs<S, K> {
     pub config: PartitionConfig,
     pub counters: Arc<PipelineCounters>,
     pub observer: Arc<dyn PipelineObserver>,
+    pub tracer: Arc<dyn Tracer>,
 }
 
 pub struct PartitionState<S, K> {
@@ -312,8 +317,10 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
     /// Run `batch` to its commit, retrying transient failures with backoff.
     async fn run_batch(&mut self, batch: Vec<InputRecord>) -> Result<(), ActorProcessingErr> {
         let mut backoff = self.args.config.backoff;
+        // One span for the batch, retries included (their warnings are logged inside it).
+        let span = self.args.tracer.batch_span(self.args.partition, batch.len());
         loop {
-            match self.process(&batch).await {
+            match self.process(&batch, &span).instrument(span.clone()).await {
                 Ok(()) => return Ok(()),
                 Err(Halt::Fatal(e)) => {
                     tracing::error!(partition = %self.args.partition, error = %e, "partition stops");
@@ -329,7 +336,7 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
         }
     }
 
-    async fn process(&mut self, batch: &[InputRecord]) -> Result<(), Halt> {
+    async fn process(&mut self, batch: &[InputRecord], batch_span: &Span) -> Result<(), Halt> {
         let a = &self.args;
         let c = &a.counters;
         let Some(last) = batch.last().map(|r| r.offset) else { return Ok(()) };
@@ -342,11 +349,25 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
         if fresh.is_empty() {
             return Ok(());
         }
+        // Indexed like `fresh`; they end once the batch's outputs and state are durable.
+        let spans: Vec<Span> = fresh.iter().map(|r| a.tracer.record_span(batch_span, r)).collect();
+        let traceparent = |i: usize| {
+            a.tracer
+                .traceparent(&spans[i])
+                .or_else(|| fresh[i].header(HEADER_TRACEPARENT).map(<[u8]>::to_vec))
+        };
+        let dead_out = |i: usize, reason: DeadLetterReason, detail: &str, attempts: u32| {
+            let span = &spans[i];
+            span.record(trace::OUTCOME, reason.as_str_name());
+            let out = span.in_scope(|| dead_letter(fresh[i], reason, detail, attempts, &a.limits));
+            out.with_traceparent(traceparent(i))
+        };
         let router = &a.router;
         let mut outputs: Vec<(Offset, OutputRecord)> = Vec::with_capacity(fresh.len());
         let mut dead: Vec<DeadLetterReason> = Vec::new();
-        let mut good: Vec<(&InputRecord, ValidEvent)> = Vec::with_capacity(fresh.len());
-        for &rec in &fresh {
+        // (index into `fresh`, the decoded event)
+        let mut good: Vec<(usize, ValidEvent)> = Vec::with_capacity(fresh.len());
+        for (i, &rec) in fresh.iter().enumerate() {
             match decode::decode(rec, &a.limits, |m| router.model(m), now) {
                 Ok(v) => {
                     if v.unknown_fields {
@@ -355,11 +376,11 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
                     if v.time_suspect {
                         c.time_suspect.fetch_add(1, Ordering::Relaxed);
                     }
-                    good.push((rec, v));
+                    good.push((i, v));
                 }
                 Err(r) => {
                     dead.push(r.reason);
-                    outputs.push((rec.offset, dead_letter(rec, r.reason, &r.detail, 1, &a.limits)));
+                    outputs.push((rec.offset, dead_out(i, r.reason, &r.detail, 1)));
                 }
             }
         }
@@ -372,7 +393,7 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
             let load_started = Instant::now();
             let missing: Vec<Vec<u8>> = wave
                 .iter()
-                .map(|&i| &good[i].1.event.key)
+                .map(|&g| &good[g].1.event.key)
                 .filter(|k| !keys.contains_key(*k))
                 .cloned()
                 .collect();
@@ -389,17 +410,14 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
             let load_us = micros(load_started.elapsed());
 
             let mut runs = Vec::with_capacity(wave.len());
-            for &i in &wave {
-                let (rec, v) = &good[i];
+            for &g in &wave {
+                let (i, v) = &good[g];
                 let ks = &keys[&v.event.key];
                 if v.event.sequence <= ks.sequence {
                     let detail =
                         format!("sequence {} already applied (key at {})", v.event.sequence, ks.sequence);
                     dead.push(DeadLetterReason::Duplicate);
-                    outputs.push((
-                        rec.offset,
-                        dead_letter(rec, DeadLetterReason::Duplicate, &detail, 1, &a.limits),
-                    ));
+                    outputs.push((fresh[*i].offset, dead_out(*i, DeadLetterReason::Duplicate, &detail, 1)));
                     continue;
                 }
                 let req = InferRequest {
@@ -407,11 +425,12 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
                     features: v.event.features.clone(),
                     state: (!ks.state.is_empty()).then(|| ks.state.clone()),
                 };
-                runs.push((i, infer(router, req, &a.config)));
+                runs.push((g, infer(router, req, &a.config)));
             }
             let (idx, futs): (Vec<usize>, Vec<_>) = runs.into_iter().unzip();
-            for (i, outcome) in idx.into_iter().zip(futures::future::join_all(futs).await) {
-                let (rec, v) = &good[i];
+            for (g, outcome) in idx.into_iter().zip(futures::future::join_all(futs).await) {
+                let (i, v) = &good[g];
+                let rec = fresh[*i];
                 match outcome {
                     Outcome::Scored(out) => {
                         let ks = keys.get_mut(&v.event.key).expect("loaded above");
@@ -423,11 +442,18 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
                             .ok()
                             .map(Duration::from_micros);
                         a.observer.scored(&v.model, &out, rec.received.elapsed(), since_event);
-                        outputs.push((rec.offset, score(rec, v, &out, load_us)));
+                        let span = &spans[*i];
+                        span.record(trace::OUTCOME, "SCORED");
+                        span.record(trace::MODEL, &*v.model);
+                        span.record(trace::MODEL_VERSION, out.model_version);
+                        span.record(trace::DEVICE, tracing::field::display(&out.device));
+                        span.record(trace::INFERENCE_BATCH, out.batch_size);
+                        let output = score(rec, v, &out, load_us).with_traceparent(traceparent(*i));
+                        outputs.push((rec.offset, output));
                     }
                     Outcome::Dead(reason, detail, attempts) => {
                         dead.push(reason);
-                        outputs.push((rec.offset, dead_letter(rec, reason, &detail, attempts, &a.limits)));
+                        outputs.push((rec.offset, dead_out(*i, reason, &detail, attempts)));
                     }
                     Outcome::Retry(e) => return Err(Halt::Transient(e.to_string())),
                 }
@@ -521,15 +547,20 @@ async fn infer(router: &Router, req: InferRequest, config: &PartitionConfig) -> 
 }
 
 fn source_headers(rec: &InputRecord) -> Vec<(String, Vec<u8>)> {
-    let mut h = vec![
+    vec![
         (HEADER_SOURCE_TOPIC.to_owned(), rec.topic.as_bytes().to_vec()),
         (HEADER_SOURCE_PARTITION.to_owned(), rec.partition.0.to_string().into_bytes()),
         (HEADER_SOURCE_OFFSET.to_owned(), rec.offset.0.to_string().into_bytes()),
-    ];
-    if let Some(tp) = rec.header(HEADER_TRACEPARENT) {
-        h.push((HEADER_TRACEPARENT.to_owned(), tp.to_vec()));
+    ]
+}
+
+impl OutputRecord {
+    fn with_traceparent(mut self, traceparent: Option<Vec<u8>>) -> Self {
+        if let Some(tp) = traceparent {
+            self.headers.push((HEADER_TRACEPARENT.to_owned(), tp));
+        }
+        self
     }
-    h
 }
 
 fn score(rec: &InputRecord, v: &ValidEvent, out: &InferOutput, load_us: u64) -> OutputRecord {
