@@ -59,6 +59,7 @@ const SETTINGS: &[Setting] = &[
     s("state", "cache_size", "--cache-size"),
     s("partition", "max_batch", "--max-batch"),
     s("partition", "max_waves", "--max-waves"),
+    s("partition", "max_pending_batches", "--max-pending-batches"),
     s("partition", "queue", "--partition-queue"),
     s("partition", "infer_deadline", "--infer-deadline"),
     s("partition", "max_value_size", "--max-value-size"),

@@ -147,10 +147,10 @@ fn is_fatal(e: &KafkaError) -> bool {
 }
 
 impl PartitionSink for KafkaSink {
-    async fn produce(&self, records: Vec<OutputRecord>) -> Result<(), SinkError> {
+    async fn produce(&self, records: &[OutputRecord]) -> Result<(), SinkError> {
         let producer = self.current();
         let mut pending = Vec::with_capacity(records.len());
-        for r in &records {
+        for r in records {
             let topic = match r.topic {
                 OutputTopic::Scores => &self.scores_topic,
                 OutputTopic::DeadLetters => &self.dlq_topic,

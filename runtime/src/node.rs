@@ -75,6 +75,10 @@ pub struct NodeOptions {
     /// the batch's other keys from waiting on it).
     #[arg(long, default_value_t = 4)]
     pub max_waves: usize,
+    /// Scored batches per partition that may wait for their outputs' acknowledgements and state
+    /// write while the next batch is scored (waiting batches are committed together).
+    #[arg(long, default_value_t = 4)]
+    pub max_pending_batches: usize,
     /// Records queued per partition before its Kafka partition is paused.
     #[arg(long, default_value_t = 4096)]
     pub partition_queue: usize,
@@ -200,6 +204,7 @@ impl Node {
             config: PartitionConfig {
                 max_batch: opts.max_batch,
                 max_waves: opts.max_waves.max(1),
+                max_pending_batches: opts.max_pending_batches.max(1),
                 infer_deadline: opts.infer_deadline,
                 ..PartitionConfig::default()
             },

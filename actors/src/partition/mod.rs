@@ -1,21 +1,28 @@
 //! The partition actor: owns one Kafka partition of the ingestion topic and the state of its keys.
 //!
 //! Records arrive through a bounded channel that the consumer thread fills (when it is full the
-//! consumer pauses the Kafka partition: pressure never turns into buffering). One batch at a time:
+//! consumer pauses the Kafka partition: pressure never turns into buffering). Two stages, so a
+//! batch is scored while the previous ones wait for the broker and the disk:
 //!
-//! 1. skip records at or below the stored applied offset (redelivered after a restart);
+//! **Compute** (the actor, one batch at a time):
+//! 1. skip records at or below the last computed offset (redelivered after a restart);
 //! 2. decode and validate ([`decode`]); bad records become dead letters;
 //! 3. group the good ones into per-key [`waves`], so one key's records apply in offset order;
-//! 4. per wave: load the keys' states through the cache (one batched read), drop duplicates
-//!    (sequence at or below the key's), run the rows through the inference [`Router`] (deadline,
-//!    bounded retries), keep the new states in memory;
-//! 5. produce scores and dead letters and wait until the broker acknowledged every one;
-//! 6. write the new states **with** the batch's last offset in one atomic, fenced store write;
-//! 7. hand `last + 1` to the group's offset commit.
+//! 4. per wave: load the keys' states (from batches not yet written first, then through the
+//!    cache in one batched read), drop duplicates (sequence at or below the key's), run the rows
+//!    through the inference [`Router`] (deadline, bounded retries), keep the new states;
+//! 5. hand the batch (outputs, new states, last offset) to the committer, in order, through a
+//!    bounded channel (`max_pending_batches`; full: the actor waits, its queue fills, the
+//!    partition pauses).
 //!
-//! A crash before 6 re-runs the batch from the stored offset: the state effect happens once,
-//! outputs may repeat (at least once), recognisable by their source coordinates. A crash after 6
-//! skips the batch (step 1). Transient failures (broker, store, no healthy worker) retry the step
+//! **Commit** (the committer task, in batch order; everything waiting goes as one group):
+//! 6. produce the group's scores and dead letters and wait until the broker acknowledged each;
+//! 7. write the new states **with** the group's last offset in one atomic, fenced store write;
+//! 8. hand `last + 1` to the group's offset commit.
+//!
+//! A crash before 7 re-runs the batches from the stored offset: the state effect happens once,
+//! outputs may repeat (at least once), recognisable by their source coordinates. A crash after 7
+//! skips them (step 1). Transient failures (broker, store, no healthy worker) retry their step
 //! with backoff and never commit past it; a fenced or corrupt store stops the actor.
 
 pub mod decode;
@@ -25,8 +32,8 @@ pub mod waves;
 use std::collections::HashMap;
 use std::future::Future;
 use std::marker::PhantomData;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::Receiver;
@@ -96,7 +103,7 @@ pub struct SinkError(pub String);
 /// The port to the processing tier and the consumer group (the rdkafka adapter implements it).
 pub trait PartitionSink: Send + Sync + 'static {
     /// Produce `records` in order; resolves once the broker acknowledged all of them (`acks=all`).
-    fn produce(&self, records: Vec<OutputRecord>) -> impl Future<Output = Result<(), SinkError>> + Send;
+    fn produce(&self, records: &[OutputRecord]) -> impl Future<Output = Result<(), SinkError>> + Send;
     /// Every record of `partition` below `next_offset` is durable: the group may commit it.
     fn commit(&self, partition: PartitionId, next_offset: Offset);
 }
@@ -109,6 +116,9 @@ pub struct PartitionConfig {
     /// Records of one key in one batch (= waves per batch). A hot key's records must run one
     /// after another; capping them keeps a batch's other keys from waiting on that chain.
     pub max_waves: usize,
+    /// Computed batches that may wait for the committer (their outputs' acknowledgements and
+    /// state write) while the next batch is scored.
+    pub max_pending_batches: usize,
     /// Per-record inference deadline; a record that misses it is retried, then dead-lettered.
     pub infer_deadline: Duration,
     /// Inference attempts per record before it is dead-lettered (errors, panics, deadlines).
@@ -123,6 +133,7 @@ impl Default for PartitionConfig {
         Self {
             max_batch: 1024,
             max_waves: 4,
+            max_pending_batches: 4,
             infer_deadline: Duration::from_secs(2),
             max_attempts: 3,
             backoff: Duration::from_millis(50),
@@ -143,6 +154,7 @@ pub struct PipelineCounters {
     pub dead_letters: [AtomicU64; DEAD_LETTER_REASONS],
     pub unknown_fields: AtomicU64,
     pub time_suspect: AtomicU64,
+    /// Batches committed (a group of batches committed together makes one state write).
     pub batches: AtomicU64,
     /// Produce or store-write attempts that failed and were retried.
     pub retries: AtomicU64,
@@ -201,6 +213,14 @@ pub struct PartitionState<S, K> {
     args: PartitionArgs<S, K>,
     /// The record that would have exceeded `max_waves`: first in the next batch.
     carry: Option<InputRecord>,
+    /// Records at or below this offset were computed (or applied before this actor started).
+    computed: Option<Offset>,
+    /// Number of the next batch computed.
+    next_no: u64,
+    /// New states of computed batches not yet written.
+    pending: Pending,
+    /// The committer task and the channel to it; taken when the actor drains.
+    committer: Option<(tokio::sync::mpsc::Sender<Computed>, tokio::task::JoinHandle<Option<Offset>>)>,
 }
 
 #[derive(Debug)]
@@ -209,6 +229,8 @@ pub enum PartitionMsg {
     Wake,
     /// Process what is queued, then stop; replies with the applied offset.
     Drain(RpcReplyPort<Option<Offset>>),
+    /// The committer hit a fenced or corrupt store: stop.
+    Failed(StoreError),
 }
 
 /// Config-less actor type; everything lives in [`PartitionState`].
@@ -227,10 +249,31 @@ impl<S: StateStore, K: PartitionSink> Actor for PartitionActor<S, K> {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
-        Ok(PartitionState { args, carry: None })
+        let pending = Pending::default();
+        let (tx, rx) = tokio::sync::mpsc::channel(args.config.max_pending_batches.max(1));
+        let committer = Committer {
+            partition: args.partition,
+            epoch: args.epoch,
+            cache: args.cache.clone(),
+            sink: args.sink.clone(),
+            counters: args.counters.clone(),
+            observer: args.observer.clone(),
+            config: args.config.clone(),
+            pending: pending.clone(),
+            actor: myself,
+        };
+        let task = tokio::spawn(committer.run(rx));
+        Ok(PartitionState {
+            computed: args.applied,
+            args,
+            carry: None,
+            next_no: 0,
+            pending,
+            committer: Some((tx, task)),
+        })
     }
 
     async fn handle(
@@ -243,9 +286,17 @@ impl<S: StateStore, K: PartitionSink> Actor for PartitionActor<S, K> {
             PartitionMsg::Wake => state.drain_queue().await?,
             PartitionMsg::Drain(reply) => {
                 state.drain_queue().await?;
-                let _ = reply.send(state.args.applied);
+                let applied = match state.committer.take() {
+                    Some((tx, task)) => {
+                        drop(tx);
+                        task.await?
+                    }
+                    None => None,
+                };
+                let _ = reply.send(applied.or(state.args.applied));
                 myself.stop(Some("drained".into()));
             }
+            PartitionMsg::Failed(e) => return Err(e.into()),
         }
         Ok(())
     }
@@ -280,6 +331,27 @@ enum Outcome {
     Retry(InferError),
 }
 
+/// New states of batches computed but not yet written, by key: (batch number, value). A key's
+/// entry is the newest batch's; the committer removes it once that batch is written (the cache
+/// holds it then), so the next batches never read a state older than one already computed.
+type Pending = Arc<Mutex<HashMap<Vec<u8>, (u64, StateValue)>>>;
+
+/// A computed batch on its way to the committer.
+struct Computed {
+    no: u64,
+    last: Offset,
+    records: usize,
+    /// Scores and dead letters in offset order.
+    outputs: Vec<OutputRecord>,
+    /// New states of the keys the batch changed.
+    entries: Vec<(Vec<u8>, StateValue)>,
+    scored: u64,
+    dead: Vec<DeadLetterReason>,
+    /// The batch's and its records' spans: they end when the batch is durable.
+    span: Span,
+    _record_spans: Vec<Span>,
+}
+
 impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
     async fn drain_queue(&mut self) -> Result<(), ActorProcessingErr> {
         self.args.wake_pending.store(false, Ordering::SeqCst);
@@ -288,7 +360,11 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
             if batch.is_empty() {
                 return Ok(());
             }
-            self.run_batch(batch).await?;
+            let Some(computed) = self.compute_with_retry(batch).await? else { continue };
+            let Some((tx, _)) = &self.committer else { return Err("the partition is draining".into()) };
+            if tx.send(computed).await.is_err() {
+                return Err("the committer stopped".into());
+            }
         }
     }
 
@@ -314,14 +390,18 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
         batch
     }
 
-    /// Run `batch` to its commit, retrying transient failures with backoff.
-    async fn run_batch(&mut self, batch: Vec<InputRecord>) -> Result<(), ActorProcessingErr> {
+    /// Compute `batch`, retrying transient failures (no healthy worker, store reads) with
+    /// backoff. `None`: every record was computed before.
+    async fn compute_with_retry(
+        &mut self,
+        batch: Vec<InputRecord>,
+    ) -> Result<Option<Computed>, ActorProcessingErr> {
         let mut backoff = self.args.config.backoff;
         // One span for the batch, retries included (their warnings are logged inside it).
         let span = self.args.tracer.batch_span(self.args.partition, batch.len());
         loop {
-            match self.process(&batch, &span).instrument(span.clone()).await {
-                Ok(()) => return Ok(()),
+            match self.compute(&batch, &span).instrument(span.clone()).await {
+                Ok(computed) => return Ok(computed),
                 Err(Halt::Fatal(e)) => {
                     tracing::error!(partition = %self.args.partition, error = %e, "partition stops");
                     return Err(e.into());
@@ -336,18 +416,48 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
         }
     }
 
-    async fn process(&mut self, batch: &[InputRecord], batch_span: &Span) -> Result<(), Halt> {
+    /// Load the states of `missing` keys: from batches not yet written, else through the cache.
+    async fn load(&self, missing: Vec<Vec<u8>>, keys: &mut HashMap<Vec<u8>, KeyState>) -> Result<(), Halt> {
+        let mut to_load = Vec::with_capacity(missing.len());
+        {
+            let pending = self.pending.lock().unwrap();
+            for key in missing {
+                match pending.get(&key) {
+                    Some((_, v)) => {
+                        let (sequence, state) = v.to_sequenced()?;
+                        keys.insert(key, KeyState { sequence, state, dirty: false });
+                    }
+                    None => to_load.push(key),
+                }
+            }
+        }
+        if to_load.is_empty() {
+            return Ok(());
+        }
+        let loaded = self.args.cache.get_many(self.args.partition, &to_load).await?;
+        for (key, value) in to_load.into_iter().zip(loaded) {
+            let (sequence, state) = match value {
+                Some(v) => v.to_sequenced()?,
+                None => (0, Vec::new()),
+            };
+            keys.insert(key, KeyState { sequence, state, dirty: false });
+        }
+        Ok(())
+    }
+
+    /// Decode, validate and score `batch` (steps 1-4 of the module doc). `None`: nothing new.
+    async fn compute(&mut self, batch: &[InputRecord], batch_span: &Span) -> Result<Option<Computed>, Halt> {
         let a = &self.args;
         let c = &a.counters;
-        let Some(last) = batch.last().map(|r| r.offset) else { return Ok(()) };
+        let Some(last) = batch.last().map(|r| r.offset) else { return Ok(None) };
         let started = Instant::now();
         c.received.fetch_add(batch.len() as u64, Ordering::Relaxed);
         let now = unix_micros();
         let fresh: Vec<&InputRecord> =
-            batch.iter().filter(|r| a.applied.is_none_or(|done| r.offset > done)).collect();
+            batch.iter().filter(|r| self.computed.is_none_or(|done| r.offset > done)).collect();
         c.redelivered.fetch_add((batch.len() - fresh.len()) as u64, Ordering::Relaxed);
         if fresh.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         // Indexed like `fresh`; they end once the batch's outputs and state are durable.
         let spans: Vec<Span> = fresh.iter().map(|r| a.tracer.record_span(batch_span, r)).collect();
@@ -397,16 +507,7 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
                 .filter(|k| !keys.contains_key(*k))
                 .cloned()
                 .collect();
-            if !missing.is_empty() {
-                let loaded = a.cache.get_many(a.partition, &missing).await?;
-                for (key, value) in missing.into_iter().zip(loaded) {
-                    let (sequence, state) = match value {
-                        Some(v) => v.to_sequenced()?,
-                        None => (0, Vec::new()),
-                    };
-                    keys.insert(key, KeyState { sequence, state, dirty: false });
-                }
-            }
+            self.load(missing, &mut keys).await?;
             let load_us = micros(load_started.elapsed());
 
             let mut runs = Vec::with_capacity(wave.len());
@@ -460,58 +561,149 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
             }
         }
 
-        // Outputs first, acknowledged; then state + offset in one write; then the commit.
-        let infer_done = Instant::now();
-        outputs.sort_by_key(|(o, _)| *o);
-        a.sink
-            .produce(outputs.into_iter().map(|(_, o)| o).collect())
-            .await
-            .map_err(|e| Halt::Transient(e.0))?;
-        let entries = keys
+        let entries: Vec<(Vec<u8>, StateValue)> = keys
             .into_iter()
             .filter(|(_, ks)| ks.dirty)
             .map(|(k, ks)| (k, StateValue::sequenced(ks.sequence, &ks.state)))
             .collect();
-        let write = StateWrite { partition: a.partition, epoch: a.epoch, applied_offset: last, entries };
-        let produced = Instant::now();
-        self.store_with_retry(write).await?;
+        outputs.sort_by_key(|(o, _)| *o);
+        let no = self.next_no;
+        self.next_no += 1;
+        {
+            let mut pending = self.pending.lock().unwrap();
+            for (k, v) in &entries {
+                pending.insert(k.clone(), (no, v.clone()));
+            }
+        }
+        self.computed = Some(last);
         tracing::debug!(
-            partition = %a.partition,
+            partition = %self.args.partition,
             records = batch.len(),
             waves = n_waves,
-            decode_infer_us = micros(infer_done - started),
-            produce_us = micros(produced - infer_done),
-            store_us = micros(produced.elapsed()),
-            "batch applied"
+            compute_us = micros(started.elapsed()),
+            "batch computed"
         );
-        let a = &mut self.args;
-        a.observer.state_written(a.partition, produced.elapsed());
-        a.applied = Some(last);
-        a.counters.applied_offsets.lock().unwrap().insert(a.partition.0, last.0);
-        a.sink.commit(a.partition, Offset(last.0 + 1));
-        let c = &a.counters;
-        c.scored.fetch_add(scored, Ordering::Relaxed);
-        for r in dead {
-            c.dead_letters[r as usize].fetch_add(1, Ordering::Relaxed);
+        Ok(Some(Computed {
+            no,
+            last,
+            records: batch.len(),
+            outputs: outputs.into_iter().map(|(_, o)| o).collect(),
+            entries,
+            scored,
+            dead,
+            span: batch_span.clone(),
+            _record_spans: spans,
+        }))
+    }
+}
+
+/// The commit stage of one partition: produces computed batches' outputs, writes their states
+/// with the offset, hands the offset to the group commit; strictly in batch order.
+struct Committer<S, K> {
+    partition: PartitionId,
+    epoch: Epoch,
+    cache: Arc<StateCache<S>>,
+    sink: Arc<K>,
+    counters: Arc<PipelineCounters>,
+    observer: Arc<dyn PipelineObserver>,
+    config: PartitionConfig,
+    pending: Pending,
+    actor: ActorRef<PartitionMsg>,
+}
+
+impl<S: StateStore, K: PartitionSink> Committer<S, K> {
+    /// Until the actor drops its sender; returns the last applied offset it wrote.
+    async fn run(self, mut rx: tokio::sync::mpsc::Receiver<Computed>) -> Option<Offset> {
+        let mut applied = None;
+        while let Some(first) = rx.recv().await {
+            // Everything computed meanwhile goes out together: one wait for acks, one write.
+            let mut group = vec![first];
+            while let Ok(next) = rx.try_recv() {
+                group.push(next);
+            }
+            let span = group[0].span.clone();
+            match self.commit(&group).instrument(span).await {
+                Ok(last) => applied = Some(last),
+                Err(e) => {
+                    tracing::error!(partition = %self.partition, error = %e, "partition stops");
+                    let _ = self.actor.cast(PartitionMsg::Failed(e));
+                    return applied;
+                }
+            }
         }
-        c.batches.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        applied
+    }
+
+    async fn commit(&self, group: &[Computed]) -> Result<Offset, StoreError> {
+        let started = Instant::now();
+        let outputs: Vec<OutputRecord> = group.iter().flat_map(|b| b.outputs.iter().cloned()).collect();
+        let mut backoff = self.config.backoff;
+        while let Err(e) = self.sink.produce(&outputs).await {
+            self.counters.retries.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(partition = %self.partition, error = %e, ?backoff, "produce failed; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(self.config.max_backoff);
+        }
+        // A later batch's state of a key replaces an earlier one's.
+        let mut entries: HashMap<&[u8], &StateValue> = HashMap::new();
+        for b in group {
+            entries.extend(b.entries.iter().map(|(k, v)| (k.as_slice(), v)));
+        }
+        let last = group.last().expect("a group has a batch").last;
+        let write = StateWrite {
+            partition: self.partition,
+            epoch: self.epoch,
+            applied_offset: last,
+            entries: entries.into_iter().map(|(k, v)| (k.to_vec(), v.clone())).collect(),
+        };
+        let produced = Instant::now();
+        self.store_with_retry(write).await?;
+        self.observer.state_written(self.partition, produced.elapsed());
+        // Written, so in the cache: drop the pending states unless a later batch changed the key.
+        let newest = group.last().expect("a group has a batch").no;
+        {
+            let mut pending = self.pending.lock().unwrap();
+            for (k, _) in group.iter().flat_map(|b| &b.entries) {
+                if pending.get(k).is_some_and(|(no, _)| *no <= newest) {
+                    pending.remove(k);
+                }
+            }
+        }
+        tracing::debug!(
+            partition = %self.partition,
+            batches = group.len(),
+            records = group.iter().map(|b| b.records).sum::<usize>(),
+            produce_us = micros(produced - started),
+            store_us = micros(produced.elapsed()),
+            "batches applied"
+        );
+        let c = &self.counters;
+        c.applied_offsets.lock().unwrap().insert(self.partition.0, last.0);
+        self.sink.commit(self.partition, Offset(last.0 + 1));
+        for b in group {
+            c.scored.fetch_add(b.scored, Ordering::Relaxed);
+            for r in &b.dead {
+                c.dead_letters[*r as usize].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        c.batches.fetch_add(group.len() as u64, Ordering::Relaxed);
+        Ok(last)
     }
 
     /// The outputs are out: the state write must now succeed (or the actor stop) before anything
-    /// else happens, so it retries here rather than re-running the batch.
-    async fn store_with_retry(&self, write: StateWrite) -> Result<(), Halt> {
-        let mut backoff = self.args.config.backoff;
+    /// else happens, so it retries here.
+    async fn store_with_retry(&self, write: StateWrite) -> Result<(), StoreError> {
+        let mut backoff = self.config.backoff;
         loop {
-            match self.args.cache.apply(write.clone()).await {
+            match self.cache.apply(write.clone()).await {
                 Ok(()) => return Ok(()),
                 Err(StoreError::Unavailable { detail }) => {
-                    self.args.counters.retries.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(partition = %self.args.partition, %detail, "state write failed; retrying");
+                    self.counters.retries.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(partition = %self.partition, %detail, "state write failed; retrying");
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(self.args.config.max_backoff);
+                    backoff = (backoff * 2).min(self.config.max_backoff);
                 }
-                Err(fatal) => return Err(Halt::Fatal(fatal)),
+                Err(fatal) => return Err(fatal),
             }
         }
     }
