@@ -11,7 +11,7 @@
 //! send time) for `--seconds` each; the **max sustainable rate** is the highest rung whose p99 is
 //! at most 50 ms with every record answered and throughput >= 95 % of the offered rate.
 //! `ratio_vs_pass_through` = node / pass-through. Ends with `RESULT {json}`.
-//! Usage: `scripts/bench.sh b4 [--seconds 5] [--rates 1000,2000,...] [--partitions 4]`.
+//! Usage: `scripts/bench.sh b4 [--seconds 5] [--rates 1000,2000,...] [--partitions 4] [--sync-wal false]`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,6 +49,9 @@ struct Args {
     keys: usize,
     #[arg(long, default_value_t = 0.6)]
     zipf: f64,
+    /// The node's `--sync-wal` (fsync RocksDB's log on every state write).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    sync_wal: bool,
 }
 
 const P99_LIMIT_MS: f64 = 50.0;
@@ -106,6 +109,7 @@ async fn rung(args: &Arc<Args>, mode: Mode, rate: f64, drain: u64) -> anyhow::Re
             let dir = tempfile::tempdir()?;
             let mut opts = NodeOptions::local(&b, dir.path().join("state"));
             opts.inference.repository = args.repository.clone();
+            opts.sync_wal = args.sync_wal;
             let node = Node::start(&opts).await?;
             while node.assigned() < i64::from(p) {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -234,6 +238,7 @@ async fn main() -> anyhow::Result<()> {
         "seconds_per_rung": args.seconds,
         "keys": args.keys,
         "zipf": args.zipf,
+        "sync_wal": args.sync_wal,
         "pass_through_max_rate": pt_best,
         "node_max_rate": node_best,
         "ratio_vs_pass_through": ratio,

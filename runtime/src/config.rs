@@ -57,6 +57,7 @@ const SETTINGS: &[Setting] = &[
     s("group", "session_timeout", "--session-timeout"),
     s("state", "dir", "--state-dir"),
     s("state", "cache_size", "--cache-size"),
+    s("state", "sync_wal", "--sync-wal"),
     s("partition", "max_batch", "--max-batch"),
     s("partition", "max_waves", "--max-waves"),
     s("partition", "max_pending_batches", "--max-pending-batches"),
@@ -323,11 +324,12 @@ mod tests {
     #[test]
     fn environment_beats_file_and_flags_beat_both() {
         let f = file(
-            "[group]\nzone = \"a\"\nid = \"g\"\n[state]\ncache_size = \"64MiB\"\n[ingestion.properties]\n\"client.id\" = \"x\"\n",
+            "[group]\nzone = \"a\"\nid = \"g\"\n[state]\ncache_size = \"64MiB\"\nsync_wal = false\n[ingestion.properties]\n\"client.id\" = \"x\"\n",
         );
         let env = [("PARTITA_GROUP__ZONE".to_owned(), "b".to_owned())];
         let o = parse(&layer(Some(f.path()), env.clone(), &[]));
         assert_eq!((o.zone.as_str(), o.group.as_str(), o.cache_size.as_u64()), ("b", "g", 64 << 20));
+        assert!(!o.sync_wal, "a boolean setting false in the file");
         assert_eq!(o.ingestion_properties, vec![("client.id".to_owned(), "x".to_owned())]);
         let cli: Vec<OsString> =
             ["--zone", "c", "--ingestion-property", "acks=all"].map(OsString::from).to_vec();

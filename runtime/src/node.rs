@@ -59,6 +59,11 @@ pub struct NodeOptions {
     /// RocksDB directory for per-key state and applied offsets.
     #[arg(long, default_value = "partita-state")]
     pub state_dir: PathBuf,
+    /// fsync RocksDB's write-ahead log on every state write. `false`: a write still lands in the
+    /// log atomically with its offset and survives a process crash, but a power loss may rewind
+    /// state and offset together (those batches run again, their outputs repeat).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub sync_wal: bool,
     /// Byte budget of the state cache (e.g. 256MiB).
     #[arg(long, default_value = "256MiB")]
     pub cache_size: bytesize::ByteSize,
@@ -176,8 +181,9 @@ impl Node {
         let (pool, _repo) = opts.inference.start().await.context("starting the inference pool")?;
         health.models_ready.store(true, Ordering::SeqCst);
         let devices = pool.status().await.iter().map(|w| w.device.to_string()).collect();
-        let store = RocksStore::open(&RocksConfig::new(&opts.state_dir))
-            .with_context(|| format!("opening the state store in {}", opts.state_dir.display()))?;
+        let store =
+            RocksStore::open(&RocksConfig { sync_wal: opts.sync_wal, ..RocksConfig::new(&opts.state_dir) })
+                .with_context(|| format!("opening the state store in {}", opts.state_dir.display()))?;
         let cache = Arc::new(StateCache::new(store, opts.cache_size.as_u64(), metrics.clone()));
         let processing = KafkaTier {
             bootstrap: opts.processing_bootstrap.clone().unwrap_or_else(|| opts.ingestion_bootstrap.clone()),
