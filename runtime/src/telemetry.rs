@@ -112,6 +112,21 @@ fn gauge(
     g.encode(enc.encode_descriptor(name, help, unit, g.metric_type())?)
 }
 
+/// A gauge family with one series per partition.
+fn per_partition(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    values: impl IntoIterator<Item = (i64, i64)>,
+) -> fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (p, v) in values {
+        let labels = [("partition", p.to_string())];
+        ConstGauge::new(v).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
 impl Collector for NodeCollector {
     fn encode(&self, mut enc: DescriptorEncoder<'_>) -> fmt::Result {
         let guard = self.0.lock().unwrap();
@@ -158,31 +173,18 @@ impl Collector for NodeCollector {
                 ConstCounter::new(n.load(Ordering::Relaxed)).encode(m.encode_family(&labels)?)?;
             }
         }
-        {
-            let applied = c.applied_offsets.lock().unwrap();
-            let mut m = enc.encode_descriptor(
-                "partita_applied_offset",
-                "The stored applied offset of each partition (state and offset written together)",
-                None,
-                MetricType::Gauge,
-            )?;
-            for (p, o) in applied.iter() {
-                let labels = [("partition", p.to_string())];
-                ConstGauge::new(*o).encode(m.encode_family(&labels)?)?;
-            }
-        }
-        {
-            let mut m = enc.encode_descriptor(
-                "partita_consumer_lag",
-                "Records behind the end of each owned partition (librdkafka statistics)",
-                None,
-                MetricType::Gauge,
-            )?;
-            for (p, lag) in (s.lag)() {
-                let labels = [("partition", p.to_string())];
-                ConstGauge::new(lag).encode(m.encode_family(&labels)?)?;
-            }
-        }
+        per_partition(
+            &mut enc,
+            "partita_applied_offset",
+            "The stored applied offset of each partition (state and offset written together)",
+            c.applied_offsets.lock().unwrap().iter().map(|(p, o)| (i64::from(*p), *o)),
+        )?;
+        per_partition(
+            &mut enc,
+            "partita_consumer_lag",
+            "Records behind the end of each owned partition (librdkafka statistics)",
+            (s.lag)().into_iter().map(|(p, lag)| (i64::from(p), lag)),
+        )?;
         let cache = (s.cache)();
         counter(&mut enc, "partita_state_cache_hits", "State cache hits", cache.hits)?;
         counter(

@@ -243,9 +243,12 @@ impl Tracer for OtelTracer {
     }
 
     fn traceparent(&self, span: &Span) -> Option<Vec<u8>> {
-        span_context(span)?;
+        let cx = span.context();
+        if !cx.span().span_context().is_valid() {
+            return None;
+        }
         let mut carrier = HashMap::new();
-        self.propagator.inject_context(&span.context(), &mut carrier);
+        self.propagator.inject_context(&cx, &mut carrier);
         carrier.remove(HEADER_TRACEPARENT).map(String::into_bytes)
     }
 }

@@ -622,7 +622,7 @@ impl<S: StateStore, K: PartitionSink> Committer<S, K> {
                 group.push(next);
             }
             let span = group[0].span.clone();
-            match self.commit(&group).instrument(span).await {
+            match self.commit(&mut group).instrument(span).await {
                 Ok(last) => applied = Some(last),
                 Err(e) => {
                     tracing::error!(partition = %self.partition, error = %e, "partition stops");
@@ -634,9 +634,11 @@ impl<S: StateStore, K: PartitionSink> Committer<S, K> {
         applied
     }
 
-    async fn commit(&self, group: &[Computed]) -> Result<Offset, StoreError> {
+    /// Moves the group's outputs and states out (no copies); its spans end when it is dropped.
+    async fn commit(&self, group: &mut [Computed]) -> Result<Offset, StoreError> {
         let started = Instant::now();
-        let outputs: Vec<OutputRecord> = group.iter().flat_map(|b| b.outputs.iter().cloned()).collect();
+        let outputs: Vec<OutputRecord> =
+            group.iter_mut().flat_map(|b| std::mem::take(&mut b.outputs)).collect();
         let mut backoff = self.config.backoff;
         while let Err(e) = self.sink.produce(&outputs).await {
             self.counters.retries.fetch_add(1, Ordering::Relaxed);
@@ -645,25 +647,25 @@ impl<S: StateStore, K: PartitionSink> Committer<S, K> {
             backoff = (backoff * 2).min(self.config.max_backoff);
         }
         // A later batch's state of a key replaces an earlier one's.
-        let mut entries: HashMap<&[u8], &StateValue> = HashMap::new();
-        for b in group {
-            entries.extend(b.entries.iter().map(|(k, v)| (k.as_slice(), v)));
+        let mut entries: HashMap<Vec<u8>, StateValue> = HashMap::new();
+        for b in group.iter_mut() {
+            entries.extend(std::mem::take(&mut b.entries));
         }
         let last = group.last().expect("a group has a batch").last;
         let write = StateWrite {
             partition: self.partition,
             epoch: self.epoch,
             applied_offset: last,
-            entries: entries.into_iter().map(|(k, v)| (k.to_vec(), v.clone())).collect(),
+            entries: entries.into_iter().collect(),
         };
         let produced = Instant::now();
-        self.store_with_retry(write).await?;
+        self.store_with_retry(&write).await?;
         self.observer.state_written(self.partition, produced.elapsed());
         // Written, so in the cache: drop the pending states unless a later batch changed the key.
         let newest = group.last().expect("a group has a batch").no;
         {
             let mut pending = self.pending.lock().unwrap();
-            for (k, _) in group.iter().flat_map(|b| &b.entries) {
+            for (k, _) in &write.entries {
                 if pending.get(k).is_some_and(|(no, _)| *no <= newest) {
                     pending.remove(k);
                 }
@@ -680,7 +682,7 @@ impl<S: StateStore, K: PartitionSink> Committer<S, K> {
         let c = &self.counters;
         c.applied_offsets.lock().unwrap().insert(self.partition.0, last.0);
         self.sink.commit(self.partition, Offset(last.0 + 1));
-        for b in group {
+        for b in group.iter() {
             c.scored.fetch_add(b.scored, Ordering::Relaxed);
             for r in &b.dead {
                 c.dead_letters[*r as usize].fetch_add(1, Ordering::Relaxed);
@@ -692,7 +694,7 @@ impl<S: StateStore, K: PartitionSink> Committer<S, K> {
 
     /// The outputs are out: the state write must now succeed (or the actor stop) before anything
     /// else happens, so it retries here.
-    async fn store_with_retry(&self, write: StateWrite) -> Result<(), StoreError> {
+    async fn store_with_retry(&self, write: &StateWrite) -> Result<(), StoreError> {
         let mut backoff = self.config.backoff;
         loop {
             match self.cache.apply(write.clone()).await {
