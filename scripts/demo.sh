@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's main command: set up what is missing, build, and run `partita demo` on embedded
-# defaults (local nisshi broker, one node with RocksDB state and the shipped model, the load
+# defaults (Apache Kafka on loopback, one node with RocksDB state and the shipped model, the load
 # generator, a results table). Extra arguments go to `partita demo`.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent setup for partita: Debian packages, LibTorch (PyPI torch in a cached virtualenv),
-# the nisshi Kafka-protocol broker, and a shared cargo target directory.
+# the Apache Kafka and Apache Cassandra server jars from Maven Central (pinned in
+# scripts/jars/*/pom.xml), and a shared cargo target directory.
 #
 # Everything lives in $PARTITA_CACHE (default ~/.cache/partita), outside the checkout, so a fresh
 # clone on the same machine reuses it. A second run takes seconds.
@@ -11,9 +12,10 @@ set -euo pipefail
 
 CACHE="${PARTITA_CACHE:-$HOME/.cache/partita}"
 TORCH_VERSION="2.13.0"
-NISSHI_VERSION="0.8.1"
 VENV="$CACHE/venv"
 TOOLS="$CACHE/tools"
+JARS="$CACHE/jars"
+HERE="$(cd "$(dirname "$0")" && pwd)"
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -30,7 +32,7 @@ export LIBTORCH_USE_PYTORCH=1
 export LIBTORCH_BYPASS_VERSION_CHECK=1
 export LD_LIBRARY_PATH="$torch_lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
 export CARGO_TARGET_DIR="\${CARGO_TARGET_DIR:-$CACHE/target}"
-export PARTITA_NISSHI_BIN="$TOOLS/bin/nisshi"
+export PARTITA_JARS="$JARS"
 ENV
 }
 
@@ -66,13 +68,31 @@ if ! "$VENV/bin/python" -c "import torch,sys; sys.exit(0 if torch.__version__.sp
     "$VENV/bin/pip" install -q "torch==$TORCH_VERSION" numpy
 fi
 
-# 3. The nisshi broker (Kafka protocol), built once (~25 min on 2 cores).
-if ! [ -x "$TOOLS/bin/nisshi" ] || ! grep -q "\"nisshi $NISSHI_VERSION " "$TOOLS/.crates.toml" 2>/dev/null; then
-    log "building nisshi $NISSHI_VERSION into $TOOLS (about 25 minutes on 2 cores, once)"
-    CARGO_TARGET_DIR="$CACHE/nisshi-build" cargo install nisshi --version "$NISSHI_VERSION" \
-        --locked --ignore-rust-version --root "$TOOLS" --quiet
-    rm -rf "$CACHE/nisshi-build"
+# 3. The Kafka and Cassandra servers as plain jars (Maven Central), and the small launcher that
+#    ties each server's life to the process that started it. Redone only when a POM changes.
+need_java() { command -v "$1" >/dev/null || { log "$1 not found: install a JDK 17 and Maven 3.8"; exit 1; }; }
+for server in kafka cassandra; do
+    pom="$HERE/jars/$server/pom.xml"
+    stamp="$(sha256sum "$pom" | cut -c1-16)"
+    if [ "$(cat "$JARS/$server/.stamp" 2>/dev/null)" != "$stamp" ]; then
+        need_java mvn
+        log "fetching the $server server jars from Maven Central ($pom)"
+        rm -rf "$JARS/$server"
+        mvn -q -B -Dmaven.repo.local="$CACHE/m2" -f "$pom" \
+            org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy-dependencies \
+            -DincludeScope=runtime -DoutputDirectory="$JARS/$server"
+        echo "$stamp" > "$JARS/$server/.stamp"
+    fi
+done
+launcher="$HERE/jars/ParentWatch.java"
+stamp="$(sha256sum "$launcher" | cut -c1-16)"
+if [ "$(cat "$JARS/launcher/.stamp" 2>/dev/null)" != "$stamp" ]; then
+    need_java javac
+    rm -rf "$JARS/launcher"
+    javac -d "$JARS/launcher" "$launcher"
+    echo "$stamp" > "$JARS/launcher/.stamp"
 fi
+rm -rf "$TOOLS/bin/nisshi" "$CACHE/nisshi-build" # the Kafka-protocol stand-in used before
 
 print_env > "$CACHE/env.sh"
 log "ready in $(( $(date +%s) - start ))s; environment in $CACHE/env.sh"

@@ -6,8 +6,8 @@
 //!    (idempotent, `acks=all`), on one thread: what the broker and clients alone sustain.
 //! 2. **node**: `partita node` in process (RocksDB state, fraud_gru on CPU) on its own topics.
 //!
-//! Every rung runs on a fresh broker with fresh topics (nisshi's memory storage slows down as a
-//! topic grows). For each, the load generator offers a ladder of rates (open loop, latency from the scheduled
+//! The broker is Apache Kafka (one KRaft node on loopback). Every rung runs on a fresh broker with
+//! fresh topics, so a rung's backlog or log size never carries into the next. For each, the load generator offers a ladder of rates (open loop, latency from the scheduled
 //! send time) for `--seconds` each; the **max sustainable rate** is the highest rung whose p99 is
 //! at most 50 ms with every record answered and throughput >= 95 % of the offered rate.
 //! `ratio_vs_pass_through` = node / pass-through. Ends with `RESULT {json}`.
@@ -21,8 +21,8 @@ use clap::Parser;
 use partita_actors::partition::{HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION};
 use partita_bench::git_rev;
 use partita_proto::v1::{Event, Score};
-use partita_runtime::broker::{LocalBroker, create_topics};
 use partita_runtime::loadgen::{LoadReport, LoadgenOptions, run as run_load};
+use partita_runtime::local::kafka::{KafkaOptions, LocalKafka, create_topics};
 use partita_runtime::node::{Node, NodeOptions};
 use prost::Message as _;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -81,13 +81,13 @@ enum Mode {
     Node,
 }
 
-/// One rung on a fresh broker (nisshi's memory storage slows down as a topic grows, so rungs
-/// must not inherit each other's records): topics, the system under test, the load, teardown.
+/// One rung on a fresh broker (rungs must not inherit each other's records): topics, the system
+/// under test, the load, teardown.
 async fn rung(args: &Arc<Args>, mode: Mode, rate: f64, drain: u64) -> anyhow::Result<LoadReport> {
-    let broker = LocalBroker::start("memory://nisshi/").await?;
+    let broker = LocalKafka::start(KafkaOptions::default()).await?;
     let b = broker.bootstrap.clone();
     let p = args.partitions;
-    create_topics(&b, &[(TOPICS.0, p), (TOPICS.1, p), (TOPICS.2, 1)]).await?;
+    create_topics(&b, &[(TOPICS.0, p), (TOPICS.1, p), (TOPICS.2, 1)], 1).await?;
     let run = {
         let (args, b) = (args.clone(), b.clone());
         move || load(&args, &b, rate, drain)

@@ -255,8 +255,13 @@ impl<S: StateStore> ClientContext for NodeContext<S> {
         let mut lag = self.lag.lock().unwrap();
         if let Some(t) = stats.topics.get(&*self.wiring.topic) {
             for (p, part) in &t.partitions {
-                if *p >= 0 && part.consumer_lag >= 0 {
-                    lag.insert(*p, part.consumer_lag);
+                // From the offset stored for commit (records applied and durable), known as soon as
+                // the first batch is written; `consumer_lag` counts from the last *committed*
+                // offset and stays unknown until the first auto-commit.
+                let l =
+                    if part.consumer_lag_stored >= 0 { part.consumer_lag_stored } else { part.consumer_lag };
+                if *p >= 0 && l >= 0 {
+                    lag.insert(*p, l);
                 }
             }
         }

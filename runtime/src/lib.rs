@@ -8,12 +8,12 @@
 //! - [`inference`]: options, device selection, and starting the worker pool.
 //! - [`commands`]: one module per subcommand.
 
-pub mod broker;
 pub mod commands;
 pub mod config;
 pub mod inference;
 pub mod kafka;
 pub mod loadgen;
+pub mod local;
 pub mod model_repo;
 pub mod node;
 pub mod state;

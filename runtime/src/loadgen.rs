@@ -539,15 +539,10 @@ pub fn run(opts: &LoadgenOptions, stop: &AtomicBool) -> anyhow::Result<LoadRepor
     let out_bootstrap = opts.processing_bootstrap.as_deref().unwrap_or(&opts.bootstrap);
     let reader = OutputReader::start(out_bootstrap, &opts.scores_topic, &opts.dlq_topic, false)?;
     let producer: BaseProducer<DeliveryCounter> = crate::kafka::client_config(&opts.bootstrap)
-        // nisshi 0.8 sometimes answers an idempotent producer with OUT_OF_ORDER_SEQUENCE_NUMBER,
-        // which is fatal for that producer (seen in B4, with 5 and with 1 request in flight). The
-        // load generator is not the system under test: plain acks=all with one request in flight
-        // keeps its records in order; a retry after a timeout could duplicate one (the node would
-        // dead-letter it as DUPLICATE, visible in the report).
-        .set("enable.idempotence", "false")
-        .set("acks", "all")
+        // As users run producers: idempotent (acks=all, up to 5 requests in flight, order kept per
+        // partition and no duplicates across retries).
+        .set("enable.idempotence", "true")
         .set("linger.ms", "1")
-        .set("max.in.flight.requests.per.connection", "1")
         .set("queue.buffering.max.messages", "1000000")
         .create_with_context(DeliveryCounter::default())
         .context("creating the load producer")?;

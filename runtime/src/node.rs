@@ -15,8 +15,32 @@ use std::sync::atomic::Ordering;
 use crate::inference::InferenceOptions;
 use crate::kafka::{ConsumerSettings, KafkaSink, KafkaTier, Wiring, parse_property, start_consumer};
 use crate::state::rocks::{RocksConfig, RocksStore};
+use crate::state::scylla::{CqlConsistency, Replication, ScyllaConfig, ScyllaStore};
+use crate::state::{Backend, NodeStore};
 use crate::telemetry::{Health, Metrics, Sources, serve, serve_grpc_health};
 use crate::traces::{OtelTracer, Otlp};
+
+fn parse_cql_uri(s: &str) -> Result<String, String> {
+    for node in s.split(',').map(str::trim) {
+        match node.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
+            _ => return Err(format!("expected HOST:PORT[,HOST:PORT...], got {node:?}")),
+        }
+    }
+    Ok(s.to_owned())
+}
+
+/// A CQL keyspace name: a letter, then letters, digits or `_`, at most 48 characters.
+fn parse_keyspace(s: &str) -> Result<String, String> {
+    let ok = s.len() <= 48
+        && s.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("{s:?} is not a keyspace name (a letter, then letters, digits, _; at most 48)"))
+    }
+}
 
 fn parse_ratio(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
@@ -64,6 +88,26 @@ pub struct NodeOptions {
     /// state and offset together (those batches run again, their outputs repeat).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub sync_wal: bool,
+    /// Where per-key state lives: rocksdb (embedded, this node's disk) or cql (a ScyllaDB or
+    /// Cassandra cluster that every node shares).
+    #[arg(long, value_enum, default_value = "rocksdb")]
+    pub state_backend: Backend,
+    /// CQL contact points, HOST:PORT[,HOST:PORT...] (backend cql).
+    #[arg(long, default_value = "127.0.0.1:9042", value_parser = parse_cql_uri)]
+    pub cql_uri: String,
+    /// Keyspace of the state table (created if missing, with `cql_replication`).
+    #[arg(long, default_value = "partita", value_parser = parse_keyspace)]
+    pub cql_keyspace: String,
+    /// This node's CQL datacenter: requests prefer its replicas (and those in this node's zone as
+    /// rack); LOCAL_QUORUM counts in it. Unset: no preference.
+    #[arg(long)]
+    pub cql_datacenter: Option<String>,
+    /// Replication of the keyspace when partita creates it: DC=RF[,DC=RF...].
+    #[arg(long, default_value = "datacenter1=3", value_parser = Replication::parse)]
+    pub cql_replication: Replication,
+    /// Consistency of state reads and writes (the epoch fence uses the matching serial level).
+    #[arg(long, value_enum, default_value = "local_quorum")]
+    pub cql_consistency: CqlConsistency,
     /// Byte budget of the state cache (e.g. 256MiB).
     #[arg(long, default_value = "256MiB")]
     pub cache_size: bytesize::ByteSize,
@@ -141,6 +185,36 @@ impl NodeOptions {
         })
     }
 
+    /// The CQL backend's settings.
+    pub fn cql(&self) -> ScyllaConfig {
+        ScyllaConfig {
+            keyspace: self.cql_keyspace.clone(),
+            replication: self.cql_replication.0.clone(),
+            datacenter: self.cql_datacenter.clone(),
+            zone: self.cql_datacenter.as_ref().map(|_| self.zone.clone()),
+            consistency: self.cql_consistency,
+            ..ScyllaConfig::new(&self.cql_uri)
+        }
+    }
+
+    /// Open the configured state store (`[state] backend`).
+    pub async fn open_store(&self) -> anyhow::Result<NodeStore> {
+        Ok(match self.state_backend {
+            Backend::Rocksdb => NodeStore::Rocks(
+                RocksStore::open(&RocksConfig {
+                    sync_wal: self.sync_wal,
+                    ..RocksConfig::new(&self.state_dir)
+                })
+                .with_context(|| format!("opening the state store in {}", self.state_dir.display()))?,
+            ),
+            Backend::Cql => NodeStore::Cql(
+                ScyllaStore::connect(&self.cql())
+                    .await
+                    .with_context(|| format!("connecting to the CQL state store at {}", self.cql_uri))?,
+            ),
+        })
+    }
+
     fn limits(&self) -> Limits {
         Limits {
             max_value_bytes: usize::try_from(self.max_value_size.as_u64()).unwrap_or(usize::MAX),
@@ -165,7 +239,7 @@ pub struct Node {
     pub http: std::net::SocketAddr,
     /// Where the gRPC health service listens.
     pub grpc: std::net::SocketAddr,
-    consumer: crate::kafka::ConsumerHandle<RocksStore>,
+    consumer: crate::kafka::ConsumerHandle<NodeStore>,
     counters: Arc<PipelineCounters>,
     pub devices: Vec<String>,
     grace: Duration,
@@ -181,9 +255,7 @@ impl Node {
         let (pool, _repo) = opts.inference.start().await.context("starting the inference pool")?;
         health.models_ready.store(true, Ordering::SeqCst);
         let devices = pool.status().await.iter().map(|w| w.device.to_string()).collect();
-        let store =
-            RocksStore::open(&RocksConfig { sync_wal: opts.sync_wal, ..RocksConfig::new(&opts.state_dir) })
-                .with_context(|| format!("opening the state store in {}", opts.state_dir.display()))?;
+        let store = opts.open_store().await?;
         let cache = Arc::new(StateCache::new(store, opts.cache_size.as_u64(), metrics.clone()));
         let processing = KafkaTier {
             bootstrap: opts.processing_bootstrap.clone().unwrap_or_else(|| opts.ingestion_bootstrap.clone()),

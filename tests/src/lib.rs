@@ -6,6 +6,8 @@ pub mod state_contract;
 
 use std::path::PathBuf;
 
+use partita_runtime::local::cassandra::{CassandraOptions, LocalCassandra};
+
 /// The repository root (tests run with the package directory as working directory).
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
@@ -19,6 +21,40 @@ pub fn models_dir() -> PathBuf {
 /// A test-fixture model repository under `tests/fixtures/models/<name>`.
 pub fn fixture_repo(name: &str) -> PathBuf {
     repo_root().join("tests/fixtures/models").join(name)
+}
+
+/// The local Apache Cassandra this test binary shares between its tests (each test uses its own
+/// keyspace). Started on first use, in a folder named after the test binary (the previous run's
+/// is removed first); it stops when the test binary exits (`ParentWatch`). Panics, failing the
+/// test, if it cannot start: the CQL tests never skip.
+pub async fn cassandra() -> &'static LocalCassandra {
+    static CASSANDRA: tokio::sync::OnceCell<LocalCassandra> = tokio::sync::OnceCell::const_new();
+    CASSANDRA
+        .get_or_init(|| async {
+            let exe = std::env::current_exe().expect("test executable path");
+            let name = exe.file_stem().and_then(|s| s.to_str()).unwrap_or("tests").to_owned();
+            let dir = std::env::temp_dir().join(format!("partita-test-cassandra-{name}"));
+            let _ = std::fs::remove_dir_all(&dir);
+            let started = std::time::Instant::now();
+            let c = LocalCassandra::start(CassandraOptions { dir: Some(dir), ..Default::default() })
+                .await
+                .expect("starting a local Apache Cassandra (scripts/setup.sh fetches its jars)");
+            eprintln!("local Cassandra on {} ready in {:.1} s", c.uri(), started.elapsed().as_secs_f64());
+            c
+        })
+        .await
+}
+
+/// A keyspace name no other test of any run has used.
+pub fn unique_keyspace(prefix: &str) -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    format!(
+        "{prefix}_{}_{}_{}",
+        std::process::id(),
+        nanos % 1_000_000_000,
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
 }
 
 /// A small deterministic generator, so tests need no extra crates and always see the same rows.

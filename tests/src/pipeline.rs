@@ -1,5 +1,5 @@
-//! Helpers for the end-to-end tests: a real nisshi broker, `partita node` as a child process, a
-//! producer that remembers where each record landed, and the checker's expectations.
+//! Helpers for the end-to-end tests: `partita node` as a child process on either state backend,
+//! a producer that remembers where each record landed, and the checker's expectations.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -7,6 +7,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use partita_runtime::loadgen::{GenRecord, send};
+use partita_runtime::local::cassandra::DATACENTER;
+use partita_runtime::node::NodeOptions;
+use partita_runtime::state::scylla::Replication;
+use partita_runtime::state::{Backend, NodeStore};
 use rdkafka::ClientContext;
 use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
 
@@ -25,26 +29,90 @@ pub fn partita_bin() -> PathBuf {
     bin
 }
 
-/// `partita node` as a child process, logging to `<state_dir>.log`.
+/// Where a test node keeps its state: RocksDB in `dir`, or (backend cql) a keyspace of its own on
+/// the test binary's local Cassandra. Node logs go next to `dir` either way.
+#[derive(Debug, Clone)]
+pub struct TestStore {
+    pub backend: Backend,
+    pub dir: PathBuf,
+    cql: Option<(String, String)>,
+}
+
+impl TestStore {
+    pub async fn new(backend: Backend, dir: &Path) -> Self {
+        let cql = match backend {
+            Backend::Rocksdb => None,
+            Backend::Cql => Some((crate::cassandra().await.uri(), crate::unique_keyspace("pipeline"))),
+        };
+        Self { backend, dir: dir.to_path_buf(), cql }
+    }
+
+    /// The node options that select this store.
+    pub fn apply(&self, o: &mut NodeOptions) {
+        o.state_dir = self.dir.clone();
+        o.state_backend = self.backend;
+        if let Some((uri, keyspace)) = &self.cql {
+            o.cql_uri = uri.clone();
+            o.cql_keyspace = keyspace.clone();
+            o.cql_datacenter = Some(DATACENTER.into());
+            o.cql_replication = Replication([(DATACENTER.to_owned(), 1)].into());
+        }
+    }
+
+    /// The flags of `partita node` that select this store.
+    pub fn node_args(&self) -> Vec<String> {
+        let mut args = vec!["--state-dir".to_owned(), self.dir.display().to_string()];
+        if let Some((uri, keyspace)) = &self.cql {
+            args.extend(
+                [
+                    "--state-backend",
+                    "cql",
+                    "--cql-uri",
+                    uri,
+                    "--cql-keyspace",
+                    keyspace,
+                    "--cql-datacenter",
+                    DATACENTER,
+                    "--cql-replication",
+                    &format!("{DATACENTER}=1"),
+                ]
+                .map(str::to_owned),
+            );
+        }
+        args
+    }
+
+    /// Open the store the node wrote (after it stopped, for RocksDB).
+    pub async fn open(&self) -> NodeStore {
+        let mut o = NodeOptions::local("unused:9092", self.dir.clone());
+        self.apply(&mut o);
+        o.open_store().await.expect("opening the test node's state store")
+    }
+}
+
+/// `partita node` as a child process, logging to `<state dir>.log` (appended: a restarted node
+/// writes after the previous run's lines; [`NodeProcess::log_text`] shows this run's only).
 pub struct NodeProcess {
     pub child: Child,
     pub log: PathBuf,
+    /// Length of the log file when this process started.
+    log_start: u64,
 }
 
 impl NodeProcess {
-    pub fn start(bootstrap: &str, state_dir: &Path, extra: &[&str]) -> Self {
-        Self::start_with_env(bootstrap, state_dir, extra, &[])
+    pub fn start(bootstrap: &str, store: &TestStore, extra: &[&str]) -> Self {
+        Self::start_with_env(bootstrap, store, extra, &[])
     }
 
     /// Like [`NodeProcess::start`], with extra environment variables (failpoints).
-    pub fn start_with_env(bootstrap: &str, state_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
-        let log = state_dir.with_extension("log");
+    pub fn start_with_env(bootstrap: &str, store: &TestStore, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let log = store.dir.with_extension("log");
         let file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("node log file");
+        let log_start = file.metadata().expect("node log file").len();
         let child = Command::new(partita_bin())
             .arg("node")
             .args(["--ingestion-bootstrap", bootstrap])
-            .arg("--state-dir")
-            .arg(state_dir)
+            .args(store.node_args())
             .arg("--repository")
             .arg(models_dir())
             .args(["--device", "cpu", "--intra-op-threads", "1", "--session-timeout", "6s", "--grace", "15s"])
@@ -63,14 +131,16 @@ impl NodeProcess {
             .stderr(file)
             .spawn()
             .expect("starting partita node");
-        Self { child, log }
+        Self { child, log, log_start }
     }
 
+    /// What this process has logged so far (not earlier runs on the same state).
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        let all = std::fs::read(&self.log).unwrap_or_default();
+        String::from_utf8_lossy(all.get(self.log_start as usize..).unwrap_or_default()).into_owned()
     }
 
-    /// Wait until the node's log shows `n` partitions assigned (counting from `since` lines).
+    /// Wait until this run's log shows `n` partitions assigned.
     pub fn wait_assigned(&self, n: usize, within: Duration) {
         let deadline = Instant::now() + within;
         while self.log_text().matches("partition assigned").count() < n {
@@ -144,11 +214,9 @@ impl ProducerContext for Landed {
 /// each landed (partition, offset).
 pub fn produce_tracked(bootstrap: &str, records: &[GenRecord]) -> Vec<(i32, i64)> {
     let producer: BaseProducer<Landed> = partita_runtime::kafka::client_config(bootstrap)
-        // Not idempotent: see loadgen.rs (nisshi's sequence desync); one request in flight keeps order.
-        .set("enable.idempotence", "false")
-        .set("acks", "all")
+        // As users run producers: idempotent (acks=all, order kept per partition across retries).
+        .set("enable.idempotence", "true")
         .set("linger.ms", "1")
-        .set("max.in.flight.requests.per.connection", "1")
         .create_with_context(Landed(Mutex::new(vec![None; records.len()])))
         .expect("test producer");
     for (i, rec) in records.iter().enumerate() {

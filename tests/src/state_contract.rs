@@ -159,8 +159,7 @@ where
 }
 
 /// Expands to one `#[tokio::test]` per contract check. `$harness` is an async expression giving
-/// `Option<impl Harness>`; `None` means the backend is not available here (the harness prints a
-/// SKIP line saying why) and the checks return without running.
+/// an `impl Harness`; it fails the test when its backend cannot be started (never a skip).
 #[macro_export]
 macro_rules! state_contract_suite {
     ($harness:expr) => {
@@ -174,9 +173,8 @@ macro_rules! state_contract_suite {
     (@one $harness:expr, $name:ident) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $name() {
-            if let Some(h) = $harness.await {
-                $crate::state_contract::$name(&h).await;
-            }
+            let h = $harness.await;
+            $crate::state_contract::$name(&h).await;
         }
     };
 }

@@ -1,5 +1,7 @@
-//! End to end on the real components: a nisshi broker on loopback, `partita node` as a child
-//! process (real librdkafka, LibTorch and RocksDB), the checker's invariants from RELIABILITY.md.
+//! End to end on the real components: Apache Kafka (KRaft) on loopback, `partita node` as a child
+//! process (real librdkafka, LibTorch, and RocksDB or the CQL backend on a local Apache
+//! Cassandra), the checker's invariants from RELIABILITY.md. The replay, kill -9 and crash-window
+//! tests run once per state backend (`_rocksdb`, `_cql`).
 //!
 //! Output mode under test: **state is exactly once** (the applied offset is stored with the state),
 //! **scores and dead letters are at least once**: after a crash a batch that produced its outputs
@@ -7,21 +9,22 @@
 //! source partition and offset in its headers (`partita-source-partition`, `-offset`): that pair
 //! identifies a duplicate.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use partita_actors::inference::InferRequest;
 use partita_actors::state::{PartitionId, StateStore};
 use partita_proto::v1::{Event, Score};
-use partita_runtime::broker::{LocalBroker, create_topics};
 use partita_runtime::inference::{DeviceChoice, InferenceOptions};
 use partita_runtime::loadgen::{BAD_KINDS, GenRecord, Generator, Output, OutputReader, ReaderResult};
-use partita_runtime::state::rocks::{RocksConfig, RocksStore};
+use partita_runtime::local::kafka::{KafkaOptions, LocalKafka, create_topics};
+use partita_runtime::state::Backend;
 use partita_tests::models_dir;
 use partita_tests::otlp::OtlpReceiver;
-use partita_tests::pipeline::{DLQ, INPUT, NodeProcess, SCORES, http_get, metric, produce_tracked};
+use partita_tests::pipeline::{
+    DLQ, INPUT, NodeProcess, SCORES, TestStore, http_get, metric, produce_tracked,
+};
 use prost::Message;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -29,10 +32,33 @@ use rdkafka::{Offset, TopicPartitionList};
 
 const PARTITIONS: i32 = 3;
 
-async fn broker() -> LocalBroker {
-    let b = LocalBroker::start("memory://nisshi/").await.expect("nisshi broker (scripts/setup.sh builds it)");
-    create_topics(&b.bootstrap, &[(INPUT, PARTITIONS), (SCORES, PARTITIONS), (DLQ, 1)]).await.unwrap();
+async fn broker() -> LocalKafka {
+    let started = Instant::now();
+    let b = LocalKafka::start(KafkaOptions::default())
+        .await
+        .expect("a local Apache Kafka (scripts/setup.sh fetches its jars)");
+    eprintln!("local Kafka on {} ready in {:.1} s", b.bootstrap, started.elapsed().as_secs_f64());
+    create_topics(&b.bootstrap, &[(INPUT, PARTITIONS), (SCORES, PARTITIONS), (DLQ, 1)], 1).await.unwrap();
     b
+}
+
+/// A test that runs once per state backend: `$name_rocksdb` and `$name_cql` call `$name(backend)`.
+macro_rules! on_both_backends {
+    ($name:ident, $rocks:ident, $cql:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $rocks() {
+            $name(Backend::Rocksdb).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $cql() {
+            $name(Backend::Cql).await;
+        }
+    };
+}
+
+/// A fresh store of `backend` for one test (RocksDB in `dir`, or its own Cassandra keyspace).
+async fn store(backend: Backend, dir: &tempfile::TempDir) -> TestStore {
+    TestStore::new(backend, &dir.path().join("state")).await
 }
 
 fn records(n: usize, keys: usize, bad_ratio: f64, seed: u64) -> Vec<GenRecord> {
@@ -63,16 +89,45 @@ fn wait_answered(
     reader.finish()
 }
 
-/// The checker: every record answered by exactly the right output, per-key order, and the stored
-/// state equal to a one-by-one replay of the good events. Returns the number of duplicate outputs.
-async fn check(records: &[GenRecord], landed: &[(i32, i64)], seen: &ReaderResult, state_dir: &Path) -> u64 {
+/// The checker: every record answered by exactly the right output, every score equal to a
+/// one-by-one replay on the real model, per-key order in the outputs, and the stored state and
+/// applied offsets equal to that replay. Returns the number of duplicate outputs.
+async fn check(records: &[GenRecord], landed: &[(i32, i64)], seen: &ReaderResult, store: &TestStore) -> u64 {
     let mut by_source: HashMap<(i32, i64), Vec<&Output>> = HashMap::new();
     for (p, o, out) in &seen.outputs {
         by_source.entry((*p, *o)).or_default().push(out);
     }
-    // INV-1 and INV-2: each input has an output; copies (at least once) are identical in meaning.
+    // The replay: every good event scored alone (no batching), in offset order per key, each with
+    // the state the previous one left.
+    let replay = InferenceOptions {
+        repository: models_dir(),
+        device: DeviceChoice::Cpu,
+        intra_op_threads: 1,
+        no_batching: true,
+        ..Default::default()
+    };
+    let (pool, _) = replay.start().await.unwrap();
+    let router = pool.router();
+    let mut expected: HashMap<Vec<u8>, (i32, u64, Vec<f32>)> = HashMap::new();
+    let mut expected_score: HashMap<(i32, i64), f32> = HashMap::new();
+    for (rec, source) in records.iter().zip(landed) {
+        if rec.bad.is_some() {
+            continue;
+        }
+        let e = Event::decode(rec.value.as_slice()).unwrap();
+        let entry = expected.entry(e.key.clone()).or_insert((source.0, 0, Vec::new()));
+        let state = (!entry.2.is_empty()).then(|| entry.2.clone());
+        let out = router
+            .infer(InferRequest { model: Arc::from("fraud_gru"), features: e.features, state })
+            .await
+            .unwrap();
+        expected_score.insert(*source, out.score);
+        *entry = (source.0, e.sequence, out.new_state);
+    }
+    pool.shutdown().await;
+
+    // INV-1 and INV-2: each input has an output, the right one; copies (at least once) agree.
     let mut duplicates = 0;
-    let mut per_key: BTreeMap<Vec<u8>, Vec<(i64, u64)>> = BTreeMap::new();
     for (i, (rec, source)) in records.iter().zip(landed).enumerate() {
         let outs = by_source.get(source).unwrap_or_else(|| panic!("record {i} at {source:?} has no output"));
         duplicates += outs.len() as u64 - 1;
@@ -85,9 +140,10 @@ async fn check(records: &[GenRecord], landed: &[(i32, i64)], seen: &ReaderResult
                         (&e.key, e.sequence),
                         "record {i}: score of the wrong event"
                     );
+                    let want = expected_score[source];
                     assert!(
-                        s.score.is_finite() && (0.0..=1.0).contains(&s.score),
-                        "record {i}: score {}",
+                        (s.score - want).abs() < 1e-4,
+                        "record {i} at {source:?}: score {} but the one-by-one replay gives {want}",
                         s.score
                     );
                 }
@@ -105,58 +161,35 @@ async fn check(records: &[GenRecord], landed: &[(i32, i64)], seen: &ReaderResult
                 (bad, out) => panic!("record {i} (bad kind {bad:?}) got the wrong output: {out:?}"),
             }
         }
-        if let (None, Some(Output::Score(s))) = (rec.bad, outs.first()) {
-            per_key.entry(s.key.clone()).or_default().push((source.1, s.sequence));
-        }
     }
-    // INV-3: per key, in offset order, sequences go up by exactly one.
-    for (key, mut seqs) in per_key.clone() {
-        seqs.sort_unstable();
-        let s: Vec<u64> = seqs.iter().map(|(_, s)| *s).collect();
-        assert_eq!(
-            s,
-            (1..=s.len() as u64).collect::<Vec<_>>(),
-            "key {}: sequences",
-            String::from_utf8_lossy(&key)
-        );
+    // INV-3: per key, the scores come out in source-offset order (a key's scores share an output
+    // partition, which the reader reads in order; a repeat after a crash is a copy of a source
+    // already seen and is skipped).
+    let mut first_seen: std::collections::HashSet<(i32, i64)> = std::collections::HashSet::new();
+    let mut last_offset: HashMap<Vec<u8>, i64> = HashMap::new();
+    for (p, o, out) in &seen.outputs {
+        if let Output::Score(s) = out
+            && first_seen.insert((*p, *o))
+            && let Some(prev) = last_offset.insert(s.key.clone(), *o)
+        {
+            assert!(
+                prev < *o,
+                "key {}: the score of offset {o} came out after that of offset {prev}",
+                String::from_utf8_lossy(&s.key)
+            );
+        }
     }
 
-    // Stored state == replay of the good events one by one on the real model (no batching).
-    let replay = InferenceOptions {
-        repository: models_dir(),
-        device: DeviceChoice::Cpu,
-        intra_op_threads: 1,
-        no_batching: true,
-        ..Default::default()
-    };
-    let (pool, _) = replay.start().await.unwrap();
-    let router = pool.router();
-    let mut expected: HashMap<Vec<u8>, (i32, u64, Vec<f32>)> = HashMap::new();
-    for (rec, source) in records.iter().zip(landed) {
-        if rec.bad.is_some() {
-            continue;
-        }
-        let e = Event::decode(rec.value.as_slice()).unwrap();
-        let entry = expected.entry(e.key.clone()).or_insert((source.0, 0, Vec::new()));
-        let state = (!entry.2.is_empty()).then(|| entry.2.clone());
-        let out = router
-            .infer(InferRequest { model: Arc::from("fraud_gru"), features: e.features, state })
-            .await
-            .unwrap();
-        *entry = (source.0, e.sequence, out.new_state);
-    }
-    pool.shutdown().await;
-    let store = RocksStore::open(&RocksConfig::new(state_dir)).unwrap();
+    // Stored state == the replay's, every element and the length.
+    let store = store.open().await;
     for (key, (p, seq, state)) in &expected {
         let stored = store.read(PartitionId(*p as u32), std::slice::from_ref(key)).await.unwrap();
         let (stored_seq, stored_state) = stored[0].as_ref().expect("key has state").to_sequenced().unwrap();
-        assert_eq!(stored_seq, *seq, "key {}: last applied sequence", String::from_utf8_lossy(key));
+        let k = String::from_utf8_lossy(key);
+        assert_eq!(stored_seq, *seq, "key {k}: last applied sequence");
+        assert_eq!(stored_state.len(), state.len(), "key {k}: stored state length");
         for (a, b) in stored_state.iter().zip(state) {
-            assert!(
-                (a - b).abs() < 1e-3,
-                "key {}: stored state {a} vs replay {b}",
-                String::from_utf8_lossy(key)
-            );
+            assert!((a - b).abs() < 1e-3, "key {k}: stored state {a} vs replay {b}");
         }
     }
     // INV-4: each partition's stored applied offset is its last input offset.
@@ -189,11 +222,16 @@ fn high_watermarks(bootstrap: &str) -> Vec<i64> {
     (0..PARTITIONS).map(|p| c.fetch_watermarks(INPUT, p, Duration::from_secs(10)).unwrap().1).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_record_is_answered_once_in_key_order_and_state_equals_a_replay() {
+on_both_backends!(
+    every_record_is_answered_once_in_key_order_and_state_equals_a_replay,
+    every_record_is_answered_once_in_key_order_and_state_equals_a_replay_rocksdb,
+    every_record_is_answered_once_in_key_order_and_state_equals_a_replay_cql
+);
+
+async fn every_record_is_answered_once_in_key_order_and_state_equals_a_replay(backend: Backend) {
     let broker = broker().await;
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
+    let state = store(backend, &dir).await;
     let reader = OutputReader::start(&broker.bootstrap, SCORES, DLQ, true).unwrap();
     let node = NodeProcess::start(&broker.bootstrap, &state, &[]);
     // 1500 records over 40 keys, a fifth of them bad (every kind of the table, round robin).
@@ -213,11 +251,16 @@ async fn every_record_is_answered_once_in_key_order_and_state_equals_a_replay() 
     assert_eq!(dups, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_mid_stream_then_restart_loses_nothing_and_applies_nothing_twice() {
+on_both_backends!(
+    kill_9_mid_stream_then_restart_loses_nothing_and_applies_nothing_twice,
+    kill_9_mid_stream_then_restart_loses_nothing_and_applies_nothing_twice_rocksdb,
+    kill_9_mid_stream_then_restart_loses_nothing_and_applies_nothing_twice_cql
+);
+
+async fn kill_9_mid_stream_then_restart_loses_nothing_and_applies_nothing_twice(backend: Backend) {
     let broker = broker().await;
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
+    let state = store(backend, &dir).await;
     let reader = OutputReader::start(&broker.bootstrap, SCORES, DLQ, true).unwrap();
     let node = NodeProcess::start(&broker.bootstrap, &state, &[]);
     let recs = records(3000, 60, 0.05, 11);
@@ -248,11 +291,16 @@ async fn kill_9_mid_stream_then_restart_loses_nothing_and_applies_nothing_twice(
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crash_between_produce_and_state_write_repeats_outputs_but_applies_state_once() {
+on_both_backends!(
+    a_crash_between_produce_and_state_write_repeats_outputs_but_applies_state_once,
+    a_crash_between_produce_and_state_write_repeats_outputs_but_applies_state_once_rocksdb,
+    a_crash_between_produce_and_state_write_repeats_outputs_but_applies_state_once_cql
+);
+
+async fn a_crash_between_produce_and_state_write_repeats_outputs_but_applies_state_once(backend: Backend) {
     let broker = broker().await;
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
+    let state = store(backend, &dir).await;
     let reader = OutputReader::start(&broker.bootstrap, SCORES, DLQ, true).unwrap();
     let recs = records(1200, 30, 0.05, 13);
     let landed = tokio::task::block_in_place(|| produce_tracked(&broker.bootstrap, &recs));
@@ -290,7 +338,7 @@ async fn a_crash_between_produce_and_state_write_repeats_outputs_but_applies_sta
 async fn sigterm_commits_everything_and_a_restart_reprocesses_nothing() {
     let broker = broker().await;
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
+    let state = store(Backend::Rocksdb, &dir).await;
     let reader = OutputReader::start(&broker.bootstrap, SCORES, DLQ, true).unwrap();
     let node = NodeProcess::start(&broker.bootstrap, &state, &[]);
     let recs = records(400, 20, 0.0, 3);
@@ -339,9 +387,9 @@ async fn sigterm_commits_everything_and_a_restart_reprocesses_nothing() {
 async fn metrics_match_what_was_processed_and_readiness_follows_the_node() {
     let broker = broker().await;
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let addr = format!("127.0.0.1:{}", partita_runtime::broker::free_port().unwrap());
-    let grpc = format!("127.0.0.1:{}", partita_runtime::broker::free_port().unwrap());
+    let state = store(Backend::Rocksdb, &dir).await;
+    let addr = format!("127.0.0.1:{}", partita_runtime::local::free_port().unwrap());
+    let grpc = format!("127.0.0.1:{}", partita_runtime::local::free_port().unwrap());
     let reader = OutputReader::start(&broker.bootstrap, SCORES, DLQ, true).unwrap();
     let node =
         NodeProcess::start(&broker.bootstrap, &state, &["--http-listen", &addr, "--grpc-listen", &grpc]);
@@ -388,9 +436,25 @@ async fn metrics_match_what_was_processed_and_readiness_follows_the_node() {
     let answered = tokio::task::block_in_place(|| {
         wait_answered(reader, recs.len() as u64, Duration::from_secs(60), || node.log_text())
     });
-    let (_, text) = http_get(&addr, "/metrics").expect("metrics endpoint");
+    // The counters move after the outputs are acknowledged: wait until they show every record.
     let zone = [("zone", "local")];
     let good = recs.iter().filter(|r| r.bad.is_none()).count() as f64;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let (_, text) = http_get(&addr, "/metrics").expect("metrics endpoint");
+        let applied_all = (0..PARTITIONS).all(|p| {
+            let last = landed.iter().filter(|(lp, _)| *lp == p).map(|(_, o)| *o).max().unwrap();
+            metric(&text, "partita_applied_offset", &[("partition", &p.to_string())]) == Some(last as f64)
+        });
+        // Lag comes from librdkafka's statistics, once a second.
+        let lag_known = metric(&text, "partita_consumer_lag", &[]).is_some();
+        if (metric(&text, "partita_scores_total", &zone) == Some(good) && applied_all && lag_known)
+            || Instant::now() > deadline
+        {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(metric(&text, "partita_scores_total", &zone), Some(good), "{text}");
     assert_eq!(metric(&text, "partita_records_received_total", &[]), Some(recs.len() as f64));
     for (reason, n) in &answered.dead_letters_by_reason {
@@ -421,8 +485,50 @@ async fn metrics_match_what_was_processed_and_readiness_follows_the_node() {
     {
         assert!(text.contains(family), "{family} missing:\n{text}");
     }
+    // Every series the shipped Grafana dashboard queries is served.
+    let dashboard =
+        std::fs::read_to_string(partita_tests::repo_root().join("deploy/grafana/partita-dashboard.json"))
+            .expect("the dashboard");
+    let queried = dashboard_series(&dashboard);
+    assert!(queried.len() >= 10, "too few series found in the dashboard: {queried:?}");
+    let served: std::collections::HashSet<&str> =
+        text.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.split(['{', ' ']).next()).collect();
+    let missing: Vec<&String> = queried.iter().filter(|q| !served.contains(q.as_str())).collect();
+    assert!(missing.is_empty(), "the dashboard queries series /metrics does not serve: {missing:?}");
     let (status, log) = node.terminate(Duration::from_secs(20));
     assert!(status.is_some_and(|s| s.success()), "{log}");
+}
+
+/// The `partita_*` series named in the dashboard's PromQL expressions.
+fn dashboard_series(dashboard: &str) -> std::collections::BTreeSet<String> {
+    let json: serde_json::Value = serde_json::from_str(dashboard).expect("the dashboard is JSON");
+    let mut exprs = Vec::new();
+    fn walk<'a>(v: &'a serde_json::Value, out: &mut Vec<&'a str>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    match (k.as_str(), v) {
+                        ("expr", serde_json::Value::String(e)) => out.push(e),
+                        _ => walk(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    walk(&json, &mut exprs);
+    let mut names = std::collections::BTreeSet::new();
+    for e in exprs {
+        let mut rest = e;
+        while let Some(i) = rest.find("partita_") {
+            let name: String =
+                rest[i..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            rest = &rest[i + name.len()..];
+            names.insert(name);
+        }
+    }
+    names
 }
 
 /// Each record's output (score or dead letter) by source coordinates, with its `traceparent`.
@@ -465,7 +571,7 @@ fn trace_parts(tp: &str) -> (String, String, String) {
 async fn without_an_exporter_the_producers_traceparent_comes_back_unchanged() {
     let broker = broker().await;
     let dir = tempfile::tempdir().unwrap();
-    let node = NodeProcess::start(&broker.bootstrap, &dir.path().join("state"), &[]);
+    let node = NodeProcess::start(&broker.bootstrap, &store(Backend::Rocksdb, &dir).await, &[]);
     let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let mut recs = records(6, 3, 0.0, 5);
     recs[1].headers.push(("traceparent".into(), traceparent.as_bytes().to_vec()));
@@ -492,7 +598,7 @@ async fn spans_reach_an_otlp_collector_and_one_trace_runs_producer_node_score() 
     let dir = tempfile::tempdir().unwrap();
     let node = NodeProcess::start_with_env(
         &broker.bootstrap,
-        &dir.path().join("state"),
+        &store(Backend::Rocksdb, &dir).await,
         &["--zone", "zone-t", "--instance-id", "node-t"],
         &[
             ("PARTITA_TRACES__OTLP_ENDPOINT", collector.endpoint.as_str()),

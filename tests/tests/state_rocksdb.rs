@@ -33,8 +33,8 @@ impl Harness for Rocks {
     }
 }
 
-async fn harness() -> Option<Rocks> {
-    Some(Rocks { dir: tempfile::tempdir().unwrap() })
+async fn harness() -> Rocks {
+    Rocks { dir: tempfile::tempdir().unwrap() }
 }
 
 partita_tests::state_contract_suite!(harness());

@@ -1,18 +1,21 @@
-//! The state contract on ScyllaDB: the same suite as RocksDB, run when `PARTITA_SCYLLA_URI`
-//! points at a real node (e.g. `127.0.0.1:9042`); otherwise every check prints SKIP and returns.
-//! Each run uses its own keyspace and drops nothing (inspect it after a failure).
+//! The state contract on the CQL backend (`ScyllaStore`): the same suite as RocksDB, run against
+//! this test binary's local Apache Cassandra, or against a real ScyllaDB when `PARTITA_SCYLLA_URI`
+//! points at one (`PARTITA_SCYLLA_DATACENTER`, default `datacenter1`). Never skipped: a server that
+//! cannot start fails the tests. Each run uses its own keyspace and drops nothing (inspect it after
+//! a failure).
 
 use std::sync::OnceLock;
 
 use partita_actors::state::PartitionId;
+use partita_runtime::local::cassandra::DATACENTER;
 use partita_runtime::state::scylla::{ScyllaConfig, ScyllaStore};
 use partita_tests::state_contract::Harness;
 
-struct Scylla {
+struct Cql {
     config: ScyllaConfig,
 }
 
-impl Harness for Scylla {
+impl Harness for Cql {
     type Store = ScyllaStore;
 
     async fn open(&self) -> ScyllaStore {
@@ -27,25 +30,20 @@ impl Harness for Scylla {
 /// One keyspace per test process, so reruns never see old data.
 fn keyspace() -> &'static str {
     static KS: OnceLock<String> = OnceLock::new();
-    KS.get_or_init(|| {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-        format!("partita_test_{}_{}", std::process::id(), nanos % 1_000_000_000)
-    })
+    KS.get_or_init(|| partita_tests::unique_keyspace("partita_test"))
 }
 
-async fn harness() -> Option<Scylla> {
-    let Ok(uri) = std::env::var("PARTITA_SCYLLA_URI") else {
-        eprintln!(
-            "SKIP: ScyllaDB contract suite: PARTITA_SCYLLA_URI is not set (no ScyllaDB on this machine)"
-        );
-        return None;
+async fn harness() -> Cql {
+    let uri = match std::env::var("PARTITA_SCYLLA_URI") {
+        Ok(uri) => uri,
+        Err(_) => partita_tests::cassandra().await.uri(),
     };
     let mut config = ScyllaConfig::new(&uri);
     config.keyspace = keyspace().to_owned();
-    // A single test node: replication 1 in whatever datacenter the node reports.
-    let dc = std::env::var("PARTITA_SCYLLA_DATACENTER").unwrap_or_else(|_| "datacenter1".into());
+    // One test node: replication 1 in the node's datacenter.
+    let dc = std::env::var("PARTITA_SCYLLA_DATACENTER").unwrap_or_else(|_| DATACENTER.into());
     config.replication = [(dc, 1)].into();
-    Some(Scylla { config })
+    Cql { config }
 }
 
 partita_tests::state_contract_suite!(harness());

@@ -1,7 +1,8 @@
-//! `partita demo`: the whole pipeline on one machine. Starts a nisshi broker on loopback (memory
-//! storage), creates the topics, starts a node on embedded defaults (RocksDB state in a temporary
-//! directory, the shipped models, CPU unless a GPU is seen), runs the load generator for a bounded
-//! time, prints what ran where and the results, and stops everything it started (also on Ctrl-C).
+//! `partita demo`: the whole pipeline on one machine. Starts Apache Kafka (one KRaft node) on
+//! loopback, creates the topics, starts a node on embedded defaults (RocksDB state in a temporary
+//! directory, the shipped models, CPU unless a GPU is seen; `--state cql` starts a local Cassandra
+//! and keeps state there instead), runs the load generator for a bounded time, prints what ran
+//! where and the results, and stops everything it started (also on Ctrl-C).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,10 +11,13 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::Args;
 
-use crate::broker::{LocalBroker, create_topics};
 use crate::inference::InferenceOptions;
 use crate::loadgen::{LoadgenOptions, run as run_load};
+use crate::local::cassandra::{CassandraOptions, DATACENTER, LocalCassandra};
+use crate::local::kafka::{KafkaOptions, LocalKafka, create_topics};
 use crate::node::{Node, NodeOptions};
+use crate::state::Backend;
+use crate::state::scylla::Replication;
 
 #[derive(Debug, Clone, Args)]
 pub struct DemoArgs {
@@ -35,6 +39,9 @@ pub struct DemoArgs {
     /// Share of bad records mixed in (every kind of the bad-input table).
     #[arg(long, default_value_t = 0.01)]
     pub bad_ratio: f64,
+    /// State backend: rocksdb (embedded) or cql (starts a local Apache Cassandra for it).
+    #[arg(long = "state", value_enum, default_value = "rocksdb")]
+    pub state: Backend,
     #[command(flatten)]
     pub inference: InferenceOptions,
 }
@@ -50,21 +57,53 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
             }
         });
     }
-    eprintln!("starting the broker (nisshi, memory storage, loopback) ...");
-    let broker = LocalBroker::start("memory://nisshi/").await?;
-    let result = with_broker(args, &broker, &stop).await;
+    eprintln!("starting Apache Kafka (one KRaft node on loopback) ...");
+    let started = Instant::now();
+    let broker = LocalKafka::start(KafkaOptions::default()).await?;
+    let kafka_start = started.elapsed();
+    let cassandra = match args.state {
+        Backend::Rocksdb => None,
+        Backend::Cql => {
+            eprintln!("starting Apache Cassandra (one node on loopback) for the state ...");
+            let started = Instant::now();
+            let c = LocalCassandra::start(CassandraOptions::default()).await;
+            Some((c, started.elapsed()))
+        }
+    };
+    let result = match cassandra {
+        None => with_broker(args, &broker, kafka_start, None, &stop).await,
+        Some((Err(e), _)) => Err(e),
+        Some((Ok(c), took)) => {
+            let r = with_broker(args, &broker, kafka_start, Some((&c, took)), &stop).await;
+            c.stop().await;
+            r
+        }
+    };
     broker.stop().await;
     result
 }
 
-async fn with_broker(args: &DemoArgs, broker: &LocalBroker, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
+async fn with_broker(
+    args: &DemoArgs,
+    broker: &LocalKafka,
+    kafka_start: Duration,
+    cassandra: Option<(&LocalCassandra, Duration)>,
+    stop: &Arc<AtomicBool>,
+) -> anyhow::Result<()> {
     let p = args.partitions;
     let state_dir = std::env::temp_dir().join(format!("partita-demo-{}", std::process::id()));
     let mut node_opts = NodeOptions::local(&broker.bootstrap, state_dir.clone());
     node_opts.inference = args.inference.clone();
+    if let Some((c, _)) = cassandra {
+        node_opts.state_backend = Backend::Cql;
+        node_opts.cql_uri = c.uri();
+        node_opts.cql_datacenter = Some(DATACENTER.to_owned());
+        node_opts.cql_replication = Replication([(DATACENTER.to_owned(), 1)].into());
+    }
     create_topics(
         &broker.bootstrap,
         &[(&node_opts.input_topic, p), (&node_opts.scores_topic, p), (&node_opts.dlq_topic, 1)],
+        broker.replication(),
     )
     .await?;
     eprintln!("starting the node (loading and warming up the models) ...");
@@ -77,11 +116,13 @@ async fn with_broker(args: &DemoArgs, broker: &LocalBroker, stop: &Arc<AtomicBoo
     let c = summary?.counters;
     println!();
     println!("what ran where");
-    println!(
-        "  broker        nisshi on {} (memory storage, pid {})",
-        broker.bootstrap,
-        broker.pid().map_or("?".into(), |p| p.to_string())
-    );
+    for (id, addr, _, pid) in broker.describe() {
+        println!(
+            "  kafka         Apache Kafka (KRaft) node {id} on {addr} (pid {}, started in {:.1} s)",
+            pid.map_or("?".into(), |p| p.to_string()),
+            kafka_start.as_secs_f64()
+        );
+    }
     println!(
         "  topics        {} ({p} partitions) -> {} ({p}) + dead letters {} (1)",
         node_opts.input_topic, node_opts.scores_topic, node_opts.dlq_topic
@@ -90,7 +131,25 @@ async fn with_broker(args: &DemoArgs, broker: &LocalBroker, stop: &Arc<AtomicBoo
         "  node          group {}, zone {}, {} partition actors, workers on [{}]",
         node_opts.group, node_opts.zone, started, devices
     );
-    println!("  state         RocksDB in {} (removed), cache {}", state_dir.display(), node_opts.cache_size);
+    match cassandra {
+        None => println!(
+            "  state         RocksDB in {} (removed), cache {}",
+            state_dir.display(),
+            node_opts.cache_size
+        ),
+        Some((c, took)) => {
+            for (addr, rack, pid) in c.describe() {
+                println!(
+                    "  state         Apache Cassandra on {addr}:{} (rack {rack}, pid {}, started in {:.1} s), keyspace {}, cache {}",
+                    c.port,
+                    pid.map_or("?".into(), |p| p.to_string()),
+                    took.as_secs_f64(),
+                    node_opts.cql_keyspace,
+                    node_opts.cache_size
+                );
+            }
+        }
+    }
     println!("  model         {} from {}", node_opts.default_model, node_opts.inference.repository.display());
     println!();
     println!("results");
@@ -107,7 +166,7 @@ async fn with_broker(args: &DemoArgs, broker: &LocalBroker, stop: &Arc<AtomicBoo
 
 async fn with_node(
     args: &DemoArgs,
-    broker: &LocalBroker,
+    broker: &LocalKafka,
     node_opts: &NodeOptions,
     node: &Node,
     stop: &Arc<AtomicBool>,

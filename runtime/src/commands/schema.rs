@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::state::scylla::{ScyllaConfig, ScyllaStore};
+use crate::state::scylla::{Replication, ScyllaConfig, ScyllaStore};
 
 #[derive(Debug, Clone, Args)]
 pub struct SchemaArgs {
@@ -14,28 +14,20 @@ pub struct SchemaArgs {
     pub uri: Option<String>,
     #[arg(long, default_value = "partita")]
     pub keyspace: String,
-    /// Replication per datacenter, `DC=RF` (repeatable). Zones are racks inside a datacenter.
-    #[arg(long = "replication", value_parser = parse_replication, default_value = "datacenter1=3")]
-    pub replication: Vec<(String, u32)>,
+    /// Replication per datacenter, `DC=RF[,DC=RF...]` (repeatable). Zones are racks inside a
+    /// datacenter.
+    #[arg(long = "replication", value_parser = Replication::parse, default_value = "datacenter1=3")]
+    pub replication: Vec<Replication>,
     /// Connect and create the keyspace and tables (idempotent).
     #[arg(long, requires = "uri")]
     pub apply: bool,
-}
-
-fn parse_replication(s: &str) -> Result<(String, u32), String> {
-    let (dc, rf) = s.split_once('=').ok_or_else(|| format!("expected DC=RF, got {s:?}"))?;
-    let rf: u32 = rf.parse().map_err(|_| format!("replication factor {rf:?} is not a number"))?;
-    if dc.is_empty() || rf == 0 {
-        return Err(format!("invalid replication {s:?}"));
-    }
-    Ok((dc.to_owned(), rf))
 }
 
 impl SchemaArgs {
     pub fn config(&self) -> ScyllaConfig {
         let mut c = ScyllaConfig::new(self.uri.as_deref().unwrap_or("127.0.0.1:9042"));
         c.keyspace = self.keyspace.clone();
-        c.replication = self.replication.iter().cloned().collect::<BTreeMap<_, _>>();
+        c.replication = self.replication.iter().flat_map(|r| r.0.clone()).collect::<BTreeMap<_, _>>();
         c.request_timeout = Duration::from_secs(10);
         c
     }

@@ -26,6 +26,63 @@ use scylla::value::{CqlValue, Row};
 /// Clustering-key restrictions per `IN` query (Scylla's default limit is 100).
 const READ_CHUNK: usize = 100;
 
+/// `[state] cql_consistency`: reads and writes at this level; the epoch fence's Paxos round at
+/// `LOCAL_SERIAL` for `local_quorum`, `SERIAL` otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum CqlConsistency {
+    /// A quorum of the replicas in the node's datacenter (survives a zone with RF 3 over 3 zones).
+    LocalQuorum,
+    /// A quorum of all replicas, in every datacenter together.
+    Quorum,
+    /// A quorum in each datacenter.
+    EachQuorum,
+    /// Every replica.
+    All,
+}
+
+impl CqlConsistency {
+    fn driver(self) -> (Consistency, SerialConsistency) {
+        match self {
+            Self::LocalQuorum => (Consistency::LocalQuorum, SerialConsistency::LocalSerial),
+            Self::Quorum => (Consistency::Quorum, SerialConsistency::Serial),
+            Self::EachQuorum => (Consistency::EachQuorum, SerialConsistency::Serial),
+            Self::All => (Consistency::All, SerialConsistency::Serial),
+        }
+    }
+}
+
+/// `DC=RF[,DC=RF...]`: a keyspace's replication per datacenter (NetworkTopologyStrategy).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replication(pub BTreeMap<String, u32>);
+
+impl Replication {
+    /// Parse `DC=RF[,DC=RF...]` (a clap value parser).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut map = BTreeMap::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (dc, rf) = part.split_once('=').ok_or_else(|| format!("expected DC=RF, got {part:?}"))?;
+            let rf: u32 =
+                rf.trim().parse().map_err(|_| format!("replication factor of {dc:?} is not a number"))?;
+            if dc.trim().is_empty() || rf == 0 {
+                return Err(format!("expected DC=RF with a name and RF >= 1, got {part:?}"));
+            }
+            map.insert(dc.trim().to_owned(), rf);
+        }
+        if map.is_empty() {
+            return Err("expected at least one DC=RF".into());
+        }
+        Ok(Self(map))
+    }
+}
+
+/// Which CQL server the session talks to: the schema's compaction strategy differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    Scylla,
+    Cassandra,
+}
+
 #[derive(Debug, Clone)]
 pub struct ScyllaConfig {
     /// Contact points, `host:port`.
@@ -37,6 +94,7 @@ pub struct ScyllaConfig {
     /// The node's datacenter and zone (rack): preferred for routing.
     pub datacenter: Option<String>,
     pub zone: Option<String>,
+    pub consistency: CqlConsistency,
     pub request_timeout: Duration,
     /// Retry idempotent requests on timeouts and unavailable replicas (the driver's default
     /// policy); off = fail at once and let the partition actor back off.
@@ -54,6 +112,7 @@ impl ScyllaConfig {
             replication: BTreeMap::from([("datacenter1".to_owned(), 3)]),
             datacenter: None,
             zone: None,
+            consistency: CqlConsistency::LocalQuorum,
             request_timeout: Duration::from_secs(2),
             retries: true,
             username: None,
@@ -61,8 +120,18 @@ impl ScyllaConfig {
         }
     }
 
-    /// The schema, as CQL statements, in the order to run them.
+    /// The schema for ScyllaDB, as CQL statements, in the order to run them.
     pub fn schema(&self) -> Vec<String> {
+        self.schema_for(Flavor::Scylla)
+    }
+
+    /// The schema for `flavor`: ScyllaDB's incremental compaction, or Cassandra 5's unified one
+    /// (Cassandra has no `IncrementalCompactionStrategy`).
+    pub fn schema_for(&self, flavor: Flavor) -> Vec<String> {
+        let compaction = match flavor {
+            Flavor::Scylla => "IncrementalCompactionStrategy",
+            Flavor::Cassandra => "UnifiedCompactionStrategy",
+        };
         let replication: Vec<String> =
             self.replication.iter().map(|(dc, rf)| format!("'{dc}': {rf}")).collect();
         let ks = &self.keyspace;
@@ -80,7 +149,7 @@ impl ScyllaConfig {
                  applied_offset bigint STATIC, \
                  epoch bigint STATIC, \
                  PRIMARY KEY ((partition), key)\
-                 ) WITH compaction = {{'class': 'IncrementalCompactionStrategy'}}"
+                 ) WITH compaction = {{'class': '{compaction}'}}"
             ),
         ]
     }
@@ -133,10 +202,11 @@ impl ScyllaStore {
         } else {
             Arc::new(FallthroughRetryPolicy::new())
         };
+        let (consistency, serial) = config.consistency.driver();
         let profile = ExecutionProfile::builder()
             .load_balancing_policy(policy.build())
-            .consistency(Consistency::LocalQuorum)
-            .serial_consistency(Some(SerialConsistency::LocalSerial))
+            .consistency(consistency)
+            .serial_consistency(Some(serial))
             .request_timeout(Some(config.request_timeout))
             .retry_policy(retry)
             .build();
@@ -150,7 +220,8 @@ impl ScyllaStore {
             .build()
             .await
             .map_err(|e| unavailable(format!("connecting to {:?}: {e}", config.nodes)))?;
-        for stmt in config.schema() {
+        let flavor = flavor(&session).await?;
+        for stmt in config.schema_for(flavor) {
             session
                 .query_unpaged(stmt, &[])
                 .await
@@ -170,7 +241,10 @@ impl ScyllaStore {
                 .await?;
         meta.set_is_idempotent(true);
         let mut meta_serial = meta.clone();
-        meta_serial.set_consistency(Consistency::LocalSerial);
+        meta_serial.set_consistency(match serial {
+            SerialConsistency::LocalSerial => Consistency::LocalSerial,
+            SerialConsistency::Serial => Consistency::Serial,
+        });
         let fence_write = prepare(format!(
             "UPDATE {ks}.state SET applied_offset = ?, epoch = ? WHERE partition = ? IF epoch <= ?"
         ))
@@ -197,7 +271,9 @@ impl ScyllaStore {
         }))
     }
 
-    /// Run a conditional statement or batch result: was it applied?
+    /// Was a conditional statement or batch applied? `[applied]` is the first column of the first
+    /// row on both servers: ScyllaDB answers a conditional batch with one row per statement (all
+    /// with the same `[applied]`: a batch applies as a whole), Cassandra with a single row.
     fn applied(result: scylla::response::query_result::QueryResult) -> Result<bool, StoreError> {
         let rows = result.into_rows_result().map_err(unavailable)?;
         let row = rows.first_row::<Row>().map_err(unavailable)?;
@@ -219,6 +295,19 @@ impl ScyllaStore {
             }
         }
     }
+}
+
+/// ScyllaDB has `system.scylla_local`; Cassandra does not.
+async fn flavor(session: &Session) -> Result<Flavor, StoreError> {
+    let result = session
+        .query_unpaged(
+            "SELECT table_name FROM system_schema.tables WHERE keyspace_name = 'system' AND table_name = 'scylla_local'",
+            &[],
+        )
+        .await
+        .map_err(|e| unavailable(format!("asking the server's flavor: {e}")))?;
+    let rows = result.into_rows_result().map_err(unavailable)?;
+    Ok(if rows.rows_num() > 0 { Flavor::Scylla } else { Flavor::Cassandra })
 }
 
 impl StateStore for ScyllaStore {

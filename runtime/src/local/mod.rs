@@ -1,0 +1,200 @@
+//! Real servers as local child processes, for `partita demo`, the tests and the benchmarks:
+//! Apache Kafka in KRaft mode ([`kafka::LocalKafka`]) and Apache Cassandra as the CQL store of the
+//! ScyllaDB backend ([`cassandra::LocalCassandra`]). Their jars come from Maven Central through
+//! `scripts/setup.sh` (pinned in `scripts/jars/*/pom.xml`) into `$PARTITA_JARS`.
+//!
+//! Every server JVM starts through `ParentWatch` (`scripts/jars/ParentWatch.java`), which halts the
+//! JVM when its standard input closes: we hold the pipe's write end, so a server never outlives the
+//! process that started it, even when that process is killed with SIGKILL or a test binary exits
+//! with servers still in a `static`.
+
+pub mod cassandra;
+pub mod kafka;
+
+use std::io::Write as _;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+/// Where setup put the server jars: `$PARTITA_JARS`, else `$PARTITA_CACHE/jars`, else
+/// `~/.cache/partita/jars`.
+pub fn jars_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("PARTITA_JARS") {
+        return PathBuf::from(d);
+    }
+    let cache = std::env::var_os("PARTITA_CACHE").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/partita")
+    });
+    cache.join("jars")
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A server JVM's command line: heap, flags, system properties, main class and arguments.
+#[derive(Debug, Clone)]
+pub(crate) struct JvmCommand {
+    /// `jars_dir()` subfolder with the server's jars (`kafka`, `cassandra`).
+    pub jars: &'static str,
+    pub main_class: &'static str,
+    pub jvm_flags: Vec<String>,
+    pub args: Vec<String>,
+    /// stdout and stderr of the server go here (appended).
+    pub log: PathBuf,
+}
+
+impl JvmCommand {
+    fn classpath(&self) -> anyhow::Result<String> {
+        let dir = jars_dir();
+        let jars = dir.join(self.jars);
+        let launcher = dir.join("launcher");
+        if !jars.is_dir() || !launcher.join("ParentWatch.class").is_file() {
+            bail!(
+                "the {} server jars are not in {} (run scripts/setup.sh, or set PARTITA_JARS)",
+                self.jars,
+                dir.display()
+            );
+        }
+        Ok(format!("{}:{}/*", launcher.display(), jars.display()))
+    }
+
+    /// Run to completion (a tool such as Kafka's storage formatter); fails with its output.
+    pub fn run(&self) -> anyhow::Result<()> {
+        let out = Command::new("java")
+            .args(&self.jvm_flags)
+            .args(["-cp", &self.classpath()?, self.main_class])
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .output()
+            .context("running java (is a JDK 17 installed?)")?;
+        if !out.status.success() {
+            bail!(
+                "{} failed ({}): {}{}",
+                self.main_class,
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// Start as a server under `ParentWatch`.
+    pub fn spawn(&self) -> anyhow::Result<JvmProcess> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .with_context(|| format!("opening {}", self.log.display()))?;
+        let mut child = Command::new("java")
+            .args(&self.jvm_flags)
+            .args(["-cp", &self.classpath()?, "ParentWatch", self.main_class])
+            .args(&self.args)
+            .stdin(Stdio::piped())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting java (is a JDK 17 installed?)")?;
+        let stdin = child.stdin.take();
+        Ok(JvmProcess { child, _stdin: stdin, log: self.log.clone() })
+    }
+}
+
+/// A running server JVM. Dropping it kills the process (SIGKILL) and reaps it.
+#[derive(Debug)]
+pub struct JvmProcess {
+    child: Child,
+    /// Held open: the JVM halts when this closes.
+    _stdin: Option<ChildStdin>,
+    log: PathBuf,
+}
+
+impl JvmProcess {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Fail with the tail of the server's log if it has exited.
+    pub fn check_running(&mut self, what: &str) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("{what} exited ({status}); its log {}:\n{}", self.log.display(), log_tail(&self.log, 40));
+        }
+        Ok(())
+    }
+
+    /// SIGKILL, as a crash would, and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM (an orderly shutdown), then SIGKILL after `grace`.
+    pub fn terminate(&mut self, grace: Duration) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+            let deadline = Instant::now() + grace;
+            while Instant::now() < deadline {
+                if !matches!(self.child.try_wait(), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        self.kill();
+    }
+}
+
+impl Drop for JvmProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The last `n` lines of a log file.
+pub fn log_tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Write `text` to `path`, creating its folder.
+pub(crate) fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut f = std::fs::File::create(path).with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+/// The folder the servers keep their data and logs in: the given one (kept), or a new temporary
+/// one (removed with its owner).
+#[derive(Debug)]
+pub enum DataDir {
+    Kept(PathBuf),
+    Temp(tempfile::TempDir),
+}
+
+impl DataDir {
+    pub fn new(dir: Option<PathBuf>, prefix: &str) -> anyhow::Result<Self> {
+        Ok(match dir {
+            Some(d) => {
+                std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+                Self::Kept(d)
+            }
+            None => Self::Temp(tempfile::Builder::new().prefix(prefix).tempdir()?),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        match self {
+            Self::Kept(d) => d,
+            Self::Temp(t) => t.path(),
+        }
+    }
+}
