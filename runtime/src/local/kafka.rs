@@ -143,7 +143,9 @@ impl LocalKafka {
         tokio::task::spawn_blocking(move || Self::start_blocking(&opts)).await?
     }
 
-    /// Wait until every running node is listed as a broker in the cluster's metadata.
+    /// Wait until every running node answers a metadata request on its own address that lists
+    /// every running node as a broker (a node killed moments ago may still be listed by the
+    /// others, so asking the cluster as a whole is not enough).
     fn wait_ready(&mut self, within: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + within;
         let expected: Vec<i32> =
@@ -154,7 +156,13 @@ impl LocalKafka {
                     p.check_running(&format!("Kafka node {}", node.id))?;
                 }
             }
-            let up = self.broker_ids();
+            let up = self
+                .nodes
+                .iter()
+                .filter(|n| n.process.is_some())
+                .map(|n| broker_ids(&format!("127.0.0.1:{}", n.port)))
+                .reduce(|a, b| a.into_iter().filter(|id| b.contains(id)).collect())
+                .unwrap_or_default();
             if expected.iter().all(|id| up.contains(id)) {
                 return Ok(());
             }
@@ -171,13 +179,7 @@ impl LocalKafka {
 
     /// The broker ids the cluster's metadata lists now (empty if nothing answers).
     pub fn broker_ids(&self) -> Vec<i32> {
-        let Ok(p) = crate::kafka::client_config(&self.bootstrap).create::<BaseProducer>() else {
-            return Vec::new();
-        };
-        p.client()
-            .fetch_metadata(None, Duration::from_millis(1000))
-            .map(|m| m.brokers().iter().map(|b| b.id()).collect())
-            .unwrap_or_default()
+        broker_ids(&self.bootstrap)
     }
 
     /// Node `i`'s (0-based) client address.
@@ -245,6 +247,17 @@ impl LocalKafka {
     pub async fn stop(self) {
         let _ = tokio::task::spawn_blocking(move || self.stop_blocking()).await;
     }
+}
+
+/// The broker ids that metadata from `bootstrap` lists (empty if nothing answers).
+fn broker_ids(bootstrap: &str) -> Vec<i32> {
+    let Ok(p) = crate::kafka::client_config(bootstrap).create::<BaseProducer>() else {
+        return Vec::new();
+    };
+    p.client()
+        .fetch_metadata(None, Duration::from_millis(1000))
+        .map(|m| m.brokers().iter().map(|b| b.id()).collect())
+        .unwrap_or_default()
 }
 
 /// A Kafka cluster id: 16 bytes, base64url without padding (what `kafka-storage random-uuid`
