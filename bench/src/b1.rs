@@ -89,25 +89,34 @@ fn sjson(s: Stat) -> serde_json::Value {
     json!({"median": s.median, "min": s.min, "max": s.max})
 }
 
-/// Rows per second of a bare forward loop at batch size `b`.
-fn bare_loop(path: &std::path::Path, spec: &ModelSpec, rows: &Rows, b: usize, seconds: f64) -> f64 {
-    let module = CModule::load_on_device(path, tch::Device::Cpu).unwrap();
+/// Rows per second of a bare forward loop at batch size `b` on `device` (the pool's): inputs
+/// copied to the device, outputs copied back, as the pool does.
+fn bare_loop(
+    path: &std::path::Path,
+    spec: &ModelSpec,
+    rows: &Rows,
+    b: usize,
+    seconds: f64,
+    device: tch::Device,
+) -> f64 {
+    let module = CModule::load_on_device(path, device).unwrap();
+    let cpu = |t: &Tensor| t.to_device(tch::Device::Cpu);
     let _g = tch::no_grad_guard();
     let features: Vec<f32> = rows.features.iter().cycle().take(b).flatten().copied().collect();
     let states: Vec<f32> = rows.states.iter().cycle().take(b).flatten().copied().collect();
     let (bi, f, h) = (b as i64, spec.feature_count as i64, spec.state_size as i64);
     let step = || {
-        let x = Tensor::from_slice(&features).view([bi, f]);
+        let x = Tensor::from_slice(&features).view([bi, f]).to_device(device);
         if h == 0 {
             let s = module.forward_ts(&[x]).unwrap();
-            Vec::<f32>::try_from(&s.view([-1])).unwrap().len()
+            Vec::<f32>::try_from(&cpu(&s).view([-1])).unwrap().len()
         } else {
-            let st = Tensor::from_slice(&states[..b * h as usize]).view([bi, h]);
+            let st = Tensor::from_slice(&states[..b * h as usize]).view([bi, h]).to_device(device);
             match module.forward_is(&[IValue::Tensor(x), IValue::Tensor(st)]).unwrap() {
                 IValue::Tuple(out) => match (&out[0], &out[1]) {
                     (IValue::Tensor(s), IValue::Tensor(n)) => {
-                        Vec::<f32>::try_from(&s.view([-1])).unwrap().len()
-                            + Vec::<f32>::try_from(&n.view([-1])).unwrap().len()
+                        Vec::<f32>::try_from(&cpu(s).view([-1])).unwrap().len()
+                            + Vec::<f32>::try_from(&cpu(n).view([-1])).unwrap().len()
                     }
                     _ => unreachable!(),
                 },
@@ -240,10 +249,15 @@ async fn main() -> anyhow::Result<()> {
         max_inflight: 4 * spec.batch.max_batch_size,
         no_batching,
     };
-    // Starting a pool sets the intra-op threads, so the bare loop below runs with the same setting.
+    // Starting a pool sets the intra-op threads, so the bare loop below runs with the same setting,
+    // and on the same device as the pool's (first) worker.
+    let device = partita_runtime::tch_backend::tch_device(opts(false).devices()?[0]);
     let (pool, _) = opts(false).start().await?;
     let concurrency = 2 * spec.batch.max_batch_size;
-    println!("B1 {} v{} on {:?}: {concurrency} concurrent callers", spec.name, spec.version, args.device);
+    println!(
+        "B1 {} v{} on {:?} ({device:?}): {concurrency} concurrent callers",
+        spec.name, spec.version, args.device
+    );
 
     // The pool forms its own batch sizes under load; the bare loop then runs at the same size.
     let mut bare = Vec::new();
@@ -255,7 +269,7 @@ async fn main() -> anyhow::Result<()> {
         batch_sizes.push(mean_batch);
         let b = args.batch.unwrap_or(mean_batch.round() as usize).max(1);
         let (path, s, r, secs) = (entry.path.clone(), spec.clone(), rows.clone(), args.seconds);
-        bare.push(tokio::task::spawn_blocking(move || bare_loop(&path, &s, &r, b, secs)).await?);
+        bare.push(tokio::task::spawn_blocking(move || bare_loop(&path, &s, &r, b, secs, device)).await?);
     }
     let (bare, batched, mean_batch) = (stat(bare), stat(batched), stat(batch_sizes));
     let b = args.batch.unwrap_or(mean_batch.median.round() as usize);

@@ -32,7 +32,8 @@ pub fn set_intra_op_threads(n: usize) {
     tch::set_num_threads(i32::try_from(n.max(1)).unwrap_or(i32::MAX));
 }
 
-fn tch_device(device: Device) -> tch::Device {
+/// The libtorch device of a partita [`Device`].
+pub fn tch_device(device: Device) -> tch::Device {
     match device {
         Device::Cpu => tch::Device::Cpu,
         Device::Cuda(i) => tch::Device::Cuda(i),
