@@ -8,10 +8,11 @@
 //!
 //! The broker is Apache Kafka (one KRaft node on loopback). Every rung runs on a fresh broker with
 //! fresh topics, so a rung's backlog or log size never carries into the next. For each, the load generator offers a ladder of rates (open loop, latency from the scheduled
-//! send time) for `--seconds` each; the **max sustainable rate** is the highest rung whose p99 is
+//! send time) for `--seconds` each, `--runs` times (default 3; the median run by p99 counts, the
+//! spread is printed); the **max sustainable rate** is the highest rung whose median run has p99
 //! at most 50 ms with every record answered and throughput >= 95 % of the offered rate.
 //! `ratio_vs_pass_through` = node / pass-through. Ends with `RESULT {json}`.
-//! Usage: `scripts/bench.sh b4 [--seconds 5] [--rates 1000,2000,...] [--partitions 4] [--sync-wal false]`.
+//! Usage: `scripts/bench.sh b4 [--seconds 5] [--runs 3] [--rates 1000,2000,...] [--partitions 4] [--sync-wal false]`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,6 +50,10 @@ struct Args {
     keys: usize,
     #[arg(long, default_value_t = 0.6)]
     zipf: f64,
+    /// Runs per rung (each on a fresh broker); a rung counts by its median run, and the spread is
+    /// printed.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
     /// The node's `--sync-wal` (fsync RocksDB's log on every state write).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     sync_wal: bool,
@@ -123,14 +128,57 @@ async fn rung(args: &Arc<Args>, mode: Mode, rate: f64, drain: u64) -> anyhow::Re
     Ok(report)
 }
 
-/// Every rate (a noisy rung does not end the ladder), then one saturation run.
+/// `args.runs` runs of one rung; returns the median run by p99 (by answered rate for a saturation
+/// run) and prints the spread.
+async fn runs(
+    args: &Arc<Args>,
+    mode: Mode,
+    rate: f64,
+    drain: u64,
+    saturation: bool,
+) -> anyhow::Result<LoadReport> {
+    let mut reports = Vec::with_capacity(args.runs.max(1));
+    for _ in 0..args.runs.max(1) {
+        reports.push(rung(args, mode, rate, drain).await?);
+    }
+    let spread = |f: fn(&LoadReport) -> f64| {
+        let mut v: Vec<f64> = reports.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        (v[0], v[v.len() / 2], v[v.len() - 1])
+    };
+    let (p99, tput) = (spread(|r| r.p99_ms), spread(|r| r.answered_rate));
+    println!(
+        "{:<13} {} runs: p99 min {:.1} / median {:.1} / max {:.1} ms; answered min {:.0} / median {:.0} / max {:.0}/s",
+        label(mode),
+        reports.len(),
+        p99.0,
+        p99.1,
+        p99.2,
+        tput.0,
+        tput.1,
+        tput.2
+    );
+    if saturation {
+        reports.sort_by(|a, b| a.answered_rate.total_cmp(&b.answered_rate));
+    } else {
+        reports.sort_by(|a, b| a.p99_ms.total_cmp(&b.p99_ms));
+    }
+    let n = reports.len();
+    Ok(reports.swap_remove(n / 2))
+}
+
+fn label(mode: Mode) -> &'static str {
+    if mode == Mode::Node { "node" } else { "pass-through" }
+}
+
+/// Every rate (a noisy rung does not end the ladder), then the saturation runs.
 async fn ladder(args: &Arc<Args>, mode: Mode) -> anyhow::Result<(Vec<LoadReport>, LoadReport)> {
-    let label = if mode == Mode::Node { "node" } else { "pass-through" };
+    let label = label(mode);
     let mut rungs = Vec::new();
     for &rate in &args.rates {
-        let r = rung(args, mode, rate, 10).await?;
+        let r = runs(args, mode, rate, 10, false).await?;
         println!(
-            "{label:<13} offered {:>7.0}/s  answered {:>8.0}/s  p50 {:>7.1} ms  p99 {:>8.1} ms  p99.9 {:>8.1} ms  missing {:>6}  {}",
+            "{label:<13} offered {:>7.0}/s  median run: answered {:>8.0}/s  p50 {:>7.1} ms  p99 {:>8.1} ms  p99.9 {:>8.1} ms  missing {:>6}  {}",
             rate,
             r.answered_rate,
             r.p50_ms,
@@ -142,9 +190,9 @@ async fn ladder(args: &Arc<Args>, mode: Mode) -> anyhow::Result<(Vec<LoadReport>
         println!("{}", json!({"name": format!("b4/{label}"), "rate": rate, "report": r, "git": git_rev()}));
         rungs.push(r);
     }
-    let sat = rung(args, mode, args.saturate, 60).await?;
+    let sat = runs(args, mode, args.saturate, 60, true).await?;
     println!(
-        "{label:<13} saturation: offered {:.0}/s, sent {}, answered {:.0}/s from first send to last answer (node stages per score: in node {:.1} ms, inference queue {:.1}, forward {:.1}, state load {:.1})",
+        "{label:<13} saturation (median run): offered {:.0}/s, sent {}, answered {:.0}/s from first send to last answer (node stages per score: in node {:.1} ms, inference queue {:.1}, forward {:.1}, state load {:.1})",
         args.saturate,
         sat.sent,
         sat.answered_rate,
@@ -236,6 +284,7 @@ async fn main() -> anyhow::Result<()> {
         "git": git_rev(),
         "partitions": p,
         "seconds_per_rung": args.seconds,
+        "runs_per_rung": args.runs,
         "keys": args.keys,
         "zipf": args.zipf,
         "sync_wal": args.sync_wal,

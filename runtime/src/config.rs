@@ -345,6 +345,32 @@ mod tests {
     }
 
     #[test]
+    fn the_cql_settings_are_checked() {
+        let f = file(
+            "[state]\nbackend = \"mongo\"\ncql_uri = \"db-without-port\"\ncql_keyspace = \"1st\"\ncql_replication = \"dc1=three\"\ncql_consistency = \"sometimes\"\n",
+        );
+        let l = layer(Some(f.path()), [], &[]);
+        let all = l.errors.join("\n");
+        assert_eq!(l.errors.len(), 5, "{all}");
+        for key in ["backend", "cql_uri", "cql_keyspace", "cql_replication", "cql_consistency"] {
+            assert!(all.contains(&format!("[state] {key}:")), "missing {key} in:\n{all}");
+        }
+        let ok = file(
+            "[state]\nbackend = \"cql\"\ncql_uri = \"10.0.0.1:9042,10.0.0.2:9042\"\ncql_keyspace = \"fraud_state\"\ncql_datacenter = \"eu-west\"\ncql_replication = \"eu-west=3,us-east=3\"\ncql_consistency = \"quorum\"\n",
+        );
+        let o = parse(&layer(Some(ok.path()), [], &[]));
+        assert_eq!(o.state_backend, crate::state::Backend::Cql);
+        let c = o.cql();
+        assert_eq!(c.nodes, vec!["10.0.0.1:9042", "10.0.0.2:9042"]);
+        assert_eq!(
+            (c.keyspace.as_str(), c.datacenter.as_deref(), c.zone.as_deref()),
+            ("fraud_state", Some("eu-west"), Some("local"))
+        );
+        assert_eq!(c.replication.get("us-east"), Some(&3));
+        assert_eq!(c.consistency, crate::state::scylla::CqlConsistency::Quorum);
+    }
+
+    #[test]
     fn every_problem_is_reported_at_once_with_its_origin() {
         let f = file(
             "[group]\nzone = \"a\"\ncolour = \"red\"\n[partition]\ninfer_deadline = \"soon\"\nmax_batch = -3\n[nonsense]\nx = 1\n",
