@@ -83,7 +83,10 @@ pub async fn fencing_and_atomicity<H: Harness>(h: &H) {
     let err = s.write(write(p, 2, 6, &[("k", val("stale", 16))])).await.unwrap_err();
     assert!(matches!(err, StoreError::Fenced { current: Epoch(3), .. }), "{err:?}");
     assert!(matches!(s.claim(p, Epoch(2)).await, Err(StoreError::Fenced { .. })));
-    assert_eq!(s.claim(p, Epoch(3)).await.unwrap().epoch, Epoch(3), "re-claiming the same epoch is fine");
+    assert!(
+        matches!(s.claim(p, Epoch(3)).await, Err(StoreError::Fenced { current: Epoch(3), .. })),
+        "an epoch is claimed once: a second claimer of it is fenced"
+    );
     s.write(write(p, 3, 7, &[("k", val("new", 16))])).await.unwrap();
     assert_eq!(s.read(p, &keys(&["k"])).await.unwrap(), vec![Some(val("new", 16))]);
     // A newer epoch may write without claiming first; it raises the stored epoch.
@@ -95,6 +98,32 @@ pub async fn fencing_and_atomicity<H: Harness>(h: &H) {
         s.claim(fresh, Epoch(1)).await.unwrap(),
         PartitionMeta { applied_offset: None, epoch: Epoch(1) }
     );
+}
+
+/// Owners that read the same stored epoch and race to claim the next one: exactly one wins, the
+/// others are fenced (the compare-and-set a shared store needs when nodes take over partitions).
+pub async fn concurrent_claims_of_one_epoch_have_one_winner<H: Harness>(h: &H) {
+    let s = h.open().await;
+    for (p, stored) in [(h.partition(7), 0), (h.partition(8), 5)] {
+        if stored > 0 {
+            s.claim(p, Epoch(stored)).await.unwrap();
+        }
+        let next = Epoch(s.meta(p).await.unwrap().epoch.0 + 1);
+        let racers: Vec<_> = (0..8)
+            .map(|_| {
+                let s = s.clone();
+                async move { s.claim(p, next).await }
+            })
+            .collect();
+        let results = futures_join_all(racers).await;
+        let won = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(won, 1, "partition {p}: {results:?}");
+        assert!(
+            results.iter().all(|r| r.is_ok() || matches!(r, Err(StoreError::Fenced { .. }))),
+            "the losers are fenced: {results:?}"
+        );
+        assert_eq!(s.meta(p).await.unwrap().epoch, next);
+    }
 }
 
 pub async fn large_values<H: Harness>(h: &H) {
@@ -166,6 +195,7 @@ macro_rules! state_contract_suite {
         $crate::state_contract_suite!(@one $harness, read_your_writes);
         $crate::state_contract_suite!(@one $harness, missing_keys_and_untouched_partitions);
         $crate::state_contract_suite!(@one $harness, fencing_and_atomicity);
+        $crate::state_contract_suite!(@one $harness, concurrent_claims_of_one_epoch_have_one_winner);
         $crate::state_contract_suite!(@one $harness, large_values);
         $crate::state_contract_suite!(@one $harness, many_partitions_at_once);
         $crate::state_contract_suite!(@one $harness, durable_across_reopen);

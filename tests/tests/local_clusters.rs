@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use partita_actors::state::{Epoch, Offset, PartitionId, StateStore, StateValue, StateWrite};
+use partita_actors::state::{Epoch, Offset, PartitionId, StateStore, StateValue, StateWrite, StoreError};
 use partita_runtime::local::cassandra::{CassandraOptions, DATACENTER, LocalCassandra};
 use partita_runtime::local::kafka::{KafkaOptions, LocalKafka, create_topics};
 use partita_runtime::state::scylla::{ScyllaConfig, ScyllaStore};
@@ -81,7 +81,7 @@ async fn a_kafka_broker_killed_and_restarted_loses_no_acknowledged_record() {
             }
             producer.poll(Duration::ZERO);
             if id == total / 3 {
-                producer.flush(Duration::from_secs(30)).unwrap();
+                // Mid-stream: records are in flight to the leader when it dies.
                 eprintln!("kill -9 Kafka node {} (leader of partition 0)", victim + 1);
                 kafka.kill(victim);
             }
@@ -95,6 +95,16 @@ async fn a_kafka_broker_killed_and_restarted_loses_no_acknowledged_record() {
             }
         }
         producer.flush(Duration::from_secs(60)).unwrap();
+        // The restarted node (its log dir kept) catches up and rejoins every partition's ISR.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let meta = producer.client().fetch_metadata(Some(TOPIC), Duration::from_secs(10)).unwrap();
+            if meta.topics()[0].partitions().iter().all(|p| p.isr().contains(&leader)) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node {leader} never rejoined the ISR of every partition");
+            std::thread::sleep(Duration::from_millis(200));
+        }
         let acked = producer.context().0.lock().unwrap().clone();
         let failed = *producer.context().1.lock().unwrap();
         eprintln!("{} of {total} acknowledged, {failed} failed", acked.len());
@@ -181,7 +191,11 @@ async fn three_cassandra_nodes_with_a_rack_each_keep_serving_state_with_one_down
     assert_eq!(store.meta(p).await.unwrap().applied_offset, Some(Offset(2)));
     // A stale owner stays fenced with a node down.
     store.claim(p, Epoch(2)).await.unwrap();
-    assert!(store.write(write(3, "zombie")).await.is_err(), "epoch 1 is fenced by epoch 2");
+    let zombie = store.write(write(3, "zombie")).await;
+    assert!(
+        matches!(zombie, Err(StoreError::Fenced { current: Epoch(2), .. })),
+        "epoch 1 is fenced by epoch 2: {zombie:?}"
+    );
     cassandra.restart(2).await.expect("the killed node restarts on its data");
     assert_eq!(store.meta(p).await.unwrap().applied_offset, Some(Offset(2)));
     cassandra.stop().await;

@@ -7,8 +7,9 @@
 //! - [`StateStore::write`] stores a batch of `(key → state)` **together with** the partition's
 //!   applied offset and the writer's epoch in one atomic operation: after a crash either all of it
 //!   is visible or none of it.
-//! - **Fencing**: a write or claim whose epoch is older than the stored one fails with
-//!   [`StoreError::Fenced`] and changes nothing. A newer epoch replaces the stored one.
+//! - **Fencing**: a write whose epoch is older than the stored one, or a claim whose epoch is not
+//!   strictly newer, fails with [`StoreError::Fenced`] and changes nothing. A newer epoch
+//!   replaces the stored one; of two concurrent claims of the same epoch exactly one succeeds.
 //! - Reads return exactly what the last successful write stored (read-your-writes), `None` for
 //!   a key never written.
 //! - Values carry a format version ([`StateValue::format`]) so a layout change can be read back.
@@ -176,7 +177,8 @@ pub trait StateStore: Send + Sync + 'static {
     fn meta(&self, partition: PartitionId) -> impl Future<Output = Result<PartitionMeta, StoreError>> + Send;
 
     /// Become the owner of `partition` at `epoch`: raises the stored epoch (fencing older owners)
-    /// and returns the meta to resume from. Fenced if a newer epoch already claimed it.
+    /// and returns the meta to resume from. A compare-and-set: fenced unless `epoch` is strictly
+    /// above the stored one, so of two claimers of the same epoch exactly one wins.
     fn claim(
         &self,
         partition: PartitionId,

@@ -31,9 +31,24 @@ pub fn jars_dir() -> PathBuf {
     cache.join("jars")
 }
 
-/// A free TCP port on 127.0.0.1 (bound, then released).
+/// A free TCP port on 127.0.0.1 for a server to listen on: taken from 20000-32767, below
+/// Linux's ephemeral range (32768-60999), so the clients' outgoing connections, which take their
+/// ports from that range, cannot grab it between this check and the server's bind; and never the
+/// same port twice in one process.
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_768;
+    // Processes started together begin at different points of the range.
+    let start = std::process::id().wrapping_mul(7919) % COUNT;
+    for _ in 0..COUNT {
+        let port = (FIRST + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % COUNT) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, "no free port in 20000-32767"))
 }
 
 /// A server JVM's command line: heap, flags, system properties, main class and arguments.

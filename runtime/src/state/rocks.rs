@@ -205,14 +205,16 @@ impl StateStore for RocksStore {
         self.blocking(move |inner| {
             let _guard = inner.lock(partition);
             let stored = inner.meta(partition)?;
-            Inner::check_epoch(partition, epoch, &stored)?;
-            let meta = PartitionMeta { applied_offset: stored.applied_offset, epoch };
-            if epoch > stored.epoch {
-                inner
-                    .db
-                    .put_opt(meta_key(partition), encode_meta(&meta), &inner.write_opts())
-                    .map_err(unavailable)?;
+            // Compare-and-set: only a strictly newer epoch claims, so two claimers of the same
+            // epoch cannot both own the partition.
+            if epoch <= stored.epoch {
+                return Err(StoreError::Fenced { partition, epoch, current: stored.epoch });
             }
+            let meta = PartitionMeta { applied_offset: stored.applied_offset, epoch };
+            inner
+                .db
+                .put_opt(meta_key(partition), encode_meta(&meta), &inner.write_opts())
+                .map_err(unavailable)?;
             Ok(meta)
         })
         .await

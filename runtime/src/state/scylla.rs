@@ -251,7 +251,7 @@ impl ScyllaStore {
         .await?;
         let put = prepare(format!("INSERT INTO {ks}.state (partition, key, value) VALUES (?, ?, ?)")).await?;
         let claim =
-            prepare(format!("UPDATE {ks}.state SET epoch = ? WHERE partition = ? IF epoch <= ?")).await?;
+            prepare(format!("UPDATE {ks}.state SET epoch = ? WHERE partition = ? IF epoch < ?")).await?;
         let init =
             prepare(format!("INSERT INTO {ks}.state (partition, epoch) VALUES (?, 0) IF NOT EXISTS")).await?;
         let st = Statements { read, meta, meta_serial, fence_write, put, claim, init };
@@ -283,11 +283,14 @@ impl ScyllaStore {
         }
     }
 
-    /// After a conditional write did not apply: fenced (newer epoch stored), or the partition's
-    /// static row does not exist yet (create it and tell the caller to retry).
-    async fn not_applied(&self, p: PartitionId, epoch: Epoch) -> Result<(), StoreError> {
+    /// After a conditional write (`IF epoch <= e`) or claim (`IF epoch < e`, `claim` set) did not
+    /// apply: fenced (a newer epoch stored, or for a claim the same one), or the partition's static
+    /// row does not exist yet (create it and tell the caller to retry).
+    async fn not_applied(&self, p: PartitionId, epoch: Epoch, claim: bool) -> Result<(), StoreError> {
         match self.meta_with(&self.st.meta_serial, p).await? {
-            Some(m) if m.epoch > epoch => Err(StoreError::Fenced { partition: p, epoch, current: m.epoch }),
+            Some(m) if m.epoch > epoch || (claim && m.epoch == epoch) => {
+                Err(StoreError::Fenced { partition: p, epoch, current: m.epoch })
+            }
             Some(_) => Ok(()), // raced with another writer of an older epoch: retry
             None => {
                 self.session.execute_unpaged(&self.st.init, (p.0 as i32,)).await.map_err(unavailable)?;
@@ -356,7 +359,7 @@ impl StateStore for ScyllaStore {
             if Self::applied(result)? {
                 return Ok(());
             }
-            self.not_applied(write.partition, write.epoch).await?;
+            self.not_applied(write.partition, write.epoch, false).await?;
         }
         Err(unavailable(format!("partition {}: conditional write kept losing races", write.partition)))
     }
@@ -377,7 +380,7 @@ impl StateStore for ScyllaStore {
                 let meta = self.meta_with(&self.st.meta_serial, partition).await?.unwrap_or_default();
                 return Ok(PartitionMeta { epoch, ..meta });
             }
-            self.not_applied(partition, epoch).await?;
+            self.not_applied(partition, epoch, true).await?;
         }
         Err(unavailable(format!("partition {partition}: claim kept losing races")))
     }
