@@ -158,6 +158,16 @@ async fn runs(
         tput.1,
         tput.2
     );
+    // On a ladder rung, a run that left records unanswered decides the rung: it is reported
+    // instead of the median (a saturation run measures capacity only).
+    if !saturation && let Some(worst) = reports.iter().filter(|r| r.missing > 0).max_by_key(|r| r.missing) {
+        println!(
+            "{:<13} a run left {} records unanswered: the rung counts as that run",
+            label(mode),
+            worst.missing
+        );
+        return Ok(worst.clone());
+    }
     if saturation {
         reports.sort_by(|a, b| a.answered_rate.total_cmp(&b.answered_rate));
     } else {

@@ -287,9 +287,35 @@ pub fn resolve(cli: &[OsString]) -> Result<(NodeOptions, Layered), Vec<String>> 
         return Err(layered.errors);
     }
     match NodeFlags::try_parse_from(&layered.args) {
-        Ok(f) => Ok((f.node, layered)),
+        Ok(f) => match cross_check(&f.node) {
+            problems if problems.is_empty() => Ok((f.node, layered)),
+            problems => Err(problems),
+        },
         Err(e) => Err(vec![e.to_string().trim().trim_start_matches("error: ").to_owned()]),
     }
+}
+
+/// Problems that only settings taken together show.
+pub fn cross_check(o: &NodeOptions) -> Vec<String> {
+    let mut problems = Vec::new();
+    if o.state_backend == crate::state::Backend::Cql {
+        match o.cql_datacenter.as_deref() {
+            Some("") => {
+                problems.push("[state] cql_datacenter is empty (unset it for no preference)".to_owned())
+            }
+            Some(dc)
+                if o.cql_consistency == crate::state::scylla::CqlConsistency::LocalQuorum
+                    && !o.cql_replication.0.contains_key(dc) =>
+            {
+                problems.push(format!(
+                    "[state] cql_datacenter {dc:?} is not in cql_replication {:?}: local_quorum needs replicas in the node's datacenter",
+                    o.cql_replication.0
+                ));
+            }
+            _ => {}
+        }
+    }
+    problems
 }
 
 #[cfg(test)]
@@ -368,6 +394,16 @@ mod tests {
         );
         assert_eq!(c.replication.get("us-east"), Some(&3));
         assert_eq!(c.consistency, crate::state::scylla::CqlConsistency::Quorum);
+        assert!(cross_check(&o).is_empty(), "quorum needs no local datacenter in the replication");
+        let mut local = o.clone();
+        local.cql_consistency = crate::state::scylla::CqlConsistency::LocalQuorum;
+        assert!(cross_check(&local).is_empty(), "eu-west is in the replication");
+        local.cql_datacenter = Some("ap-south".into());
+        let problems = cross_check(&local);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("\"ap-south\" is not in cql_replication"), "{problems:?}");
+        local.cql_datacenter = Some(String::new());
+        assert!(cross_check(&local)[0].contains("cql_datacenter is empty"));
     }
 
     #[test]

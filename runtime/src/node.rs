@@ -185,6 +185,17 @@ impl NodeOptions {
         })
     }
 
+    /// Keep state on a local CQL cluster started by [`crate::local::cassandra::LocalCassandra`]
+    /// (demo, tests): its contact points, `keyspace`, its datacenter, replication 1.
+    pub fn local_cql(&mut self, uri: &str, keyspace: &str) {
+        let dc = crate::local::cassandra::DATACENTER.to_owned();
+        self.state_backend = Backend::Cql;
+        self.cql_uri = uri.to_owned();
+        self.cql_keyspace = keyspace.to_owned();
+        self.cql_datacenter = Some(dc.clone());
+        self.cql_replication = Replication([(dc, 1)].into());
+    }
+
     /// The CQL backend's settings.
     pub fn cql(&self) -> ScyllaConfig {
         ScyllaConfig {

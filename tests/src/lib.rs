@@ -26,10 +26,12 @@ pub fn fixture_repo(name: &str) -> PathBuf {
 /// The local Apache Cassandra this test binary shares between its tests (each test uses its own
 /// keyspace). Started on first use, in a folder named after the test binary (the previous run's
 /// is removed first); it stops when the test binary exits (`ParentWatch`). Panics, failing the
-/// test, if it cannot start: the CQL tests never skip.
+/// test, if it cannot start: the CQL tests never skip. A failed start is not retried by the next
+/// test (each would wait for it again): they all fail with the first error.
 pub async fn cassandra() -> &'static LocalCassandra {
-    static CASSANDRA: tokio::sync::OnceCell<LocalCassandra> = tokio::sync::OnceCell::const_new();
-    CASSANDRA
+    static CASSANDRA: tokio::sync::OnceCell<Result<LocalCassandra, String>> =
+        tokio::sync::OnceCell::const_new();
+    let started = CASSANDRA
         .get_or_init(|| async {
             let exe = std::env::current_exe().expect("test executable path");
             let name = exe.file_stem().and_then(|s| s.to_str()).unwrap_or("tests").to_owned();
@@ -38,11 +40,15 @@ pub async fn cassandra() -> &'static LocalCassandra {
             let started = std::time::Instant::now();
             let c = LocalCassandra::start(CassandraOptions { dir: Some(dir), ..Default::default() })
                 .await
-                .expect("starting a local Apache Cassandra (scripts/setup.sh fetches its jars)");
+                .map_err(|e| format!("{e:#}"))?;
             eprintln!("local Cassandra on {} ready in {:.1} s", c.uri(), started.elapsed().as_secs_f64());
-            c
+            Ok(c)
         })
-        .await
+        .await;
+    match started {
+        Ok(c) => c,
+        Err(e) => panic!("starting a local Apache Cassandra (scripts/setup.sh fetches its jars): {e}"),
+    }
 }
 
 /// A keyspace name no other test of any run has used.

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use partita_runtime::loadgen::{GenRecord, send};
 use partita_runtime::local::cassandra::DATACENTER;
 use partita_runtime::node::NodeOptions;
-use partita_runtime::state::scylla::Replication;
 use partita_runtime::state::{Backend, NodeStore};
 use rdkafka::ClientContext;
 use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
@@ -47,19 +46,7 @@ impl TestStore {
         Self { backend, dir: dir.to_path_buf(), cql }
     }
 
-    /// The node options that select this store.
-    pub fn apply(&self, o: &mut NodeOptions) {
-        o.state_dir = self.dir.clone();
-        o.state_backend = self.backend;
-        if let Some((uri, keyspace)) = &self.cql {
-            o.cql_uri = uri.clone();
-            o.cql_keyspace = keyspace.clone();
-            o.cql_datacenter = Some(DATACENTER.into());
-            o.cql_replication = Replication([(DATACENTER.to_owned(), 1)].into());
-        }
-    }
-
-    /// The flags of `partita node` that select this store.
+    /// The flags of `partita node` that select this store (what [`NodeOptions::local_cql`] sets).
     pub fn node_args(&self) -> Vec<String> {
         let mut args = vec!["--state-dir".to_owned(), self.dir.display().to_string()];
         if let Some((uri, keyspace)) = &self.cql {
@@ -85,7 +72,9 @@ impl TestStore {
     /// Open the store the node wrote (after it stopped, for RocksDB).
     pub async fn open(&self) -> NodeStore {
         let mut o = NodeOptions::local("unused:9092", self.dir.clone());
-        self.apply(&mut o);
+        if let Some((uri, keyspace)) = &self.cql {
+            o.local_cql(uri, keyspace);
+        }
         o.open_store().await.expect("opening the test node's state store")
     }
 }
@@ -210,8 +199,8 @@ impl ProducerContext for Landed {
     }
 }
 
-/// Produce `records` in order (one request in flight: order kept per partition) and return where
-/// each landed (partition, offset).
+/// Produce `records` in order (idempotent producer: order kept per partition across retries) and
+/// return where each landed (partition, offset).
 pub fn produce_tracked(bootstrap: &str, records: &[GenRecord]) -> Vec<(i32, i64)> {
     let producer: BaseProducer<Landed> = partita_runtime::kafka::client_config(bootstrap)
         // As users run producers: idempotent (acks=all, order kept per partition across retries).

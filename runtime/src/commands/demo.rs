@@ -13,11 +13,10 @@ use clap::Args;
 
 use crate::inference::InferenceOptions;
 use crate::loadgen::{LoadgenOptions, run as run_load};
-use crate::local::cassandra::{CassandraOptions, DATACENTER, LocalCassandra};
+use crate::local::cassandra::{CassandraOptions, LocalCassandra};
 use crate::local::kafka::{KafkaOptions, LocalKafka, create_topics};
 use crate::node::{Node, NodeOptions};
 use crate::state::Backend;
-use crate::state::scylla::Replication;
 
 #[derive(Debug, Clone, Args)]
 pub struct DemoArgs {
@@ -95,10 +94,7 @@ async fn with_broker(
     let mut node_opts = NodeOptions::local(&broker.bootstrap, state_dir.clone());
     node_opts.inference = args.inference.clone();
     if let Some((c, _)) = cassandra {
-        node_opts.state_backend = Backend::Cql;
-        node_opts.cql_uri = c.uri();
-        node_opts.cql_datacenter = Some(DATACENTER.to_owned());
-        node_opts.cql_replication = Replication([(DATACENTER.to_owned(), 1)].into());
+        node_opts.local_cql(&c.uri(), "partita");
     }
     create_topics(
         &broker.bootstrap,

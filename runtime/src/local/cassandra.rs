@@ -265,10 +265,6 @@ concurrent_counter_writes: 2
 concurrent_materialized_view_writes: 2
 memtable_flush_writers: 1
 compaction_throughput: 0MiB/s
-# partita writes a partition's states and its applied offset in one conditional batch: allow
-# batches as large as a state write can be (ScyllaDB: batch_size_fail_threshold_in_kb).
-batch_size_warn_threshold: 1MiB
-batch_size_fail_threshold: 16MiB
 "
     )
 }

@@ -42,12 +42,16 @@ pub enum CqlConsistency {
 }
 
 impl CqlConsistency {
-    fn driver(self) -> (Consistency, SerialConsistency) {
+    /// (writes, reads, the serial level of the Paxos phase and fence reads). EACH_QUORUM is a
+    /// write-only level on Cassandra and ScyllaDB: reads take QUORUM then.
+    fn levels(self) -> (Consistency, Consistency, SerialConsistency) {
         match self {
-            Self::LocalQuorum => (Consistency::LocalQuorum, SerialConsistency::LocalSerial),
-            Self::Quorum => (Consistency::Quorum, SerialConsistency::Serial),
-            Self::EachQuorum => (Consistency::EachQuorum, SerialConsistency::Serial),
-            Self::All => (Consistency::All, SerialConsistency::Serial),
+            Self::LocalQuorum => {
+                (Consistency::LocalQuorum, Consistency::LocalQuorum, SerialConsistency::LocalSerial)
+            }
+            Self::Quorum => (Consistency::Quorum, Consistency::Quorum, SerialConsistency::Serial),
+            Self::EachQuorum => (Consistency::EachQuorum, Consistency::Quorum, SerialConsistency::Serial),
+            Self::All => (Consistency::All, Consistency::All, SerialConsistency::Serial),
         }
     }
 }
@@ -202,7 +206,7 @@ impl ScyllaStore {
         } else {
             Arc::new(FallthroughRetryPolicy::new())
         };
-        let (consistency, serial) = config.consistency.driver();
+        let (consistency, read_consistency, serial) = config.consistency.levels();
         let profile = ExecutionProfile::builder()
             .load_balancing_policy(policy.build())
             .consistency(consistency)
@@ -236,10 +240,12 @@ impl ScyllaStore {
         let mut read =
             prepare(format!("SELECT key, value FROM {ks}.state WHERE partition = ? AND key IN ?")).await?;
         read.set_is_idempotent(true);
+        read.set_consistency(read_consistency);
         let mut meta =
             prepare(format!("SELECT applied_offset, epoch FROM {ks}.state WHERE partition = ? LIMIT 1"))
                 .await?;
         meta.set_is_idempotent(true);
+        meta.set_consistency(read_consistency);
         let mut meta_serial = meta.clone();
         meta_serial.set_consistency(match serial {
             SerialConsistency::LocalSerial => Consistency::LocalSerial,
@@ -300,17 +306,17 @@ impl ScyllaStore {
     }
 }
 
-/// ScyllaDB has `system.scylla_local`; Cassandra does not.
+/// ScyllaDB has the table `system.scylla_local`; Cassandra rejects the query as invalid (the
+/// table does not exist). Any other error is an error.
 async fn flavor(session: &Session) -> Result<Flavor, StoreError> {
-    let result = session
-        .query_unpaged(
-            "SELECT table_name FROM system_schema.tables WHERE keyspace_name = 'system' AND table_name = 'scylla_local'",
-            &[],
-        )
-        .await
-        .map_err(|e| unavailable(format!("asking the server's flavor: {e}")))?;
-    let rows = result.into_rows_result().map_err(unavailable)?;
-    Ok(if rows.rows_num() > 0 { Flavor::Scylla } else { Flavor::Cassandra })
+    use scylla::errors::{DbError, ExecutionError, RequestAttemptError};
+    match session.query_unpaged("SELECT key FROM system.scylla_local LIMIT 1", &[]).await {
+        Ok(_) => Ok(Flavor::Scylla),
+        Err(ExecutionError::LastAttemptError(RequestAttemptError::DbError(DbError::Invalid, _))) => {
+            Ok(Flavor::Cassandra)
+        }
+        Err(e) => Err(unavailable(format!("asking the server's flavor: {e}"))),
+    }
 }
 
 impl StateStore for ScyllaStore {
