@@ -198,14 +198,13 @@ impl LocalCassandra {
         self.start_node(i).await
     }
 
-    /// SIGTERM every node, SIGKILL after 20 s.
+    /// SIGTERM every node at once, SIGKILL after 20 s.
     pub async fn stop(mut self) {
         let _ = tokio::task::spawn_blocking(move || {
-            for n in &mut self.nodes {
-                if let Some(p) = &mut n.process {
-                    p.terminate(Duration::from_secs(20));
-                }
-            }
+            JvmProcess::stop_all(
+                self.nodes.iter_mut().filter_map(|n| n.process.as_mut()),
+                Duration::from_secs(20),
+            );
         })
         .await;
     }

@@ -229,18 +229,12 @@ impl LocalKafka {
         self.wait_ready(Duration::from_secs(90))
     }
 
-    /// Stop every node in order (SIGTERM, all at once; SIGKILL after 20 s). Blocking.
+    /// Stop every node (SIGTERM to all at once; SIGKILL after 20 s). Blocking.
     pub fn stop_blocking(mut self) {
-        for node in &mut self.nodes {
-            if let Some(p) = &node.process {
-                let _ = std::process::Command::new("kill").args(["-TERM", &p.pid().to_string()]).status();
-            }
-        }
-        for node in &mut self.nodes {
-            if let Some(p) = &mut node.process {
-                p.terminate(Duration::from_secs(20));
-            }
-        }
+        JvmProcess::stop_all(
+            self.nodes.iter_mut().filter_map(|n| n.process.as_mut()),
+            Duration::from_secs(20),
+        );
     }
 
     /// [`LocalKafka::stop_blocking`] on the blocking pool.

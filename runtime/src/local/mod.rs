@@ -148,19 +148,28 @@ impl JvmProcess {
         let _ = self.child.wait();
     }
 
-    /// SIGTERM (an orderly shutdown), then SIGKILL after `grace`.
-    pub fn terminate(&mut self, grace: Duration) {
+    /// Send SIGTERM (an orderly shutdown) if it still runs.
+    pub fn term(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
             let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-            let deadline = Instant::now() + grace;
-            while Instant::now() < deadline {
-                if !matches!(self.child.try_wait(), Ok(None)) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
+        }
+    }
+
+    /// Wait up to `grace` for the process to exit, then SIGKILL it.
+    pub fn wait_or_kill(&mut self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(50));
         }
         self.kill();
+    }
+
+    /// Stop every process in `all`: SIGTERM to all at once, then SIGKILL whatever still runs
+    /// after `grace`.
+    pub fn stop_all<'a>(all: impl IntoIterator<Item = &'a mut JvmProcess>, grace: Duration) {
+        let mut all: Vec<&mut JvmProcess> = all.into_iter().collect();
+        all.iter_mut().for_each(|p| p.term());
+        all.iter_mut().for_each(|p| p.wait_or_kill(grace));
     }
 }
 
