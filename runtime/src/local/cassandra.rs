@@ -210,8 +210,12 @@ impl LocalCassandra {
     }
 }
 
-/// Does a CQL query answer on `contact`?
+/// Does a CQL query answer on `contact`? (A plain connect first: the driver logs every refused
+/// attempt as an error while the server boots.)
 async fn answers(contact: &str) -> bool {
+    if tokio::net::TcpStream::connect(contact).await.is_err() {
+        return false;
+    }
     let Ok(Ok(session)) =
         tokio::time::timeout(Duration::from_secs(5), SessionBuilder::new().known_node(contact).build()).await
     else {
