@@ -100,11 +100,21 @@ async fn rung(args: &Arc<Args>, mode: Mode, rate: f64, drain: u64) -> anyhow::Re
     let report = match mode {
         Mode::PassThrough => {
             let stop = Arc::new(AtomicBool::new(false));
+            let assigned = Arc::new(AtomicBool::new(false));
             let pt = {
                 let (b, stop) = (b.clone(), stop.clone());
-                std::thread::spawn(move || pass_through(&b, TOPICS.0, TOPICS.1, &stop))
+                let assigned = assigned.clone();
+                std::thread::spawn(move || pass_through(&b, TOPICS.0, TOPICS.1, &stop, &assigned))
             };
-            tokio::time::sleep(Duration::from_secs(2)).await; // join the group
+            // Load starts once the pass-through owns the partitions (as for the node below).
+            let since = std::time::Instant::now();
+            while !assigned.load(Ordering::SeqCst) {
+                anyhow::ensure!(
+                    since.elapsed() < Duration::from_secs(60),
+                    "the pass-through never got its partitions"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             let r = tokio::task::spawn_blocking(run).await?;
             stop.store(true, Ordering::SeqCst);
             pt.join().map_err(|_| anyhow::anyhow!("pass-through panicked"))??;
@@ -220,10 +230,18 @@ fn best(reports: &[LoadReport]) -> f64 {
 }
 
 /// The pass-through: consume, decode, produce a minimal score, on one thread.
-fn pass_through(bootstrap: &str, input: &str, output: &str, stop: &AtomicBool) -> anyhow::Result<()> {
+/// `assigned` is set once the consumer group gave it every partition.
+fn pass_through(
+    bootstrap: &str,
+    input: &str,
+    output: &str,
+    stop: &AtomicBool,
+    assigned: &AtomicBool,
+) -> anyhow::Result<()> {
     let consumer: BaseConsumer = partita_runtime::kafka::client_config(bootstrap)
         .set("group.id", "b4-pass-through")
-        .set("auto.offset.reset", "latest")
+        // Fresh topics per rung: nothing produced before the assignment may be skipped.
+        .set("auto.offset.reset", "earliest")
         .set("fetch.wait.max.ms", "10")
         .create()?;
     consumer.subscribe(&[input])?;
@@ -233,6 +251,9 @@ fn pass_through(bootstrap: &str, input: &str, output: &str, stop: &AtomicBool) -
         .set("linger.ms", "1")
         .create()?;
     while !stop.load(Ordering::Relaxed) {
+        if !assigned.load(Ordering::Relaxed) && consumer.assignment().is_ok_and(|a| a.count() > 0) {
+            assigned.store(true, Ordering::SeqCst);
+        }
         producer.poll(Duration::ZERO);
         let Some(Ok(m)) = consumer.poll(Duration::from_millis(20)) else { continue };
         let Ok(e) = Event::decode(m.payload().unwrap_or_default()) else { continue };
