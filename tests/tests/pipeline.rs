@@ -97,8 +97,9 @@ async fn check(records: &[GenRecord], landed: &[(i32, i64)], seen: &ReaderResult
     for (p, o, out) in &seen.outputs {
         by_source.entry((*p, *o)).or_default().push(out);
     }
-    // The replay: every good event scored alone (no batching), in offset order per key, each with
-    // the state the previous one left.
+    // The replay: every good event scored alone (no batching), in production order, each with the
+    // state the previous one of its key left. A key maps to one partition, and the idempotent
+    // producer keeps production order within a partition, so this is offset order per key.
     let replay = InferenceOptions {
         repository: models_dir(),
         device: DeviceChoice::Cpu,
