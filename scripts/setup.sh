@@ -70,11 +70,22 @@ fi
 
 # 3. The Kafka and Cassandra servers as plain jars (Maven Central), and the small launcher that
 #    ties each server's life to the process that started it. Redone only when a POM changes.
-need_java() { command -v "$1" >/dev/null || { log "$1 not found: install a JDK 17 and Maven 3.8"; exit 1; }; }
+# Java 17 and Maven: Debian's packages when the commands are missing (machines that come with
+# their own JDK keep it).
+need_java() {
+    command -v "$1" >/dev/null && return
+    local pkg="openjdk-17-jdk-headless"
+    [ "$1" = mvn ] && pkg="maven"
+    log "$1 not found: installing Debian's $pkg"
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null
+}
 for server in kafka cassandra; do
     pom="$HERE/jars/$server/pom.xml"
     stamp="$(sha256sum "$pom" | cut -c1-16)"
     if [ "$(cat "$JARS/$server/.stamp" 2>/dev/null)" != "$stamp" ]; then
+        need_java javac
         need_java mvn
         log "fetching the $server server jars from Maven Central ($pom)"
         rm -rf "$JARS/$server"
