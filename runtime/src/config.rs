@@ -407,6 +407,19 @@ mod tests {
     }
 
     #[test]
+    fn values_that_would_wedge_the_node_are_rejected() {
+        let f = file(
+            "[partition]\nmax_batch = 0\nmax_waves = 0\nmax_pending_batches = 0\nqueue = 0\ninfer_deadline = \"0s\"\n",
+        );
+        let l = layer(Some(f.path()), [], &[]);
+        let all = l.errors.join("\n");
+        assert_eq!(l.errors.len(), 5, "{all}");
+        for key in ["max_batch", "max_waves", "max_pending_batches", "queue", "infer_deadline"] {
+            assert!(all.contains(&format!("[partition] {key}:")), "missing {key} in:\n{all}");
+        }
+    }
+
+    #[test]
     fn every_problem_is_reported_at_once_with_its_origin() {
         let f = file(
             "[group]\nzone = \"a\"\ncolour = \"red\"\n[partition]\ninfer_deadline = \"soon\"\nmax_batch = -3\n[nonsense]\nx = 1\n",

@@ -42,6 +42,24 @@ fn parse_keyspace(s: &str) -> Result<String, String> {
     }
 }
 
+/// A count that wedges the node at 0 (a batch, a queue, waves).
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        Ok(_) => Err("must be at least 1 (0 would stall every partition)".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A duration above zero (a zero deadline would time out every record).
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("must be above zero".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn parse_ratio(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
@@ -118,21 +136,21 @@ pub struct NodeOptions {
     #[arg(long, default_value = "64KiB")]
     pub max_value_size: bytesize::ByteSize,
     /// Records per partition batch.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = at_least_one)]
     pub max_batch: usize,
     /// Records of one key per batch (a hot key's records run one after another; the cap keeps
     /// the batch's other keys from waiting on it).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = at_least_one)]
     pub max_waves: usize,
     /// Scored batches per partition that may wait for their outputs' acknowledgements and state
     /// write while the next batch is scored (waiting batches are committed together).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = at_least_one)]
     pub max_pending_batches: usize,
     /// Records queued per partition before its Kafka partition is paused.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = at_least_one)]
     pub partition_queue: usize,
     /// Per-record inference deadline (then retried, then dead letter TIMEOUT).
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    #[arg(long, value_parser = positive_duration, default_value = "2s")]
     pub infer_deadline: Duration,
     /// How long shutdown may take to drain partitions before the node exits anyway.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "20s")]
