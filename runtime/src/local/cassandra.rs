@@ -138,7 +138,50 @@ impl LocalCassandra {
         for i in 0..cluster.nodes.len() {
             cluster.start_node(i).await?;
         }
+        if cluster.nodes.len() > 1 {
+            cluster.wait_settled(Duration::from_secs(120)).await?;
+        }
         Ok(cluster)
+    }
+
+    /// Several nodes answering CQL may not see each other as up yet (gossip): wait until writes
+    /// at consistency ALL to a keyspace replicated on every node succeed several times in a row,
+    /// through whichever coordinators the driver picks.
+    async fn wait_settled(&self, within: Duration) -> anyhow::Result<()> {
+        use scylla::statement::unprepared::Statement;
+        let session = SessionBuilder::new().known_nodes(self.contact_points()).build().await?;
+        let n = self.nodes.len();
+        session
+            .query_unpaged(
+                format!(
+                    "CREATE KEYSPACE IF NOT EXISTS partita_local_settle WITH replication = \
+                     {{'class': 'NetworkTopologyStrategy', '{DATACENTER}': {n}}}"
+                ),
+                &[],
+            )
+            .await?;
+        session
+            .query_unpaged("CREATE TABLE IF NOT EXISTS partita_local_settle.probe (k int PRIMARY KEY)", &[])
+            .await?;
+        let mut insert = Statement::new("INSERT INTO partita_local_settle.probe (k) VALUES (?)");
+        insert.set_consistency(scylla::statement::Consistency::All);
+        let deadline = Instant::now() + within;
+        let mut in_a_row = 0;
+        let mut k = 0i32;
+        while in_a_row < 3 * n {
+            k += 1;
+            match session.query_unpaged(insert.clone(), (k,)).await {
+                Ok(_) => in_a_row += 1,
+                Err(e) => {
+                    in_a_row = 0;
+                    if Instant::now() > deadline {
+                        bail!("the {n} Cassandra nodes did not all see each other up within {within:?}: {e}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn start_node(&mut self, i: usize) -> anyhow::Result<()> {
