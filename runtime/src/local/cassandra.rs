@@ -144,14 +144,17 @@ impl LocalCassandra {
         Ok(cluster)
     }
 
-    /// Several nodes answering CQL may not see each other as up yet (gossip): wait until writes
-    /// at consistency ALL to a keyspace replicated on every node succeed several times in a row,
-    /// through whichever coordinators the driver picks.
+    /// Several nodes answering CQL may not see each other yet (gossip): a coordinator that does
+    /// not know a peer's datacenter leaves it out of the replicas, and LOCAL_QUORUM fails. Wait
+    /// until every node, asked directly, lists every other node in `system.peers` with its
+    /// datacenter, and coordinates a write at consistency ALL to a keyspace replicated on all.
     async fn wait_settled(&self, within: Duration) -> anyhow::Result<()> {
+        use scylla::policies::host_filter::AllowListHostFilter;
         use scylla::statement::unprepared::Statement;
-        let session = SessionBuilder::new().known_nodes(self.contact_points()).build().await?;
         let n = self.nodes.len();
-        session
+        let deadline = Instant::now() + within;
+        let setup = SessionBuilder::new().known_nodes(self.contact_points()).build().await?;
+        setup
             .query_unpaged(
                 format!(
                     "CREATE KEYSPACE IF NOT EXISTS partita_local_settle WITH replication = \
@@ -160,25 +163,35 @@ impl LocalCassandra {
                 &[],
             )
             .await?;
-        session
+        setup
             .query_unpaged("CREATE TABLE IF NOT EXISTS partita_local_settle.probe (k int PRIMARY KEY)", &[])
             .await?;
+        setup.await_schema_agreement().await?;
         let mut insert = Statement::new("INSERT INTO partita_local_settle.probe (k) VALUES (?)");
         insert.set_consistency(scylla::statement::Consistency::All);
-        let deadline = Instant::now() + within;
-        let mut in_a_row = 0;
-        let mut k = 0i32;
-        while in_a_row < 3 * n {
-            k += 1;
-            match session.query_unpaged(insert.clone(), (k,)).await {
-                Ok(_) => in_a_row += 1,
-                Err(e) => {
-                    in_a_row = 0;
-                    if Instant::now() > deadline {
-                        bail!("the {n} Cassandra nodes did not all see each other up within {within:?}: {e}");
-                    }
-                    tokio::time::sleep(Duration::from_millis(250)).await;
+        for contact in self.contact_points() {
+            let only = AllowListHostFilter::new([contact.as_str()])?;
+            let session = SessionBuilder::new()
+                .known_node(&contact)
+                .host_filter(std::sync::Arc::new(only))
+                .build()
+                .await?;
+            loop {
+                let peers = session
+                    .query_unpaged("SELECT peer, data_center FROM system.peers", &[])
+                    .await?
+                    .into_rows_result()?
+                    .rows::<(std::net::IpAddr, Option<String>)>()?
+                    .filter(|r| r.as_ref().is_ok_and(|(_, dc)| dc.as_deref() == Some(DATACENTER)))
+                    .count();
+                let wrote = peers == n - 1 && session.query_unpaged(insert.clone(), (1,)).await.is_ok();
+                if wrote {
+                    break;
                 }
+                if Instant::now() > deadline {
+                    bail!("Cassandra on {contact} sees {peers} of {} peers within {within:?}", n - 1);
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
             }
         }
         Ok(())
