@@ -2,7 +2,7 @@
 //! itself cannot run here; the same driver and contract suite serve both). 1 node for CI, or N
 //! nodes on 127.0.0.1, .2, .3, ... (every one reaches `lo`) with the same ports, datacenter
 //! [`DATACENTER`] and one rack per zone. Started one after another (Cassandra refuses concurrent
-//! joins), each ready when it answers a CQL query.
+//! joins), each ready when it answers a CQL query; several nodes, once they see each other.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
