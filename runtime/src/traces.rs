@@ -86,25 +86,50 @@ impl Telemetry {
 /// the OTLP exporter when `otlp` is given. Call inside the Tokio runtime's context (the gRPC
 /// channel is created on it).
 pub fn init(format: LogFormat, otlp: Option<&Otlp>) -> anyhow::Result<Telemetry> {
+    init_with_writer(format, otlp, std::io::stderr)
+}
+
+/// [`init`] with logs written to `writer` (tests read them back).
+///
+/// Without an exporter the log filter is the subscriber's global filter. It is a per-layer filter
+/// only when the exporter needs `partita` spans at DEBUG that the logs do not show, because a
+/// per-layer `EnvFilter` swallows the next event on a thread after a `log` crate `enabled()`
+/// query (tokio-rs/tracing#2519), and rdkafka makes one each time a Kafka client is created: the
+/// first line logged after creating a client vanished. With an exporter that bug still applies.
+pub fn init_with_writer<W>(format: LogFormat, otlp: Option<&Otlp>, writer: W) -> anyhow::Result<Telemetry>
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,partita=info".into());
-    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let logs = match format {
+    let provider = otlp.map(provider).transpose()?;
+    let installed = match &provider {
+        None => tracing_subscriber::registry().with(filter).with(logs_layer(format, writer)).try_init(),
+        Some(p) => {
+            let spans = tracing_opentelemetry::layer()
+                .with_tracer(p.tracer("partita"))
+                .with_tracked_inactivity(false)
+                .with_filter(Targets::new().with_target("partita", tracing::Level::DEBUG));
+            tracing_subscriber::registry()
+                .with(logs_layer(format, writer).with_filter(filter))
+                .with(spans)
+                .try_init()
+        }
+    };
+    installed.context("installing the log subscriber")?;
+    Ok(Telemetry { provider })
+}
+
+/// The log lines' layer: text or JSON, to `writer`.
+fn logs_layer<S, W>(format: LogFormat, writer: W) -> Box<dyn tracing_subscriber::Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    let logs = tracing_subscriber::fmt::layer().with_writer(writer);
+    match format {
         LogFormat::Text => logs.boxed(),
         LogFormat::Json => logs.json().with_current_span(true).boxed(),
-    };
-    let provider = otlp.map(provider).transpose()?;
-    let spans = provider.as_ref().map(|p| {
-        tracing_opentelemetry::layer()
-            .with_tracer(p.tracer("partita"))
-            .with_tracked_inactivity(false)
-            .with_filter(Targets::new().with_target("partita", tracing::Level::DEBUG))
-    });
-    tracing_subscriber::registry()
-        .with(logs.with_filter(filter))
-        .with(spans)
-        .try_init()
-        .context("installing the log subscriber")?;
-    Ok(Telemetry { provider })
+    }
 }
 
 fn provider(otlp: &Otlp) -> anyhow::Result<SdkTracerProvider> {
