@@ -70,6 +70,37 @@ impl KafkaTier {
     }
 }
 
+/// Warn when an output topic's `min.insync.replicas` is below 2: with `acks=all` an acknowledged
+/// output then lives on one replica, and that broker's loss loses it. A topic that cannot be
+/// described is logged too (the node still starts: the produce path reports real failures).
+pub async fn warn_on_weak_durability(tier: &KafkaTier, topics: &[&str]) {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    let Ok(admin) = tier.client_config(&[]).create::<AdminClient<DefaultClientContext>>() else { return };
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    for topic in topics {
+        let described = admin.describe_configs(&[ResourceSpecifier::Topic(topic)], &opts).await;
+        let min_isr = match &described {
+            Ok(results) => results
+                .iter()
+                .flatten()
+                .find_map(|r| r.get("min.insync.replicas"))
+                .and_then(|e| e.value.as_deref())
+                .and_then(|v| v.parse::<u32>().ok()),
+            Err(_) => None,
+        };
+        match min_isr {
+            Some(n) if n >= 2 => {}
+            Some(n) => tracing::warn!(
+                topic,
+                min_insync_replicas = n,
+                "output topic has min.insync.replicas < 2: an acknowledged output (acks=all) may live on one broker only"
+            ),
+            None => tracing::warn!(topic, ?described, "cannot read the output topic's min.insync.replicas"),
+        }
+    }
+}
+
 /// The base settings of every partita Kafka client: the bootstrap servers and
 /// `socket.nagle.disable` (small requests must not wait for Nagle's algorithm on a 50 ms budget).
 pub fn client_config(bootstrap: &str) -> ClientConfig {

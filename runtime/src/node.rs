@@ -294,6 +294,7 @@ impl Node {
             bootstrap: opts.ingestion_bootstrap.clone(),
             properties: opts.ingestion_properties.clone(),
         };
+        crate::kafka::warn_on_weak_durability(&processing, &[&opts.scores_topic, &opts.dlq_topic]).await;
         let commits = crossbeam_channel::unbounded();
         let sink = Arc::new(KafkaSink::new(
             processing,

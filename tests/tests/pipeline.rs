@@ -356,6 +356,13 @@ async fn sigterm_commits_everything_and_a_restart_reprocesses_nothing() {
     );
     eprintln!("SIGTERM to exit: {:?}", started.elapsed());
     assert!(log.contains("left the consumer group"), "{log}");
+    // One broker: the outputs' min.insync.replicas is 1, and the node says what that risks.
+    for topic in [SCORES, DLQ] {
+        assert!(
+            log.lines().any(|l| l.contains("min.insync.replicas < 2") && l.contains(topic)),
+            "no durability warning for {topic}:\n{log}"
+        );
+    }
     let bootstrap = broker.bootstrap.clone();
     let (committed, high) =
         tokio::task::block_in_place(|| (committed(&bootstrap), high_watermarks(&bootstrap)));
