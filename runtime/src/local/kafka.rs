@@ -124,7 +124,8 @@ impl LocalKafka {
         }
         // Format every log dir (one JVM each, in parallel).
         std::thread::scope(|s| {
-            let runs: Vec<_> = nodes.iter().map(|(f, _)| s.spawn(move || f.run())).collect();
+            let runs: Vec<_> =
+                nodes.iter().map(|(f, _)| s.spawn(move || f.run(Duration::from_secs(120)))).collect();
             runs.into_iter().try_for_each(|r| r.join().map_err(|_| anyhow::anyhow!("format panicked"))?)
         })
         .context("formatting the Kafka log dirs")?;

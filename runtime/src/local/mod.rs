@@ -78,25 +78,24 @@ impl JvmCommand {
         Ok(format!("{}:{}/*", launcher.display(), jars.display()))
     }
 
-    /// Run to completion (a tool such as Kafka's storage formatter); fails with its output.
-    pub fn run(&self) -> anyhow::Result<()> {
-        let out = Command::new("java")
-            .args(&self.jvm_flags)
-            .args(["-cp", &self.classpath()?, self.main_class])
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .output()
-            .context("running java (is a JDK 17 installed?)")?;
-        if !out.status.success() {
-            bail!(
-                "{} failed ({}): {}{}",
-                self.main_class,
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+    /// Run to completion within `within` (a tool such as Kafka's storage formatter), under
+    /// `ParentWatch` like a server; fails with its output in the log file, or if it takes longer.
+    pub fn run(&self, within: Duration) -> anyhow::Result<()> {
+        let mut process = self.spawn()?;
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = process.child.try_wait()? {
+                if !status.success() {
+                    bail!("{} failed ({status}):\n{}", self.main_class, log_tail(&self.log, 40));
+                }
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                process.kill();
+                bail!("{} did not finish within {within:?}:\n{}", self.main_class, log_tail(&self.log, 40));
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(())
     }
 
     /// Start as a server under `ParentWatch`.
