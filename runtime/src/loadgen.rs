@@ -348,7 +348,7 @@ impl OutputReader {
                     let payload = m.payload().unwrap_or_default();
                     let out = if m.topic() == scores_topic {
                         let Ok(s) = Score::decode(payload) else { continue };
-                        let us = (now - s.event_time_unix_micros).max(1) as u64;
+                        let us = now.saturating_sub(s.event_time_unix_micros).max(1) as u64;
                         for h in [&shared.latency, &shared.window] {
                             if let Some(h) = h.lock().unwrap().as_mut() {
                                 h.saturating_record(us);

@@ -539,6 +539,36 @@ fn dashboard_series(dashboard: &str) -> std::collections::BTreeSet<String> {
     names
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extreme_event_times_are_scored_and_flagged_without_crashing_the_node() {
+    let broker = broker().await;
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start(&broker.bootstrap, &store(Backend::Rocksdb, &dir).await, &[]);
+    let reader = OutputReader::start(&broker.bootstrap, SCORES, DLQ, true).unwrap();
+    let mut g = Generator::new(77, 4, 0.0, 16, 0.0, 77);
+    let now = partita_actors::partition::unix_micros();
+    let recs: Vec<GenRecord> = [i64::MIN, i64::MAX, now, -1, now].into_iter().map(|t| g.record(t)).collect();
+    tokio::task::block_in_place(|| produce_tracked(&broker.bootstrap, &recs));
+    let seen = tokio::task::block_in_place(|| {
+        wait_answered(reader, recs.len() as u64, Duration::from_secs(60), || node.log_text())
+    });
+    let suspect: Vec<bool> = seen
+        .outputs
+        .iter()
+        .map(|(_, _, o)| match o {
+            Output::Score(s) => s.event_time_suspect,
+            other => panic!("every event is valid, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        suspect.iter().filter(|s| **s).count(),
+        3,
+        "the three far-off event times are flagged: {suspect:?}"
+    );
+    let (status, log) = node.terminate(Duration::from_secs(20));
+    assert!(status.is_some_and(|s| s.success()), "{log}");
+}
+
 /// Each record's output (score or dead letter) by source coordinates, with its `traceparent`.
 fn outputs_with_traceparent(
     bootstrap: &str,

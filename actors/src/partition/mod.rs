@@ -539,8 +539,10 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
                         ks.state = out.new_state.clone();
                         ks.dirty = true;
                         scored += 1;
-                        let since_event = u64::try_from(unix_micros() - v.event.event_time_unix_micros)
-                            .ok()
+                        // Any i64 is a valid event time (far-off ones are flagged): no overflow.
+                        let since_event = unix_micros()
+                            .checked_sub(v.event.event_time_unix_micros)
+                            .and_then(|us| u64::try_from(us).ok())
                             .map(Duration::from_micros);
                         a.observer.scored(&v.model, &out, rec.received.elapsed(), since_event);
                         let span = &spans[*i];
