@@ -327,10 +327,12 @@ async fn main() -> anyhow::Result<()> {
         streamed_bytes as f64 / 1048576.0,
     );
     println!(
-        "RSS growth peak: {:.1} MiB vs {:.1} MiB configured (cache {} + block cache 32 + memtables 32): {:.2}x",
+        "RSS growth peak: {:.1} MiB vs {:.1} MiB configured (cache {} + block cache {} + memtables {}): {:.2}x",
         peak as f64 / 1048576.0,
         configured as f64 / 1048576.0,
         args.budget_mib,
+        rocks_cfg.block_cache_bytes >> 20,
+        (2 * rocks_cfg.write_buffer_bytes) >> 20,
         rss_ratio
     );
     println!(

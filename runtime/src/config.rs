@@ -370,17 +370,24 @@ mod tests {
         assert_eq!(o.ingestion_properties.len(), 2, "properties accumulate");
     }
 
-    #[test]
-    fn the_cql_settings_are_checked() {
-        let f = file(
-            "[state]\nbackend = \"mongo\"\ncql_uri = \"db-without-port\"\ncql_keyspace = \"1st\"\ncql_replication = \"dc1=three\"\ncql_consistency = \"sometimes\"\n",
-        );
+    /// A config file `text` yields one error per `[section] key` listed, and no other.
+    fn assert_each_rejected(text: &str, section: &str, keys: &[&str]) {
+        let f = file(text);
         let l = layer(Some(f.path()), [], &[]);
         let all = l.errors.join("\n");
-        assert_eq!(l.errors.len(), 5, "{all}");
-        for key in ["backend", "cql_uri", "cql_keyspace", "cql_replication", "cql_consistency"] {
-            assert!(all.contains(&format!("[state] {key}:")), "missing {key} in:\n{all}");
+        assert_eq!(l.errors.len(), keys.len(), "{all}");
+        for key in keys {
+            assert!(all.contains(&format!("[{section}] {key}:")), "missing {key} in:\n{all}");
         }
+    }
+
+    #[test]
+    fn the_cql_settings_are_checked() {
+        assert_each_rejected(
+            "[state]\nbackend = \"mongo\"\ncql_uri = \"db-without-port\"\ncql_keyspace = \"1st\"\ncql_replication = \"dc1=three\"\ncql_consistency = \"sometimes\"\n",
+            "state",
+            &["backend", "cql_uri", "cql_keyspace", "cql_replication", "cql_consistency"],
+        );
         let ok = file(
             "[state]\nbackend = \"cql\"\ncql_uri = \"10.0.0.1:9042,10.0.0.2:9042\"\ncql_keyspace = \"fraud_state\"\ncql_datacenter = \"eu-west\"\ncql_replication = \"eu-west=3,us-east=3\"\ncql_consistency = \"quorum\"\n",
         );
@@ -408,15 +415,11 @@ mod tests {
 
     #[test]
     fn values_that_would_wedge_the_node_are_rejected() {
-        let f = file(
+        assert_each_rejected(
             "[partition]\nmax_batch = 0\nmax_waves = 0\nmax_pending_batches = 0\nqueue = 0\ninfer_deadline = \"0s\"\n",
+            "partition",
+            &["max_batch", "max_waves", "max_pending_batches", "queue", "infer_deadline"],
         );
-        let l = layer(Some(f.path()), [], &[]);
-        let all = l.errors.join("\n");
-        assert_eq!(l.errors.len(), 5, "{all}");
-        for key in ["max_batch", "max_waves", "max_pending_batches", "queue", "infer_deadline"] {
-            assert!(all.contains(&format!("[partition] {key}:")), "missing {key} in:\n{all}");
-        }
     }
 
     #[test]

@@ -8,12 +8,13 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use partita_actors::state::{Epoch, Offset, PartitionId, StateStore, StateValue, StateWrite, StoreError};
+use partita_runtime::loadgen::{GenRecord, send};
 use partita_runtime::local::cassandra::{CassandraOptions, DATACENTER, LocalCassandra};
 use partita_runtime::local::kafka::{KafkaOptions, LocalKafka, create_topics};
 use partita_runtime::state::scylla::{ScyllaConfig, ScyllaStore};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{ClientContext, TopicPartitionList};
 
 const TOPIC: &str = "chaos";
@@ -66,19 +67,13 @@ async fn a_kafka_broker_killed_and_restarted_loses_no_acknowledged_record() {
         let victim = (leader - 1) as usize;
         let total = 3000u32;
         for id in 0..total {
-            let payload = id.to_be_bytes();
-            let key = (id % 97).to_be_bytes();
-            let mut record =
-                BaseRecord::with_opaque_to(TOPIC, Box::new(id)).payload(&payload[..]).key(&key[..]);
-            loop {
-                match producer.send(record) {
-                    Ok(()) => break,
-                    Err((_, back)) => {
-                        record = back;
-                        producer.poll(Duration::from_millis(10));
-                    }
-                }
-            }
+            let rec = GenRecord {
+                key: Some((id % 97).to_be_bytes().to_vec()),
+                value: id.to_be_bytes().to_vec(),
+                headers: Vec::new(),
+                bad: None,
+            };
+            send(&producer, TOPIC, &rec, Box::new(id)).expect("produce");
             producer.poll(Duration::ZERO);
             if id == total / 3 {
                 // Mid-stream: records are in flight to the leader when it dies.

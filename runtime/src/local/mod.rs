@@ -11,7 +11,6 @@
 pub mod cassandra;
 pub mod kafka;
 
-use std::io::Write as _;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -190,9 +189,7 @@ pub(crate) fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let mut f = std::fs::File::create(path).with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(text.as_bytes())?;
-    Ok(())
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
 /// The folder the servers keep their data and logs in: the given one (kept), or a new temporary
