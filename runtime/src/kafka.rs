@@ -109,6 +109,39 @@ pub fn client_config(bootstrap: &str) -> ClientConfig {
     c
 }
 
+/// The low and high watermarks of `topic`/`partition`, asking again for up to `within` while the
+/// partition has no leader yet or its leader does not know it leads (a topic a moment after its
+/// creation answers `NotLeaderForPartition` or `LeaderNotAvailable` for a while).
+pub fn watermarks<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    partition: i32,
+    within: Duration,
+) -> anyhow::Result<(i64, i64)> {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match consumer.fetch_watermarks(topic, partition, left.max(Duration::from_millis(100))) {
+            Ok(w) => return Ok(w),
+            Err(e) if Instant::now() < deadline && leader_not_ready(&e) => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            Err(e) => return Err(e).with_context(|| format!("watermarks of {topic}/{partition}")),
+        }
+    }
+}
+
+fn leader_not_ready(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::NotLeaderForPartition
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::UnknownTopicOrPartition
+        )
+    )
+}
+
 /// Record headers as rdkafka takes them.
 pub fn owned_headers(headers: &[(String, Vec<u8>)]) -> OwnedHeaders {
     headers.iter().fold(OwnedHeaders::new_with_capacity(headers.len()), |h, (k, v)| {

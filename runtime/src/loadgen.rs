@@ -326,7 +326,7 @@ impl OutputReader {
                 md.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
             anyhow::ensure!(!parts.is_empty(), "topic {topic} does not exist");
             for p in parts {
-                let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+                let (_, high) = crate::kafka::watermarks(&consumer, topic, p, Duration::from_secs(10))?;
                 tpl.add_partition_offset(topic, p, Offset::Offset(high))?;
             }
         }

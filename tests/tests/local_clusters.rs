@@ -1,7 +1,7 @@
 //! The local multi-node servers the cluster work runs on: three Apache Kafka KRaft nodes (a rack
 //! each) survive a broker's kill -9 and restart without losing an acknowledged record, and three
 //! Cassandra nodes (127.0.0.1-3, a rack each) serve the CQL state store at LOCAL_QUORUM with one
-//! node down.
+//! node down. Topics answer on every partition as soon as `create_topics` returns.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -194,4 +194,25 @@ async fn three_cassandra_nodes_with_a_rack_each_keep_serving_state_with_one_down
     cassandra.restart(2).await.expect("the killed node restarts on its data");
     assert_eq!(store.meta(p).await.unwrap().applied_offset, Some(Offset(2)));
     cassandra.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn created_topics_answer_at_once_on_every_partition() {
+    let kafka = LocalKafka::start(KafkaOptions::default()).await.expect("a local Kafka");
+    let names: Vec<String> = (0..20).map(|i| format!("fresh-{i}")).collect();
+    let topics: Vec<(&str, i32)> = names.iter().map(|n| (n.as_str(), PARTITIONS)).collect();
+    create_topics(&kafka.bootstrap, &topics, 1).await.unwrap();
+    // A plain watermark request, asked once: right after creation a partition's leader may not
+    // know it leads yet (NotLeaderForPartition), which create_topics must have waited out.
+    let consumer: BaseConsumer = partita_runtime::kafka::client_config(&kafka.bootstrap).create().unwrap();
+    tokio::task::block_in_place(|| {
+        for (topic, n) in &topics {
+            for p in 0..*n {
+                if let Err(e) = consumer.fetch_watermarks(topic, p, Duration::from_secs(5)) {
+                    panic!("{topic}/{p} not ready after create_topics returned: {e}");
+                }
+            }
+        }
+    });
+    kafka.stop().await;
 }

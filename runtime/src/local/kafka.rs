@@ -11,6 +11,7 @@ use anyhow::{Context as _, bail};
 use base64::Engine as _;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::BaseConsumer;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::{BaseProducer, Producer};
 
@@ -316,7 +317,7 @@ replica.selector.class=org.apache.kafka.common.replica.RackAwareReplicaSelector
 }
 
 /// Create `topics` (name, partitions) with `replication` replicas each; existing topics are left
-/// as they are.
+/// as they are. Returns once every partition has a leader that answers.
 pub async fn create_topics(bootstrap: &str, topics: &[(&str, i32)], replication: i32) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> =
         crate::kafka::client_config(bootstrap).create().context("creating an admin client")?;
@@ -331,5 +332,18 @@ pub async fn create_topics(bootstrap: &str, topics: &[(&str, i32)], replication:
             Err((name, e)) => bail!("creating topic {name}: {e}"),
         }
     }
-    Ok(())
+    // Created is not yet led: a partition answers NotLeaderForPartition until its leader has
+    // taken over. Return when every partition answers a watermark request.
+    let consumer: BaseConsumer =
+        crate::kafka::client_config(bootstrap).create().context("creating a consumer")?;
+    let topics: Vec<(String, i32)> = topics.iter().map(|(t, n)| ((*t).to_owned(), *n)).collect();
+    tokio::task::spawn_blocking(move || {
+        for (topic, n) in &topics {
+            for p in 0..*n {
+                crate::kafka::watermarks(&consumer, topic, p, Duration::from_secs(30))?;
+            }
+        }
+        anyhow::Ok(())
+    })
+    .await?
 }
