@@ -1,6 +1,7 @@
 //! The worker's OS thread: batches queued jobs per model and runs the backend.
 //!
-//! Never runs on the async runtime. A backend error or panic fails only its batch; a
+//! Never runs on the async runtime. A backend error or panic fails only the row that fails when
+//! run alone (a failed batch is split in halves until the culprit is found); a
 //! [`BackendError::Fatal`] ends the thread, and every job still queued is answered "worker lost"
 //! so the router retries it elsewhere.
 
@@ -13,7 +14,9 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use super::link::{Job, JobFailure, WorkerShared};
 use crate::batcher::{Batcher, Pending};
-use crate::inference::{BackendError, BatchInput, Device, InferError, InferOutput, InferenceBackend};
+use crate::inference::{
+    BackendError, BatchInput, BatchOutput, Device, InferError, InferOutput, InferenceBackend,
+};
 use crate::model::ModelSpec;
 
 /// Why the thread stopped.
@@ -165,48 +168,19 @@ impl WorkerThread {
     }
 
     /// Run one batch and answer each of its jobs. `Err` only when the device is gone.
-    fn execute(&mut self, m: usize, batch: Vec<Job>) -> Result<(), String> {
-        let spec = &self.specs[m];
+    ///
+    /// A batch that fails (error or panic) is run again as two halves, down to single rows: one
+    /// poison row costs about 2·log2(rows) extra calls, and only a row that fails **alone** is
+    /// answered with the error; its batch-mates get their scores.
+    fn execute(&mut self, m: usize, mut batch: Vec<Job>) -> Result<(), String> {
         let started = Instant::now();
         let rows = batch.len();
-        self.features.clear();
-        self.state.clear();
-        for job in &batch {
-            self.features.extend_from_slice(&job.request.features);
-            if spec.is_stateful() {
-                match &job.request.state {
-                    Some(s) => self.state.extend_from_slice(s),
-                    None => self.state.resize(self.state.len() + spec.state_size, 0.0),
-                }
-            }
-        }
-        let input = BatchInput { rows, features: &self.features, state: &self.state };
-        let backend = &mut self.backend;
-        let result = catch_unwind(AssertUnwindSafe(|| backend.run(m, &input)));
+        let result = self.forward(m, &batch);
         let compute_time = started.elapsed();
-        let mut fatal = None;
-        let outcome = match result {
-            Ok(Ok(out)) if out.scores.len() == rows && out.new_state.len() == rows * spec.state_size => {
-                Ok(out)
-            }
-            Ok(Ok(out)) => Err(JobFailure::Error(InferError::Backend(format!(
-                "model {} returned {} scores and {} state values for {rows} rows",
-                spec.name,
-                out.scores.len(),
-                out.new_state.len()
-            )))),
-            Ok(Err(BackendError::Fatal(reason))) => {
-                // Unhealthy before anyone hears back, so no caller sees this worker as usable.
-                self.shared.set_healthy(false);
-                fatal = Some(reason);
-                Err(JobFailure::Lost { ran: true })
-            }
-            Ok(Err(e)) => Err(JobFailure::Error(InferError::Backend(e.to_string()))),
-            Err(panic) => Err(JobFailure::Error(InferError::Panicked(panic_message(&*panic)))),
-        };
-        self.shared.finished(rows);
-        match outcome {
+        let spec = &self.specs[m];
+        match result {
             Ok(out) => {
+                self.shared.finished(rows);
                 let h = spec.state_size;
                 for (i, job) in batch.into_iter().enumerate() {
                     let output = InferOutput {
@@ -220,16 +194,71 @@ impl WorkerThread {
                     };
                     let _ = job.reply.send(Ok(output));
                 }
+                Ok(())
             }
-            Err(err) => {
-                tracing::warn!(model = %spec.name, rows, error = ?err, "batch failed");
-                for job in batch {
-                    let _ = job.reply.send(Err(err.clone()));
+            Err(Failed::Fatal(reason)) => {
+                // Unhealthy before anyone hears back, so no caller sees this worker as usable.
+                self.shared.set_healthy(false);
+                self.fail(batch, &JobFailure::Lost { ran: true });
+                Err(reason)
+            }
+            Err(Failed::Batch(err)) if rows > 1 => {
+                tracing::warn!(model = %spec.name, rows, error = %err, "batch failed; running its halves apart");
+                let second = batch.split_off(rows / 2);
+                if let Err(fatal) = self.execute(m, batch) {
+                    self.fail(second, &JobFailure::Lost { ran: false });
+                    return Err(fatal);
+                }
+                self.execute(m, second)
+            }
+            Err(Failed::Batch(err)) => {
+                tracing::warn!(model = %spec.name, error = %err, "row failed alone");
+                self.fail(batch, &JobFailure::Error(err));
+                Ok(())
+            }
+        }
+    }
+
+    /// One `forward` over `batch`, panics caught, output shapes checked.
+    fn forward(&mut self, m: usize, batch: &[Job]) -> Result<BatchOutput, Failed> {
+        let spec = &self.specs[m];
+        let rows = batch.len();
+        self.features.clear();
+        self.state.clear();
+        for job in batch {
+            self.features.extend_from_slice(&job.request.features);
+            if spec.is_stateful() {
+                match &job.request.state {
+                    Some(s) => self.state.extend_from_slice(s),
+                    None => self.state.resize(self.state.len() + spec.state_size, 0.0),
                 }
             }
         }
-        fatal.map_or(Ok(()), Err)
+        let input = BatchInput { rows, features: &self.features, state: &self.state };
+        let backend = &mut self.backend;
+        match catch_unwind(AssertUnwindSafe(|| backend.run(m, &input))) {
+            Ok(Ok(out)) if out.scores.len() == rows && out.new_state.len() == rows * spec.state_size => {
+                Ok(out)
+            }
+            Ok(Ok(out)) => Err(Failed::Batch(InferError::Backend(format!(
+                "model {} returned {} scores and {} state values for {rows} rows",
+                spec.name,
+                out.scores.len(),
+                out.new_state.len()
+            )))),
+            Ok(Err(BackendError::Fatal(reason))) => Err(Failed::Fatal(reason)),
+            Ok(Err(e)) => Err(Failed::Batch(InferError::Backend(e.to_string()))),
+            Err(panic) => Err(Failed::Batch(InferError::Panicked(panic_message(&*panic)))),
+        }
     }
+}
+
+/// Why a `forward` produced nothing.
+enum Failed {
+    /// This batch only: the worker keeps serving.
+    Batch(InferError),
+    /// The device is gone: the worker stops.
+    Fatal(String),
 }
 
 fn chunks(mut jobs: Vec<Job>, size: usize) -> Vec<Vec<Job>> {

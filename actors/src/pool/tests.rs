@@ -219,6 +219,46 @@ async fn a_panic_or_error_fails_only_its_batch_and_the_worker_keeps_serving() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_rows_that_fail_alone_get_the_error_their_batch_mates_are_scored() {
+    let (open, gate) = crossbeam_channel::unbounded::<()>();
+    let h = start(1, 64, batched(), Some(gate)).await;
+    let router = h.pool.router();
+    // The first batch holds the worker on the gate; the next 8 queue and run as one batch.
+    let first = tokio::spawn({
+        let r = router.clone();
+        async move { r.infer(req(100.0, None)).await }
+    });
+    wait_for(|| async { h.record.entered.load(Ordering::SeqCst) }, |&n| n == 1).await;
+    let firsts = [1.0, 2.0, PANIC, 3.0, 4.0, 5.0, FAIL, 6.0];
+    let tasks: Vec<_> = firsts
+        .iter()
+        .map(|&f| {
+            let r = router.clone();
+            tokio::spawn(async move { r.infer(req(f, None)).await })
+        })
+        .collect();
+    wait_for(|| async { router.load().0 }, |&n| n == 9).await;
+    release_forever(open);
+    first.await.unwrap().unwrap();
+    for (f, t) in firsts.iter().zip(tasks) {
+        let answer = t.await.unwrap();
+        match *f {
+            PANIC => assert!(matches!(answer, Err(InferError::Panicked(_))), "{answer:?}"),
+            FAIL => assert!(matches!(answer, Err(InferError::Backend(_))), "{answer:?}"),
+            x => assert_eq!(answer.unwrap().score, x + 3.0, "batch-mate {x} is scored"),
+        }
+    }
+    let sizes = h.record.batch_sizes.lock().unwrap().clone();
+    assert_eq!(sizes[..2], [1, 8], "the 8 ran as one batch first: {sizes:?}");
+    // Halves 4+4, then 2+2 of each failing half, then 1+1 of the failing quarters.
+    assert!(sizes.len() <= 2 + 2 + 4 + 4, "found by halves, not row by row: {sizes:?}");
+    assert_eq!(router.load().0, 0);
+    let status = h.pool.status().await;
+    assert!(status[0].healthy);
+    h.pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_worker_is_restarted_and_its_requests_are_retried() {
     let (open, gate) = crossbeam_channel::unbounded::<()>();
     let h = start(1, 64, batched(), Some(gate)).await;
