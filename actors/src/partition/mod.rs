@@ -26,6 +26,8 @@
 //! with backoff and never commit past it; a fenced or corrupt store stops the actor.
 
 pub mod decode;
+#[cfg(test)]
+mod tests;
 pub mod trace;
 pub mod waves;
 
@@ -177,7 +179,7 @@ pub struct NoopPipelineObserver;
 impl PipelineObserver for NoopPipelineObserver {}
 
 /// Number of `DeadLetterReason` values (the enum's highest value + 1).
-pub const DEAD_LETTER_REASONS: usize = DeadLetterReason::Duplicate as usize + 1;
+pub const DEAD_LETTER_REASONS: usize = DeadLetterReason::OutputRange as usize + 1;
 
 impl PipelineCounters {
     pub fn dead_lettered(&self, reason: DeadLetterReason) -> u64 {
@@ -718,7 +720,14 @@ async fn infer(router: &Router, req: InferRequest, config: &PartitionConfig) -> 
     let mut last = (DeadLetterReason::InferenceFailed, String::new());
     for _ in 0..config.max_attempts {
         match tokio::time::timeout(config.infer_deadline, router.infer(req.clone())).await {
-            Ok(Ok(out)) => return Outcome::Scored(Box::new(out)),
+            Ok(Ok(out)) => {
+                // A model defect, not bad input: storing it would poison the key (every later
+                // event VALUE_RANGE). Deterministic, so not retried.
+                if let Some(bad) = non_finite(&out) {
+                    return Outcome::Dead(DeadLetterReason::OutputRange, bad, 1);
+                }
+                return Outcome::Scored(Box::new(out));
+            }
             Ok(Err(e)) => match e {
                 InferError::UnknownModel { .. } => {
                     return Outcome::Dead(DeadLetterReason::UnknownModel, e.to_string(), 1);
@@ -740,6 +749,15 @@ async fn infer(router: &Router, req: InferRequest, config: &PartitionConfig) -> 
         }
     }
     Outcome::Dead(last.0, last.1, config.max_attempts)
+}
+
+/// What is not finite in a model's answer, if anything.
+fn non_finite(out: &InferOutput) -> Option<String> {
+    if !out.score.is_finite() {
+        return Some(format!("model returned score {}", out.score));
+    }
+    let i = out.new_state.iter().position(|v| !v.is_finite())?;
+    Some(format!("model returned new_state[{i}] = {}", out.new_state[i]))
 }
 
 fn source_headers(rec: &InputRecord) -> Vec<(String, Vec<u8>)> {

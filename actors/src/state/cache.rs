@@ -185,48 +185,9 @@ impl<S: StateStore> StateCache<S> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-    use std::sync::Mutex;
-    use std::sync::atomic::AtomicUsize;
-
     use super::*;
-    use crate::state::{Epoch, Offset, PartitionMeta};
-
-    /// In-memory store for the cache's unit tests (pure logic only; backends have the contract suite).
-    #[derive(Default)]
-    struct MemStore {
-        data: Mutex<HashMap<(PartitionId, Vec<u8>), StateValue>>,
-        reads: AtomicUsize,
-        fail_writes: std::sync::atomic::AtomicBool,
-    }
-
-    impl StateStore for Arc<MemStore> {
-        async fn read(
-            &self,
-            p: PartitionId,
-            keys: &[Vec<u8>],
-        ) -> Result<Vec<Option<StateValue>>, StoreError> {
-            self.reads.fetch_add(1, Ordering::SeqCst);
-            let data = self.data.lock().unwrap();
-            Ok(keys.iter().map(|k| data.get(&(p, k.clone())).cloned()).collect())
-        }
-        async fn write(&self, w: StateWrite) -> Result<(), StoreError> {
-            if self.fail_writes.load(Ordering::SeqCst) {
-                return Err(StoreError::Unavailable { detail: "down".into() });
-            }
-            let mut data = self.data.lock().unwrap();
-            for (k, v) in w.entries {
-                data.insert((w.partition, k), v);
-            }
-            Ok(())
-        }
-        async fn meta(&self, _p: PartitionId) -> Result<PartitionMeta, StoreError> {
-            Ok(PartitionMeta::default())
-        }
-        async fn claim(&self, _p: PartitionId, epoch: Epoch) -> Result<PartitionMeta, StoreError> {
-            Ok(PartitionMeta { applied_offset: None, epoch })
-        }
-    }
+    use crate::state::mem::MemStore;
+    use crate::state::{Epoch, Offset};
 
     fn write(p: u32, entries: &[(&str, u8, usize)]) -> StateWrite {
         StateWrite {

@@ -15,6 +15,8 @@
 //! - Values carry a format version ([`StateValue::format`]) so a layout change can be read back.
 
 mod cache;
+#[cfg(test)]
+pub(crate) mod mem;
 
 use std::fmt;
 use std::future::Future;

@@ -1,0 +1,227 @@
+//! The partition actor with an in-memory store, a recording sink and a scripted model (pure Rust,
+//! no Kafka, no libtorch): what the actor answers and stores for inputs the pipeline tests cannot
+//! make a real model produce.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+use partita_proto::v1::{DeadLetter, DeadLetterReason, Event, Score};
+use prost::Message;
+use ractor::{Actor, ActorRef};
+
+use super::*;
+use crate::inference::{
+    BackendError, BackendFactory, BatchInput, BatchOutput, Device, InferenceBackend, ModelReady,
+};
+use crate::model::{BatchPolicy, ModelSpec};
+use crate::pool::{InferencePool, PoolConfig, RestartPolicy};
+use crate::state::mem::MemStore;
+
+const F: usize = 2;
+const H: usize = 2;
+const P: PartitionId = PartitionId(0);
+
+/// First-feature values that make the model misbehave.
+const NAN_SCORE: f32 = 13.0;
+const INF_STATE: f32 = 14.0;
+
+/// score = sum(features) + sum(state); new_state = state + features[0].
+struct Scripted;
+
+impl InferenceBackend for Scripted {
+    fn run(&mut self, _model: usize, b: &BatchInput<'_>) -> Result<BatchOutput, BackendError> {
+        let mut out = BatchOutput::default();
+        for r in 0..b.rows {
+            let f = &b.features[r * F..(r + 1) * F];
+            let s = &b.state[r * H..(r + 1) * H];
+            let score = f.iter().sum::<f32>() + s.iter().sum::<f32>();
+            out.scores.push(if f[0] == NAN_SCORE { f32::NAN } else { score });
+            let add = if f[0] == INF_STATE { f32::INFINITY } else { f[0] };
+            out.new_state.extend(s.iter().map(|v| v + add));
+        }
+        Ok(out)
+    }
+}
+
+struct ScriptedFactory;
+
+impl BackendFactory for ScriptedFactory {
+    fn create(
+        &self,
+        _device: Device,
+        specs: &[ModelSpec],
+    ) -> Result<(Box<dyn InferenceBackend>, Vec<ModelReady>), BackendError> {
+        let ready = specs
+            .iter()
+            .map(|s| ModelReady { name: s.name.clone(), version: s.version, warmup: Duration::ZERO })
+            .collect();
+        Ok((Box::new(Scripted), ready))
+    }
+}
+
+/// Records what the actor produces and commits.
+#[derive(Default)]
+struct Sink {
+    outputs: Mutex<Vec<OutputRecord>>,
+    commits: Mutex<Vec<Offset>>,
+}
+
+impl PartitionSink for Sink {
+    async fn produce(&self, records: &[OutputRecord]) -> Result<(), SinkError> {
+        self.outputs.lock().unwrap().extend_from_slice(records);
+        Ok(())
+    }
+
+    fn commit(&self, _partition: PartitionId, next_offset: Offset) {
+        self.commits.lock().unwrap().push(next_offset);
+    }
+}
+
+/// What one output decodes to.
+#[derive(Debug)]
+enum Out {
+    Score(Score),
+    Dead(DeadLetter),
+}
+
+struct Harness {
+    store: Arc<MemStore>,
+    sink: Arc<Sink>,
+    pool: InferencePool,
+    tx: Option<Sender<InputRecord>>,
+    wake: Arc<AtomicBool>,
+    actor: ActorRef<PartitionMsg>,
+    next_offset: i64,
+}
+
+impl Harness {
+    async fn start() -> Self {
+        let spec = ModelSpec {
+            name: "m".into(),
+            version: 1,
+            description: String::new(),
+            feature_count: F,
+            state_size: H,
+            batch: BatchPolicy::unbatched(),
+            warmup_batch_sizes: vec![],
+        };
+        let pool_config = PoolConfig {
+            devices: vec![Device::Cpu],
+            max_inflight: 64,
+            max_retries: 2,
+            retry_backoff: Duration::from_millis(5),
+            restart: RestartPolicy::default(),
+        };
+        let pool = InferencePool::start(pool_config, vec![spec], Arc::new(ScriptedFactory)).await.unwrap();
+        let store = Arc::new(MemStore::default());
+        let sink = Arc::new(Sink::default());
+        let (tx, rx) = crossbeam_channel::bounded(1024);
+        let wake = Arc::new(AtomicBool::new(false));
+        let args = PartitionArgs {
+            topic: Arc::from("in"),
+            partition: P,
+            epoch: Epoch(1),
+            applied: None,
+            queue: rx,
+            wake_pending: wake.clone(),
+            cache: Arc::new(StateCache::new(store.clone(), 1 << 20, Arc::new(crate::state::NoopObserver))),
+            router: pool.router(),
+            sink: sink.clone(),
+            limits: Arc::new(Limits { default_model: Arc::from("m"), ..Limits::default() }),
+            config: PartitionConfig::default(),
+            counters: Arc::new(PipelineCounters::default()),
+            observer: Arc::new(NoopPipelineObserver),
+            tracer: Arc::new(NoTraces),
+        };
+        let (actor, _) =
+            Actor::spawn(None, PartitionActor::<Arc<MemStore>, Sink>::default(), args).await.unwrap();
+        Self { store, sink, pool, tx: Some(tx), wake, actor, next_offset: 0 }
+    }
+
+    /// Queue one event of `key` and wake the actor.
+    fn send(&mut self, key: &str, sequence: u64, first_feature: f32) {
+        let event = Event {
+            event_id: format!("{key}-{sequence}"),
+            key: key.as_bytes().to_vec(),
+            sequence,
+            event_time_unix_micros: unix_micros(),
+            features: vec![first_feature, 0.0],
+            schema_version: 1,
+            model: String::new(),
+        };
+        let rec = InputRecord {
+            topic: Arc::from("in"),
+            partition: P,
+            offset: Offset(self.next_offset),
+            key: Some(key.as_bytes().to_vec()),
+            value: Some(event.encode_to_vec()),
+            headers: vec![],
+            received: Instant::now(),
+        };
+        self.next_offset += 1;
+        self.tx.as_ref().unwrap().send(rec).unwrap();
+        if !self.wake.swap(true, Ordering::SeqCst) {
+            self.actor.cast(PartitionMsg::Wake).unwrap();
+        }
+    }
+
+    /// Let the actor finish everything queued and stop; the applied offset it reports.
+    async fn drain(&mut self) -> Option<Offset> {
+        drop(self.tx.take());
+        ractor::call_t!(self.actor, PartitionMsg::Drain, 10_000).unwrap()
+    }
+
+    fn outputs(&self) -> Vec<Out> {
+        self.sink
+            .outputs
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|o| match o.topic {
+                OutputTopic::Scores => Out::Score(Score::decode(&*o.value).unwrap()),
+                OutputTopic::DeadLetters => Out::Dead(DeadLetter::decode(&*o.value).unwrap()),
+            })
+            .collect()
+    }
+
+    /// The stored (sequence, state) of `key`.
+    fn stored(&self, key: &str) -> Option<(u64, Vec<f32>)> {
+        self.store.value(P, key.as_bytes()).map(|v| v.to_sequenced().unwrap())
+    }
+
+    async fn stop(self) {
+        self.pool.shutdown().await;
+    }
+}
+
+fn reason(out: &Out) -> Option<DeadLetterReason> {
+    match out {
+        Out::Score(_) => None,
+        Out::Dead(d) => Some(d.reason()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_finite_model_output_is_dead_lettered_and_leaves_the_key_state_unchanged() {
+    let mut h = Harness::start().await;
+    h.send("k", 1, 1.0);
+    h.send("k", 2, NAN_SCORE);
+    h.send("k", 3, 2.0);
+    h.send("k", 4, INF_STATE);
+    h.send("k", 5, 3.0);
+    assert_eq!(h.drain().await, Some(Offset(4)));
+    let outs = h.outputs();
+    let reasons: Vec<Option<DeadLetterReason>> = outs.iter().map(reason).collect();
+    assert_eq!(
+        reasons,
+        [None, Some(DeadLetterReason::OutputRange), None, Some(DeadLetterReason::OutputRange), None],
+        "{outs:#?}"
+    );
+    // Only events 1, 3 and 5 took effect: state = 1 + 2 + 3 per element, sequence 5.
+    assert_eq!(h.stored("k"), Some((5, vec![6.0, 6.0])));
+    let Out::Score(last) = &outs[4] else { unreachable!() };
+    assert_eq!(last.score, 9.0, "3 + 0 + the state [3, 3] of events 1 and 3");
+    h.stop().await;
+}
