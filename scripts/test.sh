@@ -19,7 +19,9 @@ source "${PARTITA_CACHE:-$HOME/.cache/partita}/env.sh"
 # rebuilt for two days (other clones' leftovers), so the disk cannot fill up.
 find "$CARGO_TARGET_DIR/debug/deps" -maxdepth 1 -type f -perm -u+x ! -name '*.*' -mtime +2 -delete 2>/dev/null || true
 phase fmt cargo fmt --all -- --check
-phase clippy cargo clippy --workspace --all-targets --locked -- -D warnings
-phase build cargo test --workspace --locked --no-run
-phase tests cargo test --workspace --locked
+# The crash tests need the fail points (`FAILPOINTS=...`), built in only with this feature.
+features=(--features partita-runtime/failpoints)
+phase clippy cargo clippy --workspace --all-targets --locked "${features[@]}" -- -D warnings
+phase build cargo test --workspace --locked "${features[@]}" --no-run
+phase tests cargo test --workspace --locked "${features[@]}"
 echo "[test] total: $(( $(date +%s) - total )) s" >&2

@@ -12,6 +12,7 @@
 //! - [`pool`]: the supervisor over workers, and the [`pool::Router`] callers use.
 //! - [`state`]: the state store port and the byte-bounded cache.
 //! - [`partition`]: the partition actor (decode, per-key waves, apply) and its output port.
+//! - [`supervision`]: restart budgets the supervisors share.
 
 pub mod batcher;
 pub mod gpu_worker;
@@ -20,3 +21,4 @@ pub mod model;
 pub mod partition;
 pub mod pool;
 pub mod state;
+pub mod supervision;

@@ -163,9 +163,6 @@ pub fn parse_property(s: &str) -> Result<(String, String), String> {
 /// unusable for good; the sink then builds a new one and fails the batch, which the partition
 /// actor retries (outputs may repeat: at least once).
 pub struct KafkaSink {
-    /// Test failpoint `PARTITA_FAILPOINT_CRASH_AFTER_PRODUCE=N`: abort the process (like kill -9)
-    /// right after the N-th acknowledged output batch, before its state write.
-    crash_after: Option<std::sync::atomic::AtomicU64>,
     tier: KafkaTier,
     producer: std::sync::RwLock<FutureProducer>,
     scores_topic: String,
@@ -181,11 +178,7 @@ impl KafkaSink {
         commits: Sender<(PartitionId, Offset)>,
     ) -> anyhow::Result<Self> {
         let producer = std::sync::RwLock::new(tier.producer()?);
-        let crash_after = std::env::var("PARTITA_FAILPOINT_CRASH_AFTER_PRODUCE")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .map(std::sync::atomic::AtomicU64::new);
-        Ok(Self { crash_after, tier, producer, scores_topic, dlq_topic, commits })
+        Ok(Self { tier, producer, scores_topic, dlq_topic, commits })
     }
 
     fn current(&self) -> FutureProducer {
@@ -252,12 +245,12 @@ impl PartitionSink for KafkaSink {
                 Err(_) => return Err(SinkError("producer dropped the delivery".into())),
             }
         }
-        if let Some(left) = &self.crash_after
-            && left.fetch_sub(1, Ordering::SeqCst) == 1
-        {
-            eprintln!("failpoint: crashing after an acknowledged output batch, before its state write");
-            std::process::abort();
-        }
+        // Crash tests: `after-produce=2*off->return` dies like kill -9 right after the third
+        // acknowledged output batch, before its state write.
+        fail::fail_point!("after-produce", |_| {
+            eprintln!("failpoint after-produce: aborting after an acknowledged output batch");
+            std::process::abort()
+        });
         Ok(())
     }
 

@@ -75,6 +75,14 @@ fn main() -> ExitCode {
             }
         }
     };
+    // Crash tests' fail points (FAILPOINTS=name=actions;...), only in builds with the feature.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = {
+        if let Ok(f) = std::env::var("FAILPOINTS") {
+            tracing::warn!(failpoints = %f, "fail points configured");
+        }
+        fail::FailScenario::setup()
+    };
     let result = runtime.block_on(async {
         match cli.command {
             Command::Models(opts) => commands::models::run(&opts).await,

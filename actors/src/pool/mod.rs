@@ -11,7 +11,6 @@ mod router;
 #[cfg(test)]
 mod tests;
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +20,8 @@ pub use router::Router;
 use crate::gpu_worker::{GpuWorker, GpuWorkerArgs, GpuWorkerMsg, WorkerLink};
 use crate::inference::{BackendFactory, Device, ModelReady};
 use crate::model::ModelSpec;
+use crate::supervision::RestartBudget;
+pub use crate::supervision::RestartPolicy;
 
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
@@ -32,19 +33,6 @@ pub struct PoolConfig {
     pub max_retries: usize,
     pub retry_backoff: Duration,
     pub restart: RestartPolicy,
-}
-
-#[derive(Debug, Clone)]
-pub struct RestartPolicy {
-    pub max_restarts: usize,
-    pub within: Duration,
-    pub backoff: Duration,
-}
-
-impl Default for RestartPolicy {
-    fn default() -> Self {
-        Self { max_restarts: 5, within: Duration::from_secs(60), backoff: Duration::from_millis(200) }
-    }
 }
 
 /// What `partita models` and health checks show of one worker.
@@ -72,8 +60,8 @@ pub struct WorkerPoolArgs {
 pub struct WorkerPoolState {
     args: WorkerPoolArgs,
     children: Vec<Option<ActorRef<GpuWorkerMsg>>>,
-    /// Recent restart times per worker, for the restart budget.
-    recent_restarts: Vec<VecDeque<Instant>>,
+    /// Each worker's restart budget.
+    budgets: Vec<RestartBudget>,
     restarts: Vec<usize>,
     /// Set in `post_stop`: children that stop now are not restarted.
     stopping: bool,
@@ -97,13 +85,9 @@ impl Actor for WorkerPool {
         args: WorkerPoolArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         let n = args.config.devices.len();
-        let mut state = WorkerPoolState {
-            args,
-            children: vec![None; n],
-            recent_restarts: vec![VecDeque::new(); n],
-            restarts: vec![0; n],
-            stopping: false,
-        };
+        let budgets = vec![RestartBudget::new(args.config.restart.clone()); n];
+        let mut state =
+            WorkerPoolState { args, children: vec![None; n], budgets, restarts: vec![0; n], stopping: false };
         for i in 0..n {
             if let Err(e) = state.spawn_worker(myself.get_cell(), i).await {
                 state.stop_children().await;
@@ -195,23 +179,20 @@ impl WorkerPoolState {
     }
 
     fn schedule_restart(&mut self, myself: &ActorRef<WorkerPoolMsg>, i: usize) {
-        let policy = &self.args.config.restart;
-        let now = Instant::now();
-        let recent = &mut self.recent_restarts[i];
-        while recent.front().is_some_and(|t| now.duration_since(*t) > policy.within) {
-            recent.pop_front();
+        match self.budgets[i].on_failure(Instant::now()) {
+            Some(wait) => {
+                myself.send_after(wait, move || WorkerPoolMsg::Restart(i));
+            }
+            None => {
+                let policy = self.budgets[i].policy();
+                tracing::error!(
+                    worker = i,
+                    max_restarts = policy.max_restarts,
+                    within = ?policy.within,
+                    "worker exceeded its restart budget; it stays down"
+                );
+            }
         }
-        if recent.len() >= policy.max_restarts {
-            tracing::error!(
-                worker = i,
-                max_restarts = policy.max_restarts,
-                within = ?policy.within,
-                "worker exceeded its restart budget; it stays down"
-            );
-            return;
-        }
-        recent.push_back(now);
-        myself.send_after(policy.backoff, move || WorkerPoolMsg::Restart(i));
     }
 
     fn status(&self) -> Vec<WorkerStatus> {

@@ -118,6 +118,7 @@ fn config_with_retries(workers: usize, max_inflight: usize, max_retries: usize) 
             max_restarts: 10,
             within: Duration::from_secs(60),
             backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(10),
         },
     }
 }
