@@ -15,12 +15,14 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use partita_actors::partition::decode::Limits;
+use partita_actors::partition::supervisor::{self, PartitionDown, PartitionSupervisor, SupervisorMsg};
 use partita_actors::partition::{
-    InputRecord, OutputRecord, OutputTopic, PartitionActor, PartitionArgs, PartitionConfig, PartitionMsg,
-    PartitionSink, PipelineCounters, PipelineObserver, SinkError, Tracer,
+    InputRecord, OutputRecord, OutputTopic, PartitionArgs, PartitionConfig, PartitionMsg, PartitionSink,
+    PipelineCounters, PipelineObserver, SinkError, Tracer,
 };
 use partita_actors::pool::Router;
-use partita_actors::state::{Epoch, Offset, PartitionId, StateCache, StateStore};
+use partita_actors::state::{Epoch, Offset, PartitionId, PartitionMeta, StateCache, StateStore, StoreError};
+use partita_actors::supervision::{RestartBudget, RestartPolicy};
 use ractor::{Actor, ActorRef};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
@@ -277,31 +279,116 @@ pub struct Wiring<S: StateStore> {
     pub queue_capacity: usize,
     /// Longest wait for a partition actor to drain on revoke or shutdown.
     pub drain_timeout: Duration,
+    /// Restart budget of each partition actor.
+    pub restart: RestartPolicy,
+    /// A partition with records waiting and no commit for this long is frozen: its actor is
+    /// killed and restarted.
+    pub frozen_after: Duration,
 }
 
-/// A running partition: its queue, its actor, and records held back while it is paused.
-struct Slot {
+/// A partition's actor and its queue.
+struct Running {
     tx: Sender<InputRecord>,
     wake_pending: Arc<AtomicBool>,
     actor: ActorRef<PartitionMsg>,
+}
+
+/// What a partition of this node is doing, for `partita_partition_state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotState {
+    /// Its actor runs.
+    Running,
+    /// Waiting to (re)start: its actor failed (restart after the backoff), or the store could not
+    /// take the claim yet. The Kafka partition is paused meanwhile.
+    Starting,
+    /// A newer owner fenced it: this node stopped processing it and waits for the group to take
+    /// it away.
+    Fenced,
+}
+
+impl SlotState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Starting => "starting",
+            Self::Fenced => "fenced",
+        }
+    }
+}
+
+/// An assigned partition: its actor (while one runs), records held back while it is paused, and
+/// its supervision (restart budget, next start).
+struct Slot {
+    run: Option<Running>,
     /// Records polled after the queue filled. librdkafka purges a paused partition's prefetched
     /// records and resumes after the last one polled, so this holds one record, or a few polled
     /// in the instant before the pause took effect; none may be dropped (they count as consumed).
     held: VecDeque<InputRecord>,
     /// Offsets below this were handed over already (librdkafka may redeliver after a pause).
     next_offset: i64,
+    /// The actor's queue is gone (it stopped); its records are dropped until it restarts (they
+    /// are read again from the stored offset).
     dead: bool,
+    /// The epoch this node claimed; `None` until a claim succeeded.
+    epoch: Option<Epoch>,
+    state: SlotState,
+    budget: RestartBudget,
+    /// When to try (re)starting the actor.
+    start_at: Option<Instant>,
+    restarts: u64,
+    /// Last time the partition made progress (a commit, or nothing waiting): frozen detection.
+    progress_at: Instant,
 }
 
-/// The consumer's context: rebalance handling and statistics.
+impl Slot {
+    fn new(policy: &RestartPolicy) -> Self {
+        Self {
+            run: None,
+            held: VecDeque::new(),
+            next_offset: 0,
+            dead: false,
+            epoch: None,
+            state: SlotState::Starting,
+            budget: RestartBudget::new(policy.clone()),
+            start_at: None,
+            restarts: 0,
+            progress_at: Instant::now(),
+        }
+    }
+
+    fn set_running(&mut self, run: Running, meta: PartitionMeta) {
+        self.run = Some(run);
+        self.held.clear();
+        self.dead = false;
+        self.next_offset = meta.applied_offset.map_or(0, |o| o.0 + 1);
+        self.epoch = Some(meta.epoch);
+        self.state = SlotState::Running;
+        self.start_at = None;
+        self.progress_at = Instant::now();
+    }
+}
+
+/// Why a partition could not be (re)started now.
+enum StartError {
+    /// Try again after a backoff (the store is unavailable, a seek failed).
+    Retry(String),
+    /// A newer owner holds the partition: do not claim it back.
+    Fenced(String),
+    /// Retrying cannot help (corrupt store metadata): the node stops.
+    Fatal(String),
+}
+
+/// The consumer's context: rebalance handling, partition supervision and statistics.
 pub struct NodeContext<S: StateStore> {
     wiring: Wiring<S>,
     handle: Handle,
     slots: Mutex<HashMap<i32, Slot>>,
     commits: Receiver<(PartitionId, Offset)>,
+    supervisor: ActorRef<SupervisorMsg<S, KafkaSink>>,
+    downs: Receiver<PartitionDown>,
     /// Consumer lag per partition, from librdkafka's statistics.
     pub lag: Mutex<HashMap<i32, i64>>,
-    /// Set when a rebalance could not complete (the node stops with an error).
+    /// Set when the node cannot continue (it stops with this error).
     fatal: Mutex<Option<String>>,
     /// Partitions assigned now.
     pub assigned: AtomicI64,
@@ -336,12 +423,27 @@ impl<S: StateStore> ConsumerContext for NodeContext<S> {
         let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
         let result = match err {
             E::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                self.on_assign(tpl);
+                let (started, waiting) = self.on_assign(tpl);
                 self.wiring.health.joined.store(true, Ordering::SeqCst);
-                if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) }
+                let assigned =
+                    if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) };
+                // librdkafka keeps a partition's pause flag across unassign/assign: one paused
+                // when it was revoked would stay paused for good. Resume what started; keep
+                // what waits for its claim paused.
+                for p in started {
+                    pause(consumer, &self.wiring.topic, p, false);
+                }
+                for p in waiting {
+                    pause(consumer, &self.wiring.topic, p, true);
+                }
+                assigned
             }
             E::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                self.on_revoke(consumer, tpl);
+                if consumer.assignment_lost() {
+                    self.on_lost(tpl);
+                } else {
+                    self.on_revoke(consumer, tpl);
+                }
                 if cooperative { consumer.incremental_unassign(tpl) } else { consumer.unassign() }
             }
             other => {
@@ -360,62 +462,102 @@ impl<S: StateStore> ConsumerContext for NodeContext<S> {
 impl<S: StateStore> NodeContext<S> {
     fn set_fatal(&self, msg: String) {
         tracing::error!(%msg, "consumer cannot continue");
+        self.wiring.health.set_failed(&msg);
         self.fatal.lock().unwrap().get_or_insert(msg);
     }
 
     /// Claim each partition (fencing older owners), start its actor, and set the offset to resume
     /// from: the one after the stored applied offset (Kafka's committed offset is only a lower
-    /// bound: the store is the truth).
-    fn on_assign(&self, tpl: &mut TopicPartitionList) {
-        let w = &self.wiring;
+    /// bound: the store is the truth). A partition whose claim the store cannot take now waits,
+    /// paused, and is claimed by [`Self::supervise`] later. Returns (started, waiting).
+    fn on_assign(&self, tpl: &mut TopicPartitionList) -> (Vec<i32>, Vec<i32>) {
         let parts: Vec<(String, i32)> =
             tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
+        let (mut started, mut waiting) = (Vec::new(), Vec::new());
         for (topic, p) in parts {
-            let partition = PartitionId(p as u32);
-            let claimed = self.handle.block_on(async {
-                let meta = w.cache.store().meta(partition).await?;
-                w.cache.store().claim(partition, Epoch(meta.epoch.0 + 1)).await
-            });
-            let meta = match claimed {
-                Ok(m) => m,
-                Err(e) => {
-                    self.set_fatal(format!("claiming partition {p}: {e}"));
-                    continue;
-                }
-            };
-            if let Some(applied) = meta.applied_offset {
-                let _ = tpl.set_partition_offset(&topic, p, KOffset::Offset(applied.0 + 1));
-            }
-            let (tx, rx) = crossbeam_channel::bounded(w.queue_capacity);
-            let wake_pending = Arc::new(AtomicBool::new(false));
-            let args = PartitionArgs {
-                topic: w.topic.clone(),
-                partition,
-                epoch: meta.epoch,
-                applied: meta.applied_offset,
-                queue: rx,
-                wake_pending: wake_pending.clone(),
-                cache: w.cache.clone(),
-                router: w.router.clone(),
-                sink: w.sink.clone(),
-                limits: w.limits.clone(),
-                config: w.config.clone(),
-                counters: w.counters.clone(),
-                observer: w.observer.clone(),
-                tracer: w.tracer.clone(),
-            };
-            let spawned =
-                self.handle.block_on(Actor::spawn(None, PartitionActor::<S, KafkaSink>::default(), args));
-            match spawned {
-                Ok((actor, _)) => {
+            let mut slot = Slot::new(&self.wiring.restart);
+            match self.claim(p, None).and_then(|meta| Ok((meta, self.spawn(p, meta)?))) {
+                Ok((meta, run)) => {
+                    if let Some(applied) = meta.applied_offset {
+                        let _ = tpl.set_partition_offset(&topic, p, KOffset::Offset(applied.0 + 1));
+                    }
                     tracing::info!(partition = p, epoch = meta.epoch.0, resume_after = ?meta.applied_offset.map(|o| o.0), "partition assigned");
-                    let next_offset = meta.applied_offset.map_or(0, |o| o.0 + 1);
-                    let slot =
-                        Slot { tx, wake_pending, actor, held: VecDeque::new(), next_offset, dead: false };
-                    self.slots.lock().unwrap().insert(p, slot);
+                    slot.set_running(run, meta);
+                    started.push(p);
                 }
-                Err(e) => self.set_fatal(format!("starting the actor of partition {p}: {e}")),
+                Err(StartError::Retry(e) | StartError::Fenced(e)) => {
+                    // Fenced here means a concurrent claim won the race: claim again later.
+                    tracing::warn!(partition = p, error = %e, "partition assigned but not claimed yet; retrying");
+                    slot.start_at = Some(Instant::now() + self.wiring.restart.backoff);
+                    waiting.push(p);
+                }
+                Err(StartError::Fatal(e)) => {
+                    self.set_fatal(format!("claiming partition {p}: {e}"));
+                    waiting.push(p);
+                }
             }
+            self.slots.lock().unwrap().insert(p, slot);
+        }
+        (started, waiting)
+    }
+
+    /// Become the owner of `p` in the store. `expected`: the epoch this node holds (a restart):
+    /// if the store has moved past it, a newer owner exists and the partition is not taken back.
+    fn claim(&self, p: i32, expected: Option<Epoch>) -> Result<PartitionMeta, StartError> {
+        let partition = PartitionId(p as u32);
+        let store = self.wiring.cache.store();
+        let to_start = |e: StoreError| match e {
+            StoreError::Unavailable { .. } => StartError::Retry(e.to_string()),
+            StoreError::Fenced { .. } => StartError::Fenced(e.to_string()),
+            StoreError::Corrupt { .. } => StartError::Fatal(e.to_string()),
+        };
+        // Crash tests: `claim=3*return` makes three claims meet an unavailable store.
+        fail::fail_point!("claim", |_| Err(StartError::Retry("fail point claim".into())));
+        let meta = self.handle.block_on(store.meta(partition)).map_err(to_start)?;
+        if let Some(mine) = expected
+            && meta.epoch != mine
+        {
+            return Err(StartError::Fenced(format!(
+                "partition {p} is held by epoch {}, this node had {mine}",
+                meta.epoch
+            )));
+        }
+        let meta = self.handle.block_on(store.claim(partition, Epoch(meta.epoch.0 + 1))).map_err(to_start)?;
+        // A write the previous actor had in flight either landed before the claim (and is in
+        // `meta`) or is fenced now; cached states of the partition may predate it.
+        self.wiring.cache.invalidate_partition(partition);
+        Ok(meta)
+    }
+
+    /// Start `p`'s actor (a child of the partition supervisor) resuming after `meta`'s offset.
+    fn spawn(&self, p: i32, meta: PartitionMeta) -> Result<Running, StartError> {
+        let w = &self.wiring;
+        let (tx, rx) = crossbeam_channel::bounded(w.queue_capacity);
+        let wake_pending = Arc::new(AtomicBool::new(false));
+        let args = PartitionArgs {
+            topic: w.topic.clone(),
+            partition: PartitionId(p as u32),
+            epoch: meta.epoch,
+            applied: meta.applied_offset,
+            queue: rx,
+            wake_pending: wake_pending.clone(),
+            cache: w.cache.clone(),
+            router: w.router.clone(),
+            sink: w.sink.clone(),
+            limits: w.limits.clone(),
+            config: w.config.clone(),
+            counters: w.counters.clone(),
+            observer: w.observer.clone(),
+            tracer: w.tracer.clone(),
+        };
+        let spawned = self.handle.block_on(async {
+            ractor::call!(self.supervisor, SupervisorMsg::Spawn, Box::new(args))
+                .map_err(|e| e.to_string())
+                .and_then(|r| r)
+        });
+        match spawned {
+            Ok(actor) => Ok(Running { tx, wake_pending, actor }),
+            Err(e) => Err(StartError::Retry(format!("starting the actor of partition {p}: {e}"))),
         }
     }
 
@@ -434,7 +576,27 @@ impl<S: StateStore> NodeContext<S> {
         {
             tracing::warn!(error = %e, "commit on revoke failed; the stored applied offsets still hold");
         }
-        for p in revoked {
+        self.forget(&revoked);
+    }
+
+    /// The assignment was lost (session timeout, fenced instance): the partitions may already be
+    /// another member's. Nothing is drained, produced or committed: the actors stop at once; a
+    /// state write they had in flight is fenced by the new owner's claim.
+    fn on_lost(&self, tpl: &TopicPartitionList) {
+        let lost: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+        let slots: Vec<Slot> = {
+            let mut all = self.slots.lock().unwrap();
+            lost.iter().filter_map(|p| all.remove(p)).collect()
+        };
+        for run in slots.into_iter().filter_map(|s| s.run) {
+            run.actor.stop(Some(supervisor::DRAINED.into()));
+        }
+        tracing::warn!(partitions = ?lost, "assignment lost: partitions stopped without draining or committing");
+        self.forget(&lost);
+    }
+
+    fn forget(&self, partitions: &[i32]) {
+        for &p in partitions {
             self.wiring.cache.invalidate_partition(PartitionId(p as u32));
             self.lag.lock().unwrap().remove(&p);
             tracing::info!(partition = p, "partition revoked");
@@ -444,13 +606,13 @@ impl<S: StateStore> NodeContext<S> {
     fn drain(&self, slots: Vec<(i32, Slot)>) {
         let timeout = self.wiring.drain_timeout;
         self.handle.block_on(async {
-            let calls = slots.into_iter().map(|(p, slot)| async move {
-                drop(slot.tx);
-                match ractor::call_t!(slot.actor, PartitionMsg::Drain, timeout.as_millis() as u64) {
+            let calls = slots.into_iter().filter_map(|(p, slot)| Some((p, slot.run?))).map(|(p, run)| async move {
+                drop(run.tx);
+                match ractor::call_t!(run.actor, PartitionMsg::Drain, timeout.as_millis() as u64) {
                     Ok(applied) => tracing::info!(partition = p, applied = ?applied.map(|o| o.0), "partition drained"),
                     Err(e) => {
                         tracing::error!(partition = p, error = %e, "partition did not drain in time; nothing past its stored offset is committed");
-                        slot.actor.kill();
+                        run.actor.kill();
                     }
                 }
             });
@@ -461,7 +623,16 @@ impl<S: StateStore> NodeContext<S> {
     fn store_commits(&self, consumer: &BaseConsumer<Self>) {
         // `store_offsets` takes the next offset to consume as is (the single-partition
         // `store_offset` would add one to it: it takes a message's offset).
-        for (p, next) in self.commits.try_iter() {
+        let commits: Vec<(PartitionId, Offset)> = self.commits.try_iter().collect();
+        if commits.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut slots = self.slots.lock().unwrap();
+        for (p, next) in commits {
+            if let Some(slot) = slots.get_mut(&(p.0 as i32)) {
+                slot.progress_at = now;
+            }
             let mut tpl = TopicPartitionList::new();
             let stored = tpl
                 .add_partition_offset(&self.wiring.topic, p.0 as i32, KOffset::Offset(next.0))
@@ -472,32 +643,147 @@ impl<S: StateStore> NodeContext<S> {
         }
     }
 
+    /// Partition supervision, on each turn of the poll loop: handle actors that went down
+    /// (restart within the budget, give up a fenced partition, stop the node once a budget is
+    /// spent), kill frozen actors, and (re)start partitions whose time has come.
+    fn supervise(&self, consumer: &BaseConsumer<Self>) {
+        let now = Instant::now();
+        for down in self.downs.try_iter() {
+            self.on_down(consumer, down, now);
+        }
+        let frozen_after = self.wiring.frozen_after;
+        let due: Vec<(i32, Option<Epoch>)> = {
+            let mut slots = self.slots.lock().unwrap();
+            for (&p, slot) in slots.iter_mut() {
+                let Some(run) = &slot.run else { continue };
+                let waiting = run.tx.len() + slot.held.len();
+                if waiting == 0 {
+                    slot.progress_at = now;
+                } else if now.duration_since(slot.progress_at) > frozen_after {
+                    tracing::error!(
+                        partition = p,
+                        waiting,
+                        ?frozen_after,
+                        "partition frozen: records wait and nothing was committed; restarting it"
+                    );
+                    slot.progress_at = now;
+                    run.actor.kill();
+                }
+            }
+            slots
+                .iter()
+                .filter(|(_, s)| s.start_at.is_some_and(|t| t <= now))
+                .map(|(p, s)| (*p, s.epoch))
+                .collect()
+        };
+        for (p, epoch) in due {
+            self.restart(consumer, p, epoch);
+        }
+    }
+
+    fn on_down(&self, consumer: &BaseConsumer<Self>, down: PartitionDown, now: Instant) {
+        let p = down.partition.0 as i32;
+        let mut slots = self.slots.lock().unwrap();
+        let Some(slot) = slots.get_mut(&p) else { return };
+        if slot.run.as_ref().is_none_or(|r| r.actor.get_id() != down.actor) {
+            return; // an actor this slot no longer runs (revoked and assigned again meanwhile)
+        }
+        slot.run = None;
+        slot.dead = true;
+        slot.held.clear();
+        pause(consumer, &self.wiring.topic, p, true);
+        if down.fenced {
+            slot.state = SlotState::Fenced;
+            tracing::warn!(partition = p, reason = %down.reason, "a newer owner holds the partition; this node stopped processing it");
+            return;
+        }
+        slot.state = SlotState::Starting;
+        match slot.budget.on_failure(now) {
+            Some(wait) => {
+                slot.start_at = Some(now + wait);
+                slot.restarts += 1;
+                tracing::warn!(partition = p, reason = %down.reason, ?wait, "restarting the partition from its stored offset");
+            }
+            None => {
+                let policy = slot.budget.policy();
+                let msg = format!(
+                    "partition {p} failed more than {} times within {:?} (last: {}); giving it up: the node stops so the group can move its partitions",
+                    policy.max_restarts, policy.within, down.reason
+                );
+                drop(slots);
+                self.set_fatal(msg);
+            }
+        }
+    }
+
+    /// Claim `p` again, seek it back to its stored offset, start a new actor, resume it.
+    fn restart(&self, consumer: &BaseConsumer<Self>, p: i32, epoch: Option<Epoch>) {
+        let topic = &self.wiring.topic;
+        let started = self.claim(p, epoch).and_then(|meta| {
+            // Records past the stored offset were dropped with the old actor's queue: read them
+            // again. Seeking a paused partition is allowed; it fetches once resumed.
+            let from = meta.applied_offset.map_or(KOffset::Beginning, |o| KOffset::Offset(o.0 + 1));
+            consumer
+                .seek(topic, p, from, Duration::from_secs(5))
+                .map_err(|e| StartError::Retry(format!("seeking partition {p} to {from:?}: {e}")))?;
+            Ok((meta, self.spawn(p, meta)?))
+        });
+        let mut slots = self.slots.lock().unwrap();
+        let Some(slot) = slots.get_mut(&p) else { return };
+        match started {
+            Ok((meta, run)) => {
+                tracing::info!(partition = p, epoch = meta.epoch.0, resume_after = ?meta.applied_offset.map(|o| o.0), restarts = slot.restarts, "partition started");
+                slot.set_running(run, meta);
+                pause(consumer, topic, p, false);
+            }
+            Err(StartError::Retry(e)) => {
+                tracing::warn!(partition = p, error = %e, "partition not started; retrying");
+                slot.start_at = Some(Instant::now() + self.wiring.restart.backoff);
+            }
+            Err(StartError::Fenced(e)) => {
+                tracing::warn!(partition = p, error = %e, "a newer owner holds the partition; not taking it back");
+                slot.state = SlotState::Fenced;
+                slot.start_at = None;
+            }
+            Err(StartError::Fatal(e)) => {
+                slot.start_at = None;
+                drop(slots);
+                self.set_fatal(format!("claiming partition {p}: {e}"));
+            }
+        }
+    }
+
+    /// Each assigned partition's state and restarts, for metrics.
+    pub fn partition_states(&self) -> Vec<(i32, SlotState, u64)> {
+        self.slots.lock().unwrap().iter().map(|(p, s)| (*p, s.state, s.restarts)).collect()
+    }
+
     /// Hand a record to its partition's actor; pause the partition when its queue is full.
     fn route(&self, consumer: &BaseConsumer<Self>, rec: InputRecord) {
         let p = rec.partition.0 as i32;
         let mut slots = self.slots.lock().unwrap();
         let Some(slot) = slots.get_mut(&p) else { return };
-        if rec.offset.0 < slot.next_offset || slot.dead {
-            return; // redelivered; or the actor stopped (nothing past its stored offset is committed)
+        let Some(run) = slot.run.as_ref().filter(|_| !slot.dead) else {
+            return; // no actor now: read again from the stored offset when one starts
+        };
+        if rec.offset.0 < slot.next_offset {
+            return; // redelivered
         }
         slot.next_offset = rec.offset.0 + 1;
         if !slot.held.is_empty() {
             slot.held.push_back(rec);
             return;
         }
-        match slot.tx.try_send(rec) {
-            Ok(()) => wake(slot),
+        match run.tx.try_send(rec) {
+            Ok(()) => wake(run),
             Err(TrySendError::Full(rec)) => {
                 slot.held.push_back(rec);
                 pause(consumer, &self.wiring.topic, p, true);
             }
             Err(TrySendError::Disconnected(_)) => {
+                // The actor stopped; its supervisor reports it and the partition restarts.
                 slot.dead = true;
                 pause(consumer, &self.wiring.topic, p, true);
-                tracing::error!(
-                    partition = p,
-                    "partition actor stopped; partition paused, nothing past its stored offset is committed"
-                );
             }
         }
     }
@@ -509,9 +795,13 @@ impl<S: StateStore> NodeContext<S> {
             if slot.held.is_empty() {
                 continue;
             }
+            let Some(run) = slot.run.as_ref().filter(|_| !slot.dead) else {
+                slot.held.clear();
+                continue;
+            };
             while let Some(rec) = slot.held.pop_front() {
-                match slot.tx.try_send(rec) {
-                    Ok(()) => wake(slot),
+                match run.tx.try_send(rec) {
+                    Ok(()) => wake(run),
                     Err(TrySendError::Full(rec)) => {
                         slot.held.push_front(rec);
                         break;
@@ -533,9 +823,9 @@ impl<S: StateStore> NodeContext<S> {
     }
 }
 
-fn wake(slot: &Slot) {
-    if !slot.wake_pending.swap(true, Ordering::SeqCst) {
-        let _ = slot.actor.cast(PartitionMsg::Wake);
+fn wake(run: &Running) {
+    if !run.wake_pending.swap(true, Ordering::SeqCst) {
+        let _ = run.actor.cast(PartitionMsg::Wake);
     }
 }
 
@@ -605,18 +895,24 @@ impl<S: StateStore> ConsumerHandle<S> {
 }
 
 /// Subscribe to the ingestion topic and start the consumer thread.
-pub fn start_consumer<S: StateStore>(
+pub async fn start_consumer<S: StateStore>(
     tier: &KafkaTier,
     settings: &ConsumerSettings,
     wiring: Wiring<S>,
     commits: Receiver<(PartitionId, Offset)>,
 ) -> anyhow::Result<ConsumerHandle<S>> {
     let topic = wiring.topic.clone();
+    let (downs_tx, downs) = crossbeam_channel::unbounded();
+    let (supervisor, _) = Actor::spawn(None, PartitionSupervisor::<S, KafkaSink>::default(), downs_tx)
+        .await
+        .context("starting the partition supervisor")?;
     let context = NodeContext {
         wiring,
         handle: Handle::current(),
         slots: Mutex::new(HashMap::new()),
         commits,
+        supervisor,
+        downs,
         lag: Mutex::new(HashMap::new()),
         fatal: Mutex::new(None),
         assigned: AtomicI64::new(0),
@@ -680,6 +976,7 @@ fn poll_loop<S: StateStore>(
         }
         ctx.store_commits(consumer);
         ctx.unblock(consumer);
+        ctx.supervise(consumer);
     }
     shutdown(consumer, &ctx);
     Ok(())
@@ -704,5 +1001,6 @@ fn shutdown<S: StateStore>(consumer: &BaseConsumer<NodeContext<S>>, ctx: &NodeCo
     while consumer.assignment().is_ok_and(|a| a.count() > 0) && Instant::now() < deadline {
         let _ = consumer.poll(Duration::from_millis(50));
     }
+    ctx.supervisor.stop(None);
     tracing::info!("left the consumer group");
 }

@@ -10,6 +10,7 @@ use clap::Args;
 use partita_actors::partition::decode::Limits;
 use partita_actors::partition::{PartitionConfig, PipelineCounters};
 use partita_actors::state::StateCache;
+use partita_actors::supervision::RestartPolicy;
 use std::sync::atomic::Ordering;
 
 use crate::inference::InferenceOptions;
@@ -152,6 +153,16 @@ pub struct NodeOptions {
     /// Per-record inference deadline (then retried, then dead letter TIMEOUT).
     #[arg(long, value_parser = positive_duration, default_value = "2s")]
     pub infer_deadline: Duration,
+    /// Restarts of one partition's actor (after a panic, a store error or a freeze) allowed within
+    /// `--partition-restart-window`; one more and the node stops, so the group moves its partitions.
+    #[arg(long, default_value_t = 5, value_parser = at_least_one)]
+    pub partition_restarts: usize,
+    #[arg(long, value_parser = positive_duration, default_value = "60s")]
+    pub partition_restart_window: Duration,
+    /// A partition with records waiting and no commit for this many inference deadlines is frozen:
+    /// its actor is killed and restarted from the stored offset.
+    #[arg(long, default_value_t = 10, value_parser = at_least_one)]
+    pub frozen_deadlines: usize,
     /// How long shutdown may take to drain partitions before the node exits anyway.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "20s")]
     pub grace: Duration,
@@ -322,6 +333,14 @@ impl Node {
             health: health.clone(),
             queue_capacity: opts.partition_queue,
             drain_timeout: opts.grace,
+            restart: RestartPolicy {
+                max_restarts: opts.partition_restarts,
+                within: opts.partition_restart_window,
+                ..RestartPolicy::default()
+            },
+            frozen_after: opts
+                .infer_deadline
+                .saturating_mul(u32::try_from(opts.frozen_deadlines).unwrap_or(u32::MAX)),
         };
         let settings = ConsumerSettings {
             group: opts.group.clone(),
@@ -329,13 +348,17 @@ impl Node {
             instance_id: opts.instance_id.clone(),
             session_timeout: opts.session_timeout,
         };
-        let consumer = start_consumer(&ingestion, &settings, wiring, commits.1)?;
+        let consumer = start_consumer(&ingestion, &settings, wiring, commits.1).await?;
         let context = consumer.context.clone();
+        let partitions = consumer.context.clone();
         metrics.attach(
             Sources {
                 counters: counters.clone(),
                 cache: Box::new(move || cache.stats()),
                 lag: Box::new(move || context.lag.lock().unwrap().iter().map(|(p, l)| (*p, *l)).collect()),
+                partitions: Box::new(move || {
+                    partitions.partition_states().into_iter().map(|(p, s, n)| (p, s.as_str(), n)).collect()
+                }),
                 workers: Default::default(),
             },
             pool.status_probe(),
@@ -364,12 +387,21 @@ impl Node {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> anyhow::Result<NodeSummary> {
         tokio::pin!(shutdown);
+        let workers = self.pool.status_probe();
+        let mut checked = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
                 () = tokio::time::sleep(Duration::from_millis(100)) => {
                     if self.consumer.is_finished() {
                         break;
+                    }
+                    if checked.elapsed() >= Duration::from_secs(1) {
+                        checked = tokio::time::Instant::now();
+                        let healthy = workers.get().await.iter().any(|w| w.healthy);
+                        if self.health.workers_healthy.swap(healthy, Ordering::SeqCst) != healthy {
+                            tracing::warn!(healthy, "inference workers' health changed");
+                        }
                     }
                 }
             }

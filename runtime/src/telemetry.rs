@@ -50,34 +50,61 @@ struct ModelLabels {
     device: String,
 }
 
-/// Readiness: models warm, consumer in its group, not draining.
-#[derive(Debug, Default)]
+/// Readiness: models warm, consumer in its group, a healthy inference worker, not draining, and
+/// nothing that stops the node (a partition's spent restart budget, a fatal consumer error).
+#[derive(Debug)]
 pub struct Health {
     pub models_ready: AtomicBool,
     pub joined: AtomicBool,
     pub draining: AtomicBool,
+    /// At least one inference worker is healthy (the node checks each second).
+    pub workers_healthy: AtomicBool,
+    /// Why the node is stopping on an error.
+    failed: std::sync::Mutex<Option<String>>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            models_ready: AtomicBool::new(false),
+            joined: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            workers_healthy: AtomicBool::new(true),
+            failed: std::sync::Mutex::new(None),
+        }
+    }
 }
 
 impl Health {
     pub fn ready(&self) -> bool {
-        self.models_ready.load(Ordering::SeqCst)
-            && self.joined.load(Ordering::SeqCst)
-            && !self.draining.load(Ordering::SeqCst)
+        self.reason() == "ready"
     }
 
-    /// Why the node is not ready, for the `/readyz` body.
-    pub fn reason(&self) -> &'static str {
-        if self.draining.load(Ordering::SeqCst) {
-            "draining"
+    /// The node cannot go on (it is stopping with this error); the first reason stays.
+    pub fn set_failed(&self, reason: &str) {
+        self.failed.lock().unwrap().get_or_insert_with(|| reason.to_owned());
+    }
+
+    /// Why the node is not ready (`ready` when it is), for the `/readyz` body.
+    pub fn reason(&self) -> String {
+        if let Some(failed) = self.failed.lock().unwrap().as_ref() {
+            format!("failed: {failed}")
+        } else if self.draining.load(Ordering::SeqCst) {
+            "draining".into()
         } else if !self.models_ready.load(Ordering::SeqCst) {
-            "models loading"
+            "models loading".into()
+        } else if !self.workers_healthy.load(Ordering::SeqCst) {
+            "no healthy inference worker".into()
         } else if !self.joined.load(Ordering::SeqCst) {
-            "joining the consumer group"
+            "joining the consumer group".into()
         } else {
-            "ready"
+            "ready".into()
         }
     }
 }
+
+/// The values of `partita_partition_state`'s `state` label.
+pub const PARTITION_STATES: [&str; 3] = ["running", "starting", "fenced"];
 
 /// What the scrape-time collector reads: counters the actors keep, cache stats, consumer lag,
 /// worker status.
@@ -85,6 +112,9 @@ pub struct Sources {
     pub counters: Arc<PipelineCounters>,
     pub cache: Box<dyn Fn() -> CacheStats + Send + Sync>,
     pub lag: Box<dyn Fn() -> Vec<(i32, i64)> + Send + Sync>,
+    /// Each assigned partition: its supervision state (`running`, `starting`, `fenced`) and
+    /// its actor's restarts.
+    pub partitions: Box<dyn Fn() -> Vec<(i32, &'static str, u64)> + Send + Sync>,
     pub workers: Mutex<Vec<WorkerStatus>>,
 }
 
@@ -185,6 +215,33 @@ impl Collector for NodeCollector {
             "Records behind the end of each owned partition (librdkafka statistics)",
             (s.lag)().into_iter().map(|(p, lag)| (i64::from(p), lag)),
         )?;
+        let partitions = (s.partitions)();
+        {
+            let mut m = enc.encode_descriptor(
+                "partita_partition_state",
+                "1 for the supervision state each assigned partition is in (running, starting, fenced), 0 for the others",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (p, state, _) in &partitions {
+                for st in PARTITION_STATES {
+                    let labels = [("partition", p.to_string()), ("state", (*st).to_owned())];
+                    ConstGauge::new(i64::from(st == *state)).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor(
+                "partita_partition_restarts",
+                "Restarts of each assigned partition's actor after a failure (panic, store error, frozen)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (p, _, restarts) in &partitions {
+                let labels = [("partition", p.to_string())];
+                ConstCounter::new(*restarts).encode(m.encode_family(&labels)?)?;
+            }
+        }
         let cache = (s.cache)();
         counter(&mut enc, "partita_state_cache_hits", "State cache hits", cache.hits)?;
         counter(
@@ -479,7 +536,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ready_only_when_warm_joined_and_not_draining() {
+    fn ready_only_when_warm_joined_served_and_not_draining_or_failed() {
         let h = Health::default();
         assert!(!h.ready());
         assert_eq!(h.reason(), "models loading");
@@ -487,9 +544,15 @@ mod tests {
         assert_eq!(h.reason(), "joining the consumer group");
         h.joined.store(true, Ordering::SeqCst);
         assert!(h.ready());
+        h.workers_healthy.store(false, Ordering::SeqCst);
+        assert_eq!(h.reason(), "no healthy inference worker");
+        h.workers_healthy.store(true, Ordering::SeqCst);
         h.draining.store(true, Ordering::SeqCst);
         assert!(!h.ready());
         assert_eq!(h.reason(), "draining");
+        h.set_failed("partition 3 failed");
+        h.set_failed("a later reason");
+        assert_eq!(h.reason(), "failed: partition 3 failed");
     }
 
     #[tokio::test]

@@ -710,3 +710,146 @@ async fn spans_reach_an_otlp_collector_and_one_trace_runs_producer_node_score() 
         assert_eq!(span.resource_attr("cloud.availability_zone").as_deref(), Some("zone-t"));
     }
 }
+
+/// Sum of `name` over the test topic's partitions.
+fn per_partition_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    (0..PARTITIONS)
+        .map(|p| {
+            let p = p.to_string();
+            let mut all = vec![("partition", p.as_str())];
+            all.extend_from_slice(labels);
+            metric(text, name, &all).unwrap_or(0.0)
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_actor_that_panics_is_restarted_from_its_stored_offset_and_loses_nothing() {
+    let broker = broker().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = store(Backend::Rocksdb, &dir).await;
+    let addr = format!("127.0.0.1:{}", partita_runtime::local::free_port().unwrap());
+    let reader = OutputReader::start(&broker.bootstrap, SCORES, DLQ, true).unwrap();
+    let recs = records(1200, 30, 0.05, 17);
+    let landed = tokio::task::block_in_place(|| produce_tracked(&broker.bootstrap, &recs));
+    // The third batch the node computes panics its partition actor, once.
+    let node = NodeProcess::start_with_env(
+        &broker.bootstrap,
+        &state,
+        &["--http-listen", &addr],
+        &[("FAILPOINTS", "partition-batch=2*off->1*panic(injected by the test)")],
+    );
+    let seen = tokio::task::block_in_place(|| {
+        wait_answered(reader, recs.len() as u64, Duration::from_secs(120), || node.log_text())
+    });
+    let (_, text) = http_get(&addr, "/metrics").expect("metrics");
+    assert_eq!(per_partition_sum(&text, "partita_partition_restarts_total", &[]), 1.0, "{text}");
+    assert_eq!(
+        per_partition_sum(&text, "partita_partition_state", &[("state", "running")]),
+        f64::from(PARTITIONS),
+        "every partition runs again"
+    );
+    let (status, log) = node.terminate(Duration::from_secs(20));
+    assert!(status.is_some_and(|s| s.success()), "{log}");
+    assert!(log.contains("injected by the test"), "the fail point fired:\n{log}");
+    assert!(log.contains("restarting the partition from its stored offset"), "{log}");
+    let dups = check(&recs, &landed, &seen, &state).await;
+    eprintln!("a partition actor panicked once and restarted: {dups} duplicate outputs, state == replay");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_that_keeps_failing_stops_the_node_with_its_reason() {
+    let broker = broker().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = store(Backend::Rocksdb, &dir).await;
+    let recs = records(50, 5, 0.0, 19);
+    tokio::task::block_in_place(|| produce_tracked(&broker.bootstrap, &recs));
+    let mut node = NodeProcess::start_with_env(
+        &broker.bootstrap,
+        &state,
+        &["--partition-restarts", "2"],
+        &[("FAILPOINTS", "partition-batch=panic(injected by the test)")],
+    );
+    let status = tokio::task::block_in_place(|| node.wait_exit(Duration::from_secs(90)));
+    let log = node.log_text();
+    assert!(status.is_some_and(|s| !s.success()), "the node must stop with an error: {status:?}\n{log}");
+    assert!(log.contains("failed more than 2 times") && log.contains("injected by the test"), "{log}");
+    // The partition that stopped the node was restarted twice first (others may have been too).
+    assert!(log.matches("restarting the partition from its stored offset").count() >= 2, "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_the_store_cannot_take_yet_are_retried_and_nothing_is_lost() {
+    let broker = broker().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = store(Backend::Rocksdb, &dir).await;
+    let reader = OutputReader::start(&broker.bootstrap, SCORES, DLQ, true).unwrap();
+    let recs = records(300, 20, 0.05, 23);
+    let landed = tokio::task::block_in_place(|| produce_tracked(&broker.bootstrap, &recs));
+    // The first four claims meet an "unavailable" store.
+    let node =
+        NodeProcess::start_with_env(&broker.bootstrap, &state, &[], &[("FAILPOINTS", "claim=4*return")]);
+    let seen = tokio::task::block_in_place(|| {
+        wait_answered(reader, recs.len() as u64, Duration::from_secs(120), || node.log_text())
+    });
+    let (status, log) = node.terminate(Duration::from_secs(20));
+    assert!(status.is_some_and(|s| s.success()), "{log}");
+    assert!(log.matches("fail point claim").count() >= 4, "{log}");
+    let dups = check(&recs, &landed, &seen, &state).await;
+    assert_eq!(dups, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_paused_when_revoked_are_resumed_when_assigned_back() {
+    let broker = broker().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = store(Backend::Rocksdb, &dir).await;
+    let reader = OutputReader::start(&broker.bootstrap, SCORES, DLQ, true).unwrap();
+    // Tiny queues, and the first batch of each partition takes 8 s: each partition is paused (its
+    // queue full, a record held back) during the rebalances below.
+    let node = NodeProcess::start_with_env(
+        &broker.bootstrap,
+        &state,
+        &["--partition-queue", "2", "--max-batch", "2"],
+        &[("FAILPOINTS", "partition-batch-delay=3*return(8000)")],
+    );
+    tokio::task::block_in_place(|| node.wait_assigned(PARTITIONS as usize, Duration::from_secs(60)));
+    let recs = records(600, 60, 0.0, 29);
+    let landed = tokio::task::block_in_place(|| produce_tracked(&broker.bootstrap, &recs));
+    // A second member joins the group (taking paused partitions) and leaves (handing them back)
+    // while the queues are full.
+    for round in 0..1 {
+        let bootstrap = broker.bootstrap.clone();
+        tokio::task::block_in_place(|| {
+            let member: BaseConsumer = partita_runtime::kafka::client_config(&bootstrap)
+                .set("group.id", "partita")
+                .set("partition.assignment.strategy", "cooperative-sticky")
+                .set("enable.auto.commit", "false")
+                .set("session.timeout.ms", "6000")
+                .create()
+                .unwrap();
+            member.subscribe(&[INPUT]).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while member.assignment().map_or(0, |a| a.count()) == 0 {
+                assert!(Instant::now() < deadline, "round {round}: the second member got no partition");
+                let _ = member.poll(Duration::from_millis(100));
+            }
+            member.unsubscribe();
+            let _ = member.poll(Duration::from_millis(500));
+        });
+    }
+    let seen = tokio::task::block_in_place(|| {
+        wait_answered(reader, recs.len() as u64, Duration::from_secs(120), || node.log_text())
+    });
+    let (status, log) = node.terminate(Duration::from_secs(20));
+    assert!(status.is_some_and(|s| s.success()), "{log}");
+    assert!(log.contains("partition revoked"), "the second member took partitions:\n{log}");
+    eprintln!(
+        "{}",
+        log.lines()
+            .filter(|l| l.contains("DEBUG") || l.contains("assigned") || l.contains("revoked"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    check(&recs, &landed, &seen, &state).await;
+}

@@ -26,6 +26,7 @@
 //! with backoff and never commit past it; a fenced or corrupt store stops the actor.
 
 pub mod decode;
+pub mod supervisor;
 #[cfg(test)]
 mod tests;
 pub mod trace;
@@ -296,11 +297,28 @@ impl<S: StateStore, K: PartitionSink> Actor for PartitionActor<S, K> {
                     None => None,
                 };
                 let _ = reply.send(applied.or(state.args.applied));
-                myself.stop(Some("drained".into()));
+                myself.stop(Some(supervisor::DRAINED.into()));
+            }
+            // A newer owner holds the partition: stop without failing, so the supervisor gives
+            // the partition up instead of restarting it (a restart would claim it back).
+            PartitionMsg::Failed(e @ StoreError::Fenced { .. }) => {
+                myself.stop(Some(format!("{}: {e}", supervisor::FENCED)));
             }
             PartitionMsg::Failed(e) => return Err(e.into()),
         }
         Ok(())
+    }
+}
+
+/// The committer is the actor's child: it dies with it, however the actor ends (a panic or a
+/// kill skips `post_stop`, never this). A batch it was producing is re-read from the stored
+/// offset by whoever owns the partition next; a state write it had in flight is fenced by that
+/// owner's newer epoch.
+impl<S, K> Drop for PartitionState<S, K> {
+    fn drop(&mut self) {
+        if let Some((_, task)) = self.committer.take() {
+            task.abort();
+        }
     }
 }
 
@@ -361,6 +379,12 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
             let batch = self.next_batch();
             if batch.is_empty() {
                 return Ok(());
+            }
+            // Crash tests: `partition-batch=1*panic(...)` fails the actor once;
+            // `partition-batch-delay=N*return(MS)` makes N batches wait MS ms first.
+            fail::fail_point!("partition-batch");
+            if let Some(ms) = test_delay() {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
             }
             let Some(computed) = self.compute_with_retry(batch).await? else { continue };
             let Some((tx, _)) = &self.committer else { return Err("the partition is draining".into()) };
@@ -749,6 +773,12 @@ async fn infer(router: &Router, req: InferRequest, config: &PartitionConfig) -> 
         }
     }
     Outcome::Dead(last.0, last.1, config.max_attempts)
+}
+
+/// The fail point `partition-batch-delay`'s milliseconds, when it fires.
+fn test_delay() -> Option<u64> {
+    fail::fail_point!("partition-batch-delay", |ms| ms.and_then(|m| m.parse().ok()));
+    None
 }
 
 /// What is not finite in a model's answer, if anything.

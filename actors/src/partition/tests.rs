@@ -17,7 +17,9 @@ use crate::inference::{
 };
 use crate::model::{BatchPolicy, ModelSpec};
 use crate::pool::{InferencePool, PoolConfig, RestartPolicy};
+use crate::state::FORMAT_SEQ_F32_LE;
 use crate::state::mem::MemStore;
+use supervisor::{PartitionDown, PartitionSupervisor, SupervisorMsg};
 
 const F: usize = 2;
 const H: usize = 2;
@@ -94,10 +96,23 @@ struct Harness {
     wake: Arc<AtomicBool>,
     actor: ActorRef<PartitionMsg>,
     next_offset: i64,
+    supervisor: ActorRef<SupervisorMsg<Arc<MemStore>, Sink>>,
+    downs: crossbeam_channel::Receiver<PartitionDown>,
 }
 
 impl Harness {
     async fn start() -> Self {
+        Self::start_with_store(Arc::new(MemStore::default())).await
+    }
+
+    /// With `key`'s state already stored as `value`.
+    async fn start_with_stored(key: &[u8], value: StateValue) -> Self {
+        let store = Arc::new(MemStore::default());
+        store.data.lock().unwrap().insert((P, key.to_vec()), value);
+        Self::start_with_store(store).await
+    }
+
+    async fn start_with_store(store: Arc<MemStore>) -> Self {
         let spec = ModelSpec {
             name: "m".into(),
             version: 1,
@@ -115,7 +130,7 @@ impl Harness {
             restart: RestartPolicy::default(),
         };
         let pool = InferencePool::start(pool_config, vec![spec], Arc::new(ScriptedFactory)).await.unwrap();
-        let store = Arc::new(MemStore::default());
+        store.claim(P, Epoch(1)).await.unwrap();
         let sink = Arc::new(Sink::default());
         let (tx, rx) = crossbeam_channel::bounded(1024);
         let wake = Arc::new(AtomicBool::new(false));
@@ -135,9 +150,13 @@ impl Harness {
             observer: Arc::new(NoopPipelineObserver),
             tracer: Arc::new(NoTraces),
         };
-        let (actor, _) =
-            Actor::spawn(None, PartitionActor::<Arc<MemStore>, Sink>::default(), args).await.unwrap();
-        Self { store, sink, pool, tx: Some(tx), wake, actor, next_offset: 0 }
+        let (downs_tx, downs) = crossbeam_channel::unbounded();
+        let (supervisor, _) =
+            Actor::spawn(None, PartitionSupervisor::<Arc<MemStore>, Sink>::default(), downs_tx)
+                .await
+                .unwrap();
+        let actor = ractor::call!(supervisor, SupervisorMsg::Spawn, Box::new(args)).unwrap().unwrap();
+        Self { store, sink, pool, tx: Some(tx), wake, actor, next_offset: 0, supervisor, downs }
     }
 
     /// Queue one event of `key` and wake the actor.
@@ -191,7 +210,13 @@ impl Harness {
         self.store.value(P, key.as_bytes()).map(|v| v.to_sequenced().unwrap())
     }
 
+    /// The next partition actor the supervisor reports down, if one does `within`.
+    fn next_down(&self, within: Duration) -> Option<PartitionDown> {
+        self.downs.recv_timeout(within).ok()
+    }
+
     async fn stop(self) {
+        self.supervisor.stop(None);
         self.pool.shutdown().await;
     }
 }
@@ -223,5 +248,36 @@ async fn a_non_finite_model_output_is_dead_lettered_and_leaves_the_key_state_unc
     assert_eq!(h.stored("k"), Some((5, vec![6.0, 6.0])));
     let Out::Score(last) = &outs[4] else { unreachable!() };
     assert_eq!(last.score, 9.0, "3 + 0 + the state [3, 3] of events 1 and 3");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_supervisor_reports_a_failed_or_fenced_partition_actor_and_not_a_drained_one() {
+    // Drained: not a failure, nothing reported.
+    let mut h = Harness::start().await;
+    h.send("k", 1, 1.0);
+    h.drain().await;
+    assert_eq!(tokio::task::block_in_place(|| h.next_down(Duration::from_millis(500))), None);
+    h.stop().await;
+
+    // A corrupt stored state fails the actor: reported, not fenced (the consumer restarts it).
+    let corrupt = StateValue { format: FORMAT_SEQ_F32_LE, data: vec![1, 2, 3] };
+    let mut h = Harness::start_with_stored(b"bad", corrupt).await;
+    h.send("bad", 1, 1.0);
+    let down = tokio::task::block_in_place(|| h.next_down(Duration::from_secs(5)))
+        .expect("the failed actor is reported");
+    assert_eq!((down.partition, down.epoch, down.actor), (P, Epoch(1), h.actor.get_id()));
+    assert!(!down.fenced && down.reason.contains("corrupt"), "{down:?}");
+    h.stop().await;
+
+    // A newer owner claims the partition: the next state write is fenced; reported as fenced
+    // (the consumer gives the partition up instead of claiming it back).
+    let mut h = Harness::start().await;
+    h.store.claim(P, Epoch(2)).await.unwrap();
+    h.send("k", 1, 1.0);
+    let down = tokio::task::block_in_place(|| h.next_down(Duration::from_secs(5)))
+        .expect("the fenced actor is reported");
+    assert!(down.fenced && down.reason.contains("fenced by epoch 2"), "{down:?}");
+    assert!(h.sink.commits.lock().unwrap().is_empty(), "nothing committed past the fence");
     h.stop().await;
 }
