@@ -853,3 +853,27 @@ async fn partitions_paused_when_revoked_are_resumed_when_assigned_back() {
     );
     check(&recs, &landed, &seen, &state).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_partition_is_restarted_and_loses_nothing() {
+    let broker = broker().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = store(Backend::Rocksdb, &dir).await;
+    let reader = OutputReader::start(&broker.bootstrap, SCORES, DLQ, true).unwrap();
+    let recs = records(300, 20, 0.05, 31);
+    let landed = tokio::task::block_in_place(|| produce_tracked(&broker.bootstrap, &recs));
+    // One batch hangs for 10 minutes; frozen after 2 x 1 s without a commit.
+    let node = NodeProcess::start_with_env(
+        &broker.bootstrap,
+        &state,
+        &["--infer-deadline", "1s", "--frozen-deadlines", "2"],
+        &[("FAILPOINTS", "partition-batch-delay=1*return(600000)")],
+    );
+    let seen = tokio::task::block_in_place(|| {
+        wait_answered(reader, recs.len() as u64, Duration::from_secs(120), || node.log_text())
+    });
+    let (status, log) = node.terminate(Duration::from_secs(20));
+    assert!(status.is_some_and(|s| s.success()), "{log}");
+    assert_eq!(log.matches("partition frozen").count(), 1, "{log}");
+    check(&recs, &landed, &seen, &state).await;
+}
