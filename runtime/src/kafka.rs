@@ -478,9 +478,7 @@ impl<S: StateStore> NodeContext<S> {
             let mut slot = Slot::new(&self.wiring.restart);
             match self.claim(p, None).and_then(|meta| Ok((meta, self.spawn(p, meta)?))) {
                 Ok((meta, run)) => {
-                    if let Some(applied) = meta.applied_offset {
-                        let _ = tpl.set_partition_offset(&topic, p, KOffset::Offset(applied.0 + 1));
-                    }
+                    let _ = tpl.set_partition_offset(&topic, p, resume_from(meta));
                     tracing::info!(partition = p, epoch = meta.epoch.0, resume_after = ?meta.applied_offset.map(|o| o.0), "partition assigned");
                     slot.set_running(run, meta);
                     started.push(p);
@@ -488,6 +486,9 @@ impl<S: StateStore> NodeContext<S> {
                 Err(StartError::Retry(e) | StartError::Fenced(e)) => {
                     // Fenced here means a concurrent claim won the race: claim again later.
                     tracing::warn!(partition = p, error = %e, "partition assigned but not claimed yet; retrying");
+                    // A valid start for librdkafka (it stays paused; the claim seeks it to the
+                    // stored offset): with `auto.offset.reset=error` an unset one is an error.
+                    let _ = tpl.set_partition_offset(&topic, p, KOffset::Beginning);
                     slot.start_at = Some(Instant::now() + self.wiring.restart.backoff);
                     waiting.push(p);
                 }
@@ -722,7 +723,7 @@ impl<S: StateStore> NodeContext<S> {
         let started = self.claim(p, epoch).and_then(|meta| {
             // Records past the stored offset were dropped with the old actor's queue: read them
             // again. Seeking a paused partition is allowed; it fetches once resumed.
-            let from = meta.applied_offset.map_or(KOffset::Beginning, |o| KOffset::Offset(o.0 + 1));
+            let from = resume_from(meta);
             consumer
                 .seek(topic, p, from, Duration::from_secs(5))
                 .map_err(|e| StartError::Retry(format!("seeking partition {p} to {from:?}: {e}")))?;
@@ -818,9 +819,71 @@ impl<S: StateStore> NodeContext<S> {
         }
     }
 
+    /// A consumer error from `poll`: fatal ones stop the node; an offset outside the log (records
+    /// deleted before they were applied, or a recreated topic) stops it with the partitions and
+    /// ranges concerned; the rest are logged (librdkafka retries them).
+    fn on_consumer_error(&self, consumer: &BaseConsumer<Self>, e: &KafkaError) {
+        if e.rdkafka_error_code() == Some(RDKafkaErrorCode::AutoOffsetReset) {
+            let detail = self.out_of_range(consumer);
+            self.set_fatal(format!(
+                "{e}: {detail}. Records were deleted before this node applied them (retention), or the \
+                 topic was recreated: the node does not skip records silently. To go on, remove the \
+                 partition's stored state (docs/pipeline.md, \"Offsets outside the log\")"
+            ));
+        } else if is_fatal_consumer_error(e) {
+            self.set_fatal(format!("fatal consumer error: {e}"));
+        } else {
+            tracing::warn!(error = %e, "consumer error");
+        }
+    }
+
+    /// The assigned partitions whose next offset lies outside their log, with the log's range.
+    fn out_of_range(&self, consumer: &BaseConsumer<Self>) -> String {
+        let topic = &self.wiring.topic;
+        let next: Vec<(i32, i64)> =
+            self.slots.lock().unwrap().iter().map(|(p, s)| (*p, s.next_offset)).collect();
+        let mut found = Vec::new();
+        for (p, next) in next {
+            match consumer.fetch_watermarks(topic, p, Duration::from_secs(5)) {
+                Ok((low, high)) if next < low || next > high => {
+                    found.push(format!("partition {p} resumes at {next}, its log holds [{low}, {high})"));
+                }
+                Ok(_) => {}
+                Err(e) => found.push(format!("partition {p}: watermarks unknown ({e})")),
+            }
+        }
+        if found.is_empty() { "no assigned partition is outside its log now".into() } else { found.join("; ") }
+    }
+
     fn take_fatal(&self) -> Option<String> {
         self.fatal.lock().unwrap().take()
     }
+}
+
+/// Where a partition's consumption starts: after the stored applied offset, or at the beginning
+/// of the log when nothing was applied (the state is built from the whole retained log; Kafka's
+/// committed offset is never trusted over the store).
+fn resume_from(meta: PartitionMeta) -> KOffset {
+    meta.applied_offset.map_or(KOffset::Beginning, |o| KOffset::Offset(o.0 + 1))
+}
+
+/// Consumer errors after which the node must not go on as if nothing happened: it stops with the
+/// error (the group then moves its partitions; a supervisor or operator sees the reason).
+fn is_fatal_consumer_error(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(e, KafkaError::MessageConsumptionFatal(_))
+        || matches!(
+            e.rdkafka_error_code(),
+            Some(
+                C::Fatal
+                    | C::FencedInstanceId
+                    | C::SaslAuthenticationFailed
+                    | C::Authentication
+                    | C::TopicAuthorizationFailed
+                    | C::GroupAuthorizationFailed
+                    | C::ClusterAuthorizationFailed
+            )
+        )
 }
 
 fn wake(run: &Running) {
@@ -925,7 +988,9 @@ pub async fn start_consumer<S: StateStore>(
         ("enable.auto.commit", "true"),
         ("auto.commit.interval.ms", "1000"),
         ("enable.auto.offset.store", "false"),
-        ("auto.offset.reset", "earliest"),
+        // Every assigned partition gets an explicit start (`resume_from`); a start or position
+        // outside the log then fails loudly instead of jumping past unapplied records.
+        ("auto.offset.reset", "error"),
         ("session.timeout.ms", &session),
         ("statistics.interval.ms", "1000"),
         // A fetch returns at once when data is there; this bounds the wait when there is none
@@ -970,7 +1035,7 @@ fn poll_loop<S: StateStore>(
             match consumer.poll(timeout) {
                 None => break,
                 Some(Ok(m)) => ctx.route(consumer, to_record(topic, &m)),
-                Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+                Some(Err(e)) => ctx.on_consumer_error(consumer, &e),
             }
             timeout = Duration::ZERO;
         }

@@ -877,3 +877,38 @@ async fn a_frozen_partition_is_restarted_and_loses_nothing() {
     assert_eq!(log.matches("partition frozen").count(), 1, "{log}");
     check(&recs, &landed, &seen, &state).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_deleted_before_they_were_applied_stop_the_node_instead_of_being_skipped() {
+    let broker = broker().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = store(Backend::Rocksdb, &dir).await;
+    let reader = OutputReader::start(&broker.bootstrap, SCORES, DLQ, true).unwrap();
+    let first = records(60, 10, 0.0, 37);
+    tokio::task::block_in_place(|| produce_tracked(&broker.bootstrap, &first));
+    let node = NodeProcess::start(&broker.bootstrap, &state, &[]);
+    tokio::task::block_in_place(|| {
+        wait_answered(reader, first.len() as u64, Duration::from_secs(60), || node.log_text())
+    });
+    let (status, log) = node.terminate(Duration::from_secs(20));
+    assert!(status.is_some_and(|s| s.success()), "{log}");
+    // While the node is down, 60 more records arrive and retention deletes every record: the 60
+    // were never applied.
+    let more = records(60, 10, 0.0, 41);
+    tokio::task::block_in_place(|| produce_tracked(&broker.bootstrap, &more));
+    let bootstrap = broker.bootstrap.clone();
+    let high = tokio::task::block_in_place(|| high_watermarks(&bootstrap));
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        partita_runtime::kafka::client_config(&broker.bootstrap).create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for (p, h) in high.iter().enumerate() {
+        tpl.add_partition_offset(INPUT, p as i32, Offset::Offset(*h)).unwrap();
+    }
+    admin.delete_records(&tpl, &rdkafka::admin::AdminOptions::new()).await.unwrap();
+    let mut node = NodeProcess::start(&broker.bootstrap, &state, &[]);
+    let status = tokio::task::block_in_place(|| node.wait_exit(Duration::from_secs(60)));
+    let log = node.log_text();
+    assert!(status.is_some_and(|s| !s.success()), "the node must stop, not skip: {status:?}\n{log}");
+    assert!(log.contains("its log holds") && log.contains("does not skip records"), "{log}");
+    eprintln!("{}", log.lines().find(|l| l.contains("its log holds")).unwrap_or_default());
+}
