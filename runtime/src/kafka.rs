@@ -852,7 +852,11 @@ impl<S: StateStore> NodeContext<S> {
                 Err(e) => found.push(format!("partition {p}: watermarks unknown ({e})")),
             }
         }
-        if found.is_empty() { "no assigned partition is outside its log now".into() } else { found.join("; ") }
+        if found.is_empty() {
+            "no assigned partition is outside its log now".into()
+        } else {
+            found.join("; ")
+        }
     }
 
     fn take_fatal(&self) -> Option<String> {

@@ -912,3 +912,22 @@ async fn records_deleted_before_they_were_applied_stop_the_node_instead_of_being
     assert!(log.contains("its log holds") && log.contains("does not skip records"), "{log}");
     eprintln!("{}", log.lines().find(|l| l.contains("its log holds")).unwrap_or_default());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_fenced_by_a_newer_member_with_its_instance_id_stops_with_the_error() {
+    let broker = broker().await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (state_a, state_b) = (store(Backend::Rocksdb, &dir_a).await, store(Backend::Rocksdb, &dir_b).await);
+    let mut a = NodeProcess::start(&broker.bootstrap, &state_a, &["--instance-id", "node-x"]);
+    tokio::task::block_in_place(|| a.wait_assigned(PARTITIONS as usize, Duration::from_secs(60)));
+    // A second node with the same static member id (a misconfigured deployment): the group
+    // fences the first one.
+    let b = NodeProcess::start(&broker.bootstrap, &state_b, &["--instance-id", "node-x"]);
+    let status = tokio::task::block_in_place(|| a.wait_exit(Duration::from_secs(60)));
+    let log = a.log_text();
+    assert!(status.is_some_and(|s| !s.success()), "the fenced node must stop: {status:?}\n{log}");
+    assert!(log.contains("fatal consumer error"), "{log}");
+    eprintln!("{}", log.lines().find(|l| l.contains("fatal consumer error")).unwrap_or_default());
+    let (status, log_b) = b.terminate(Duration::from_secs(20));
+    assert!(status.is_some_and(|s| s.success()), "the newer member runs on: {log_b}");
+}
