@@ -73,6 +73,7 @@ const SETTINGS: &[Setting] = &[
     s("partition", "restart_window", "--partition-restart-window"),
     s("partition", "frozen_deadlines", "--frozen-deadlines"),
     s("partition", "max_value_size", "--max-value-size"),
+    s("partition", "max_key_size", "--max-key-size"),
     s("inference", "repository", "--repository"),
     s("inference", "device", "--device"),
     s("inference", "cpu_workers", "--cpu-workers"),

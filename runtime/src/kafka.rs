@@ -201,6 +201,16 @@ impl KafkaSink {
     }
 }
 
+/// Errors the broker (or librdkafka's local checks) will answer again for the same record: the
+/// record is refused for good, retrying it would stall its partition.
+fn is_refused_for_good(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(C::MessageSizeTooLarge | C::InvalidMessageSize | C::InvalidMessage | C::InvalidRecord)
+    )
+}
+
 fn is_fatal(e: &KafkaError) -> bool {
     e.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal)
 }
@@ -208,8 +218,22 @@ fn is_fatal(e: &KafkaError) -> bool {
 impl PartitionSink for KafkaSink {
     async fn produce(&self, records: &[OutputRecord]) -> Result<(), SinkError> {
         let producer = self.current();
+        let mut failed = SinkError::default();
+        let note = |failed: &mut SinkError, i: usize, topic: &str, e: &KafkaError| {
+            if is_fatal(e) {
+                self.replace_fatal(&producer, e);
+            }
+            if failed.detail.is_empty() {
+                failed.detail = format!("{topic}: {e}");
+            }
+            if is_refused_for_good(e) {
+                failed.rejected.push((i, e.to_string()));
+            } else {
+                failed.unacked.push(i);
+            }
+        };
         let mut pending = Vec::with_capacity(records.len());
-        for r in records {
+        for (i, r) in records.iter().enumerate() {
             let topic = match r.topic {
                 OutputTopic::Scores => &self.scores_topic,
                 OutputTopic::DeadLetters => &self.dlq_topic,
@@ -219,7 +243,7 @@ impl PartitionSink for KafkaSink {
             loop {
                 match producer.send_result(record) {
                     Ok(delivery) => {
-                        pending.push(delivery);
+                        pending.push((i, delivery));
                         break;
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
@@ -227,25 +251,23 @@ impl PartitionSink for KafkaSink {
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
                     Err((e, _)) => {
-                        if is_fatal(&e) {
-                            self.replace_fatal(&producer, &e);
-                        }
-                        return Err(SinkError(format!("{topic}: {e}")));
+                        note(&mut failed, i, topic, &e);
+                        break;
                     }
                 }
             }
         }
-        for delivery in futures::future::join_all(pending).await {
+        let (indices, deliveries): (Vec<usize>, Vec<_>) = pending.into_iter().unzip();
+        for (i, delivery) in indices.into_iter().zip(futures::future::join_all(deliveries).await) {
             match delivery {
                 Ok(Ok(_)) => {}
-                Ok(Err((e, m))) => {
-                    if is_fatal(&e) {
-                        self.replace_fatal(&producer, &e);
-                    }
-                    return Err(SinkError(format!("{}: {e}", m.topic())));
-                }
-                Err(_) => return Err(SinkError("producer dropped the delivery".into())),
+                Ok(Err((e, m))) => note(&mut failed, i, m.topic(), &e),
+                Err(_) => note(&mut failed, i, "?", &KafkaError::Canceled),
             }
+        }
+        if !failed.unacked.is_empty() || !failed.rejected.is_empty() {
+            failed.unacked.sort_unstable();
+            return Err(failed);
         }
         // Crash tests: `after-produce=2*off->return` dies like kill -9 right after the third
         // acknowledged output batch, before its state write.

@@ -136,6 +136,9 @@ pub struct NodeOptions {
     /// Largest record value accepted (larger: dead letter TOO_LARGE).
     #[arg(long, default_value = "64KiB")]
     pub max_value_size: bytesize::ByteSize,
+    /// Largest record key accepted (larger: dead letter TOO_LARGE); every output copies the key.
+    #[arg(long, default_value = "4KiB")]
+    pub max_key_size: bytesize::ByteSize,
     /// Records per partition batch.
     #[arg(long, default_value_t = 1024, value_parser = at_least_one)]
     pub max_batch: usize,
@@ -258,6 +261,7 @@ impl NodeOptions {
     fn limits(&self) -> Limits {
         Limits {
             max_value_bytes: usize::try_from(self.max_value_size.as_u64()).unwrap_or(usize::MAX),
+            max_key_bytes: usize::try_from(self.max_key_size.as_u64()).unwrap_or(usize::MAX),
             default_model: Arc::from(self.default_model.as_str()),
             ..Limits::default()
         }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use partita_actors::inference::InferRequest;
 use partita_actors::state::{PartitionId, StateStore};
-use partita_proto::v1::{Event, Score};
+use partita_proto::v1::{DeadLetterReason, Event, Score};
 use partita_runtime::inference::{DeviceChoice, InferenceOptions};
 use partita_runtime::loadgen::{BAD_KINDS, GenRecord, Generator, Output, OutputReader, ReaderResult};
 use partita_runtime::local::kafka::{KafkaOptions, LocalKafka, create_topics};
@@ -930,4 +930,60 @@ async fn a_node_fenced_by_a_newer_member_with_its_instance_id_stops_with_the_err
     eprintln!("{}", log.lines().find(|l| l.contains("fatal consumer error")).unwrap_or_default());
     let (status, log_b) = b.terminate(Duration::from_secs(20));
     assert!(status.is_some_and(|s| s.success()), "the newer member runs on: {log_b}");
+}
+
+/// A good event of `key` (the shipped model's 16 features), sequence 1.
+fn event_with_key(key: Vec<u8>) -> GenRecord {
+    let event = Event {
+        event_id: format!("long-key-{}", key.len()),
+        key: key.clone(),
+        sequence: 1,
+        event_time_unix_micros: partita_actors::partition::unix_micros(),
+        features: vec![0.5; 16],
+        schema_version: 1,
+        model: String::new(),
+    };
+    GenRecord { key: Some(key), value: event.encode_to_vec(), headers: Vec::new(), bad: None }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_the_broker_refuses_is_replaced_by_a_minimal_dead_letter_and_nothing_stalls() {
+    let broker = broker().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = store(Backend::Rocksdb, &dir).await;
+    let reader = OutputReader::start(&broker.bootstrap, SCORES, DLQ, true).unwrap();
+    // The node's producer takes records of at most 3000 bytes: a score copies its key twice (record
+    // key and body), so a 2500-byte key makes a score that can never be produced.
+    let node =
+        NodeProcess::start(&broker.bootstrap, &state, &["--processing-property", "message.max.bytes=3000"]);
+    let mut recs = records(200, 20, 0.0, 43);
+    recs.insert(50, event_with_key(vec![b'k'; 2500]));
+    // And a key over the 4 KiB limit: dead-lettered TOO_LARGE; that dead letter (the 10 KB value
+    // copied) is refused too and goes out minimal, keeping its reason.
+    recs.insert(120, event_with_key(vec![b'x'; 10_000]));
+    let landed = tokio::task::block_in_place(|| produce_tracked(&broker.bootstrap, &recs));
+    let seen = tokio::task::block_in_place(|| {
+        wait_answered(reader, recs.len() as u64, Duration::from_secs(120), || node.log_text())
+    });
+    let (status, log) = node.terminate(Duration::from_secs(20));
+    assert!(status.is_some_and(|s| s.success()), "{log}");
+    assert_eq!(seen.duplicates, 0, "a retry re-produces only what was not acknowledged");
+    let answer = |i: usize| {
+        let (p, o) = landed[i];
+        seen.outputs.iter().find(|(sp, so, _)| (*sp, *so) == (p, o)).map(|(_, _, out)| out).unwrap()
+    };
+    let Output::DeadLetter(refused) = answer(50) else { panic!("the refused score: {:?}", answer(50)) };
+    assert_eq!(refused.reason(), DeadLetterReason::OutputRejected, "{refused:?}");
+    assert_eq!((refused.key.len(), refused.key_len), (256, 2500));
+    assert!(
+        refused.value.is_empty() && refused.value_len > 2500 && refused.detail.contains("refused"),
+        "{refused:?}"
+    );
+    let Output::DeadLetter(long) = answer(120) else { panic!("the long key: {:?}", answer(120)) };
+    assert_eq!(long.reason(), DeadLetterReason::TooLarge, "{long:?}");
+    assert_eq!((long.key.len(), long.key_len), (256, 10_000));
+    assert!(long.detail.contains("refused"), "{long:?}");
+    let scores = seen.outputs.iter().filter(|(_, _, o)| matches!(o, Output::Score(_))).count();
+    assert_eq!(scores, 200, "every other event scored");
+    assert!(log.contains("output refused for good"), "{log}");
 }

@@ -18,6 +18,8 @@ pub const EVENT_SCHEMA_VERSION: u32 = 1;
 pub struct Limits {
     /// Largest record value accepted; larger goes to the DLQ as `TOO_LARGE`.
     pub max_value_bytes: usize,
+    /// Largest record key accepted (`TOO_LARGE`): every output copies the key.
+    pub max_key_bytes: usize,
     pub max_headers: usize,
     /// Sum of header key and value lengths.
     pub max_header_bytes: usize,
@@ -31,6 +33,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_value_bytes: 64 * 1024,
+            max_key_bytes: 4 * 1024,
             max_headers: 32,
             max_header_bytes: 16 * 1024,
             default_model: Arc::from("fraud_gru"),
@@ -93,6 +96,12 @@ pub fn decode<'m>(
     let Some(record_key) = record.key.as_deref().filter(|k| !k.is_empty()) else {
         return Err(reject(R::NoKey, "the record has no key"));
     };
+    if record_key.len() > limits.max_key_bytes {
+        return Err(reject(
+            R::TooLarge,
+            format!("key is {} bytes, at most {} allowed", record_key.len(), limits.max_key_bytes),
+        ));
+    }
     // prost checks every length prefix against the bytes left before allocating, so a prefix
     // claiming gigabytes fails here without allocating them.
     let event = Event::decode(value).map_err(|e| reject(R::Decode, e.to_string()))?;

@@ -96,16 +96,32 @@ pub struct OutputRecord {
     pub key: Vec<u8>,
     pub value: Vec<u8>,
     pub headers: Vec<(String, Vec<u8>)>,
+    /// The input record it answers (its partition is the actor's).
+    pub source_offset: Offset,
 }
 
-/// The producer could not deliver every record (broker down, topic missing, timeout).
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("output not delivered: {0}")]
-pub struct SinkError(pub String);
+/// Not every record was acknowledged.
+#[derive(Debug, Clone, Default, thiserror::Error)]
+#[error("{} outputs not delivered, {} refused for good: {detail}", unacked.len(), rejected.len())]
+pub struct SinkError {
+    pub detail: String,
+    /// Indices of records that failed for now (broker down, timeout): produce them again.
+    pub unacked: Vec<usize>,
+    /// Indices of records the broker will never take (too large), with the reason.
+    pub rejected: Vec<(usize, String)>,
+}
+
+impl SinkError {
+    /// Every one of `n` records failed for now.
+    pub fn all(n: usize, detail: impl Into<String>) -> Self {
+        Self { detail: detail.into(), unacked: (0..n).collect(), rejected: Vec::new() }
+    }
+}
 
 /// The port to the processing tier and the consumer group (the rdkafka adapter implements it).
 pub trait PartitionSink: Send + Sync + 'static {
-    /// Produce `records` in order; resolves once the broker acknowledged all of them (`acks=all`).
+    /// Produce `records` in order; resolves once the broker acknowledged all of them (`acks=all`),
+    /// or says which were not and which never will be.
     fn produce(&self, records: &[OutputRecord]) -> impl Future<Output = Result<(), SinkError>> + Send;
     /// Every record of `partition` below `next_offset` is durable: the group may commit it.
     fn commit(&self, partition: PartitionId, next_offset: Offset);
@@ -180,7 +196,7 @@ pub struct NoopPipelineObserver;
 impl PipelineObserver for NoopPipelineObserver {}
 
 /// Number of `DeadLetterReason` values (the enum's highest value + 1).
-pub const DEAD_LETTER_REASONS: usize = DeadLetterReason::OutputRange as usize + 1;
+pub const DEAD_LETTER_REASONS: usize = DeadLetterReason::OutputRejected as usize + 1;
 
 impl PipelineCounters {
     pub fn dead_lettered(&self, reason: DeadLetterReason) -> u64 {
@@ -258,6 +274,7 @@ impl<S: StateStore, K: PartitionSink> Actor for PartitionActor<S, K> {
         let pending = Pending::default();
         let (tx, rx) = tokio::sync::mpsc::channel(args.config.max_pending_batches.max(1));
         let committer = Committer {
+            topic: args.topic.clone(),
             partition: args.partition,
             epoch: args.epoch,
             cache: args.cache.clone(),
@@ -628,6 +645,7 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
 /// The commit stage of one partition: produces computed batches' outputs, writes their states
 /// with the offset, hands the offset to the group commit; strictly in batch order.
 struct Committer<S, K> {
+    topic: Arc<str>,
     partition: PartitionId,
     epoch: Epoch,
     cache: Arc<StateCache<S>>,
@@ -665,12 +683,37 @@ impl<S: StateStore, K: PartitionSink> Committer<S, K> {
     /// Moves the group's outputs and states out (no copies); its spans end when it is dropped.
     async fn commit(&self, group: &mut [Computed]) -> Result<Offset, StoreError> {
         let started = Instant::now();
-        let outputs: Vec<OutputRecord> =
+        let mut outputs: Vec<OutputRecord> =
             group.iter_mut().flat_map(|b| std::mem::take(&mut b.outputs)).collect();
         let mut backoff = self.config.backoff;
+        // Scores refused for good, replaced by minimal dead letters.
+        let mut refused_scores = 0u64;
         while let Err(e) = self.sink.produce(&outputs).await {
             self.counters.retries.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(partition = %self.partition, error = %e, ?backoff, "produce failed; retrying");
+            tracing::warn!(partition = %self.partition, error = %e, ?backoff, "produce failed; retrying what was not acknowledged");
+            // Again: only what was not acknowledged (no duplicates of the rest), and a minimal
+            // dead letter for each output the broker will never take (no retry loop on it).
+            let rejected: HashMap<usize, String> = e.rejected.into_iter().collect();
+            let unacked: std::collections::HashSet<usize> = e.unacked.into_iter().collect();
+            let mut next = Vec::with_capacity(unacked.len() + rejected.len());
+            for (i, out) in outputs.into_iter().enumerate() {
+                if let Some(why) = rejected.get(&i) {
+                    match refused_output(&self.topic, self.partition, &out, why) {
+                        Some(minimal) => {
+                            if out.topic == OutputTopic::Scores {
+                                refused_scores += 1;
+                            }
+                            tracing::error!(partition = %self.partition, offset = out.source_offset.0, bytes = out.value.len(), reason = %why, "output refused for good; a minimal dead letter replaces it");
+                            next.push(minimal);
+                        }
+                        // Already minimal: nothing smaller to send; keep trying it.
+                        None => next.push(out),
+                    }
+                } else if unacked.contains(&i) {
+                    next.push(out);
+                }
+            }
+            outputs = next;
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(self.config.max_backoff);
         }
@@ -710,6 +753,9 @@ impl<S: StateStore, K: PartitionSink> Committer<S, K> {
         let c = &self.counters;
         c.applied_offsets.lock().unwrap().insert(self.partition.0, last.0);
         self.sink.commit(self.partition, Offset(last.0 + 1));
+        c.scored.fetch_sub(refused_scores, Ordering::Relaxed);
+        c.dead_letters[DeadLetterReason::OutputRejected as usize]
+            .fetch_add(refused_scores, Ordering::Relaxed);
         for b in group.iter() {
             c.scored.fetch_add(b.scored, Ordering::Relaxed);
             for r in &b.dead {
@@ -799,8 +845,9 @@ fn source_headers(rec: &InputRecord) -> Vec<(String, Vec<u8>)> {
 }
 
 impl OutputRecord {
+    /// A W3C `traceparent` is 55 bytes; anything over 512 is not one and is not copied.
     fn with_traceparent(mut self, traceparent: Option<Vec<u8>>) -> Self {
-        if let Some(tp) = traceparent {
+        if let Some(tp) = traceparent.filter(|tp| tp.len() <= 512) {
             self.headers.push((HEADER_TRACEPARENT.to_owned(), tp));
         }
         self
@@ -834,6 +881,7 @@ fn score(rec: &InputRecord, v: &ValidEvent, out: &InferOutput, load_us: u64) -> 
         key: e.key.clone(),
         value: msg.encode_to_vec(),
         headers: source_headers(rec),
+        source_offset: rec.offset,
     }
 }
 
@@ -848,11 +896,15 @@ fn dead_letter(
     let raw = rec.value.as_deref().unwrap_or_default();
     let truncated = raw.len() > limits.max_value_bytes;
     let kept = if truncated { &raw[..DEAD_LETTER_PREFIX.min(raw.len())] } else { raw };
+    // Keys are bounded by `max_key_bytes` only once decoded: a dead letter for a long one keeps
+    // its first 1 KiB (and its length), once in the body and once as the record key.
+    let key = rec.key.as_deref().unwrap_or_default();
+    let key_kept = &key[..DEAD_LETTER_PREFIX.min(key.len())];
     let msg = DeadLetter {
         source_topic: rec.topic.to_string(),
         source_partition: rec.partition.0 as i32,
         source_offset: rec.offset.0,
-        key: rec.key.clone().unwrap_or_default(),
+        key: key_kept.to_vec(),
         reason: reason as i32,
         detail: detail.to_owned(),
         value: kept.to_vec(),
@@ -860,15 +912,68 @@ fn dead_letter(
         value_sha256: Sha256::digest(raw).to_vec(),
         value_len: raw.len() as u64,
         attempts,
+        key_len: key.len() as u64,
     };
     let mut headers = source_headers(rec);
     headers.push((HEADER_DLQ_REASON.to_owned(), reason.as_str_name().as_bytes().to_vec()));
     OutputRecord {
         topic: OutputTopic::DeadLetters,
-        key: rec.key.clone().unwrap_or_default(),
+        key: key_kept.to_vec(),
         value: msg.encode_to_vec(),
         headers,
+        source_offset: rec.offset,
     }
+}
+
+/// The minimal dead letter that replaces `out` when the broker refuses it for good: source
+/// coordinates, the key's first 256 bytes, the refused output's hash and length, no value. A score
+/// becomes `OUTPUT_REJECTED`; a dead letter keeps its reason. `None` when `out` is minimal already.
+fn refused_output(
+    topic: &str,
+    partition: PartitionId,
+    out: &OutputRecord,
+    why: &str,
+) -> Option<OutputRecord> {
+    const KEY_KEPT: usize = 256;
+    let (reason, attempts, key_len) = match out.topic {
+        OutputTopic::Scores => (DeadLetterReason::OutputRejected, 1, out.key.len() as u64),
+        OutputTopic::DeadLetters => {
+            let d = DeadLetter::decode(out.value.as_slice()).ok()?;
+            if d.truncated && d.value.is_empty() {
+                return None;
+            }
+            (d.reason(), d.attempts, d.key_len)
+        }
+    };
+    let key = out.key[..KEY_KEPT.min(out.key.len())].to_vec();
+    let msg = DeadLetter {
+        source_topic: topic.to_owned(),
+        source_partition: partition.0 as i32,
+        source_offset: out.source_offset.0,
+        key: key.clone(),
+        reason: reason as i32,
+        detail: format!("the broker refused the {} bytes of this output for good: {why}", out.value.len()),
+        value: Vec::new(),
+        truncated: true,
+        value_sha256: Sha256::digest(&out.value).to_vec(),
+        value_len: out.value.len() as u64,
+        attempts,
+        key_len,
+    };
+    let headers = out
+        .headers
+        .iter()
+        .filter(|(k, _)| k.starts_with("partita-source-") || k == HEADER_TRACEPARENT)
+        .cloned()
+        .chain(std::iter::once((HEADER_DLQ_REASON.to_owned(), reason.as_str_name().as_bytes().to_vec())))
+        .collect();
+    Some(OutputRecord {
+        topic: OutputTopic::DeadLetters,
+        key,
+        value: msg.encode_to_vec(),
+        headers,
+        source_offset: out.source_offset,
+    })
 }
 
 fn micros(d: Duration) -> u64 {

@@ -281,3 +281,19 @@ async fn the_supervisor_reports_a_failed_or_fenced_partition_actor_and_not_a_dra
     assert!(h.sink.commits.lock().unwrap().is_empty(), "nothing committed past the fence");
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_over_the_limit_is_dead_lettered_with_only_its_first_kib_copied() {
+    let mut h = Harness::start().await;
+    let long = "x".repeat(10_000);
+    h.send(&long, 1, 1.0);
+    h.send("k", 1, 1.0);
+    h.drain().await;
+    let outs = h.outputs();
+    let Out::Dead(d) = &outs[0] else { panic!("{outs:?}") };
+    assert_eq!(d.reason(), DeadLetterReason::TooLarge, "{d:?}");
+    assert_eq!((d.key.len(), d.key_len), (DEAD_LETTER_PREFIX, 10_000));
+    assert_eq!(h.sink.outputs.lock().unwrap()[0].key.len(), DEAD_LETTER_PREFIX, "the record key too");
+    assert!(matches!(outs[1], Out::Score(_)));
+    h.stop().await;
+}
