@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use hdrhistogram::Histogram;
-use partita_actors::state::{Epoch, NoopObserver, Offset, PartitionId, StateCache, StateValue, StateWrite};
+use partita_actors::state::{
+    Epoch, NoopObserver, Offset, PartitionId, StateCache, StateStore, StateValue, StateWrite,
+};
 use partita_bench::git_rev;
 use partita_runtime::loadgen::Zipf;
 use partita_runtime::state::rocks::{RocksConfig, RocksStore};
@@ -250,6 +252,8 @@ async fn main() -> anyhow::Result<()> {
 
     let baseline = rss_bytes();
     let store = RocksStore::open(&rocks_cfg)?;
+    // Writes come from the partition's owner: claim it (epoch 1) as a node would.
+    store.claim(PartitionId(0), Epoch(1)).await?;
     let cache = Arc::new(StateCache::new(store, budget, Arc::new(NoopObserver)));
     let mut peak = 0u64;
     let mut offset = 0i64;

@@ -41,6 +41,7 @@ fn keys(ks: &[&str]) -> Vec<Vec<u8>> {
 pub async fn read_your_writes<H: Harness>(h: &H) {
     let s = h.open().await;
     let p = h.partition(0);
+    s.claim(p, Epoch(1)).await.unwrap();
     s.write(write(p, 1, 10, &[("a", val("a1", 8)), ("b", val("b1", 300))])).await.unwrap();
     let got = s.read(p, &keys(&["a", "b"])).await.unwrap();
     assert_eq!(got, vec![Some(val("a1", 8)), Some(val("b1", 300))]);
@@ -55,6 +56,7 @@ pub async fn missing_keys_and_untouched_partitions<H: Harness>(h: &H) {
     let p = h.partition(1);
     assert_eq!(s.meta(p).await.unwrap(), PartitionMeta::default(), "never written: no offset, epoch 0");
     assert_eq!(s.read(p, &keys(&["x", "y"])).await.unwrap(), vec![None, None]);
+    s.claim(p, Epoch(1)).await.unwrap();
     s.write(write(p, 1, 0, &[("x", val("x", 4))])).await.unwrap();
     assert_eq!(s.read(p, &keys(&["nope", "x", ""])).await.unwrap(), vec![None, Some(val("x", 4)), None]);
     assert_eq!(s.read(p, &[]).await.unwrap(), Vec::<Option<StateValue>>::new());
@@ -66,6 +68,7 @@ pub async fn missing_keys_and_untouched_partitions<H: Harness>(h: &H) {
 pub async fn fencing_and_atomicity<H: Harness>(h: &H) {
     let s = h.open().await;
     let p = h.partition(3);
+    s.claim(p, Epoch(2)).await.unwrap();
     s.write(write(p, 2, 5, &[("k", val("old", 16))])).await.unwrap();
     let err =
         s.write(write(p, 1, 99, &[("k", val("zombie", 16)), ("new", val("zombie", 16))])).await.unwrap_err();
@@ -89,9 +92,11 @@ pub async fn fencing_and_atomicity<H: Harness>(h: &H) {
     );
     s.write(write(p, 3, 7, &[("k", val("new", 16))])).await.unwrap();
     assert_eq!(s.read(p, &keys(&["k"])).await.unwrap(), vec![Some(val("new", 16))]);
-    // A newer epoch may write without claiming first; it raises the stored epoch.
-    s.write(write(p, 4, 8, &[])).await.unwrap();
-    assert_eq!(s.meta(p).await.unwrap(), PartitionMeta { applied_offset: Some(Offset(8)), epoch: Epoch(4) });
+    // Writes are fenced on the exact epoch: a newer one that never claimed is not an owner either.
+    let err = s.write(write(p, 4, 8, &[("k", val("unclaimed", 16))])).await.unwrap_err();
+    assert!(matches!(err, StoreError::Fenced { epoch: Epoch(4), current: Epoch(3), .. }), "{err:?}");
+    assert_eq!(s.meta(p).await.unwrap(), PartitionMeta { applied_offset: Some(Offset(7)), epoch: Epoch(3) });
+    assert_eq!(s.read(p, &keys(&["k"])).await.unwrap(), vec![Some(val("new", 16))]);
     // Claiming a partition never seen works too.
     let fresh = h.partition(4);
     assert_eq!(
@@ -129,6 +134,7 @@ pub async fn concurrent_claims_of_one_epoch_have_one_winner<H: Harness>(h: &H) {
 pub async fn large_values<H: Harness>(h: &H) {
     let s = h.open().await;
     let p = h.partition(5);
+    s.claim(p, Epoch(1)).await.unwrap();
     let big = val("0123456789abcdef", 4 << 20);
     s.write(write(p, 1, 1, &[("big", big.clone()), ("small", val("s", 1))])).await.unwrap();
     let got = s.read(p, &keys(&["big", "small"])).await.unwrap();
@@ -143,6 +149,7 @@ pub async fn many_partitions_at_once<H: Harness>(h: &H) {
         .map(|i| {
             let (s, p) = (s.clone(), h.partition(100 + i));
             async move {
+                s.claim(p, Epoch(1)).await.unwrap();
                 for off in 0..5 {
                     let tag = format!("p{i}o{off}");
                     s.write(write(p, 1, off, &[("k", val(&tag, 32)), (tag.as_str(), val(&tag, 8))]))
@@ -175,6 +182,26 @@ pub async fn durable_across_reopen<H: Harness>(h: &H) {
     );
 }
 
+/// The stored applied offset never moves backwards: a write below it changes nothing and fails
+/// (an owner replaying old batches over newer state would be a bug, not a race).
+pub async fn the_applied_offset_never_moves_backwards<H: Harness>(h: &H) {
+    let s = h.open().await;
+    let p = h.partition(9);
+    s.claim(p, Epoch(1)).await.unwrap();
+    s.write(write(p, 1, 10, &[("k", val("ten", 8))])).await.unwrap();
+    let err = s.write(write(p, 1, 9, &[("k", val("nine", 8))])).await.unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+    assert_eq!(s.meta(p).await.unwrap().applied_offset, Some(Offset(10)));
+    assert_eq!(s.read(p, &keys(&["k"])).await.unwrap(), vec![Some(val("ten", 8))], "nothing applied");
+    // The same offset again is harmless (nothing new), and forward goes on.
+    s.write(write(p, 1, 10, &[])).await.unwrap();
+    s.write(write(p, 1, 11, &[("k", val("eleven", 8))])).await.unwrap();
+    // A new owner resumes from the stored offset; it cannot go below it either.
+    s.claim(p, Epoch(2)).await.unwrap();
+    assert!(matches!(s.write(write(p, 2, 3, &[])).await, Err(StoreError::Corrupt { .. })));
+    assert_eq!(s.meta(p).await.unwrap(), PartitionMeta { applied_offset: Some(Offset(11)), epoch: Epoch(2) });
+}
+
 async fn futures_join_all<F: Future + Send + 'static>(fs: Vec<F>) -> Vec<F::Output>
 where
     F::Output: Send + 'static,
@@ -199,6 +226,7 @@ macro_rules! state_contract_suite {
         $crate::state_contract_suite!(@one $harness, large_values);
         $crate::state_contract_suite!(@one $harness, many_partitions_at_once);
         $crate::state_contract_suite!(@one $harness, durable_across_reopen);
+        $crate::state_contract_suite!(@one $harness, the_applied_offset_never_moves_backwards);
     };
     (@one $harness:expr, $name:ident) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -207,7 +207,7 @@ mod tests {
 
     #[tokio::test]
     async fn misses_load_in_one_batch_then_hit() {
-        let store = Arc::new(MemStore::default());
+        let store = MemStore::claimed(0..4);
         store.write(write(0, &[("a", 1, 10), ("b", 2, 10)])).await.unwrap();
         let cache = StateCache::new(store.clone(), 1 << 20, Arc::new(NoopObserver));
         let got = cache.get_many(PartitionId(0), &keys(&["a", "b", "new"])).await.unwrap();
@@ -224,7 +224,7 @@ mod tests {
 
     #[tokio::test]
     async fn writes_go_through_and_a_failed_write_changes_nothing() {
-        let store = Arc::new(MemStore::default());
+        let store = MemStore::claimed(0..4);
         let cache = StateCache::new(store.clone(), 1 << 20, Arc::new(NoopObserver));
         cache.apply(write(3, &[("k", 7, 4)])).await.unwrap();
         assert_eq!(store.data.lock().unwrap()[&(PartitionId(3), b"k".to_vec())].data, vec![7; 4]);
@@ -237,7 +237,7 @@ mod tests {
 
     #[tokio::test]
     async fn stays_within_its_byte_budget_and_counts_evictions() {
-        let store = Arc::new(MemStore::default());
+        let store = MemStore::claimed(0..4);
         let budget = 64 * 1024;
         let cache = StateCache::new(store.clone(), budget, Arc::new(NoopObserver));
         for i in 0..2_000 {
@@ -255,7 +255,7 @@ mod tests {
 
     #[tokio::test]
     async fn invalidating_a_partition_forgets_only_its_keys() {
-        let store = Arc::new(MemStore::default());
+        let store = MemStore::claimed(0..4);
         let cache = StateCache::new(store.clone(), 1 << 20, Arc::new(NoopObserver));
         cache.apply(write(1, &[("k", 1, 4)])).await.unwrap();
         cache.apply(write(2, &[("k", 2, 4)])).await.unwrap();

@@ -20,6 +20,19 @@ pub(crate) struct MemStore {
 }
 
 impl MemStore {
+    /// A store whose `partitions` are claimed by epoch 1 (what a partition's owner writes with).
+    pub fn claimed(partitions: std::ops::Range<u32>) -> Arc<Self> {
+        let store = Self::default();
+        for p in partitions {
+            store
+                .meta
+                .lock()
+                .unwrap()
+                .insert(PartitionId(p), PartitionMeta { applied_offset: None, epoch: Epoch(1) });
+        }
+        Arc::new(store)
+    }
+
     pub fn value(&self, p: PartitionId, key: &[u8]) -> Option<StateValue> {
         self.data.lock().unwrap().get(&(p, key.to_vec())).cloned()
     }
@@ -38,8 +51,11 @@ impl StateStore for Arc<MemStore> {
         }
         let mut meta = self.meta.lock().unwrap();
         let m = meta.entry(w.partition).or_default();
-        if w.epoch < m.epoch {
+        if w.epoch != m.epoch {
             return Err(StoreError::Fenced { partition: w.partition, epoch: w.epoch, current: m.epoch });
+        }
+        if m.applied_offset.is_some_and(|o| w.applied_offset < o) {
+            return Err(StoreError::Corrupt { detail: "applied offset moving backwards".into() });
         }
         *m = PartitionMeta { applied_offset: Some(w.applied_offset), epoch: w.epoch };
         let mut data = self.data.lock().unwrap();

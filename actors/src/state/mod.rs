@@ -7,9 +7,11 @@
 //! - [`StateStore::write`] stores a batch of `(key → state)` **together with** the partition's
 //!   applied offset and the writer's epoch in one atomic operation: after a crash either all of it
 //!   is visible or none of it.
-//! - **Fencing**: a write whose epoch is older than the stored one, or a claim whose epoch is not
-//!   strictly newer, fails with [`StoreError::Fenced`] and changes nothing. A newer epoch
-//!   replaces the stored one; of two concurrent claims of the same epoch exactly one succeeds.
+//! - **Fencing**: a write whose epoch is not exactly the stored one (older: a zombie; newer: a
+//!   writer that never claimed), or a claim whose epoch is not strictly newer, fails with
+//!   [`StoreError::Fenced`] and changes nothing; of two concurrent claims of the same epoch
+//!   exactly one succeeds.
+//! - The applied offset never moves backwards: such a write fails with [`StoreError::Corrupt`].
 //! - Reads return exactly what the last successful write stored (read-your-writes), `None` for
 //!   a key never written.
 //! - Values carry a format version ([`StateValue::format`]) so a layout change can be read back.
@@ -171,8 +173,8 @@ pub trait StateStore: Send + Sync + 'static {
         keys: &[Vec<u8>],
     ) -> impl Future<Output = Result<Vec<Option<StateValue>>, StoreError>> + Send;
 
-    /// Store `write.entries` with the applied offset and epoch, atomically; fenced if the stored
-    /// epoch is newer than `write.epoch`.
+    /// Store `write.entries` with the applied offset, atomically; fenced unless the stored epoch
+    /// is exactly `write.epoch`; `Corrupt` if the offset is below the stored one.
     fn write(&self, write: StateWrite) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// The partition's applied offset and epoch (defaults if never written).

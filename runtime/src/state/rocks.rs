@@ -151,9 +151,21 @@ impl Inner {
         wo
     }
 
-    fn check_epoch(p: PartitionId, epoch: Epoch, stored: &PartitionMeta) -> Result<(), StoreError> {
-        if epoch < stored.epoch {
-            return Err(StoreError::Fenced { partition: p, epoch, current: stored.epoch });
+    /// A write must come from the owner of the stored epoch (exactly: a newer epoch that never
+    /// claimed is no owner) and must not move the applied offset backwards.
+    fn check_write(p: PartitionId, write: &StateWrite, stored: &PartitionMeta) -> Result<(), StoreError> {
+        if write.epoch != stored.epoch {
+            return Err(StoreError::Fenced { partition: p, epoch: write.epoch, current: stored.epoch });
+        }
+        if let Some(applied) = stored.applied_offset
+            && write.applied_offset < applied
+        {
+            return Err(StoreError::Corrupt {
+                detail: format!(
+                    "partition {p}: a write would move the applied offset back from {} to {}",
+                    applied.0, write.applied_offset.0
+                ),
+            });
         }
         Ok(())
     }
@@ -185,7 +197,7 @@ impl StateStore for RocksStore {
             let p = write.partition;
             let _guard = inner.lock(p);
             let stored = inner.meta(p)?;
-            Inner::check_epoch(p, write.epoch, &stored)?;
+            Inner::check_write(p, &write, &stored)?;
             let mut batch = WriteBatch::default();
             for (k, v) in &write.entries {
                 batch.put(state_key(p, k), v.encode());

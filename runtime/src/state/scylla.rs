@@ -163,14 +163,20 @@ struct Statements {
     read: PreparedStatement,
     meta: PreparedStatement,
     meta_serial: PreparedStatement,
-    /// `UPDATE ... SET applied_offset, epoch ... IF epoch <= ?`: the fence, first in every write batch.
+    /// `UPDATE ... SET applied_offset ... IF epoch = ? AND applied_offset <= ?`: the fence (the
+    /// exact owner, never backwards), first in every write batch.
     fence_write: PreparedStatement,
     put: PreparedStatement,
     claim: PreparedStatement,
     /// Creates the static row of a partition never seen (a conditional UPDATE on a missing
     /// static row does not apply).
     init: PreparedStatement,
+    /// Gives an older version's null `applied_offset` the "nothing applied" value.
+    unset: PreparedStatement,
 }
+
+/// The stored `applied_offset` of a partition that applied nothing yet.
+const NOTHING_APPLIED: i64 = -1;
 
 #[derive(Clone)]
 pub struct ScyllaStore {
@@ -252,15 +258,24 @@ impl ScyllaStore {
             SerialConsistency::Serial => Consistency::Serial,
         });
         let fence_write = prepare(format!(
-            "UPDATE {ks}.state SET applied_offset = ?, epoch = ? WHERE partition = ? IF epoch <= ?"
+            "UPDATE {ks}.state SET applied_offset = ? WHERE partition = ? IF epoch = ? AND applied_offset <= ?"
         ))
         .await?;
         let put = prepare(format!("INSERT INTO {ks}.state (partition, key, value) VALUES (?, ?, ?)")).await?;
         let claim =
             prepare(format!("UPDATE {ks}.state SET epoch = ? WHERE partition = ? IF epoch < ?")).await?;
-        let init =
-            prepare(format!("INSERT INTO {ks}.state (partition, epoch) VALUES (?, 0) IF NOT EXISTS")).await?;
-        let st = Statements { read, meta, meta_serial, fence_write, put, claim, init };
+        // A partition's static row starts with applied_offset -1 ("nothing applied"), so the
+        // write's `applied_offset <= ?` condition holds; rows of older versions hold null there and
+        // get -1 on their first write (`unset`).
+        let init = prepare(format!(
+            "INSERT INTO {ks}.state (partition, epoch, applied_offset) VALUES (?, 0, {NOTHING_APPLIED}) IF NOT EXISTS"
+        ))
+        .await?;
+        let unset = prepare(format!(
+            "UPDATE {ks}.state SET applied_offset = {NOTHING_APPLIED} WHERE partition = ? IF applied_offset = null"
+        ))
+        .await?;
+        let st = Statements { read, meta, meta_serial, fence_write, put, claim, init, unset };
         Ok(Self { session: Arc::new(session), st: Arc::new(st) })
     }
 
@@ -273,7 +288,10 @@ impl ScyllaStore {
         let rows = result.into_rows_result().map_err(unavailable)?;
         let row = rows.maybe_first_row::<(Option<i64>, Option<i64>)>().map_err(unavailable)?;
         Ok(row.and_then(|(offset, epoch)| {
-            epoch.map(|e| PartitionMeta { applied_offset: offset.map(Offset), epoch: Epoch(e.max(0) as u64) })
+            epoch.map(|e| PartitionMeta {
+                applied_offset: offset.filter(|o| *o != NOTHING_APPLIED).map(Offset),
+                epoch: Epoch(e.max(0) as u64),
+            })
         }))
     }
 
@@ -289,19 +307,41 @@ impl ScyllaStore {
         }
     }
 
-    /// After a conditional write (`IF epoch <= e`) or claim (`IF epoch < e`, `claim` set) did not
-    /// apply: fenced (a newer epoch stored, or for a claim the same one), or the partition's static
-    /// row does not exist yet (create it and tell the caller to retry).
-    async fn not_applied(&self, p: PartitionId, epoch: Epoch, claim: bool) -> Result<(), StoreError> {
-        match self.meta_with(&self.st.meta_serial, p).await? {
-            Some(m) if m.epoch > epoch || (claim && m.epoch == epoch) => {
-                Err(StoreError::Fenced { partition: p, epoch, current: m.epoch })
-            }
-            Some(_) => Ok(()), // raced with another writer of an older epoch: retry
+    /// After a conditional claim (`IF epoch < e`, `write` unset) or write (`IF epoch = e AND
+    /// applied_offset <= o`) did not apply: fenced (for a claim a stored epoch at or above it, for
+    /// a write any other epoch), an offset that would move backwards (corrupt: a bug), or a
+    /// partition row to prepare first (none yet, or an older version's null offset); then the
+    /// caller retries.
+    async fn not_applied(
+        &self,
+        p: PartitionId,
+        epoch: Epoch,
+        write: Option<Offset>,
+    ) -> Result<(), StoreError> {
+        let Some(m) = self.meta_with(&self.st.meta_serial, p).await? else {
+            self.session.execute_unpaged(&self.st.init, (p.0 as i32,)).await.map_err(unavailable)?;
+            return Ok(());
+        };
+        let fenced = StoreError::Fenced { partition: p, epoch, current: m.epoch };
+        let Some(offset) = write else {
+            return if m.epoch >= epoch { Err(fenced) } else { Ok(()) }; // raced: retry
+        };
+        if m.epoch != epoch {
+            return Err(fenced);
+        }
+        match m.applied_offset {
+            Some(applied) if applied > offset => Err(StoreError::Corrupt {
+                detail: format!(
+                    "partition {p}: a write would move the applied offset back from {} to {}",
+                    applied.0, offset.0
+                ),
+            }),
+            // Null (an older version's row) or nothing applied yet: make it -1 and retry.
             None => {
-                self.session.execute_unpaged(&self.st.init, (p.0 as i32,)).await.map_err(unavailable)?;
+                self.session.execute_unpaged(&self.st.unset, (p.0 as i32,)).await.map_err(unavailable)?;
                 Ok(())
             }
+            Some(_) => Ok(()),
         }
     }
 }
@@ -351,9 +391,9 @@ impl StateStore for ScyllaStore {
         let mut values: Vec<Vec<CqlValue>> = Vec::with_capacity(1 + write.entries.len());
         values.push(vec![
             CqlValue::BigInt(write.applied_offset.0),
-            CqlValue::BigInt(epoch),
             CqlValue::Int(p),
             CqlValue::BigInt(epoch),
+            CqlValue::BigInt(write.applied_offset.0),
         ]);
         for (k, v) in &write.entries {
             batch.append_statement(self.st.put.clone());
@@ -365,7 +405,7 @@ impl StateStore for ScyllaStore {
             if Self::applied(result)? {
                 return Ok(());
             }
-            self.not_applied(write.partition, write.epoch, false).await?;
+            self.not_applied(write.partition, write.epoch, Some(write.applied_offset)).await?;
         }
         Err(unavailable(format!("partition {}: conditional write kept losing races", write.partition)))
     }
@@ -386,7 +426,7 @@ impl StateStore for ScyllaStore {
                 let meta = self.meta_with(&self.st.meta_serial, partition).await?.unwrap_or_default();
                 return Ok(PartitionMeta { epoch, ..meta });
             }
-            self.not_applied(partition, epoch, true).await?;
+            self.not_applied(partition, epoch, None).await?;
         }
         Err(unavailable(format!("partition {partition}: claim kept losing races")))
     }
