@@ -69,6 +69,7 @@ const SETTINGS: &[Setting] = &[
     s("partition", "max_pending_batches", "--max-pending-batches"),
     s("partition", "queue", "--partition-queue"),
     s("partition", "infer_deadline", "--infer-deadline"),
+    s("partition", "max_sequence_gap", "--max-sequence-gap"),
     s("partition", "restarts", "--partition-restarts"),
     s("partition", "restart_window", "--partition-restart-window"),
     s("partition", "frozen_deadlines", "--frozen-deadlines"),

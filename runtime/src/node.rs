@@ -156,6 +156,10 @@ pub struct NodeOptions {
     /// Per-record inference deadline (then retried, then dead letter TIMEOUT).
     #[arg(long, value_parser = positive_duration, default_value = "2s")]
     pub infer_deadline: Duration,
+    /// An event more than this above its key's applied sequence is dead-lettered SEQUENCE_GAP (one
+    /// bogus sequence would otherwise make every later event of the key a duplicate).
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_sequence_gap: u64,
     /// Restarts of one partition's actor (after a panic, a store error or a freeze) allowed within
     /// `--partition-restart-window`; one more and the node stops, so the group moves its partitions.
     #[arg(long, default_value_t = 5, value_parser = at_least_one)]
@@ -329,6 +333,7 @@ impl Node {
                 max_waves: opts.max_waves.max(1),
                 max_pending_batches: opts.max_pending_batches.max(1),
                 infer_deadline: opts.infer_deadline,
+                max_sequence_gap: opts.max_sequence_gap,
                 ..PartitionConfig::default()
             },
             counters: counters.clone(),

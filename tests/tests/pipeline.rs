@@ -185,7 +185,8 @@ async fn check(records: &[GenRecord], landed: &[(i32, i64)], seen: &ReaderResult
     let store = store.open().await;
     for (key, (p, seq, state)) in &expected {
         let stored = store.read(PartitionId(*p as u32), std::slice::from_ref(key)).await.unwrap();
-        let (stored_seq, stored_state) = stored[0].as_ref().expect("key has state").to_sequenced().unwrap();
+        let stored = stored[0].as_ref().expect("key has state").to_sequenced().unwrap();
+        let (stored_seq, stored_state) = (stored.sequence, stored.state);
         let k = String::from_utf8_lossy(key);
         assert_eq!(stored_seq, *seq, "key {k}: last applied sequence");
         assert_eq!(stored_state.len(), state.len(), "key {k}: stored state length");

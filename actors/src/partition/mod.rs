@@ -26,6 +26,7 @@
 //! with backoff and never commit past it; a fenced or corrupt store stops the actor.
 
 pub mod decode;
+pub mod sequence;
 pub mod supervisor;
 #[cfg(test)]
 mod tests;
@@ -48,7 +49,9 @@ use tracing::{Instrument as _, Span};
 
 use crate::inference::{InferError, InferOutput, InferRequest};
 use crate::pool::Router;
-use crate::state::{Epoch, Offset, PartitionId, StateCache, StateStore, StateValue, StateWrite, StoreError};
+use crate::state::{
+    Epoch, Offset, PartitionId, Sequenced, StateCache, StateStore, StateValue, StateWrite, StoreError,
+};
 pub use decode::{Limits, Rejection, ValidEvent};
 pub use trace::{NoTraces, Tracer};
 
@@ -142,6 +145,8 @@ pub struct PartitionConfig {
     pub infer_deadline: Duration,
     /// Inference attempts per record before it is dead-lettered (errors, panics, deadlines).
     pub max_attempts: u32,
+    /// An event more than this above its key's applied sequence is dead-lettered `SEQUENCE_GAP`.
+    pub max_sequence_gap: u64,
     /// First wait before retrying a failed produce or store write (doubles up to `max_backoff`).
     pub backoff: Duration,
     pub max_backoff: Duration,
@@ -155,6 +160,7 @@ impl Default for PartitionConfig {
             max_pending_batches: 4,
             infer_deadline: Duration::from_secs(2),
             max_attempts: 3,
+            max_sequence_gap: 1_000_000,
             backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(5),
         }
@@ -196,7 +202,7 @@ pub struct NoopPipelineObserver;
 impl PipelineObserver for NoopPipelineObserver {}
 
 /// Number of `DeadLetterReason` values (the enum's highest value + 1).
-pub const DEAD_LETTER_REASONS: usize = DeadLetterReason::OutputRejected as usize + 1;
+pub const DEAD_LETTER_REASONS: usize = DeadLetterReason::OutOfOrder as usize + 1;
 
 impl PipelineCounters {
     pub fn dead_lettered(&self, reason: DeadLetterReason) -> u64 {
@@ -356,8 +362,7 @@ impl From<StoreError> for Halt {
 
 /// One key's state while a batch runs.
 struct KeyState {
-    sequence: u64,
-    state: Vec<f32>,
+    seq: Sequenced,
     dirty: bool,
 }
 
@@ -467,8 +472,7 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
             for key in missing {
                 match pending.get(&key) {
                     Some((_, v)) => {
-                        let (sequence, state) = v.to_sequenced()?;
-                        keys.insert(key, KeyState { sequence, state, dirty: false });
+                        keys.insert(key, KeyState { seq: v.to_sequenced()?, dirty: false });
                     }
                     None => to_load.push(key),
                 }
@@ -479,11 +483,11 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
         }
         let loaded = self.args.cache.get_many(self.args.partition, &to_load).await?;
         for (key, value) in to_load.into_iter().zip(loaded) {
-            let (sequence, state) = match value {
+            let seq = match value {
                 Some(v) => v.to_sequenced()?,
-                None => (0, Vec::new()),
+                None => Sequenced::default(),
             };
-            keys.insert(key, KeyState { sequence, state, dirty: false });
+            keys.insert(key, KeyState { seq, dirty: false });
         }
         Ok(())
     }
@@ -556,12 +560,12 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
             let mut runs = Vec::with_capacity(wave.len());
             for &g in &wave {
                 let (i, v) = &good[g];
-                let ks = &keys[&v.event.key];
-                if v.event.sequence <= ks.sequence {
-                    let detail =
-                        format!("sequence {} already applied (key at {})", v.event.sequence, ks.sequence);
-                    dead.push(DeadLetterReason::Duplicate);
-                    outputs.push((fresh[*i].offset, dead_out(*i, DeadLetterReason::Duplicate, &detail, 1)));
+                let ks = &keys[&v.event.key].seq;
+                let verdict =
+                    sequence::judge(ks.sequence, ks.window, v.event.sequence, a.config.max_sequence_gap);
+                if let sequence::Verdict::Reject(reason, detail) = verdict {
+                    dead.push(reason);
+                    outputs.push((fresh[*i].offset, dead_out(*i, reason, &detail, 1)));
                     continue;
                 }
                 let req = InferRequest {
@@ -578,8 +582,10 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
                 match outcome {
                     Outcome::Scored(out) => {
                         let ks = keys.get_mut(&v.event.key).expect("loaded above");
-                        ks.sequence = v.event.sequence;
-                        ks.state = out.new_state.clone();
+                        let s = &mut ks.seq;
+                        s.window = sequence::advance(s.sequence, s.window, v.event.sequence);
+                        s.sequence = v.event.sequence;
+                        s.state = out.new_state.clone();
                         ks.dirty = true;
                         scored += 1;
                         // Any i64 is a valid event time (far-off ones are flagged): no overflow.
@@ -609,7 +615,7 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
         let entries: Vec<(Vec<u8>, StateValue)> = keys
             .into_iter()
             .filter(|(_, ks)| ks.dirty)
-            .map(|(k, ks)| (k, StateValue::sequenced(ks.sequence, &ks.state)))
+            .map(|(k, ks)| (k, StateValue::sequenced(&ks.seq)))
             .collect();
         outputs.sort_by_key(|(o, _)| *o);
         let no = self.next_no;

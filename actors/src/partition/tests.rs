@@ -207,7 +207,7 @@ impl Harness {
 
     /// The stored (sequence, state) of `key`.
     fn stored(&self, key: &str) -> Option<(u64, Vec<f32>)> {
-        self.store.value(P, key.as_bytes()).map(|v| v.to_sequenced().unwrap())
+        self.store.value(P, key.as_bytes()).map(|v| v.to_sequenced().unwrap()).map(|s| (s.sequence, s.state))
     }
 
     /// The next partition actor the supervisor reports down, if one does `within`.
@@ -295,5 +295,22 @@ async fn a_key_over_the_limit_is_dead_lettered_with_only_its_first_kib_copied() 
     assert_eq!((d.key.len(), d.key_len), (DEAD_LETTER_PREFIX, 10_000));
     assert_eq!(h.sink.outputs.lock().unwrap()[0].key.len(), DEAD_LETTER_PREFIX, "the record key too");
     assert!(matches!(outs[1], Out::Score(_)));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_repeated_and_jumping_sequences_get_their_own_answers_and_never_poison_the_key() {
+    let mut h = Harness::start().await;
+    h.send("k", 1, 1.0);
+    h.send("k", 3, 1.0);
+    h.send("k", 2, 1.0); // late: never applied
+    h.send("k", 3, 1.0); // repeated
+    h.send("k", 1 << 63, 1.0); // a bogus jump
+    h.send("k", 4, 1.0); // the key goes on
+    h.drain().await;
+    let reasons: Vec<Option<DeadLetterReason>> = h.outputs().iter().map(reason).collect();
+    use DeadLetterReason::{Duplicate, OutOfOrder, SequenceGap};
+    assert_eq!(reasons, [None, None, Some(OutOfOrder), Some(Duplicate), Some(SequenceGap), None]);
+    assert_eq!(h.stored("k"), Some((4, vec![3.0, 3.0])), "events 1, 3 and 4 applied");
     h.stop().await;
 }

@@ -61,8 +61,22 @@ pub struct StateValue {
 pub const FORMAT_F32_LE: u16 = 1;
 
 /// Format 2: the key's last applied sequence number (u64 LE), then its state vector (f32 LE).
-/// What partition actors store: the sequence makes a duplicate event recognisable.
+/// Written by earlier versions; read as format 3 with every earlier sequence counted as applied.
 pub const FORMAT_SEQ_F32_LE: u16 = 2;
+
+/// Format 3: the key's last applied sequence (u64 LE), the window of the 64 sequences before it
+/// (u64 LE, bit `i` set: sequence − 1 − i was applied), then its state vector (f32 LE). What
+/// partition actors store: the sequence and window tell a duplicate from a late event
+/// (`partition::sequence`).
+pub const FORMAT_SEQ_WINDOW_F32_LE: u16 = 3;
+
+/// A key's state as partition actors keep it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Sequenced {
+    pub sequence: u64,
+    pub window: u64,
+    pub state: Vec<f32>,
+}
 
 impl StateValue {
     /// Bytes of the stored encoding besides `data`.
@@ -85,26 +99,37 @@ impl StateValue {
         Ok(self.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
 
-    /// A key's state after the event with per-key `sequence` (format 2).
-    pub fn sequenced(sequence: u64, values: &[f32]) -> Self {
-        let mut data = Vec::with_capacity(8 + 4 * values.len());
-        data.extend_from_slice(&sequence.to_le_bytes());
-        data.extend(values.iter().flat_map(|v| v.to_le_bytes()));
-        Self { format: FORMAT_SEQ_F32_LE, data }
+    /// A key's state as partition actors store it (format 3).
+    pub fn sequenced(s: &Sequenced) -> Self {
+        let mut data = Vec::with_capacity(16 + 4 * s.state.len());
+        data.extend_from_slice(&s.sequence.to_le_bytes());
+        data.extend_from_slice(&s.window.to_le_bytes());
+        data.extend(s.state.iter().flat_map(|v| v.to_le_bytes()));
+        Self { format: FORMAT_SEQ_WINDOW_F32_LE, data }
     }
 
-    /// The last applied sequence and the state vector of a format-2 value.
-    pub fn to_sequenced(&self) -> Result<(u64, Vec<f32>), StoreError> {
-        match self.data.split_first_chunk::<8>() {
-            Some((seq, rest)) if self.format == FORMAT_SEQ_F32_LE && rest.len().is_multiple_of(4) => Ok((
-                u64::from_le_bytes(*seq),
-                rest.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            )),
+    /// A format-3 value, or a format-2 one (its window: every earlier sequence applied).
+    pub fn to_sequenced(&self) -> Result<Sequenced, StoreError> {
+        let f32s = |rest: &[u8]| {
+            rest.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+        };
+        let d = &self.data;
+        match self.format {
+            FORMAT_SEQ_WINDOW_F32_LE if d.len() >= 16 && (d.len() - 16).is_multiple_of(4) => Ok(Sequenced {
+                sequence: u64::from_le_bytes(d[..8].try_into().expect("8 bytes")),
+                window: u64::from_le_bytes(d[8..16].try_into().expect("8 bytes")),
+                state: f32s(&d[16..]),
+            }),
+            FORMAT_SEQ_F32_LE if d.len() >= 8 && (d.len() - 8).is_multiple_of(4) => Ok(Sequenced {
+                sequence: u64::from_le_bytes(d[..8].try_into().expect("8 bytes")),
+                window: u64::MAX,
+                state: f32s(&d[8..]),
+            }),
             _ => Err(StoreError::Corrupt {
                 detail: format!(
-                    "expected format {FORMAT_SEQ_F32_LE} (sequence + f32 values), found format {} with {} bytes",
+                    "expected format {FORMAT_SEQ_WINDOW_F32_LE} or {FORMAT_SEQ_F32_LE} (sequence [+ window] + f32 values), found format {} with {} bytes",
                     self.format,
-                    self.data.len()
+                    d.len()
                 ),
             }),
         }
@@ -206,11 +231,22 @@ mod tests {
     }
 
     #[test]
-    fn sequenced_values_round_trip() {
-        let v = StateValue::sequenced(7, &[0.5, -1.0]);
-        assert_eq!(StateValue::decode(&v.encode()).unwrap().to_sequenced().unwrap(), (7, vec![0.5, -1.0]));
-        assert_eq!(StateValue::sequenced(3, &[]).to_sequenced().unwrap(), (3, vec![]));
+    fn sequenced_values_round_trip_and_format_2_still_reads() {
+        let s = Sequenced { sequence: 7, window: 0b101, state: vec![0.5, -1.0] };
+        let v = StateValue::sequenced(&s);
+        assert_eq!(StateValue::decode(&v.encode()).unwrap().to_sequenced().unwrap(), s);
+        let empty = Sequenced { sequence: 3, window: 0, state: vec![] };
+        assert_eq!(StateValue::sequenced(&empty).to_sequenced().unwrap(), empty);
+        // Format 2 (earlier versions): sequence then state; every earlier sequence counts as applied.
+        let mut old = 9u64.to_le_bytes().to_vec();
+        old.extend(2.5f32.to_le_bytes());
+        let old = StateValue { format: FORMAT_SEQ_F32_LE, data: old };
+        assert_eq!(
+            old.to_sequenced().unwrap(),
+            Sequenced { sequence: 9, window: u64::MAX, state: vec![2.5] }
+        );
         assert!(StateValue::from_f32(&[1.0, 2.0]).to_sequenced().is_err());
         assert!(StateValue { format: FORMAT_SEQ_F32_LE, data: vec![0; 5] }.to_sequenced().is_err());
+        assert!(StateValue { format: FORMAT_SEQ_WINDOW_F32_LE, data: vec![0; 12] }.to_sequenced().is_err());
     }
 }
