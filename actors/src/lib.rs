@@ -15,6 +15,22 @@
 //! - [`supervision`]: restart budgets the supervisors share.
 
 pub mod batcher;
+
+/// Re-exported for [`crash_point!`].
+#[doc(hidden)]
+pub use fail;
+
+/// Crash tests (feature `failpoints`): with `FAILPOINTS=<name>=return` (or `N*off->return`) the
+/// process aborts here, like kill -9. Compiles to nothing without the feature.
+#[macro_export]
+macro_rules! crash_point {
+    ($name:literal) => {
+        $crate::fail::fail_point!($name, |_| {
+            eprintln!(concat!("fail point ", $name, ": aborting like kill -9"));
+            std::process::abort()
+        })
+    };
+}
 pub mod gpu_worker;
 pub mod inference;
 pub mod model;

@@ -271,10 +271,7 @@ impl PartitionSink for KafkaSink {
         }
         // Crash tests: `after-produce=2*off->return` dies like kill -9 right after the third
         // acknowledged output batch, before its state write.
-        fail::fail_point!("after-produce", |_| {
-            eprintln!("failpoint after-produce: aborting after an acknowledged output batch");
-            std::process::abort()
-        });
+        partita_actors::crash_point!("after-produce");
         Ok(())
     }
 
@@ -593,6 +590,8 @@ impl<S: StateStore> NodeContext<S> {
             revoked.iter().filter_map(|p| all.remove(p).map(|s| (*p, s))).collect()
         };
         self.drain(slots);
+        // Crash tests: drained (outputs out, state written), the group commit not yet done.
+        partita_actors::crash_point!("during-revoke-drain");
         self.store_commits(consumer);
         if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync)
             && !matches!(e, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset))
@@ -656,6 +655,7 @@ impl<S: StateStore> NodeContext<S> {
             if let Some(slot) = slots.get_mut(&(p.0 as i32)) {
                 slot.progress_at = now;
             }
+            partita_actors::crash_point!("during-commit");
             let mut tpl = TopicPartitionList::new();
             let stored = tpl
                 .add_partition_offset(&self.wiring.topic, p.0 as i32, KOffset::Offset(next.0))

@@ -542,6 +542,7 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
             }
         }
 
+        crate::crash_point!("after-decode");
         let mut keys: HashMap<Vec<u8>, KeyState> = HashMap::new();
         let mut scored = 0u64;
         let waves = waves::waves(good.iter().map(|(_, v)| v.event.key.as_slice()));
@@ -626,6 +627,7 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
                 pending.insert(k.clone(), (no, v.clone()));
             }
         }
+        crate::crash_point!("after-inference");
         self.computed = Some(last);
         tracing::debug!(
             partition = %self.args.partition,
@@ -756,6 +758,7 @@ impl<S: StateStore, K: PartitionSink> Committer<S, K> {
             store_us = micros(produced.elapsed()),
             "batches applied"
         );
+        crate::crash_point!("after-state-write");
         let c = &self.counters;
         c.applied_offsets.lock().unwrap().insert(self.partition.0, last.0);
         self.sink.commit(self.partition, Offset(last.0 + 1));
