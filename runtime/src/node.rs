@@ -153,7 +153,8 @@ pub struct NodeOptions {
     /// Records queued per partition before its Kafka partition is paused.
     #[arg(long, default_value_t = 4096, value_parser = at_least_one)]
     pub partition_queue: usize,
-    /// Per-record inference deadline (then retried, then dead letter TIMEOUT).
+    /// Per-record inference deadline, counted from admission to the worker pool (waiting for room
+    /// is backpressure, not counted); then retried, then dead letter TIMEOUT.
     #[arg(long, value_parser = positive_duration, default_value = "2s")]
     pub infer_deadline: Duration,
     /// An event more than this above its key's applied sequence is dead-lettered SEQUENCE_GAP (one

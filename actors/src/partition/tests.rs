@@ -28,6 +28,8 @@ const P: PartitionId = PartitionId(0);
 /// First-feature values that make the model misbehave.
 const NAN_SCORE: f32 = 13.0;
 const INF_STATE: f32 = 14.0;
+/// Takes 300 ms.
+const SLOW: f32 = 99.0;
 
 /// score = sum(features) + sum(state); new_state = state + features[0].
 struct Scripted;
@@ -37,6 +39,9 @@ impl InferenceBackend for Scripted {
         let mut out = BatchOutput::default();
         for r in 0..b.rows {
             let f = &b.features[r * F..(r + 1) * F];
+            if f[0] == SLOW {
+                std::thread::sleep(Duration::from_millis(300));
+            }
             let s = &b.state[r * H..(r + 1) * H];
             let score = f.iter().sum::<f32>() + s.iter().sum::<f32>();
             out.scores.push(if f[0] == NAN_SCORE { f32::NAN } else { score });
@@ -105,6 +110,11 @@ impl Harness {
         Self::start_with_store(Arc::new(MemStore::default())).await
     }
 
+    /// With `max_inflight` requests admitted to the pool at once and `config`.
+    async fn start_with(max_inflight: usize, config: PartitionConfig) -> Self {
+        Self::start_full(Arc::new(MemStore::default()), max_inflight, config).await
+    }
+
     /// With `key`'s state already stored as `value`.
     async fn start_with_stored(key: &[u8], value: StateValue) -> Self {
         let store = Arc::new(MemStore::default());
@@ -113,6 +123,10 @@ impl Harness {
     }
 
     async fn start_with_store(store: Arc<MemStore>) -> Self {
+        Self::start_full(store, 64, PartitionConfig::default()).await
+    }
+
+    async fn start_full(store: Arc<MemStore>, max_inflight: usize, config: PartitionConfig) -> Self {
         let spec = ModelSpec {
             name: "m".into(),
             version: 1,
@@ -124,7 +138,7 @@ impl Harness {
         };
         let pool_config = PoolConfig {
             devices: vec![Device::Cpu],
-            max_inflight: 64,
+            max_inflight,
             max_retries: 2,
             retry_backoff: Duration::from_millis(5),
             restart: RestartPolicy::default(),
@@ -145,7 +159,7 @@ impl Harness {
             router: pool.router(),
             sink: sink.clone(),
             limits: Arc::new(Limits { default_model: Arc::from("m"), ..Limits::default() }),
-            config: PartitionConfig::default(),
+            config,
             counters: Arc::new(PipelineCounters::default()),
             observer: Arc::new(NoopPipelineObserver),
             tracer: Arc::new(NoTraces),
@@ -312,5 +326,20 @@ async fn late_repeated_and_jumping_sequences_get_their_own_answers_and_never_poi
     use DeadLetterReason::{Duplicate, OutOfOrder, SequenceGap};
     assert_eq!(reasons, [None, None, Some(OutOfOrder), Some(Duplicate), Some(SequenceGap), None]);
     assert_eq!(h.stored("k"), Some((4, vec![3.0, 3.0])), "events 1, 3 and 4 applied");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_room_in_the_pool_is_backpressure_not_a_deadline_miss() {
+    // One request in the pool at a time, each takes 300 ms, the deadline is 500 ms: the third of
+    // three concurrent events waits 600 ms for room, and must still be scored.
+    let config = PartitionConfig { infer_deadline: Duration::from_millis(500), ..PartitionConfig::default() };
+    let mut h = Harness::start_with(1, config).await;
+    for key in ["a", "b", "c"] {
+        h.send(key, 1, SLOW);
+    }
+    h.drain().await;
+    let reasons: Vec<Option<DeadLetterReason>> = h.outputs().iter().map(reason).collect();
+    assert_eq!(reasons, [None, None, None], "{:?}", h.outputs());
     h.stop().await;
 }

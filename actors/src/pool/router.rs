@@ -77,6 +77,26 @@ impl Router {
         self.dispatch(model, Arc::new(req), permit).await
     }
 
+    /// Run one request with a deadline on the work, not on the wait for room: admission to a full
+    /// pool is backpressure (the caller waits, however long), and `deadline` starts once the
+    /// request is admitted (it covers the worker queue, the batching delay and the run). `None`
+    /// when the deadline passed: the request is cancelled (a queued job is skipped).
+    pub async fn infer_within(
+        &self,
+        req: InferRequest,
+        deadline: Duration,
+    ) -> Option<Result<InferOutput, InferError>> {
+        let model = match self.check(&req) {
+            Ok(m) => m,
+            Err(e) => return Some(Err(e)),
+        };
+        let permit = match self.inner.permits.clone().acquire_owned().await {
+            Ok(p) => p,
+            Err(_) => return Some(Err(InferError::ShuttingDown)),
+        };
+        tokio::time::timeout(deadline, self.dispatch(model, Arc::new(req), permit)).await.ok()
+    }
+
     /// Run one request, or fail at once with [`InferError::Overloaded`] if the pool is full.
     pub async fn try_infer(&self, req: InferRequest) -> Result<InferOutput, InferError> {
         let model = self.check(&req)?;
