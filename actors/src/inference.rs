@@ -188,6 +188,7 @@ mod tests {
             state_size,
             batch: BatchPolicy::unbatched(),
             warmup_batch_sizes: vec![],
+            feature_range: None,
         }
     }
 

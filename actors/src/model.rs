@@ -48,6 +48,32 @@ pub struct TensorConfig {
     pub data_type: String,
     /// Shape of one row, without the batch dimension.
     pub dims: Vec<usize>,
+    /// `features` only: the range `[min, max]` every value must lie in (RELIABILITY's
+    /// "out-of-range features"); none by default (any finite value).
+    #[serde(default)]
+    pub range: Option<[f32; 2]>,
+    /// `features` only: what to do with a value outside `range`.
+    #[serde(default)]
+    pub out_of_range: OutOfRange,
+}
+
+/// What happens to an event whose features lie outside the model's `range`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutOfRange {
+    /// Dead-letter it `VALUE_RANGE`.
+    #[default]
+    Reject,
+    /// Clamp each value into the range and score it (counted).
+    Clamp,
+}
+
+/// The validated feature range of a model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FeatureRange {
+    pub min: f32,
+    pub max: f32,
+    pub on_violation: OutOfRange,
 }
 
 /// Triton's dynamic batcher knobs.
@@ -101,6 +127,8 @@ pub struct ModelSpec {
     pub state_size: usize,
     pub batch: BatchPolicy,
     pub warmup_batch_sizes: Vec<usize>,
+    /// Bounds on every feature value, when the config sets them.
+    pub feature_range: Option<FeatureRange>,
 }
 
 impl ModelSpec {
@@ -172,6 +200,23 @@ impl ModelConfig {
                 0
             }
         };
+        let feature_range = match self.input.first().and_then(|t| t.range.map(|r| (r, t.out_of_range))) {
+            Some(([min, max], on_violation)) if min.is_finite() && max.is_finite() && min < max => {
+                Some(FeatureRange { min, max, on_violation })
+            }
+            Some(([min, max], _)) => {
+                errors
+                    .push(contract(format!("features: range [{min}, {max}] must be finite with min < max")));
+                None
+            }
+            None => None,
+        };
+        for t in self.input.iter().skip(1).chain(&self.output) {
+            if t.range.is_some() || t.out_of_range != OutOfRange::Reject {
+                errors
+                    .push(contract(format!("{}: range and out_of_range apply to \"features\" only", t.name)));
+            }
+        }
         let (n_in, n_out) = if state_size > 0 { (2, 2) } else { (1, 1) };
         if state_size > 0 {
             errors.extend(expect(&self.input, 1, "state", &[state_size], "input"));
@@ -217,6 +262,7 @@ impl ModelConfig {
                 max_queue_delay: delay,
             },
             warmup_batch_sizes: self.warmup.batch_sizes.clone(),
+            feature_range,
         })
     }
 }
@@ -287,6 +333,27 @@ mod tests {
         let bad = GRU.replace("dims = [4]\n        [[output]]", "dims = [5]\n        [[output]]");
         let errors = ModelConfig::parse(&bad).unwrap().validate(1).unwrap_err();
         assert!(errors[0].to_string().contains("input 1 must be \"state\""), "{errors:?}");
+    }
+
+    #[test]
+    fn a_feature_range_is_read_and_checked() {
+        let ranged = GRU.replacen(
+            "dims = [3]",
+            "dims = [3]\n        range = [-5.0, 5.0]\n        out_of_range = \"clamp\"",
+            1,
+        );
+        let spec = ModelConfig::parse(&ranged).unwrap().validate(1).unwrap();
+        assert_eq!(
+            spec.feature_range,
+            Some(FeatureRange { min: -5.0, max: 5.0, on_violation: OutOfRange::Clamp })
+        );
+        assert_eq!(ModelConfig::parse(GRU).unwrap().validate(1).unwrap().feature_range, None);
+        let inverted = GRU.replacen("dims = [3]", "dims = [3]\n        range = [5.0, -5.0]", 1);
+        let errors = ModelConfig::parse(&inverted).unwrap().validate(1).unwrap_err();
+        assert!(errors[0].to_string().contains("min < max"), "{errors:?}");
+        let on_state = GRU.replacen("dims = [4]", "dims = [4]\n        range = [0.0, 1.0]", 1);
+        let errors = ModelConfig::parse(&on_state).unwrap().validate(1).unwrap_err();
+        assert!(errors[0].to_string().contains("\"features\" only"), "{errors:?}");
     }
 
     #[test]

@@ -186,6 +186,12 @@ impl Collector for NodeCollector {
         )?;
         counter(
             &mut enc,
+            "partita_features_clamped",
+            "Events whose features were clamped into their model's range (out_of_range = \"clamp\")",
+            get(&c.clamped),
+        )?;
+        counter(
+            &mut enc,
             "partita_event_time_suspect",
             "Events whose event time is over an hour from the node's clock (accepted, flagged)",
             get(&c.time_suspect),

@@ -8,7 +8,7 @@ use partita_proto::v1::{DeadLetterReason, Event};
 use prost::Message;
 
 use super::InputRecord;
-use crate::model::ModelSpec;
+use crate::model::{ModelSpec, OutOfRange};
 
 /// The schema version of [`Event`] this node reads.
 pub const EVENT_SCHEMA_VERSION: u32 = 1;
@@ -51,6 +51,8 @@ pub struct ValidEvent {
     pub unknown_fields: bool,
     /// The event time is further than [`Limits::event_time_skew`] from the node's clock.
     pub time_suspect: bool,
+    /// Features outside the model's range were clamped into it (`out_of_range = "clamp"`).
+    pub clamped: bool,
 }
 
 /// Why a record is dead-lettered.
@@ -104,7 +106,7 @@ pub fn decode<'m>(
     }
     // prost checks every length prefix against the bytes left before allocating, so a prefix
     // claiming gigabytes fails here without allocating them.
-    let event = Event::decode(value).map_err(|e| reject(R::Decode, e.to_string()))?;
+    let mut event = Event::decode(value).map_err(|e| reject(R::Decode, e.to_string()))?;
     if event.schema_version != EVENT_SCHEMA_VERSION {
         if event == Event::default() {
             return Err(reject(R::InvalidFields, "empty event: every field is missing"));
@@ -144,9 +146,29 @@ pub fn decode<'m>(
         return Err(reject(R::ValueRange, format!("features[{i}] is {v}, not a finite number")));
     }
     let unknown_fields = event.encoded_len() < value.len();
+    let mut clamped = false;
+    if let Some(r) = spec.feature_range
+        && let Some((i, v)) = event.features.iter().enumerate().find(|(_, v)| **v < r.min || **v > r.max)
+    {
+        match r.on_violation {
+            OutOfRange::Reject => {
+                return Err(reject(
+                    R::ValueRange,
+                    format!(
+                        "features[{i}] is {v}, outside model {model_name:?}'s range [{}, {}]",
+                        r.min, r.max
+                    ),
+                ));
+            }
+            OutOfRange::Clamp => {
+                event.features.iter_mut().for_each(|v| *v = v.clamp(r.min, r.max));
+                clamped = true;
+            }
+        }
+    }
     let skew = i64::try_from(limits.event_time_skew.as_micros()).unwrap_or(i64::MAX);
     let time_suspect = event.event_time_unix_micros.abs_diff(now_micros) > skew.unsigned_abs();
-    Ok(ValidEvent { event, model: model_name, unknown_fields, time_suspect })
+    Ok(ValidEvent { event, model: model_name, unknown_fields, time_suspect, clamped })
 }
 
 #[cfg(test)]
@@ -168,6 +190,7 @@ mod tests {
             state_size: 2,
             batch: BatchPolicy::unbatched(),
             warmup_batch_sizes: vec![],
+            feature_range: None,
         }
     }
 
@@ -264,5 +287,29 @@ mod tests {
         assert!(ok.unknown_fields);
         let ok = check(&with(|e| e.event_time_unix_micros = NOW + 5 * 3_600_000_000)).unwrap();
         assert!(ok.time_suspect);
+    }
+
+    #[test]
+    fn features_outside_the_models_range_are_rejected_or_clamped_as_configured() {
+        use crate::model::{FeatureRange, OutOfRange};
+        let decode_with = |on_violation, features: Vec<f32>| {
+            let s = ModelSpec {
+                feature_range: Some(FeatureRange { min: -1.0, max: 1.0, on_violation }),
+                ..spec()
+            };
+            let rec = with(|e| e.features = features);
+            decode(&rec, &Limits::default(), |m| (m == "fraud_gru").then_some(&s), NOW)
+        };
+        let err = decode_with(OutOfRange::Reject, vec![0.5, 1e9, 0.0, -0.5]).unwrap_err();
+        assert_eq!(err.reason, DeadLetterReason::ValueRange);
+        assert!(
+            err.detail.contains("features[1] is 1000000000") && err.detail.contains("[-1, 1]"),
+            "{err:?}"
+        );
+        let ok = decode_with(OutOfRange::Clamp, vec![0.5, 1e9, -7.0, -0.5]).unwrap();
+        assert!(ok.clamped);
+        assert_eq!(ok.event.features, vec![0.5, 1.0, -1.0, -0.5]);
+        let ok = decode_with(OutOfRange::Reject, vec![0.5, 1.0, -1.0, 0.0]).unwrap();
+        assert!(!ok.clamped, "the bounds are inclusive");
     }
 }

@@ -179,6 +179,8 @@ pub struct PipelineCounters {
     /// Dead letters, indexed by `DeadLetterReason as usize`.
     pub dead_letters: [AtomicU64; DEAD_LETTER_REASONS],
     pub unknown_fields: AtomicU64,
+    /// Events whose features were clamped into their model's range.
+    pub clamped: AtomicU64,
     pub time_suspect: AtomicU64,
     /// Batches committed (a group of batches committed together makes one state write).
     pub batches: AtomicU64,
@@ -530,6 +532,9 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
                 Ok(v) => {
                     if v.unknown_fields {
                         c.unknown_fields.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if v.clamped {
+                        c.clamped.fetch_add(1, Ordering::Relaxed);
                     }
                     if v.time_suspect {
                         c.time_suspect.fetch_add(1, Ordering::Relaxed);

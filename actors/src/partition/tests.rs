@@ -135,6 +135,7 @@ impl Harness {
             state_size: H,
             batch: BatchPolicy::unbatched(),
             warmup_batch_sizes: vec![],
+            feature_range: None,
         };
         let pool_config = PoolConfig {
             devices: vec![Device::Cpu],

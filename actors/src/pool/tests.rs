@@ -93,6 +93,7 @@ fn spec(batch: BatchPolicy) -> ModelSpec {
         state_size: H,
         batch,
         warmup_batch_sizes: vec![],
+        feature_range: None,
     }
 }
 
