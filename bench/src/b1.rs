@@ -248,6 +248,7 @@ async fn main() -> anyhow::Result<()> {
         intra_op_threads: args.intra_op_threads,
         max_inflight: 4 * spec.batch.max_batch_size,
         no_batching,
+        ..InferenceOptions::default()
     };
     // Starting a pool sets the intra-op threads, so the bare loop below runs with the same setting,
     // and on the same device as the pool's (first) worker.

@@ -81,6 +81,7 @@ const SETTINGS: &[Setting] = &[
     s("inference", "intra_op_threads", "--intra-op-threads"),
     s("inference", "max_inflight", "--max-inflight"),
     s("inference", "default_model", "--default-model"),
+    s("inference", "worker_hang_after", "--worker-hang-after"),
     Setting { section: "inference", key: "no_batching", flag: "--no-batching", kind: Kind::Switch },
     s("node", "grace", "--grace"),
     s("node", "http_listen", "--http-listen"),

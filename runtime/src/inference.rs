@@ -41,18 +41,16 @@ pub struct InferenceOptions {
     /// Ignore the models' dynamic batching and run one request per forward (for comparison).
     #[arg(long)]
     pub no_batching: bool,
+    /// A worker whose model call runs longer than this is hung: its requests go to another
+    /// worker and a new worker replaces it.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    pub worker_hang_after: Duration,
 }
 
 impl Default for InferenceOptions {
+    /// The flags' defaults (one source: clap's).
     fn default() -> Self {
-        Self {
-            repository: PathBuf::from("models"),
-            device: DeviceChoice::Auto,
-            cpu_workers: 1,
-            intra_op_threads: 0,
-            max_inflight: 4096,
-            no_batching: false,
-        }
+        crate::config::defaults()
     }
 }
 
@@ -109,6 +107,7 @@ impl InferenceOptions {
             max_retries: 2,
             retry_backoff: Duration::from_millis(100),
             restart: RestartPolicy::default(),
+            hang_after: Some(self.worker_hang_after),
         };
         let pool = InferencePool::start(config, specs, Arc::new(factory)).await?;
         Ok((pool, repo))

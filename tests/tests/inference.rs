@@ -171,6 +171,7 @@ async fn a_worker_panic_does_not_take_the_pool_down() {
         max_retries: 2,
         retry_backoff: std::time::Duration::from_millis(20),
         restart: RestartPolicy::default(),
+        hang_after: None,
     };
     let pool = InferencePool::start(config, repo.specs(), Arc::new(factory)).await.unwrap();
     let router = pool.router();

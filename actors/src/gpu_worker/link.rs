@@ -1,8 +1,8 @@
 //! The shared handle of one worker: what the router sends through and reads load and health from.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, OnceLock};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use tokio::sync::oneshot;
@@ -64,7 +64,7 @@ pub struct WorkerLink {
 }
 
 /// Load and health of one worker, written by its thread and read by the router.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct WorkerShared {
     /// Requests sent and not yet answered or cancelled: the router's least-loaded measure.
     inflight: AtomicUsize,
@@ -72,6 +72,29 @@ pub struct WorkerShared {
     healthy: AtomicBool,
     /// Load and warm-up times, set once by the thread when it is ready.
     ready: OnceLock<Vec<ModelReady>>,
+    /// When the running `forward` started (µs since [`EPOCH`] + 1); 0 while idle.
+    busy_since: AtomicU64,
+    /// Set when the supervisor gave the worker up as hung: whoever waits on it stops waiting.
+    abandoned: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for WorkerShared {
+    fn default() -> Self {
+        Self {
+            inflight: AtomicUsize::new(0),
+            healthy: AtomicBool::new(false),
+            ready: OnceLock::new(),
+            busy_since: AtomicU64::new(0),
+            abandoned: tokio::sync::watch::Sender::new(false),
+        }
+    }
+}
+
+/// The origin of `busy_since`.
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+fn micros_since_epoch(t: Instant) -> u64 {
+    u64::try_from(t.saturating_duration_since(*EPOCH).as_micros()).unwrap_or(u64::MAX - 1) + 1
 }
 
 impl WorkerLink {
@@ -117,5 +140,30 @@ impl WorkerShared {
 
     pub(crate) fn set_ready(&self, ready: Vec<ModelReady>) {
         let _ = self.ready.set(ready);
+    }
+
+    /// The thread starts (`Some(now)`) or ends (`None`) a `forward`.
+    pub(crate) fn set_busy(&self, since: Option<Instant>) {
+        self.busy_since.store(since.map_or(0, micros_since_epoch), Ordering::Release);
+    }
+
+    /// How long the running `forward` has been running at `now`; `None` while idle.
+    pub fn busy_for(&self, now: Instant) -> Option<Duration> {
+        match self.busy_since.load(Ordering::Acquire) {
+            0 => None,
+            since => Some(Duration::from_micros(micros_since_epoch(now).saturating_sub(since))),
+        }
+    }
+
+    /// Give the worker up (hung): callers waiting on its answers stop waiting and retry elsewhere.
+    pub(crate) fn abandon(&self) {
+        self.set_healthy(false);
+        self.abandoned.send_replace(true);
+    }
+
+    /// Resolves once the worker is abandoned.
+    pub(crate) async fn abandoned(&self) {
+        let mut rx = self.abandoned.subscribe();
+        let _ = rx.wait_for(|a| *a).await;
     }
 }

@@ -236,7 +236,10 @@ impl WorkerThread {
         }
         let input = BatchInput { rows, features: &self.features, state: &self.state };
         let backend = &mut self.backend;
-        match catch_unwind(AssertUnwindSafe(|| backend.run(m, &input))) {
+        self.shared.set_busy(Some(Instant::now()));
+        let result = catch_unwind(AssertUnwindSafe(|| backend.run(m, &input)));
+        self.shared.set_busy(None);
+        match result {
             Ok(Ok(out)) if out.scores.len() == rows && out.new_state.len() == rows * spec.state_size => {
                 Ok(out)
             }

@@ -33,6 +33,9 @@ pub struct PoolConfig {
     pub max_retries: usize,
     pub retry_backoff: Duration,
     pub restart: RestartPolicy,
+    /// A worker whose `forward` runs longer than this is hung: it is abandoned (its callers retry
+    /// elsewhere) and replaced. `None`: never.
+    pub hang_after: Option<Duration>,
 }
 
 /// What `partita models` and health checks show of one worker.
@@ -72,6 +75,8 @@ pub enum WorkerPoolMsg {
     Status(RpcReplyPort<Vec<WorkerStatus>>),
     /// Start worker `n` again (sent to ourselves after the restart backoff).
     Restart(usize),
+    /// Look for hung workers (sent to ourselves periodically when `hang_after` is set).
+    Watchdog,
 }
 
 impl Actor for WorkerPool {
@@ -94,6 +99,10 @@ impl Actor for WorkerPool {
                 return Err(e);
             }
         }
+        if let Some(after) = state.args.config.hang_after {
+            let period = (after / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+            myself.send_interval(period, || WorkerPoolMsg::Watchdog);
+        }
         Ok(state)
     }
 
@@ -107,6 +116,7 @@ impl Actor for WorkerPool {
             WorkerPoolMsg::Status(reply) => {
                 let _ = reply.send(state.status());
             }
+            WorkerPoolMsg::Watchdog => state.replace_hung(&myself),
             WorkerPoolMsg::Restart(i) => {
                 if state.stopping || state.children[i].is_some() {
                     return Ok(());
@@ -176,6 +186,29 @@ impl WorkerPoolState {
         self.children[i] = Some(child);
         self.args.router.set_worker(i, Some(link));
         Ok(())
+    }
+
+    /// Abandon and replace every worker whose `forward` has run longer than `hang_after`. Its
+    /// thread cannot be stopped (a running `forward` cannot be interrupted): it is left to finish
+    /// or not; nothing waits for it, and its queue is closed.
+    fn replace_hung(&mut self, myself: &ActorRef<WorkerPoolMsg>) {
+        let Some(after) = self.args.config.hang_after else { return };
+        if self.stopping {
+            return;
+        }
+        let now = Instant::now();
+        for i in 0..self.children.len() {
+            let Some(link) = self.args.router.worker(i) else { continue };
+            let Some(busy) = link.shared.busy_for(now).filter(|b| *b > after) else { continue };
+            tracing::error!(worker = i, device = %link.device, ?busy, hang_after = ?after, "worker hung in forward; abandoning and replacing it");
+            link.shared.abandon();
+            self.args.router.set_worker(i, None);
+            if let Some(child) = self.children[i].take() {
+                // Killed, not stopped: a stop would join the stuck thread.
+                child.kill();
+            }
+            self.schedule_restart(myself, i);
+        }
     }
 
     fn schedule_restart(&mut self, myself: &ActorRef<WorkerPoolMsg>, i: usize) {

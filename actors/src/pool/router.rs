@@ -153,7 +153,13 @@ impl Router {
                 continue;
             }
             waits = 0;
-            match answer.await {
+            // A hung worker never answers: its supervisor abandons it, and the request goes on
+            // as if the worker had died with it.
+            let answer = tokio::select! {
+                a = answer => a,
+                () = link.shared.abandoned() => Ok(Err(JobFailure::Lost { ran: true })),
+            };
+            match answer {
                 Ok(Ok(output)) => return Ok(output),
                 Ok(Err(JobFailure::Error(e))) => return Err(e),
                 Ok(Err(JobFailure::Lost { ran: false })) if handbacks < max_handbacks => {

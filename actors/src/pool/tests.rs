@@ -17,6 +17,8 @@ const H: usize = 2;
 const PANIC: f32 = 1e6;
 const FAIL: f32 = 2e6;
 const DEVICE_LOST: f32 = -1.0;
+/// Never returns (a hung kernel).
+const HANG: f32 = 3e6;
 
 #[derive(Default)]
 struct Record {
@@ -50,6 +52,9 @@ impl InferenceBackend for Fake {
                 PANIC => panic!("poisoned input"),
                 FAIL => return Err(BackendError::Batch("kernel failed".into())),
                 DEVICE_LOST => return Err(BackendError::Fatal("device lost".into())),
+                HANG => loop {
+                    std::thread::park();
+                },
                 _ => {}
             }
             out.scores.push(f.iter().sum::<f32>() + s.iter().sum::<f32>());
@@ -121,6 +126,7 @@ fn config_with_retries(workers: usize, max_inflight: usize, max_retries: usize) 
             backoff: Duration::from_millis(10),
             max_backoff: Duration::from_millis(10),
         },
+        hang_after: None,
     }
 }
 
@@ -257,6 +263,30 @@ async fn only_the_rows_that_fail_alone_get_the_error_their_batch_mates_are_score
     assert_eq!(router.load().0, 0);
     let status = h.pool.status().await;
     assert!(status[0].healthy);
+    h.pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_worker_is_abandoned_and_replaced_and_the_requests_behind_it_go_on() {
+    let config = PoolConfig { hang_after: Some(Duration::from_millis(200)), ..config_with_retries(1, 64, 1) };
+    let h = start_with(config, BatchPolicy::unbatched(), None).await;
+    let router = h.pool.router();
+    let hung = tokio::spawn({
+        let r = router.clone();
+        async move { r.infer(req(HANG, None)).await }
+    });
+    wait_for(|| async { h.record.entered.load(Ordering::SeqCst) }, |&n| n == 1).await;
+    // Queued behind the hung forward on the only worker: answered by its replacement. (The
+    // timeout only keeps a regression from hanging the test run.)
+    let behind = tokio::time::timeout(Duration::from_secs(20), router.infer(req(1.0, None))).await;
+    assert_eq!(behind.expect("never answered: the hung worker was not replaced").unwrap().score, 4.0);
+    // The hanging request itself hangs its retry too, and then gives up.
+    let hung =
+        tokio::time::timeout(Duration::from_secs(20), hung).await.expect("the hung request never ended");
+    assert!(matches!(hung.unwrap(), Err(InferError::WorkerLost { .. })));
+    // Replaced twice (the first hang, then the retry's), and serving again.
+    wait_for(|| async { h.pool.status().await[0].clone() }, |s| s.healthy && s.restarts == 2).await;
+    assert_eq!(router.infer(req(2.0, None)).await.unwrap().score, 5.0);
     h.pool.shutdown().await;
 }
 
