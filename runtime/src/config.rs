@@ -68,6 +68,7 @@ const SETTINGS: &[Setting] = &[
     s("partition", "max_waves", "--max-waves"),
     s("partition", "max_pending_batches", "--max-pending-batches"),
     s("partition", "queue", "--partition-queue"),
+    s("partition", "queue_bytes", "--partition-queue-bytes"),
     s("partition", "infer_deadline", "--infer-deadline"),
     s("partition", "max_sequence_gap", "--max-sequence-gap"),
     s("partition", "restarts", "--partition-restarts"),

@@ -8,7 +8,7 @@
 //! applied offset; on revoke they drain the actor and commit before giving the partition up.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -296,6 +296,8 @@ pub struct Wiring<S: StateStore> {
     pub health: Arc<crate::telemetry::Health>,
     /// Records queued per partition before the consumer pauses it.
     pub queue_capacity: usize,
+    /// Bytes queued per partition before the consumer pauses it.
+    pub queue_bytes: usize,
     /// Longest wait for a partition actor to drain on revoke or shutdown.
     pub drain_timeout: Duration,
     /// Restart budget of each partition actor.
@@ -309,7 +311,25 @@ pub struct Wiring<S: StateStore> {
 struct Running {
     tx: Sender<InputRecord>,
     wake_pending: Arc<AtomicBool>,
+    queued_bytes: Arc<AtomicUsize>,
     actor: ActorRef<PartitionMsg>,
+}
+
+impl Running {
+    /// Queue `rec` unless the queue is full in records, or in bytes (one record always fits an
+    /// empty queue, however large: the consumer cut it down to the limits already).
+    #[allow(clippy::result_large_err)] // crossbeam's own `try_send` shape: the record comes back
+    fn try_send(&self, rec: InputRecord, max_bytes: usize) -> Result<(), TrySendError<InputRecord>> {
+        let size = rec.size();
+        let before = self.queued_bytes.fetch_add(size, Ordering::SeqCst);
+        if before > 0 && before + size > max_bytes {
+            self.queued_bytes.fetch_sub(size, Ordering::SeqCst);
+            return Err(TrySendError::Full(rec));
+        }
+        self.tx.try_send(rec).inspect_err(|_| {
+            self.queued_bytes.fetch_sub(size, Ordering::SeqCst);
+        })
+    }
 }
 
 /// What a partition of this node is doing, for `partita_partition_state`.
@@ -554,7 +574,9 @@ impl<S: StateStore> NodeContext<S> {
         let w = &self.wiring;
         let (tx, rx) = crossbeam_channel::bounded(w.queue_capacity);
         let wake_pending = Arc::new(AtomicBool::new(false));
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
         let args = PartitionArgs {
+            queued_bytes: queued_bytes.clone(),
             topic: w.topic.clone(),
             partition: PartitionId(p as u32),
             epoch: meta.epoch,
@@ -576,7 +598,7 @@ impl<S: StateStore> NodeContext<S> {
                 .and_then(|r| r)
         });
         match spawned {
-            Ok(actor) => Ok(Running { tx, wake_pending, actor }),
+            Ok(actor) => Ok(Running { tx, wake_pending, queued_bytes, actor }),
             Err(e) => Err(StartError::Retry(format!("starting the actor of partition {p}: {e}"))),
         }
     }
@@ -630,7 +652,10 @@ impl<S: StateStore> NodeContext<S> {
         self.handle.block_on(async {
             let calls = slots.into_iter().filter_map(|(p, slot)| Some((p, slot.run?))).map(|(p, run)| async move {
                 drop(run.tx);
-                match ractor::call_t!(run.actor, PartitionMsg::Drain, timeout.as_millis() as u64) {
+                // Compute for half the grace, commit within 90 % of it, answer within all of it.
+                let now = Instant::now();
+                let (compute_until, commit_until) = (now + timeout / 2, now + timeout * 9 / 10);
+                match ractor::call_t!(run.actor, PartitionMsg::Drain, timeout.as_millis() as u64, compute_until, commit_until) {
                     Ok(applied) => tracing::info!(partition = p, applied = ?applied.map(|o| o.0), "partition drained"),
                     Err(e) => {
                         tracing::error!(partition = p, error = %e, "partition did not drain in time; nothing past its stored offset is committed");
@@ -795,9 +820,27 @@ impl<S: StateStore> NodeContext<S> {
         slot.next_offset = rec.offset.0 + 1;
         if !slot.held.is_empty() {
             slot.held.push_back(rec);
+            if slot.held.len() > MAX_HELD {
+                // The pause is not holding (it failed, or librdkafka delivered a burst): do not
+                // buffer without bound; drop what is held and fetch it again later.
+                let from = slot.held[0].offset.0;
+                slot.held.clear();
+                slot.next_offset = from;
+                pause(consumer, &self.wiring.topic, p, true);
+                if let Err(e) =
+                    consumer.seek(&self.wiring.topic, p, KOffset::Offset(from), Duration::from_secs(5))
+                {
+                    tracing::warn!(partition = p, error = %e, "seeking back over held records failed");
+                }
+                tracing::warn!(
+                    partition = p,
+                    from,
+                    "records kept arriving while paused; dropped the held ones to fetch again"
+                );
+            }
             return;
         }
-        match run.tx.try_send(rec) {
+        match run.try_send(rec, self.wiring.queue_bytes) {
             Ok(()) => wake(run),
             Err(TrySendError::Full(rec)) => {
                 slot.held.push_back(rec);
@@ -823,7 +866,7 @@ impl<S: StateStore> NodeContext<S> {
                 continue;
             };
             while let Some(rec) = slot.held.pop_front() {
-                match run.tx.try_send(rec) {
+                match run.try_send(rec, self.wiring.queue_bytes) {
                     Ok(()) => wake(run),
                     Err(TrySendError::Full(rec)) => {
                         slot.held.push_front(rec);
@@ -886,6 +929,9 @@ impl<S: StateStore> NodeContext<S> {
     }
 }
 
+/// Records polled past a full queue that the consumer holds before it drops them and seeks back.
+const MAX_HELD: usize = 1024;
+
 /// Where a partition's consumption starts: after the stored applied offset, or at the beginning
 /// of the log when nothing was applied (the state is built from the whole retained log; Kafka's
 /// committed offset is never trusted over the store).
@@ -927,20 +973,22 @@ fn pause<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str, p: i32, pa
     }
 }
 
-fn to_record(topic: &Arc<str>, m: &rdkafka::message::BorrowedMessage<'_>) -> InputRecord {
+/// The record as a partition actor gets it: over-limit parts cut down (and a large value hashed)
+/// here, on the consumer thread, so queues stay small and the async runtime never hashes them.
+fn to_record(topic: &Arc<str>, m: &rdkafka::message::BorrowedMessage<'_>, limits: &Limits) -> InputRecord {
     let headers = m
         .headers()
         .map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec())).collect())
         .unwrap_or_default();
-    InputRecord {
-        topic: topic.clone(),
-        partition: PartitionId(m.partition() as u32),
-        offset: Offset(m.offset()),
-        key: m.key().map(<[u8]>::to_vec),
-        value: m.payload().map(<[u8]>::to_vec),
+    InputRecord::bounded(
+        topic.clone(),
+        PartitionId(m.partition() as u32),
+        Offset(m.offset()),
+        m.key(),
+        m.payload(),
         headers,
-        received: Instant::now(),
-    }
+        limits,
+    )
 }
 
 /// Group membership settings for the ingestion consumer.
@@ -1060,7 +1108,7 @@ fn poll_loop<S: StateStore>(
         for _ in 0..2048 {
             match consumer.poll(timeout) {
                 None => break,
-                Some(Ok(m)) => ctx.route(consumer, to_record(topic, &m)),
+                Some(Ok(m)) => ctx.route(consumer, to_record(topic, &m, &ctx.wiring.limits)),
                 Some(Err(e)) => ctx.on_consumer_error(consumer, &e),
             }
             timeout = Duration::ZERO;

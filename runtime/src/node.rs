@@ -153,6 +153,9 @@ pub struct NodeOptions {
     /// Records queued per partition before its Kafka partition is paused.
     #[arg(long, default_value_t = 4096, value_parser = at_least_one)]
     pub partition_queue: usize,
+    /// Bytes queued per partition (keys, values, headers) before its Kafka partition is paused.
+    #[arg(long, default_value = "16MiB")]
+    pub partition_queue_bytes: bytesize::ByteSize,
     /// Per-record inference deadline, counted from admission to the worker pool (waiting for room
     /// is backpressure, not counted); then retried, then dead letter TIMEOUT.
     #[arg(long, value_parser = positive_duration, default_value = "2s")]
@@ -342,6 +345,7 @@ impl Node {
             tracer: Arc::new(OtelTracer::new(&opts.node_name(), &opts.zone)),
             health: health.clone(),
             queue_capacity: opts.partition_queue,
+            queue_bytes: usize::try_from(opts.partition_queue_bytes.as_u64()).unwrap_or(usize::MAX),
             drain_timeout: opts.grace,
             restart: RestartPolicy {
                 max_restarts: opts.partition_restarts,
@@ -419,7 +423,19 @@ impl Node {
         self.stop().await
     }
 
+    /// Drain in order, within `--grace` plus 10 s for leaving the group and stopping the workers;
+    /// past that the node gives up on an orderly stop (nothing past the stored offsets was
+    /// committed, so a forced exit loses nothing).
     pub async fn stop(self) -> anyhow::Result<NodeSummary> {
+        let bound = self.grace + Duration::from_secs(10);
+        tokio::time::timeout(bound, self.stop_in_order()).await.unwrap_or_else(|_| {
+            Err(anyhow::anyhow!(
+                "the orderly stop took longer than {bound:?} (--grace + 10 s); exiting without finishing it"
+            ))
+        })
+    }
+
+    async fn stop_in_order(self) -> anyhow::Result<NodeSummary> {
         tracing::info!(grace = ?self.grace, "draining");
         self.health.draining.store(true, Ordering::SeqCst);
         self.consumer.request_stop();

@@ -313,6 +313,7 @@ mod tests {
                 .into_iter()
                 .collect(),
             received: Instant::now(),
+            trimmed: Default::default(),
         }
     }
 

@@ -226,6 +226,7 @@ impl WorkerThread {
         self.features.clear();
         self.state.clear();
         for job in batch {
+            job.started.store(true, std::sync::atomic::Ordering::Release);
             self.features.extend_from_slice(&job.request.features);
             if spec.is_stateful() {
                 match &job.request.state {

@@ -75,6 +75,28 @@ pub fn decode<'m>(
     now_micros: i64,
 ) -> Result<ValidEvent, Rejection> {
     use DeadLetterReason as R;
+    let t = &record.trimmed;
+    if let Some((count, bytes)) = t.headers {
+        return Err(reject(
+            R::Headers,
+            format!(
+                "{count} headers of {bytes} bytes, at most {} headers and {} bytes allowed",
+                limits.max_headers, limits.max_header_bytes
+            ),
+        ));
+    }
+    if let Some((len, _)) = t.value {
+        return Err(reject(
+            R::TooLarge,
+            format!("value is {len} bytes, at most {} allowed", limits.max_value_bytes),
+        ));
+    }
+    if let Some(len) = t.key_len {
+        return Err(reject(
+            R::TooLarge,
+            format!("key is {len} bytes, at most {} allowed", limits.max_key_bytes),
+        ));
+    }
     if record.headers.len() > limits.max_headers {
         return Err(reject(
             R::Headers,
@@ -215,6 +237,7 @@ mod tests {
             value: Some(value),
             headers: vec![],
             received: std::time::Instant::now(),
+            trimmed: Default::default(),
         }
     }
 

@@ -36,7 +36,7 @@ pub mod waves;
 use std::collections::HashMap;
 use std::future::Future;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -64,6 +64,9 @@ pub const HEADER_DLQ_REASON: &str = "partita-dlq-reason";
 /// span for the record (or, without traces, the input's header unchanged).
 pub const HEADER_TRACEPARENT: &str = "traceparent";
 
+/// Longest `traceparent` header copied to an output (a W3C one is 55 bytes).
+const MAX_TRACEPARENT: usize = 512;
+
 /// Bytes of an oversized value kept in its dead letter (with the hash of the whole value).
 pub const DEAD_LETTER_PREFIX: usize = 1024;
 
@@ -78,11 +81,77 @@ pub struct InputRecord {
     pub headers: Vec<(String, Vec<u8>)>,
     /// When the consumer handed it over (node latency starts here).
     pub received: Instant,
+    /// What [`InputRecord::bounded`] cut from a record over a limit (it is dead-lettered anyway).
+    pub trimmed: Trimmed,
+}
+
+/// What the consumer cut from a record that breaks a limit: partition queues hold at most a
+/// 1 KiB prefix of an oversized value or key, never megabytes, and the hash of a large value is
+/// computed on the consumer thread, not on the async runtime.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Trimmed {
+    /// The value's real length and SHA-256, when only its first 1 KiB is kept.
+    pub value: Option<(usize, [u8; 32])>,
+    /// The key's real length, when only its first 1 KiB is kept.
+    pub key_len: Option<usize>,
+    /// The headers' count and bytes, when they were dropped.
+    pub headers: Option<(usize, usize)>,
 }
 
 impl InputRecord {
+    /// A record as the consumer hands it over, with whatever breaks `limits` cut down (see
+    /// [`Trimmed`]); the rest as is.
+    #[allow(clippy::too_many_arguments)]
+    pub fn bounded(
+        topic: Arc<str>,
+        partition: PartitionId,
+        offset: Offset,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: Vec<(String, Vec<u8>)>,
+        limits: &Limits,
+    ) -> Self {
+        let mut trimmed = Trimmed::default();
+        let value = value.map(|v| {
+            if v.len() > limits.max_value_bytes {
+                trimmed.value = Some((v.len(), Sha256::digest(v).into()));
+                v[..DEAD_LETTER_PREFIX].to_vec()
+            } else {
+                v.to_vec()
+            }
+        });
+        let key = key.map(|k| {
+            if k.len() > limits.max_key_bytes {
+                trimmed.key_len = Some(k.len());
+                k[..DEAD_LETTER_PREFIX.min(k.len())].to_vec()
+            } else {
+                k.to_vec()
+            }
+        });
+        let (count, bytes) = (headers.len(), headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>());
+        let headers = if count > limits.max_headers || bytes > limits.max_header_bytes {
+            trimmed.headers = Some((count, bytes));
+            // Only the trace context stays: the dead letter still joins the producer's trace.
+            headers
+                .into_iter()
+                .filter(|(k, v)| k == HEADER_TRACEPARENT && v.len() <= MAX_TRACEPARENT)
+                .take(1)
+                .collect()
+        } else {
+            headers
+        };
+        Self { topic, partition, offset, key, value, headers, received: Instant::now(), trimmed }
+    }
+
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_slice())
+    }
+
+    /// Bytes this record holds in a partition queue (key, value, headers).
+    pub fn size(&self) -> usize {
+        self.key.as_ref().map_or(0, Vec::len)
+            + self.value.as_ref().map_or(0, Vec::len)
+            + self.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
     }
 }
 
@@ -227,6 +296,9 @@ pub struct PartitionArgs<S, K> {
     pub queue: Receiver<InputRecord>,
     /// Set by the consumer when it sends a `Wake`; cleared by the actor before it drains.
     pub wake_pending: Arc<AtomicBool>,
+    /// Bytes of the records in `queue` ([`InputRecord::size`]): the consumer adds, the actor
+    /// subtracts what it takes, so the queue is bounded in bytes as well as in records.
+    pub queued_bytes: Arc<AtomicUsize>,
     pub cache: Arc<StateCache<S>>,
     pub router: Router,
     pub sink: Arc<K>,
@@ -255,8 +327,11 @@ pub struct PartitionState<S, K> {
 pub enum PartitionMsg {
     /// Records are waiting in the queue.
     Wake,
-    /// Process what is queued, then stop; replies with the applied offset.
-    Drain(RpcReplyPort<Option<Offset>>),
+    /// Compute what is queued until the first instant, let the committer finish until the
+    /// second, then stop; replies with the applied offset (`None` when the committer did not
+    /// finish in time). What was not computed or committed is dropped: nothing past the stored
+    /// offset was committed, so whoever owns the partition next reads it again.
+    Drain(Instant, Instant, RpcReplyPort<Option<Offset>>),
     /// The committer hit a fenced or corrupt store: stop.
     Failed(StoreError),
 }
@@ -312,17 +387,31 @@ impl<S: StateStore, K: PartitionSink> Actor for PartitionActor<S, K> {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            PartitionMsg::Wake => state.drain_queue().await?,
-            PartitionMsg::Drain(reply) => {
-                state.drain_queue().await?;
+            // One batch per message: a Drain (or a committer's failure) waiting in the mailbox is
+            // handled between batches, not after the whole queue.
+            PartitionMsg::Wake => {
+                state.drain_queue(None, Some(1)).await?;
+                if state.carry.is_some() || !state.args.queue.is_empty() {
+                    let _ = myself.cast(PartitionMsg::Wake);
+                }
+            }
+            PartitionMsg::Drain(compute_until, commit_until, reply) => {
+                state.drain_queue(Some(compute_until), None).await?;
                 let applied = match state.committer.take() {
-                    Some((tx, task)) => {
+                    Some((tx, mut task)) => {
                         drop(tx);
-                        task.await?
+                        match tokio::time::timeout_at(commit_until.into(), &mut task).await {
+                            Ok(done) => done?.or(state.args.applied),
+                            Err(_) => {
+                                tracing::warn!(partition = %state.args.partition, "drain: the committer did not finish in time; stopping it");
+                                task.abort();
+                                None
+                            }
+                        }
                     }
-                    None => None,
+                    None => state.args.applied,
                 };
-                let _ = reply.send(applied.or(state.args.applied));
+                let _ = reply.send(applied);
                 myself.stop(Some(supervisor::DRAINED.into()));
             }
             // A newer owner holds the partition: stop without failing, so the supervisor gives
@@ -398,9 +487,20 @@ struct Computed {
 }
 
 impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
-    async fn drain_queue(&mut self) -> Result<(), ActorProcessingErr> {
+    /// Compute queued batches (and hand them to the committer) until the queue is empty, `batches`
+    /// were computed, or `until` has passed: then what is still queued stays (a drain drops it
+    /// with the actor).
+    async fn drain_queue(
+        &mut self,
+        until: Option<Instant>,
+        batches: Option<usize>,
+    ) -> Result<(), ActorProcessingErr> {
         self.args.wake_pending.store(false, Ordering::SeqCst);
-        loop {
+        for _ in 0..batches.unwrap_or(usize::MAX) {
+            if until.is_some_and(|t| Instant::now() >= t) {
+                tracing::info!(partition = %self.args.partition, queued = self.args.queue.len(), "drain deadline: leaving the rest to be read again");
+                return Ok(());
+            }
             let batch = self.next_batch();
             if batch.is_empty() {
                 return Ok(());
@@ -417,6 +517,7 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
                 return Err("the committer stopped".into());
             }
         }
+        Ok(())
     }
 
     /// Up to `max_batch` queued records, at most `max_waves` of any one key.
@@ -424,7 +525,12 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
         let config = &self.args.config;
         let mut batch = Vec::new();
         let mut per_key: HashMap<Vec<u8>, usize> = HashMap::new();
-        let mut next = self.carry.take().or_else(|| self.args.queue.try_recv().ok());
+        let take = |args: &PartitionArgs<S, K>| {
+            let rec = args.queue.try_recv().ok()?;
+            args.queued_bytes.fetch_sub(rec.size(), Ordering::SeqCst);
+            Some(rec)
+        };
+        let mut next = self.carry.take().or_else(|| take(&self.args));
         while let Some(rec) = next {
             let n = per_key.entry(rec.key.clone().unwrap_or_default()).or_insert(0);
             if *n == config.max_waves {
@@ -436,7 +542,7 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
             if batch.len() == config.max_batch {
                 break;
             }
-            next = self.args.queue.try_recv().ok();
+            next = take(&self.args);
         }
         batch
     }
@@ -862,9 +968,10 @@ fn source_headers(rec: &InputRecord) -> Vec<(String, Vec<u8>)> {
 }
 
 impl OutputRecord {
-    /// A W3C `traceparent` is 55 bytes; anything over 512 is not one and is not copied.
+    /// A W3C `traceparent` is 55 bytes; anything over [`MAX_TRACEPARENT`] is not one and is
+    /// not copied.
     fn with_traceparent(mut self, traceparent: Option<Vec<u8>>) -> Self {
-        if let Some(tp) = traceparent.filter(|tp| tp.len() <= 512) {
+        if let Some(tp) = traceparent.filter(|tp| tp.len() <= MAX_TRACEPARENT) {
             self.headers.push((HEADER_TRACEPARENT.to_owned(), tp));
         }
         self
@@ -911,7 +1018,12 @@ fn dead_letter(
 ) -> OutputRecord {
     tracing::debug!(partition = %rec.partition, offset = rec.offset.0, ?reason, %detail, "dead letter");
     let raw = rec.value.as_deref().unwrap_or_default();
-    let truncated = raw.len() > limits.max_value_bytes;
+    // A value the consumer cut down comes with its real length and hash.
+    let (value_len, value_sha256) = match rec.trimmed.value {
+        Some((len, sha)) => (len, sha.to_vec()),
+        None => (raw.len(), Sha256::digest(raw).to_vec()),
+    };
+    let truncated = rec.trimmed.value.is_some() || raw.len() > limits.max_value_bytes;
     let kept = if truncated { &raw[..DEAD_LETTER_PREFIX.min(raw.len())] } else { raw };
     // Keys are bounded by `max_key_bytes` only once decoded: a dead letter for a long one keeps
     // its first 1 KiB (and its length), once in the body and once as the record key.
@@ -926,10 +1038,10 @@ fn dead_letter(
         detail: detail.to_owned(),
         value: kept.to_vec(),
         truncated,
-        value_sha256: Sha256::digest(raw).to_vec(),
-        value_len: raw.len() as u64,
+        value_sha256,
+        value_len: value_len as u64,
         attempts,
-        key_len: key.len() as u64,
+        key_len: rec.trimmed.key_len.unwrap_or(key.len()) as u64,
     };
     let mut headers = source_headers(rec);
     headers.push((HEADER_DLQ_REASON.to_owned(), reason.as_str_name().as_bytes().to_vec()));

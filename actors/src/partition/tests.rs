@@ -157,6 +157,7 @@ impl Harness {
             applied: None,
             queue: rx,
             wake_pending: wake.clone(),
+            queued_bytes: Default::default(),
             cache: Arc::new(StateCache::new(store.clone(), 1 << 20, Arc::new(crate::state::NoopObserver))),
             router: pool.router(),
             sink: sink.clone(),
@@ -194,6 +195,7 @@ impl Harness {
             value: Some(event.encode_to_vec()),
             headers: vec![],
             received: Instant::now(),
+            trimmed: Default::default(),
         };
         self.next_offset += 1;
         self.tx.as_ref().unwrap().send(rec).unwrap();
@@ -205,7 +207,8 @@ impl Harness {
     /// Let the actor finish everything queued and stop; the applied offset it reports.
     async fn drain(&mut self) -> Option<Offset> {
         drop(self.tx.take());
-        ractor::call_t!(self.actor, PartitionMsg::Drain, 10_000).unwrap()
+        let far = Instant::now() + Duration::from_secs(60);
+        ractor::call_t!(self.actor, PartitionMsg::Drain, 10_000, far, far).unwrap()
     }
 
     fn outputs(&self) -> Vec<Out> {
@@ -344,4 +347,52 @@ async fn waiting_for_room_in_the_pool_is_backpressure_not_a_deadline_miss() {
     let reasons: Vec<Option<DeadLetterReason>> = h.outputs().iter().map(reason).collect();
     assert_eq!(reasons, [None, None, None], "{:?}", h.outputs());
     h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_stops_computing_at_its_deadline_and_leaves_the_rest_to_be_read_again() {
+    // Batches of 2 events that take 600 ms each; the drain may compute for 1 s.
+    let config = PartitionConfig { max_batch: 2, ..PartitionConfig::default() };
+    let mut h = Harness::start_with(1, config).await;
+    for i in 0..10 {
+        h.send(&format!("k{i}"), 1, SLOW);
+    }
+    drop(h.tx.take());
+    let until = Instant::now() + Duration::from_secs(1);
+    let far = Instant::now() + Duration::from_secs(60);
+    let applied = ractor::call_t!(h.actor, PartitionMsg::Drain, 20_000, until, far).unwrap();
+    let applied = applied.expect("the batches computed before the deadline were written");
+    assert!(applied.0 < 9, "stopped computing at the deadline: applied {applied:?} of 0..=9");
+    assert_eq!(h.outputs().len() as i64, applied.0 + 1, "outputs exactly up to the applied offset");
+    h.stop().await;
+}
+
+#[test]
+fn records_over_the_limits_are_cut_down_before_they_are_queued() {
+    let limits = Limits::default();
+    let value = vec![7u8; 100_000];
+    let key = vec![b'k'; 10_000];
+    let mut headers: Vec<(String, Vec<u8>)> = (0..40).map(|i| (format!("h{i}"), vec![0; 10])).collect();
+    headers.push((
+        HEADER_TRACEPARENT.into(),
+        b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_vec(),
+    ));
+    let rec = InputRecord::bounded(Arc::from("in"), P, Offset(5), Some(&key), Some(&value), headers, &limits);
+    assert_eq!(rec.value.as_ref().map(Vec::len), Some(DEAD_LETTER_PREFIX), "only a prefix is queued");
+    assert_eq!(rec.key.as_ref().map(Vec::len), Some(DEAD_LETTER_PREFIX));
+    assert_eq!(rec.headers.len(), 1, "only the trace context stays");
+    assert_eq!(rec.trimmed.key_len, Some(10_000));
+    assert_eq!(rec.trimmed.headers.map(|(n, _)| n), Some(41));
+    assert!(rec.size() < 3 * DEAD_LETTER_PREFIX, "{} bytes queued", rec.size());
+    let rejection = decode::decode(&rec, &limits, |_| None, 0).unwrap_err();
+    assert_eq!(rejection.reason, DeadLetterReason::Headers, "{rejection:?}");
+    // The dead letter still describes the whole value.
+    let out = dead_letter(&rec, DeadLetterReason::TooLarge, "", 1, &limits);
+    let d = DeadLetter::decode(out.value.as_slice()).unwrap();
+    assert_eq!((d.value_len, d.value.len(), d.key_len), (100_000, DEAD_LETTER_PREFIX, 10_000));
+    assert_eq!(d.value_sha256, Sha256::digest(&value).to_vec());
+    assert!(d.truncated);
+    // Within the limits nothing is cut.
+    let small = InputRecord::bounded(Arc::from("in"), P, Offset(6), Some(b"k"), Some(b"v"), vec![], &limits);
+    assert_eq!((small.size(), small.trimmed), (2, Trimmed::default()));
 }

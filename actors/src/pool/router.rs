@@ -6,6 +6,7 @@
 //! when the one holding the request died. Every request ends in exactly one `Ok` or `Err`.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -142,7 +143,15 @@ impl Router {
             };
             let (reply, answer) = oneshot::channel();
             let isolate = attempt > 1 || handbacks > 0;
-            let job = Job { model, request: request.clone(), enqueued_at: Instant::now(), isolate, reply };
+            let started = Arc::new(AtomicBool::new(false));
+            let job = Job {
+                model,
+                request: request.clone(),
+                enqueued_at: Instant::now(),
+                isolate,
+                reply,
+                started: started.clone(),
+            };
             if link.try_send(job).is_err() {
                 // Its thread is gone: wait for the supervisor like when no worker is healthy.
                 waits += 1;
@@ -157,7 +166,7 @@ impl Router {
             // as if the worker had died with it.
             let answer = tokio::select! {
                 a = answer => a,
-                () = link.shared.abandoned() => Ok(Err(JobFailure::Lost { ran: true })),
+                () = link.shared.abandoned() => Ok(Err(JobFailure::Lost { ran: started.load(Ordering::Acquire) })),
             };
             match answer {
                 Ok(Ok(output)) => return Ok(output),
