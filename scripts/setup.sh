@@ -45,10 +45,11 @@ mkdir -p "$CACHE" "$TOOLS"
 start=$(date +%s)
 
 # 1. Debian packages the native builds need (rocksdb: clang; rdkafka: cmake; prost: protoc).
-#    Benchmarks compare against rocksdb-tools (db_bench) and redis-server.
+#    Benchmarks compare against rocksdb-tools (db_bench) and redis-server; a pipeline test
+#    produces a header name that is not UTF-8 with kcat (Rust's Kafka clients cannot).
 APT_PKGS=(build-essential cmake pkg-config clang libclang-dev protobuf-compiler libprotobuf-dev
           libssl-dev libsasl2-dev zlib1g-dev libzstd-dev libcurl4-openssl-dev python3-venv
-          rocksdb-tools redis-server)
+          rocksdb-tools redis-server kcat)
 missing=()
 for p in "${APT_PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -49,6 +49,7 @@ const SETTINGS: &[Setting] = &[
         kind: Kind::Properties,
     },
     s("topics", "input", "--input-topic"),
+    s("topics", "input_partitions", "--input-partitions"),
     s("topics", "scores", "--scores-topic"),
     s("topics", "dead_letters", "--dlq-topic"),
     s("group", "id", "--group"),

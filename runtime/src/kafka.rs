@@ -305,6 +305,8 @@ pub struct Wiring<S: StateStore> {
     /// A partition with records waiting and no commit for this long is frozen: its actor is
     /// killed and restarted.
     pub frozen_after: Duration,
+    /// The input topic's partition count the deployment expects (`None`: the first one seen).
+    pub input_partitions: Option<usize>,
 }
 
 /// A partition's actor and its queue.
@@ -431,6 +433,8 @@ pub struct NodeContext<S: StateStore> {
     fatal: Mutex<Option<String>>,
     /// Partitions assigned now.
     pub assigned: AtomicI64,
+    /// The input topic's partition count, as first seen (or configured).
+    partition_count: Mutex<Option<usize>>,
 }
 
 impl<S: StateStore> ClientContext for NodeContext<S> {
@@ -462,6 +466,7 @@ impl<S: StateStore> ConsumerContext for NodeContext<S> {
         let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
         let result = match err {
             E::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.check_partition_count(consumer);
                 let (started, waiting) = self.on_assign(tpl);
                 self.wiring.health.joined.store(true, Ordering::SeqCst);
                 let assigned =
@@ -503,6 +508,33 @@ impl<S: StateStore> NodeContext<S> {
         tracing::error!(%msg, "consumer cannot continue");
         self.wiring.health.set_failed(&msg);
         self.fatal.lock().unwrap().get_or_insert(msg);
+    }
+
+    /// The input topic's partition count must not change: keys hash to partitions, and a key's
+    /// state lives with the partition that applied its events, so new partitions would split
+    /// keys from their state. A change (or a count other than the configured one) stops the node.
+    fn check_partition_count(&self, consumer: &BaseConsumer<Self>) {
+        let topic = &self.wiring.topic;
+        let count = match consumer.fetch_metadata(Some(topic), Duration::from_secs(10)) {
+            Ok(md) => md.topics().iter().find(|t| t.name() == &**topic).map_or(0, |t| t.partitions().len()),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the input topic's partition count");
+                return;
+            }
+        };
+        let mut known = self.partition_count.lock().unwrap();
+        match *known {
+            Some(expected) if expected != count && count > 0 => {
+                drop(known);
+                self.set_fatal(format!(
+                    "the input topic {topic} has {count} partitions, {expected} expected: keys moved between partitions and \
+                     would be scored without their state (docs/pipeline.md, \"Partition count\")"
+                ));
+            }
+            Some(_) => {}
+            None if count > 0 => *known = Some(count),
+            None => {}
+        }
     }
 
     /// Claim each partition (fencing older owners), start its actor, and set the offset to resume
@@ -929,6 +961,9 @@ impl<S: StateStore> NodeContext<S> {
     }
 }
 
+/// How often the consumer checks the input topic's partition count (besides every assignment).
+const PARTITION_COUNT_CHECK: Duration = Duration::from_secs(10);
+
 /// Records polled past a full queue that the consumer holds before it drops them and seeks back.
 const MAX_HELD: usize = 1024;
 
@@ -976,19 +1011,33 @@ fn pause<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str, p: i32, pa
 /// The record as a partition actor gets it: over-limit parts cut down (and a large value hashed)
 /// here, on the consumer thread, so queues stay small and the async runtime never hashes them.
 fn to_record(topic: &Arc<str>, m: &rdkafka::message::BorrowedMessage<'_>, limits: &Limits) -> InputRecord {
-    let headers = m
-        .headers()
-        .map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec())).collect())
-        .unwrap_or_default();
-    InputRecord::bounded(
+    // rust-rdkafka's header accessors unwrap each name as UTF-8 (there is no raw one): a name
+    // that is not panics. Caught here, the record is dead-lettered HEADERS instead of the panic
+    // killing the consumer thread (and the node crash-looping on the same record).
+    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        m.headers()
+            .map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec())).collect())
+            .unwrap_or_default()
+    }));
+    let unreadable = read.is_err().then(|| m.headers().map_or(0, |h| h.count()));
+    if unreadable.is_some() {
+        tracing::warn!(
+            partition = m.partition(),
+            offset = m.offset(),
+            "a header name is not UTF-8; the record goes to the dead-letter topic"
+        );
+    }
+    let mut rec = InputRecord::bounded(
         topic.clone(),
         PartitionId(m.partition() as u32),
         Offset(m.offset()),
         m.key(),
         m.payload(),
-        headers,
+        read.unwrap_or_default(),
         limits,
-    )
+    );
+    rec.trimmed.headers_unreadable = unreadable;
+    rec
 }
 
 /// Group membership settings for the ingestion consumer.
@@ -1039,6 +1088,7 @@ pub async fn start_consumer<S: StateStore>(
     commits: Receiver<(PartitionId, Offset)>,
 ) -> anyhow::Result<ConsumerHandle<S>> {
     let topic = wiring.topic.clone();
+    let wiring_partitions = wiring.input_partitions;
     let (downs_tx, downs) = crossbeam_channel::unbounded();
     let (supervisor, _) = Actor::spawn(None, PartitionSupervisor::<S, KafkaSink>::default(), downs_tx)
         .await
@@ -1053,6 +1103,7 @@ pub async fn start_consumer<S: StateStore>(
         lag: Mutex::new(HashMap::new()),
         fatal: Mutex::new(None),
         assigned: AtomicI64::new(0),
+        partition_count: Mutex::new(wiring_partitions),
     };
     let session = settings.session_timeout.as_millis().to_string();
     let mut config = tier.client_config(&[
@@ -1098,7 +1149,14 @@ fn poll_loop<S: StateStore>(
     stop: &AtomicBool,
 ) -> anyhow::Result<()> {
     let ctx = consumer.context().clone();
+    let mut counted = Instant::now();
     while !stop.load(Ordering::SeqCst) {
+        // librdkafka notices new partitions at its next metadata refresh (5 minutes by default):
+        // look more often.
+        if counted.elapsed() >= PARTITION_COUNT_CHECK {
+            counted = Instant::now();
+            ctx.check_partition_count(consumer);
+        }
         if let Some(msg) = ctx.take_fatal() {
             shutdown(consumer, &ctx);
             anyhow::bail!(msg);

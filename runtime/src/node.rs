@@ -153,6 +153,10 @@ pub struct NodeOptions {
     /// Records queued per partition before its Kafka partition is paused.
     #[arg(long, default_value_t = 4096, value_parser = at_least_one)]
     pub partition_queue: usize,
+    /// The input topic's partition count; the node refuses another (keys would be split from their
+    /// state). 0: the count first seen, and any later change stops the node.
+    #[arg(long, default_value_t = 0)]
+    pub input_partitions: usize,
     /// Bytes queued per partition (keys, values, headers) before its Kafka partition is paused.
     #[arg(long, default_value = "16MiB")]
     pub partition_queue_bytes: bytesize::ByteSize,
@@ -346,6 +350,7 @@ impl Node {
             health: health.clone(),
             queue_capacity: opts.partition_queue,
             queue_bytes: usize::try_from(opts.partition_queue_bytes.as_u64()).unwrap_or(usize::MAX),
+            input_partitions: (opts.input_partitions > 0).then_some(opts.input_partitions),
             drain_timeout: opts.grace,
             restart: RestartPolicy {
                 max_restarts: opts.partition_restarts,

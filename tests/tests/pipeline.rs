@@ -1031,3 +1031,63 @@ crash_points! {
     a_crash_after_the_state_write_before_the_offset_commit_loses_nothing_and_applies_state_once: "after-state-write", 53;
     a_crash_while_storing_offsets_for_commit_loses_nothing_and_applies_state_once: "during-commit", 54;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_name_that_is_not_utf8_is_dead_lettered_and_the_node_goes_on() {
+    use std::os::unix::ffi::OsStrExt as _;
+    let broker = broker().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = store(Backend::Rocksdb, &dir).await;
+    let reader = OutputReader::start(&broker.bootstrap, SCORES, DLQ, true).unwrap();
+    let node = NodeProcess::start(&broker.bootstrap, &state, &[]);
+    // Rust's Kafka clients only write UTF-8 header names; kcat (librdkafka's CLI) writes bytes.
+    let mut kcat = std::process::Command::new("kcat")
+        .args(["-P", "-b", &broker.bootstrap, "-t", INPUT, "-p", "0", "-k", "card-x"])
+        .arg("-H")
+        .arg(std::ffi::OsStr::from_bytes(b"bad-\xff\xfe-name=v"))
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("kcat (scripts/setup.sh installs it)");
+    use std::io::Write as _;
+    kcat.stdin.take().unwrap().write_all(b"not an event\n").unwrap();
+    assert!(kcat.wait().unwrap().success());
+    // Then good records, on every partition: the node must still be consuming.
+    let recs = records(60, 10, 0.0, 61);
+    tokio::task::block_in_place(|| produce_tracked(&broker.bootstrap, &recs));
+    let seen = tokio::task::block_in_place(|| {
+        wait_answered(reader, recs.len() as u64 + 1, Duration::from_secs(60), || node.log_text())
+    });
+    let (status, log) = node.terminate(Duration::from_secs(20));
+    assert!(status.is_some_and(|s| s.success()), "{log}");
+    let dead: Vec<&partita_proto::v1::DeadLetter> = seen
+        .outputs
+        .iter()
+        .filter_map(|(_, _, o)| match o {
+            Output::DeadLetter(d) => Some(d),
+            Output::Score(_) => None,
+        })
+        .collect();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].reason(), DeadLetterReason::Headers);
+    assert!(dead[0].detail.contains("not valid UTF-8"), "{:?}", dead[0]);
+    assert_eq!(dead[0].key, b"card-x");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_added_to_the_input_topic_stop_the_node_instead_of_splitting_keys_from_their_state() {
+    let broker = broker().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = store(Backend::Rocksdb, &dir).await;
+    let mut node = NodeProcess::start(&broker.bootstrap, &state, &[]);
+    tokio::task::block_in_place(|| node.wait_assigned(PARTITIONS as usize, Duration::from_secs(60)));
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        partita_runtime::kafka::client_config(&broker.bootstrap).create().unwrap();
+    let more = rdkafka::admin::NewPartitions::new(INPUT, PARTITIONS as usize + 1);
+    for r in admin.create_partitions(&[more], &rdkafka::admin::AdminOptions::new()).await.unwrap() {
+        r.unwrap();
+    }
+    let status = tokio::task::block_in_place(|| node.wait_exit(Duration::from_secs(90)));
+    let log = node.log_text();
+    assert!(status.is_some_and(|s| !s.success()), "the node must stop: {status:?}\n{log}");
+    assert!(log.contains("has 4 partitions, 3 expected"), "{log}");
+}

@@ -76,6 +76,9 @@ pub fn decode<'m>(
 ) -> Result<ValidEvent, Rejection> {
     use DeadLetterReason as R;
     let t = &record.trimmed;
+    if let Some(count) = t.headers_unreadable {
+        return Err(reject(R::Headers, format!("{count} headers, a header name is not valid UTF-8")));
+    }
     if let Some((count, bytes)) = t.headers {
         return Err(reject(
             R::Headers,

@@ -96,6 +96,8 @@ pub struct Trimmed {
     pub key_len: Option<usize>,
     /// The headers' count and bytes, when they were dropped.
     pub headers: Option<(usize, usize)>,
+    /// The headers could not be read (a header name that is not UTF-8): their count.
+    pub headers_unreadable: Option<usize>,
 }
 
 impl InputRecord {
