@@ -160,8 +160,9 @@ pub struct NodeOptions {
     /// Bytes queued per partition (keys, values, headers) before its Kafka partition is paused.
     #[arg(long, default_value = "16MiB")]
     pub partition_queue_bytes: bytesize::ByteSize,
-    /// Per-record inference deadline, counted from admission to the worker pool (waiting for room
-    /// is backpressure, not counted); then retried, then dead letter TIMEOUT.
+    /// Per-record inference deadline, counted from the start of the record's batch on a worker
+    /// (waiting for room in the pool or a worker's queue is backpressure, not counted); then
+    /// retried, then dead letter TIMEOUT.
     #[arg(long, value_parser = positive_duration, default_value = "2s")]
     pub infer_deadline: Duration,
     /// An event more than this above its key's applied sequence is dead-lettered SEQUENCE_GAP (one

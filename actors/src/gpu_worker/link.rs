@@ -24,9 +24,10 @@ pub struct Job {
     /// Answered exactly once, by the worker thread (or dropped with the queue if the thread died,
     /// which the router reads as "worker lost" and retries).
     pub reply: oneshot::Sender<JobReply>,
-    /// Set by the worker thread when the job enters a `forward`: if the worker is then abandoned
-    /// as hung, the job ran (it counts against its retries); if not, it only waited in the queue.
-    pub started: Arc<AtomicBool>,
+    /// Told by the worker thread when the job enters a `forward`: its deadline starts then (the
+    /// wait in the queue is not timed), and if the worker is then abandoned as hung, the job ran
+    /// (it counts against its retries); if not, it only waited.
+    pub started: Option<oneshot::Sender<()>>,
 }
 
 /// What the worker thread answers a job with.

@@ -173,6 +173,11 @@ impl WorkerThread {
     /// poison row costs about 2·log2(rows) extra calls, and only a row that fails **alone** is
     /// answered with the error; its batch-mates get their scores.
     fn execute(&mut self, m: usize, mut batch: Vec<Job>) -> Result<(), String> {
+        for job in &mut batch {
+            if let Some(started) = job.started.take() {
+                let _ = started.send(());
+            }
+        }
         let started = Instant::now();
         let rows = batch.len();
         let result = self.forward(m, &batch);
@@ -226,7 +231,6 @@ impl WorkerThread {
         self.features.clear();
         self.state.clear();
         for job in batch {
-            job.started.store(true, std::sync::atomic::Ordering::Release);
             self.features.extend_from_slice(&job.request.features);
             if spec.is_stateful() {
                 match &job.request.state {

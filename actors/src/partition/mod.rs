@@ -212,8 +212,9 @@ pub struct PartitionConfig {
     /// Computed batches that may wait for the committer (their outputs' acknowledgements and
     /// state write) while the next batch is scored.
     pub max_pending_batches: usize,
-    /// Per-record inference deadline, from admission to the pool (waiting for room is not
-    /// counted); a record that misses it is retried, then dead-lettered.
+    /// Per-record inference deadline, from the start of its batch on a worker (waiting for room
+    /// in the pool or a worker's queue is not counted); a record that misses it is retried, then
+    /// dead-lettered.
     pub infer_deadline: Duration,
     /// Inference attempts per record before it is dead-lettered (errors, panics, deadlines).
     pub max_attempts: u32,
@@ -912,8 +913,8 @@ impl<S: StateStore, K: PartitionSink> Committer<S, K> {
 async fn infer(router: &Router, req: InferRequest, config: &PartitionConfig) -> Outcome {
     let mut last = (DeadLetterReason::InferenceFailed, String::new());
     for _ in 0..config.max_attempts {
-        // Waiting for room in the pool is backpressure, not part of the deadline: a backlog or a
-        // catch-up must not turn valid events into TIMEOUT dead letters.
+        // Waiting (for room in the pool, in a worker's queue) is backpressure, not part of the
+        // deadline: a backlog or a catch-up must not turn valid events into TIMEOUT dead letters.
         match router.infer_within(req.clone(), config.infer_deadline).await.ok_or(()) {
             Ok(Ok(out)) => {
                 // A model defect, not bad input: storing it would poison the key (every later

@@ -335,18 +335,26 @@ async fn late_repeated_and_jumping_sequences_get_their_own_answers_and_never_poi
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn waiting_for_room_in_the_pool_is_backpressure_not_a_deadline_miss() {
-    // One request in the pool at a time, each takes 300 ms, the deadline is 500 ms: the third of
-    // three concurrent events waits 600 ms for room, and must still be scored.
-    let config = PartitionConfig { infer_deadline: Duration::from_millis(500), ..PartitionConfig::default() };
-    let mut h = Harness::start_with(1, config).await;
-    for key in ["a", "b", "c"] {
-        h.send(key, 1, SLOW);
+async fn waiting_is_backpressure_not_a_deadline_miss() {
+    // Each request takes 300 ms on the one worker, the deadline is 500 ms: the third of three
+    // concurrent events waits 600 ms, for room in the pool (one slot) or in the worker's queue
+    // (64 slots), and must still be scored at its first attempt: the deadline times the run, not
+    // the wait.
+    for slots in [1, 64] {
+        let config = PartitionConfig {
+            infer_deadline: Duration::from_millis(500),
+            max_attempts: 1,
+            ..PartitionConfig::default()
+        };
+        let mut h = Harness::start_with(slots, config).await;
+        for key in ["a", "b", "c"] {
+            h.send(key, 1, SLOW);
+        }
+        h.drain().await;
+        let reasons: Vec<Option<DeadLetterReason>> = h.outputs().iter().map(reason).collect();
+        assert_eq!(reasons, [None, None, None], "{slots} slots: {:?}", h.outputs());
+        h.stop().await;
     }
-    h.drain().await;
-    let reasons: Vec<Option<DeadLetterReason>> = h.outputs().iter().map(reason).collect();
-    assert_eq!(reasons, [None, None, None], "{:?}", h.outputs());
-    h.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,13 +6,12 @@
 //! when the one holding the request died. Every request ends in exactly one `Ok` or `Err`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
-use crate::gpu_worker::{Job, JobFailure, WorkerLink};
+use crate::gpu_worker::{Job, JobFailure, JobReply, WorkerLink};
 use crate::inference::{InferError, InferOutput, InferRequest, validate};
 use crate::model::ModelSpec;
 
@@ -75,13 +74,14 @@ impl Router {
         let model = self.check(&req)?;
         let permit =
             self.inner.permits.clone().acquire_owned().await.map_err(|_| InferError::ShuttingDown)?;
-        self.dispatch(model, Arc::new(req), permit).await
+        self.dispatch(model, Arc::new(req), permit, None)
+            .await
+            .expect("without a deadline there is an answer")
     }
 
-    /// Run one request with a deadline on the work, not on the wait for room: admission to a full
-    /// pool is backpressure (the caller waits, however long), and `deadline` starts once the
-    /// request is admitted (it covers the worker queue, the batching delay and the run). `None`
-    /// when the deadline passed: the request is cancelled (a queued job is skipped).
+    /// Run one request with a deadline on the work, not on the waiting: admission to a full pool
+    /// and a worker's queue are backpressure (the caller waits, however long), and `deadline`
+    /// starts when the request's batch starts on a worker. `None` when the deadline passed.
     pub async fn infer_within(
         &self,
         req: InferRequest,
@@ -95,7 +95,7 @@ impl Router {
             Ok(p) => p,
             Err(_) => return Some(Err(InferError::ShuttingDown)),
         };
-        tokio::time::timeout(deadline, self.dispatch(model, Arc::new(req), permit)).await.ok()
+        self.dispatch(model, Arc::new(req), permit, Some(deadline)).await
     }
 
     /// Run one request, or fail at once with [`InferError::Overloaded`] if the pool is full.
@@ -107,7 +107,9 @@ impl Router {
                 InferError::Overloaded { capacity: self.inner.capacity }
             }
         })?;
-        self.dispatch(model, Arc::new(req), permit).await
+        self.dispatch(model, Arc::new(req), permit, None)
+            .await
+            .expect("without a deadline there is an answer")
     }
 
     fn check(&self, req: &InferRequest) -> Result<usize, InferError> {
@@ -120,12 +122,15 @@ impl Router {
         Ok(model)
     }
 
+    /// Send to workers until one answers (retrying lost requests). With a `deadline`, an attempt
+    /// that runs longer than it (from the moment its batch starts) ends the request: `None`.
     async fn dispatch(
         &self,
         model: usize,
         request: Arc<InferRequest>,
         _permit: OwnedSemaphorePermit,
-    ) -> Result<InferOutput, InferError> {
+        deadline: Option<Duration>,
+    ) -> Option<Result<InferOutput, InferError>> {
         let attempts = 1 + self.inner.max_retries;
         // Jobs handed back unrun are bounded by the deaths of the workers holding them, which the
         // restart budget bounds; this cap is a second fence. Each wait for a healthy worker (all
@@ -135,7 +140,7 @@ impl Router {
         loop {
             let Some(link) = self.pick() else {
                 if waits == max_waits {
-                    return Err(InferError::WorkerLost { attempts: attempt });
+                    return Some(Err(InferError::WorkerLost { attempts: attempt }));
                 }
                 waits += 1;
                 tokio::time::sleep(self.inner.retry_backoff).await;
@@ -143,34 +148,29 @@ impl Router {
             };
             let (reply, answer) = oneshot::channel();
             let isolate = attempt > 1 || handbacks > 0;
-            let started = Arc::new(AtomicBool::new(false));
+            let (started_tx, started) = oneshot::channel();
             let job = Job {
                 model,
                 request: request.clone(),
                 enqueued_at: Instant::now(),
                 isolate,
                 reply,
-                started: started.clone(),
+                started: Some(started_tx),
             };
             if link.try_send(job).is_err() {
                 // Its thread is gone: wait for the supervisor like when no worker is healthy.
                 waits += 1;
                 if waits > max_waits {
-                    return Err(InferError::WorkerLost { attempts: attempt });
+                    return Some(Err(InferError::WorkerLost { attempts: attempt }));
                 }
                 tokio::time::sleep(self.inner.retry_backoff).await;
                 continue;
             }
             waits = 0;
-            // A hung worker never answers: its supervisor abandons it, and the request goes on
-            // as if the worker had died with it.
-            let answer = tokio::select! {
-                a = answer => a,
-                () = link.shared.abandoned() => Ok(Err(JobFailure::Lost { ran: started.load(Ordering::Acquire) })),
-            };
+            let answer = wait_for_answer(answer, started, &link, deadline).await?;
             match answer {
-                Ok(Ok(output)) => return Ok(output),
-                Ok(Err(JobFailure::Error(e))) => return Err(e),
+                Ok(Ok(output)) => return Some(Ok(output)),
+                Ok(Err(JobFailure::Error(e))) => return Some(Err(e)),
                 Ok(Err(JobFailure::Lost { ran: false })) if handbacks < max_handbacks => {
                     handbacks += 1;
                     tracing::debug!(worker = link.index, "worker handed back a request unrun; retrying");
@@ -178,7 +178,7 @@ impl Router {
                 // Ran in the batch that killed the worker, or its queue vanished with it.
                 _ => {
                     if attempt == attempts {
-                        return Err(InferError::WorkerLost { attempts });
+                        return Some(Err(InferError::WorkerLost { attempts }));
                     }
                     tracing::debug!(worker = link.index, attempt, "worker lost a request; retrying");
                     attempt += 1;
@@ -206,5 +206,38 @@ impl Router {
     /// Refuse new requests; those already admitted finish.
     pub(crate) fn close(&self) {
         self.inner.permits.close();
+    }
+}
+
+/// One attempt's answer. A hung worker never answers: its supervisor abandons it, and the request
+/// goes on as if the worker had died with it (`ran` when its batch had started). With a
+/// `deadline`, the clock starts when the job's batch starts (queueing is not timed); `None` once
+/// it has passed.
+async fn wait_for_answer(
+    mut answer: oneshot::Receiver<JobReply>,
+    mut started: oneshot::Receiver<()>,
+    link: &WorkerLink,
+    deadline: Option<Duration>,
+) -> Option<Result<JobReply, oneshot::error::RecvError>> {
+    let abandoned = link.shared.abandoned();
+    tokio::pin!(abandoned);
+    let mut ran = false;
+    let mut timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    loop {
+        tokio::select! {
+            a = &mut answer => return Some(a),
+            () = &mut abandoned => return Some(Ok(Err(JobFailure::Lost { ran }))),
+            s = &mut started, if !ran => {
+                // Err: the job was dropped unrun (its worker went away); the answer says so.
+                ran = s.is_ok();
+                if ran && let Some(d) = deadline {
+                    timer = Some(Box::pin(tokio::time::sleep(d)));
+                }
+                if !ran {
+                    return Some(answer.await);
+                }
+            }
+            () = async { timer.as_mut().expect("guarded").await }, if timer.is_some() => return None,
+        }
     }
 }
