@@ -840,6 +840,9 @@ impl<S: StateStore> NodeContext<S> {
 
     /// Hand a record to its partition's actor; pause the partition when its queue is full.
     fn route(&self, consumer: &BaseConsumer<Self>, rec: InputRecord) {
+        // Tests: `consumer-stall=1*sleep(MS)` stops polling for a while (past max.poll.interval.ms,
+        // the group takes the assignment away).
+        fail::fail_point!("consumer-stall");
         let p = rec.partition.0 as i32;
         let mut slots = self.slots.lock().unwrap();
         let Some(slot) = slots.get_mut(&p) else { return };

@@ -104,14 +104,20 @@ impl NodeProcess {
             .args(store.node_args())
             .arg("--repository")
             .arg(models_dir())
-            .args(["--device", "cpu", "--intra-op-threads", "1", "--session-timeout", "6s", "--grace", "15s"])
             .args(extra)
-            // Tests run in parallel: each node picks a free port unless the test chose one.
+            // Defaults a test may override. Tests run in parallel: each node picks a free port.
             .args(
-                ["--http-listen", "--grpc-listen"]
-                    .iter()
-                    .filter(|f| !extra.contains(f))
-                    .flat_map(|f| [*f, "127.0.0.1:0"]),
+                [
+                    ("--device", "cpu"),
+                    ("--intra-op-threads", "1"),
+                    ("--session-timeout", "6s"),
+                    ("--grace", "15s"),
+                    ("--http-listen", "127.0.0.1:0"),
+                    ("--grpc-listen", "127.0.0.1:0"),
+                ]
+                .iter()
+                .filter(|(f, _)| !extra.contains(f))
+                .flat_map(|(f, v)| [*f, *v]),
             )
             .env("RUST_LOG", "warn,partita=info")
             .envs(env.iter().copied())

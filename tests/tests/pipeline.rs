@@ -1133,3 +1133,61 @@ async fn a_crash_during_a_revoke_drain_loses_nothing_and_the_next_owner_applies_
         "crash during a revoke drain, second node took over: {dups} duplicate outputs, state == replay"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orderly_stop_that_hangs_ends_within_grace_plus_ten_seconds() {
+    let broker = broker().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = store(Backend::Rocksdb, &dir).await;
+    // One model call takes a minute (a stuck device, not yet declared hung): the worker cannot
+    // be joined, so an unbounded stop would wait for it.
+    let mut node = NodeProcess::start_with_env(
+        &broker.bootstrap,
+        &state,
+        &["--grace", "2s", "--worker-hang-after", "5m"],
+        &[("FAILPOINTS", "forward=1*sleep(60000)")],
+    );
+    tokio::task::block_in_place(|| node.wait_assigned(PARTITIONS as usize, Duration::from_secs(60)));
+    tokio::task::block_in_place(|| produce_tracked(&broker.bootstrap, &records(20, 5, 0.0, 81)));
+    std::thread::sleep(Duration::from_secs(2));
+    let _ = std::process::Command::new("kill").args(["-TERM", &node.child.id().to_string()]).status();
+    // Bounded at --grace + 10 s = 12 s; the hung call alone would take a minute.
+    let status = tokio::task::block_in_place(|| node.wait_exit(Duration::from_secs(40)));
+    let log = node.log_text();
+    assert!(status.is_some(), "the stop did not end within 40 s:\n{log}");
+    assert!(log.contains("the orderly stop took longer than"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_assignment_is_not_drained_like_a_revoke_and_nothing_is_lost() {
+    let broker = broker().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = store(Backend::Rocksdb, &dir).await;
+    let reader = OutputReader::start(&broker.bootstrap, SCORES, DLQ, true).unwrap();
+    // The consumer thread stalls 10 s at its first record, past max.poll.interval.ms (6 s): the
+    // group takes the assignment away, and the node finds it lost when it polls again.
+    let node = NodeProcess::start_with_env(
+        &broker.bootstrap,
+        &state,
+        &["--ingestion-property", "max.poll.interval.ms=6000"],
+        &[("FAILPOINTS", "consumer-stall=1*sleep(10000)")],
+    );
+    tokio::task::block_in_place(|| node.wait_assigned(PARTITIONS as usize, Duration::from_secs(60)));
+    let recs = records(300, 20, 0.05, 83);
+    let landed = tokio::task::block_in_place(|| produce_tracked(&broker.bootstrap, &recs));
+    let seen = tokio::task::block_in_place(|| {
+        wait_answered(reader, recs.len() as u64, Duration::from_secs(120), || node.log_text())
+    });
+    let before_stop = node.log_text();
+    let (status, log) = node.terminate(Duration::from_secs(20));
+    assert!(status.is_some_and(|s| s.success()), "{log}");
+    assert!(
+        before_stop.contains("assignment lost"),
+        "the stall must have cost the assignment:\n{before_stop}"
+    );
+    assert!(
+        !before_stop.contains("partition drained"),
+        "lost partitions were drained like revoked ones:\n{before_stop}"
+    );
+    check(&recs, &landed, &seen, &state).await;
+}

@@ -226,6 +226,8 @@ impl WorkerThread {
 
     /// One `forward` over `batch`, panics caught, output shapes checked.
     fn forward(&mut self, m: usize, batch: &[Job]) -> Result<BatchOutput, Failed> {
+        // Tests: `forward=1*sleep(60000)` makes one model call take a minute (a stuck device).
+        fail::fail_point!("forward");
         let spec = &self.specs[m];
         let rows = batch.len();
         self.features.clear();

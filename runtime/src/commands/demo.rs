@@ -26,6 +26,10 @@ pub struct DemoArgs {
     /// Events per second.
     #[arg(long, default_value_t = 2000.0)]
     pub rate: f64,
+    /// How long to wait for the last outputs once the load stopped (an overloaded node works
+    /// off its backlog meanwhile).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "15s")]
+    pub drain: Duration,
     /// Partitions of the input and output topics.
     #[arg(long, default_value_t = 4)]
     pub partitions: i32,
@@ -190,6 +194,7 @@ async fn with_node(
     load.keys = args.keys;
     load.zipf = args.zipf;
     load.bad_ratio = args.bad_ratio;
+    load.drain = args.drain;
     let stop = stop.clone();
     let report =
         tokio::task::spawn_blocking(move || run_load(&load, &stop)).await.context("load generator")??;
