@@ -845,13 +845,6 @@ async fn partitions_paused_when_revoked_are_resumed_when_assigned_back() {
     let (status, log) = node.terminate(Duration::from_secs(20));
     assert!(status.is_some_and(|s| s.success()), "{log}");
     assert!(log.contains("partition revoked"), "the second member took partitions:\n{log}");
-    eprintln!(
-        "{}",
-        log.lines()
-            .filter(|l| l.contains("DEBUG") || l.contains("assigned") || l.contains("revoked"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
     check(&recs, &landed, &seen, &state).await;
 }
 
