@@ -8,6 +8,21 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use ractor::{ActorId, SupervisionEvent};
+
+/// A child that stopped, from a supervision event: its id and why (`failed: ...` for an error or a
+/// panic, its stop reason, or a note that it was killed). `None` for events that are not a stop.
+pub fn child_stopped(evt: &SupervisionEvent) -> Option<(ActorId, String)> {
+    match evt {
+        SupervisionEvent::ActorFailed(cell, err) => Some((cell.get_id(), format!("failed: {err}"))),
+        SupervisionEvent::ActorTerminated(cell, _, reason) => Some((
+            cell.get_id(),
+            reason.clone().unwrap_or_else(|| "stopped without a reason (killed)".into()),
+        )),
+        _ => None,
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RestartPolicy {
     pub max_restarts: usize,

@@ -56,6 +56,26 @@ macro_rules! on_both_backends {
     };
 }
 
+/// What most tests start with: a broker with the test topics, a fresh store of `backend` (its
+/// directory lives as long as the `TempDir`), and a reader of the output topics from their ends.
+async fn setup(backend: Backend) -> (LocalKafka, tempfile::TempDir, TestStore, OutputReader) {
+    let broker = broker().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = store(backend, &dir).await;
+    let reader = OutputReader::start(&broker.bootstrap, SCORES, DLQ, true).unwrap();
+    (broker, dir, state, reader)
+}
+
+/// SIGTERM `node`, which must exit cleanly within 20 s; its log.
+fn stop_cleanly(node: NodeProcess) -> String {
+    let (status, log) = node.terminate(Duration::from_secs(20));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the node did not exit cleanly on SIGTERM: {status:?}\n{log}"
+    );
+    log
+}
+
 /// A fresh store of `backend` for one test (RocksDB in `dir`, or its own Cassandra keyspace).
 async fn store(backend: Backend, dir: &tempfile::TempDir) -> TestStore {
     TestStore::new(backend, &dir.path().join("state")).await
@@ -231,10 +251,7 @@ on_both_backends!(
 );
 
 async fn every_record_is_answered_once_in_key_order_and_state_equals_a_replay(backend: Backend) {
-    let broker = broker().await;
-    let dir = tempfile::tempdir().unwrap();
-    let state = store(backend, &dir).await;
-    let reader = OutputReader::start(&broker.bootstrap, SCORES, DLQ, true).unwrap();
+    let (broker, _dir, state, reader) = setup(backend).await;
     let node = NodeProcess::start(&broker.bootstrap, &state, &[]);
     // 1500 records over 40 keys, a fifth of them bad (every kind of the table, round robin).
     let recs = records(1500, 40, 0.2, 7);
@@ -260,10 +277,7 @@ on_both_backends!(
 );
 
 async fn kill_9_mid_stream_then_restart_loses_nothing_and_applies_nothing_twice(backend: Backend) {
-    let broker = broker().await;
-    let dir = tempfile::tempdir().unwrap();
-    let state = store(backend, &dir).await;
-    let reader = OutputReader::start(&broker.bootstrap, SCORES, DLQ, true).unwrap();
+    let (broker, _dir, state, reader) = setup(backend).await;
     let node = NodeProcess::start(&broker.bootstrap, &state, &[]);
     let recs = records(3000, 60, 0.05, 11);
     let bootstrap = broker.bootstrap.clone();
@@ -300,10 +314,7 @@ on_both_backends!(
 );
 
 async fn a_crash_between_produce_and_state_write_repeats_outputs_but_applies_state_once(backend: Backend) {
-    let broker = broker().await;
-    let dir = tempfile::tempdir().unwrap();
-    let state = store(backend, &dir).await;
-    let reader = OutputReader::start(&broker.bootstrap, SCORES, DLQ, true).unwrap();
+    let (broker, _dir, state, reader) = setup(backend).await;
     let recs = records(1200, 30, 0.05, 13);
     let landed = tokio::task::block_in_place(|| produce_tracked(&broker.bootstrap, &recs));
     // The node aborts right after its 3rd acknowledged output batch, before that batch's state
@@ -326,8 +337,7 @@ async fn a_crash_between_produce_and_state_write_repeats_outputs_but_applies_sta
     let seen = tokio::task::block_in_place(|| {
         wait_answered(reader, recs.len() as u64, Duration::from_secs(120), || node.log_text())
     });
-    let (status, log) = node.terminate(Duration::from_secs(20));
-    assert!(status.is_some_and(|s| s.success()), "{log}");
+    stop_cleanly(node);
     let dups = check(&recs, &landed, &seen, &state).await;
     assert!(dups > 0, "the crashed batch's outputs must show up again after the restart (at least once)");
     assert_eq!(dups, seen.duplicates);
@@ -338,10 +348,7 @@ async fn a_crash_between_produce_and_state_write_repeats_outputs_but_applies_sta
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_commits_everything_and_a_restart_reprocesses_nothing() {
-    let broker = broker().await;
-    let dir = tempfile::tempdir().unwrap();
-    let state = store(Backend::Rocksdb, &dir).await;
-    let reader = OutputReader::start(&broker.bootstrap, SCORES, DLQ, true).unwrap();
+    let (broker, _dir, state, reader) = setup(Backend::Rocksdb).await;
     let node = NodeProcess::start(&broker.bootstrap, &state, &[]);
     let recs = records(400, 20, 0.0, 3);
     tokio::task::block_in_place(|| produce_tracked(&broker.bootstrap, &recs));
@@ -388,8 +395,7 @@ async fn sigterm_commits_everything_and_a_restart_reprocesses_nothing() {
             .iter()
             .all(|(_, _, o)| matches!(o, Output::Score(Score { key, .. }) if key.starts_with(b"card-99-")))
     );
-    let (status, log) = node.terminate(Duration::from_secs(20));
-    assert!(status.is_some_and(|s| s.success()), "{log}");
+    stop_cleanly(node);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -504,8 +510,7 @@ async fn metrics_match_what_was_processed_and_readiness_follows_the_node() {
         text.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.split(['{', ' ']).next()).collect();
     let missing: Vec<&String> = queried.iter().filter(|q| !served.contains(q.as_str())).collect();
     assert!(missing.is_empty(), "the dashboard queries series /metrics does not serve: {missing:?}");
-    let (status, log) = node.terminate(Duration::from_secs(20));
-    assert!(status.is_some_and(|s| s.success()), "{log}");
+    stop_cleanly(node);
 }
 
 /// The `partita_*` series named in the dashboard's PromQL expressions.
@@ -566,8 +571,7 @@ async fn extreme_event_times_are_scored_and_flagged_without_crashing_the_node() 
         3,
         "the three far-off event times are flagged: {suspect:?}"
     );
-    let (status, log) = node.terminate(Duration::from_secs(20));
-    assert!(status.is_some_and(|s| s.success()), "{log}");
+    stop_cleanly(node);
 }
 
 /// Each record's output (score or dead letter) by source coordinates, with its `traceparent`.
@@ -655,8 +659,7 @@ async fn spans_reach_an_otlp_collector_and_one_trace_runs_producer_node_score() 
     let landed = tokio::task::block_in_place(|| produce_tracked(&broker.bootstrap, &recs));
     let outs = tokio::task::block_in_place(|| outputs_with_traceparent(&broker.bootstrap, &landed, &node));
     // SIGTERM: the node flushes its spans before it exits.
-    let (status, log) = node.terminate(Duration::from_secs(20));
-    assert!(status.is_some_and(|s| s.success()), "{log}");
+    let log = stop_cleanly(node);
     let spans = collector.spans();
     let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
     let by_id: HashMap<String, &partita_tests::otlp::Received> =
@@ -750,8 +753,7 @@ async fn a_partition_actor_that_panics_is_restarted_from_its_stored_offset_and_l
         f64::from(PARTITIONS),
         "every partition runs again"
     );
-    let (status, log) = node.terminate(Duration::from_secs(20));
-    assert!(status.is_some_and(|s| s.success()), "{log}");
+    let log = stop_cleanly(node);
     assert!(log.contains("injected by the test"), "the fail point fired:\n{log}");
     assert!(log.contains("restarting the partition from its stored offset"), "{log}");
     let dups = check(&recs, &landed, &seen, &state).await;
@@ -781,10 +783,7 @@ async fn a_partition_that_keeps_failing_stops_the_node_with_its_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_the_store_cannot_take_yet_are_retried_and_nothing_is_lost() {
-    let broker = broker().await;
-    let dir = tempfile::tempdir().unwrap();
-    let state = store(Backend::Rocksdb, &dir).await;
-    let reader = OutputReader::start(&broker.bootstrap, SCORES, DLQ, true).unwrap();
+    let (broker, _dir, state, reader) = setup(Backend::Rocksdb).await;
     let recs = records(300, 20, 0.05, 23);
     let landed = tokio::task::block_in_place(|| produce_tracked(&broker.bootstrap, &recs));
     // The first four claims meet an "unavailable" store.
@@ -793,8 +792,7 @@ async fn claims_the_store_cannot_take_yet_are_retried_and_nothing_is_lost() {
     let seen = tokio::task::block_in_place(|| {
         wait_answered(reader, recs.len() as u64, Duration::from_secs(120), || node.log_text())
     });
-    let (status, log) = node.terminate(Duration::from_secs(20));
-    assert!(status.is_some_and(|s| s.success()), "{log}");
+    let log = stop_cleanly(node);
     assert!(log.matches("fail point claim").count() >= 4, "{log}");
     let dups = check(&recs, &landed, &seen, &state).await;
     assert_eq!(dups, 0);
@@ -802,10 +800,7 @@ async fn claims_the_store_cannot_take_yet_are_retried_and_nothing_is_lost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_paused_when_revoked_are_resumed_when_assigned_back() {
-    let broker = broker().await;
-    let dir = tempfile::tempdir().unwrap();
-    let state = store(Backend::Rocksdb, &dir).await;
-    let reader = OutputReader::start(&broker.bootstrap, SCORES, DLQ, true).unwrap();
+    let (broker, _dir, state, reader) = setup(Backend::Rocksdb).await;
     // Tiny queues, and the first batch of each partition takes 8 s: each partition is paused (its
     // queue full, a record held back) during the rebalances below.
     let node = NodeProcess::start_with_env(
@@ -842,18 +837,14 @@ async fn partitions_paused_when_revoked_are_resumed_when_assigned_back() {
     let seen = tokio::task::block_in_place(|| {
         wait_answered(reader, recs.len() as u64, Duration::from_secs(120), || node.log_text())
     });
-    let (status, log) = node.terminate(Duration::from_secs(20));
-    assert!(status.is_some_and(|s| s.success()), "{log}");
+    let log = stop_cleanly(node);
     assert!(log.contains("partition revoked"), "the second member took partitions:\n{log}");
     check(&recs, &landed, &seen, &state).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_partition_is_restarted_and_loses_nothing() {
-    let broker = broker().await;
-    let dir = tempfile::tempdir().unwrap();
-    let state = store(Backend::Rocksdb, &dir).await;
-    let reader = OutputReader::start(&broker.bootstrap, SCORES, DLQ, true).unwrap();
+    let (broker, _dir, state, reader) = setup(Backend::Rocksdb).await;
     let recs = records(300, 20, 0.05, 31);
     let landed = tokio::task::block_in_place(|| produce_tracked(&broker.bootstrap, &recs));
     // One batch hangs for 10 minutes; frozen after 2 x 1 s without a commit.
@@ -866,26 +857,21 @@ async fn a_frozen_partition_is_restarted_and_loses_nothing() {
     let seen = tokio::task::block_in_place(|| {
         wait_answered(reader, recs.len() as u64, Duration::from_secs(120), || node.log_text())
     });
-    let (status, log) = node.terminate(Duration::from_secs(20));
-    assert!(status.is_some_and(|s| s.success()), "{log}");
+    let log = stop_cleanly(node);
     assert_eq!(log.matches("partition frozen").count(), 1, "{log}");
     check(&recs, &landed, &seen, &state).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_deleted_before_they_were_applied_stop_the_node_instead_of_being_skipped() {
-    let broker = broker().await;
-    let dir = tempfile::tempdir().unwrap();
-    let state = store(Backend::Rocksdb, &dir).await;
-    let reader = OutputReader::start(&broker.bootstrap, SCORES, DLQ, true).unwrap();
+    let (broker, _dir, state, reader) = setup(Backend::Rocksdb).await;
     let first = records(60, 10, 0.0, 37);
     tokio::task::block_in_place(|| produce_tracked(&broker.bootstrap, &first));
     let node = NodeProcess::start(&broker.bootstrap, &state, &[]);
     tokio::task::block_in_place(|| {
         wait_answered(reader, first.len() as u64, Duration::from_secs(60), || node.log_text())
     });
-    let (status, log) = node.terminate(Duration::from_secs(20));
-    assert!(status.is_some_and(|s| s.success()), "{log}");
+    stop_cleanly(node);
     // While the node is down, 60 more records arrive and retention deletes every record: the 60
     // were never applied.
     let more = records(60, 10, 0.0, 41);
@@ -942,10 +928,7 @@ fn event_with_key(key: Vec<u8>) -> GenRecord {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_output_the_broker_refuses_is_replaced_by_a_minimal_dead_letter_and_nothing_stalls() {
-    let broker = broker().await;
-    let dir = tempfile::tempdir().unwrap();
-    let state = store(Backend::Rocksdb, &dir).await;
-    let reader = OutputReader::start(&broker.bootstrap, SCORES, DLQ, true).unwrap();
+    let (broker, _dir, state, reader) = setup(Backend::Rocksdb).await;
     // The node's producer takes records of at most 3000 bytes: a score copies its key twice (record
     // key and body), so a 2500-byte key makes a score that can never be produced.
     let node =
@@ -959,8 +942,7 @@ async fn an_output_the_broker_refuses_is_replaced_by_a_minimal_dead_letter_and_n
     let seen = tokio::task::block_in_place(|| {
         wait_answered(reader, recs.len() as u64, Duration::from_secs(120), || node.log_text())
     });
-    let (status, log) = node.terminate(Duration::from_secs(20));
-    assert!(status.is_some_and(|s| s.success()), "{log}");
+    let log = stop_cleanly(node);
     assert_eq!(seen.duplicates, 0, "a retry re-produces only what was not acknowledged");
     let answer = |i: usize| {
         let (p, o) = landed[i];
@@ -985,10 +967,7 @@ async fn an_output_the_broker_refuses_is_replaced_by_a_minimal_dead_letter_and_n
 /// A crash at fail point `point` (its third pass), then a restart without fail points: every
 /// record answered, the state equal to a one-by-one replay (applied once), whatever repeated.
 async fn crash_at_then_restart(point: &str, seed: u64) {
-    let broker = broker().await;
-    let dir = tempfile::tempdir().unwrap();
-    let state = store(Backend::Rocksdb, &dir).await;
-    let reader = OutputReader::start(&broker.bootstrap, SCORES, DLQ, true).unwrap();
+    let (broker, _dir, state, reader) = setup(Backend::Rocksdb).await;
     let recs = records(600, 30, 0.05, seed);
     let landed = tokio::task::block_in_place(|| produce_tracked(&broker.bootstrap, &recs));
     let failpoints = format!("{point}=2*off->return");
@@ -1003,8 +982,7 @@ async fn crash_at_then_restart(point: &str, seed: u64) {
     let seen = tokio::task::block_in_place(|| {
         wait_answered(reader, recs.len() as u64, Duration::from_secs(120), || node.log_text())
     });
-    let (status, log) = node.terminate(Duration::from_secs(20));
-    assert!(status.is_some_and(|s| s.success()), "{log}");
+    stop_cleanly(node);
     let dups = check(&recs, &landed, &seen, &state).await;
     eprintln!("crash at {point}: {dups} duplicate outputs after the restart, state == replay");
 }
@@ -1028,10 +1006,7 @@ crash_points! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_header_name_that_is_not_utf8_is_dead_lettered_and_the_node_goes_on() {
     use std::os::unix::ffi::OsStrExt as _;
-    let broker = broker().await;
-    let dir = tempfile::tempdir().unwrap();
-    let state = store(Backend::Rocksdb, &dir).await;
-    let reader = OutputReader::start(&broker.bootstrap, SCORES, DLQ, true).unwrap();
+    let (broker, _dir, state, reader) = setup(Backend::Rocksdb).await;
     let node = NodeProcess::start(&broker.bootstrap, &state, &[]);
     // Rust's Kafka clients only write UTF-8 header names; kcat (librdkafka's CLI) writes bytes.
     let mut kcat = std::process::Command::new("kcat")
@@ -1050,8 +1025,7 @@ async fn a_header_name_that_is_not_utf8_is_dead_lettered_and_the_node_goes_on() 
     let seen = tokio::task::block_in_place(|| {
         wait_answered(reader, recs.len() as u64 + 1, Duration::from_secs(60), || node.log_text())
     });
-    let (status, log) = node.terminate(Duration::from_secs(20));
-    assert!(status.is_some_and(|s| s.success()), "{log}");
+    stop_cleanly(node);
     let dead: Vec<&partita_proto::v1::DeadLetter> = seen
         .outputs
         .iter()
@@ -1089,10 +1063,7 @@ async fn partitions_added_to_the_input_topic_stop_the_node_instead_of_splitting_
 /// (drained, not yet committed), the second takes everything over: nothing lost, state once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_during_a_revoke_drain_loses_nothing_and_the_next_owner_applies_state_once() {
-    let broker = broker().await;
-    let dir = tempfile::tempdir().unwrap();
-    let state = store(Backend::Cql, &dir).await;
-    let reader = OutputReader::start(&broker.bootstrap, SCORES, DLQ, true).unwrap();
+    let (broker, _dir, state, reader) = setup(Backend::Cql).await;
     let recs = records(900, 40, 0.05, 71);
     let landed = tokio::task::block_in_place(|| produce_tracked(&broker.bootstrap, &recs));
     let mut first = NodeProcess::start_with_env(
@@ -1119,8 +1090,7 @@ async fn a_crash_during_a_revoke_drain_loses_nothing_and_the_next_owner_applies_
     let seen = tokio::task::block_in_place(|| {
         wait_answered(reader, all.len() as u64, Duration::from_secs(120), || second.log_text())
     });
-    let (status, log) = second.terminate(Duration::from_secs(20));
-    assert!(status.is_some_and(|s| s.success()), "{log}");
+    stop_cleanly(second);
     let dups = check(&all, &landed, &seen, &state).await;
     eprintln!(
         "crash during a revoke drain, second node took over: {dups} duplicate outputs, state == replay"
@@ -1153,10 +1123,7 @@ async fn an_orderly_stop_that_hangs_ends_within_grace_plus_ten_seconds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_assignment_is_not_drained_like_a_revoke_and_nothing_is_lost() {
-    let broker = broker().await;
-    let dir = tempfile::tempdir().unwrap();
-    let state = store(Backend::Rocksdb, &dir).await;
-    let reader = OutputReader::start(&broker.bootstrap, SCORES, DLQ, true).unwrap();
+    let (broker, _dir, state, reader) = setup(Backend::Rocksdb).await;
     // The consumer thread stalls 10 s at its first record, past max.poll.interval.ms (6 s): the
     // group takes the assignment away, and the node finds it lost when it polls again.
     let node = NodeProcess::start_with_env(
@@ -1172,8 +1139,7 @@ async fn a_lost_assignment_is_not_drained_like_a_revoke_and_nothing_is_lost() {
         wait_answered(reader, recs.len() as u64, Duration::from_secs(120), || node.log_text())
     });
     let before_stop = node.log_text();
-    let (status, log) = node.terminate(Duration::from_secs(20));
-    assert!(status.is_some_and(|s| s.success()), "{log}");
+    stop_cleanly(node);
     assert!(
         before_stop.contains("assignment lost"),
         "the stall must have cost the assignment:\n{before_stop}"

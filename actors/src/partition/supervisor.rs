@@ -15,6 +15,7 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, Supervi
 
 use super::{PartitionActor, PartitionArgs, PartitionMsg, PartitionSink};
 use crate::state::{Epoch, PartitionId, StateStore};
+use crate::supervision::child_stopped;
 
 /// The stop reason of a partition actor that drained (a revoke or shutdown): not a failure.
 pub const DRAINED: &str = "drained";
@@ -96,19 +97,13 @@ impl<S: StateStore, K: PartitionSink> Actor for PartitionSupervisor<S, K> {
         evt: SupervisionEvent,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let (cell, reason) = match evt {
-            SupervisionEvent::ActorFailed(cell, err) => (cell, format!("failed: {err}")),
-            SupervisionEvent::ActorTerminated(cell, _, reason) => {
-                (cell, reason.unwrap_or_else(|| "stopped without a reason (killed)".into()))
-            }
-            _ => return Ok(()),
-        };
-        let Some((partition, epoch)) = state.children.remove(&cell.get_id()) else { return Ok(()) };
+        let Some((actor, reason)) = child_stopped(&evt) else { return Ok(()) };
+        let Some((partition, epoch)) = state.children.remove(&actor) else { return Ok(()) };
         if reason == DRAINED {
             return Ok(());
         }
         let fenced = reason.starts_with(FENCED);
-        let down = PartitionDown { partition, epoch, actor: cell.get_id(), reason, fenced };
+        let down = PartitionDown { partition, epoch, actor, reason, fenced };
         tracing::error!(partition = %partition, epoch = epoch.0, reason = %down.reason, "partition actor down");
         let _ = state.downs.send(down);
         Ok(())

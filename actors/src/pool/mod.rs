@@ -20,8 +20,8 @@ pub use router::Router;
 use crate::gpu_worker::{GpuWorker, GpuWorkerArgs, GpuWorkerMsg, WorkerLink};
 use crate::inference::{BackendFactory, Device, ModelReady};
 use crate::model::ModelSpec;
-use crate::supervision::RestartBudget;
 pub use crate::supervision::RestartPolicy;
+use crate::supervision::{RestartBudget, child_stopped};
 
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
@@ -142,20 +142,15 @@ impl Actor for WorkerPool {
         evt: SupervisionEvent,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let (cell, failure) = match &evt {
-            SupervisionEvent::ActorFailed(cell, err) => (cell, Some(err.to_string())),
-            SupervisionEvent::ActorTerminated(cell, _, reason) => (cell, reason.clone()),
-            _ => return Ok(()),
-        };
-        let Some(i) =
-            state.children.iter().position(|c| c.as_ref().is_some_and(|c| c.get_id() == cell.get_id()))
+        let Some((actor, reason)) = child_stopped(&evt) else { return Ok(()) };
+        let Some(i) = state.children.iter().position(|c| c.as_ref().is_some_and(|c| c.get_id() == actor))
         else {
             return Ok(());
         };
         state.children[i] = None;
         state.args.router.set_worker(i, None);
         if !state.stopping {
-            tracing::error!(worker = i, reason = failure.as_deref().unwrap_or("stopped"), "worker down");
+            tracing::error!(worker = i, %reason, "worker down");
             state.schedule_restart(&myself, i);
         }
         Ok(())

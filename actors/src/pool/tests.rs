@@ -7,7 +7,9 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 
 use super::*;
-use crate::inference::{BackendError, BatchInput, BatchOutput, InferError, InferRequest, InferenceBackend};
+use crate::inference::{
+    BackendError, BatchInput, BatchOutput, InferError, InferOutput, InferRequest, InferenceBackend,
+};
 use crate::model::BatchPolicy;
 
 const F: usize = 3;
@@ -151,6 +153,16 @@ async fn start_with(config: PoolConfig, batch: BatchPolicy, gate: Option<Receive
     Harness { pool, record }
 }
 
+/// With a gated pool: a request whose batch holds the worker on the gate; returns once it entered.
+async fn hold_worker(h: &Harness) -> tokio::task::JoinHandle<Result<InferOutput, InferError>> {
+    let first = tokio::spawn({
+        let r = h.pool.router();
+        async move { r.infer(req(100.0, None)).await }
+    });
+    wait_for(|| async { h.record.entered.load(Ordering::SeqCst) }, |&n| n == 1).await;
+    first
+}
+
 fn req(first: f32, state: Option<Vec<f32>>) -> InferRequest {
     InferRequest { model: "m".into(), features: vec![first, 1.0, 2.0], state }
 }
@@ -232,11 +244,7 @@ async fn only_the_rows_that_fail_alone_get_the_error_their_batch_mates_are_score
     let h = start(1, 64, batched(), Some(gate)).await;
     let router = h.pool.router();
     // The first batch holds the worker on the gate; the next 8 queue and run as one batch.
-    let first = tokio::spawn({
-        let r = router.clone();
-        async move { r.infer(req(100.0, None)).await }
-    });
-    wait_for(|| async { h.record.entered.load(Ordering::SeqCst) }, |&n| n == 1).await;
+    let first = hold_worker(&h).await;
     let firsts = [1.0, 2.0, PANIC, 3.0, 4.0, 5.0, FAIL, 6.0];
     let tasks: Vec<_> = firsts
         .iter()
@@ -353,11 +361,7 @@ async fn cancelled_requests_are_skipped_and_release_their_slot() {
     let h = start(1, 64, batched(), Some(gate)).await;
     let router = h.pool.router();
     // The first batch blocks the worker on the gate; the rest queue behind it.
-    let first = tokio::spawn({
-        let r = router.clone();
-        async move { r.infer(req(100.0, None)).await }
-    });
-    wait_for(|| async { h.record.entered.load(Ordering::SeqCst) }, |&n| n == 1).await;
+    let first = hold_worker(&h).await;
     let mut tasks = Vec::new();
     for i in 0..20 {
         let r = router.clone();
