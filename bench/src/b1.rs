@@ -20,8 +20,8 @@ use partita_actors::inference::InferRequest;
 use partita_actors::model::ModelSpec;
 use partita_actors::pool::Router;
 use partita_bench::git_rev;
+use partita_runtime::inference::repository::ModelRepository;
 use partita_runtime::inference::{DeviceChoice, InferenceOptions};
-use partita_runtime::model_repo::ModelRepository;
 use serde_json::json;
 use tch::{CModule, IValue, Tensor};
 
@@ -252,7 +252,7 @@ async fn main() -> anyhow::Result<()> {
     };
     // Starting a pool sets the intra-op threads, so the bare loop below runs with the same setting,
     // and on the same device as the pool's (first) worker.
-    let device = partita_runtime::tch_backend::tch_device(opts(false).devices()?[0]);
+    let device = partita_runtime::inference::tch::tch_device(opts(false).devices()?[0]);
     let (pool, _) = opts(false).start().await?;
     let concurrency = 2 * spec.batch.max_batch_size;
     println!(

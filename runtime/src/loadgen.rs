@@ -77,7 +77,7 @@ pub struct LoadgenOptions {
 impl LoadgenOptions {
     /// Defaults against `bootstrap` (demo, tests, benchmarks).
     pub fn local(bootstrap: &str) -> Self {
-        let mut o: LoadgenOptions = crate::config::defaults();
+        let mut o: LoadgenOptions = crate::node::config::defaults();
         o.bootstrap = bootstrap.to_owned();
         o
     }

@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use partita_runtime::commands;
 use partita_runtime::inference::InferenceOptions;
 use partita_runtime::node::NodeOptions;
-use partita_runtime::traces::{self, LogFormat};
+use partita_runtime::telemetry::traces::{self, LogFormat};
 
 #[derive(Debug, Parser)]
 #[command(name = "partita", version, about = "real-time, stateful ML scoring of event streams")]
@@ -56,7 +56,7 @@ fn main() -> ExitCode {
     };
     // A node's configuration first: it says whether spans are exported.
     let node = match &cli.command {
-        Command::Node { args } => match partita_runtime::config::resolve(args) {
+        Command::Node { args } => match partita_runtime::node::config::resolve(args) {
             Ok((opts, _)) => Some(opts),
             Err(errors) => {
                 eprintln!("error: invalid configuration:\n  {}", errors.join("\n  "));

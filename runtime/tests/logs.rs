@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use partita_runtime::traces::{LogFormat, init_with_writer};
+use partita_runtime::telemetry::traces::{LogFormat, init_with_writer};
 use rdkafka::producer::BaseProducer;
 
 #[derive(Clone, Default)]

@@ -8,9 +8,9 @@ use partita_actors::inference::{
 };
 use partita_actors::model::ModelSpec;
 use partita_actors::pool::{InferencePool, PoolConfig, RestartPolicy};
+use partita_runtime::inference::repository::ModelRepository;
+use partita_runtime::inference::tch::TchFactory;
 use partita_runtime::inference::{DeviceChoice, InferenceOptions, StartError};
-use partita_runtime::model_repo::ModelRepository;
-use partita_runtime::tch_backend::TchFactory;
 use partita_tests::{Lcg, fixture_repo, models_dir};
 
 fn opts(repository: std::path::PathBuf) -> InferenceOptions {
@@ -197,7 +197,7 @@ async fn a_model_that_breaks_its_contract_fails_at_warm_up() {
 
 #[tokio::test]
 async fn device_cuda_without_a_gpu_is_a_clear_error() {
-    if partita_runtime::tch_backend::cuda_device_count() > 0 {
+    if partita_runtime::inference::tch::cuda_device_count() > 0 {
         return; // this machine has a GPU: covered by `partita models --device cuda` instead
     }
     let o = InferenceOptions { device: DeviceChoice::Cuda, ..opts(models_dir()) };

@@ -4,7 +4,7 @@
 //! other than a drain (an error, a panic, a kill, a fence) as a [`PartitionDown`] on a channel.
 //! Whoever owns the Kafka side of the partitions reads that channel and decides: restart the
 //! partition from its stored offset within a [`RestartBudget`](crate::supervision::RestartBudget),
-//! or give it up. In a node that is the consumer thread (`runtime/src/kafka.rs`): only it can
+//! or give it up. In a node that is the consumer thread (`runtime/src/kafka/consumer.rs`): only it can
 //! seek the partition back to the stored offset, and it must not block on the actor system.
 
 use std::collections::HashMap;

@@ -11,14 +11,16 @@ use partita_proto::v1::{DeadLetter, DeadLetterReason, Event, Score};
 use prost::Message;
 use ractor::{Actor, ActorRef};
 
+use super::records::dead_letter;
 use super::*;
 use crate::inference::{
     BackendError, BackendFactory, BatchInput, BatchOutput, Device, InferenceBackend, ModelReady,
 };
 use crate::model::{BatchPolicy, ModelSpec};
 use crate::pool::{InferencePool, PoolConfig, RestartPolicy};
-use crate::state::FORMAT_SEQ_F32_LE;
 use crate::state::mem::MemStore;
+use crate::state::{Epoch, FORMAT_SEQ_F32_LE, Offset, StateCache, StateStore, StateValue};
+use sha2::{Digest, Sha256};
 use supervisor::{PartitionDown, PartitionSupervisor, SupervisorMsg};
 
 const F: usize = 2;

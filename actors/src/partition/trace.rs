@@ -1,6 +1,6 @@
 //! The partition actor's trace port: a span per batch and per record, and the W3C `traceparent`
 //! a record's outputs carry. The runtime implements it with OpenTelemetry
-//! (`partita_runtime::traces::OtelTracer`); the default methods make no spans, and then the
+//! (`partita_runtime::telemetry::traces::OtelTracer`); the default methods make no spans, and then the
 //! outputs carry the input's `traceparent` unchanged.
 //!
 //! The actor records these fields on a record's span; an implementation declares them (as

@@ -3,7 +3,7 @@
 
 use std::ffi::OsString;
 
-use crate::config::resolve;
+use crate::node::config::resolve;
 
 pub fn run(args: &[OsString]) -> anyhow::Result<()> {
     match resolve(args) {

@@ -1,6 +1,9 @@
 //! Wiring of the inference half: options, device selection, and starting the worker pool on the
 //! model repository with the LibTorch adapter.
 
+pub mod repository;
+pub mod tch;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,8 +13,8 @@ use partita_actors::inference::Device;
 use partita_actors::model::BatchPolicy;
 use partita_actors::pool::{InferencePool, PoolConfig, RestartPolicy};
 
-use crate::model_repo::ModelRepository;
-use crate::tch_backend::{TchFactory, cuda_device_count, set_intra_op_threads};
+use repository::ModelRepository;
+use tch::{TchFactory, cuda_device_count, set_intra_op_threads};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DeviceChoice {
@@ -50,14 +53,14 @@ pub struct InferenceOptions {
 impl Default for InferenceOptions {
     /// The flags' defaults (one source: clap's).
     fn default() -> Self {
-        crate::config::defaults()
+        crate::node::config::defaults()
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
-    Repository(#[from] crate::model_repo::RepoError),
+    Repository(#[from] crate::inference::repository::RepoError),
     #[error("--device cuda: libtorch sees no CUDA device (CPU-only build, or no GPU)")]
     NoCuda,
     #[error("--cpu-workers must be at least 1")]

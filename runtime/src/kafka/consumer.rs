@@ -6,7 +6,6 @@
 //! runtime. Rebalance callbacks run on that thread too, so they may block: on assign they claim the
 //! partition in the state store (which fences older owners) and start its actor at the stored
 //! applied offset; on revoke they drain the actor and commit before giving the partition up.
-
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,269 +16,21 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use partita_actors::partition::decode::Limits;
 use partita_actors::partition::supervisor::{self, PartitionDown, PartitionSupervisor, SupervisorMsg};
 use partita_actors::partition::{
-    InputRecord, OutputRecord, OutputTopic, PartitionArgs, PartitionConfig, PartitionMsg, PartitionSink,
-    PipelineCounters, PipelineObserver, SinkError, Tracer,
+    InputRecord, PartitionArgs, PartitionConfig, PartitionMsg, PipelineCounters, PipelineObserver, Tracer,
 };
 use partita_actors::pool::Router;
 use partita_actors::state::{Epoch, Offset, PartitionId, PartitionMeta, StateCache, StateStore, StoreError};
 use partita_actors::supervision::{RestartBudget, RestartPolicy};
 use ractor::{Actor, ActorRef};
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::message::{Headers, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Offset as KOffset, TopicPartitionList};
 use tokio::runtime::Handle;
 
-/// One Kafka cluster: where it is and any extra librdkafka settings (`security.protocol`, ...).
-#[derive(Debug, Clone, Default)]
-pub struct KafkaTier {
-    pub bootstrap: String,
-    /// librdkafka properties applied last (they win over partita's defaults).
-    pub properties: Vec<(String, String)>,
-}
-
-impl KafkaTier {
-    pub fn new(bootstrap: impl Into<String>) -> Self {
-        Self { bootstrap: bootstrap.into(), properties: Vec::new() }
-    }
-
-    /// A client config with `defaults`, then this tier's own properties.
-    pub fn client_config(&self, defaults: &[(&str, &str)]) -> ClientConfig {
-        let mut c = client_config(&self.bootstrap);
-        for (k, v) in defaults {
-            c.set(*k, *v);
-        }
-        for (k, v) in &self.properties {
-            c.set(k, v);
-        }
-        c
-    }
-
-    /// The idempotent, `acks=all` producer partita writes outputs with.
-    pub fn producer(&self) -> anyhow::Result<FutureProducer> {
-        self.client_config(&[
-            ("enable.idempotence", "true"),
-            ("acks", "all"),
-            ("linger.ms", "1"),
-            ("message.timeout.ms", "30000"),
-        ])
-        .create()
-        .with_context(|| format!("creating a producer for {}", self.bootstrap))
-    }
-}
-
-/// Warn when an output topic's `min.insync.replicas` is below 2: with `acks=all` an acknowledged
-/// output then lives on one replica, and that broker's loss loses it. A topic that cannot be
-/// described is logged too (the node still starts: the produce path reports real failures).
-pub async fn warn_on_weak_durability(tier: &KafkaTier, topics: &[&str]) {
-    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
-    use rdkafka::client::DefaultClientContext;
-    let Ok(admin) = tier.client_config(&[]).create::<AdminClient<DefaultClientContext>>() else { return };
-    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
-    for topic in topics {
-        let described = admin.describe_configs(&[ResourceSpecifier::Topic(topic)], &opts).await;
-        let min_isr = match &described {
-            Ok(results) => results
-                .iter()
-                .flatten()
-                .find_map(|r| r.get("min.insync.replicas"))
-                .and_then(|e| e.value.as_deref())
-                .and_then(|v| v.parse::<u32>().ok()),
-            Err(_) => None,
-        };
-        match min_isr {
-            Some(n) if n >= 2 => {}
-            Some(n) => tracing::warn!(
-                topic,
-                min_insync_replicas = n,
-                "output topic has min.insync.replicas < 2: an acknowledged output (acks=all) may live on one broker only"
-            ),
-            None => tracing::warn!(topic, ?described, "cannot read the output topic's min.insync.replicas"),
-        }
-    }
-}
-
-/// The base settings of every partita Kafka client: the bootstrap servers and
-/// `socket.nagle.disable` (small requests must not wait for Nagle's algorithm on a 50 ms budget).
-pub fn client_config(bootstrap: &str) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", bootstrap).set("socket.nagle.disable", "true");
-    c
-}
-
-/// The low and high watermarks of `topic`/`partition`, asking again for up to `within` while the
-/// partition has no leader yet or its leader does not know it leads (a topic a moment after its
-/// creation answers `NotLeaderForPartition` or `LeaderNotAvailable` for a while).
-pub fn watermarks<C: rdkafka::consumer::ConsumerContext>(
-    consumer: &BaseConsumer<C>,
-    topic: &str,
-    partition: i32,
-    within: Duration,
-) -> anyhow::Result<(i64, i64)> {
-    let deadline = Instant::now() + within;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match consumer.fetch_watermarks(topic, partition, left.max(Duration::from_millis(100))) {
-            Ok(w) => return Ok(w),
-            Err(e) if Instant::now() < deadline && leader_not_ready(&e) => {
-                std::thread::sleep(Duration::from_millis(100))
-            }
-            Err(e) => return Err(e).with_context(|| format!("watermarks of {topic}/{partition}")),
-        }
-    }
-}
-
-fn leader_not_ready(e: &KafkaError) -> bool {
-    matches!(
-        e.rdkafka_error_code(),
-        Some(
-            RDKafkaErrorCode::NotLeaderForPartition
-                | RDKafkaErrorCode::LeaderNotAvailable
-                | RDKafkaErrorCode::UnknownTopicOrPartition
-        )
-    )
-}
-
-/// Record headers as rdkafka takes them.
-pub fn owned_headers(headers: &[(String, Vec<u8>)]) -> OwnedHeaders {
-    headers.iter().fold(OwnedHeaders::new_with_capacity(headers.len()), |h, (k, v)| {
-        h.insert(Header { key: k, value: Some(v) })
-    })
-}
-
-/// Parse `KEY=VALUE` (librdkafka property flags).
-pub fn parse_property(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-        .filter(|(k, _)| !k.is_empty())
-        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
-}
-
-/// Scores and dead letters to the processing tier; commits through the consumer thread.
-///
-/// An idempotent producer that hits a fatal error (the broker rejected its sequence numbers) is
-/// unusable for good; the sink then builds a new one and fails the batch, which the partition
-/// actor retries (outputs may repeat: at least once).
-pub struct KafkaSink {
-    tier: KafkaTier,
-    producer: std::sync::RwLock<FutureProducer>,
-    scores_topic: String,
-    dlq_topic: String,
-    commits: Sender<(PartitionId, Offset)>,
-}
-
-impl KafkaSink {
-    pub fn new(
-        tier: KafkaTier,
-        scores_topic: String,
-        dlq_topic: String,
-        commits: Sender<(PartitionId, Offset)>,
-    ) -> anyhow::Result<Self> {
-        let producer = std::sync::RwLock::new(tier.producer()?);
-        Ok(Self { tier, producer, scores_topic, dlq_topic, commits })
-    }
-
-    fn current(&self) -> FutureProducer {
-        self.producer.read().unwrap().clone()
-    }
-
-    /// Replace a producer that reported a fatal error (once, whoever sees it first).
-    fn replace_fatal(&self, failed: &FutureProducer, error: &KafkaError) {
-        let mut p = self.producer.write().unwrap();
-        if !std::ptr::eq(p.client().native_ptr(), failed.client().native_ptr()) {
-            return; // already replaced
-        }
-        tracing::error!(%error, "the output producer hit a fatal error; replacing it");
-        match self.tier.producer() {
-            Ok(fresh) => *p = fresh,
-            Err(e) => tracing::error!(error = %e, "cannot create a new output producer"),
-        }
-    }
-}
-
-/// Errors the broker (or librdkafka's local checks) will answer again for the same record: the
-/// record is refused for good, retrying it would stall its partition.
-fn is_refused_for_good(e: &KafkaError) -> bool {
-    use RDKafkaErrorCode as C;
-    matches!(
-        e.rdkafka_error_code(),
-        Some(C::MessageSizeTooLarge | C::InvalidMessageSize | C::InvalidMessage | C::InvalidRecord)
-    )
-}
-
-fn is_fatal(e: &KafkaError) -> bool {
-    e.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal)
-}
-
-impl PartitionSink for KafkaSink {
-    async fn produce(&self, records: &[OutputRecord]) -> Result<(), SinkError> {
-        let producer = self.current();
-        let mut failed = SinkError::default();
-        let note = |failed: &mut SinkError, i: usize, topic: &str, e: &KafkaError| {
-            if is_fatal(e) {
-                self.replace_fatal(&producer, e);
-            }
-            if failed.detail.is_empty() {
-                failed.detail = format!("{topic}: {e}");
-            }
-            if is_refused_for_good(e) {
-                failed.rejected.push((i, e.to_string()));
-            } else {
-                failed.unacked.push(i);
-            }
-        };
-        let mut pending = Vec::with_capacity(records.len());
-        for (i, r) in records.iter().enumerate() {
-            let topic = match r.topic {
-                OutputTopic::Scores => &self.scores_topic,
-                OutputTopic::DeadLetters => &self.dlq_topic,
-            };
-            let mut record =
-                FutureRecord::to(topic).key(&r.key).payload(&r.value).headers(owned_headers(&r.headers));
-            loop {
-                match producer.send_result(record) {
-                    Ok(delivery) => {
-                        pending.push((i, delivery));
-                        break;
-                    }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                        record = back;
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                    Err((e, _)) => {
-                        note(&mut failed, i, topic, &e);
-                        break;
-                    }
-                }
-            }
-        }
-        let (indices, deliveries): (Vec<usize>, Vec<_>) = pending.into_iter().unzip();
-        for (i, delivery) in indices.into_iter().zip(futures::future::join_all(deliveries).await) {
-            match delivery {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, m))) => note(&mut failed, i, m.topic(), &e),
-                Err(_) => note(&mut failed, i, "?", &KafkaError::Canceled),
-            }
-        }
-        if !failed.unacked.is_empty() || !failed.rejected.is_empty() {
-            failed.unacked.sort_unstable();
-            return Err(failed);
-        }
-        // Crash tests: `after-produce=2*off->return` dies like kill -9 right after the third
-        // acknowledged output batch, before its state write.
-        partita_actors::crash_point!("after-produce");
-        Ok(())
-    }
-
-    fn commit(&self, partition: PartitionId, next_offset: Offset) {
-        // The consumer thread stores it; a closed channel means the node is stopping.
-        let _ = self.commits.send((partition, next_offset));
-    }
-}
+use super::{KafkaSink, KafkaTier};
 
 /// What the consumer thread needs to start partition actors.
 pub struct Wiring<S: StateStore> {

@@ -1,6 +1,8 @@
 //! `partita node`: the inference pool, the state store and cache, the producer and the consumer
 //! group, wired together; runs until a shutdown signal, then drains in order.
 
+pub mod config;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,8 +20,8 @@ use crate::kafka::{ConsumerSettings, KafkaSink, KafkaTier, Wiring, parse_propert
 use crate::state::rocks::{RocksConfig, RocksStore};
 use crate::state::scylla::{CqlConsistency, Replication, ScyllaConfig, ScyllaStore};
 use crate::state::{Backend, NodeStore};
+use crate::telemetry::traces::{OtelTracer, Otlp};
 use crate::telemetry::{Health, Metrics, Sources, serve, serve_grpc_health};
-use crate::traces::{OtelTracer, Otlp};
 
 fn parse_cql_uri(s: &str) -> Result<String, String> {
     for node in s.split(',').map(str::trim) {
@@ -201,7 +203,7 @@ pub struct NodeOptions {
 impl NodeOptions {
     /// Defaults for a node on `bootstrap` with state in `state_dir` (demo, tests, benchmarks).
     pub fn local(bootstrap: &str, state_dir: PathBuf) -> Self {
-        let mut node: NodeOptions = crate::config::defaults();
+        let mut node: NodeOptions = crate::node::config::defaults();
         node.ingestion_bootstrap = bootstrap.to_owned();
         node.state_dir = state_dir;
         node.http_listen = ([127, 0, 0, 1], 0).into();

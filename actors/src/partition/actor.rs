@@ -1,0 +1,553 @@
+//! The partition actor: the compute stage (steps 1-5 of the module doc of `partition`).
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use partita_proto::v1::DeadLetterReason;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tracing::{Instrument as _, Span};
+
+use super::committer::Committer;
+use super::decode::{self, Limits, ValidEvent};
+use super::records::{dead_letter, score};
+use super::trace::{self, Tracer};
+use super::{
+    HEADER_TRACEPARENT, InputRecord, OutputRecord, PartitionConfig, PartitionSink, PipelineCounters,
+    PipelineObserver, micros, sequence, supervisor, unix_micros, waves,
+};
+use crate::inference::{InferError, InferOutput, InferRequest};
+use crate::pool::Router;
+use crate::state::{Epoch, Offset, PartitionId, Sequenced, StateCache, StateStore, StateValue, StoreError};
+
+pub struct PartitionArgs<S, K> {
+    pub topic: Arc<str>,
+    pub partition: PartitionId,
+    /// This owner's epoch (fences older owners' writes).
+    pub epoch: Epoch,
+    /// The stored applied offset to resume after.
+    pub applied: Option<Offset>,
+    pub queue: Receiver<InputRecord>,
+    /// Set by the consumer when it sends a `Wake`; cleared by the actor before it drains.
+    pub wake_pending: Arc<AtomicBool>,
+    /// Bytes of the records in `queue` ([`InputRecord::size`]): the consumer adds, the actor
+    /// subtracts what it takes, so the queue is bounded in bytes as well as in records.
+    pub queued_bytes: Arc<AtomicUsize>,
+    pub cache: Arc<StateCache<S>>,
+    pub router: Router,
+    pub sink: Arc<K>,
+    pub limits: Arc<Limits>,
+    pub config: PartitionConfig,
+    pub counters: Arc<PipelineCounters>,
+    pub observer: Arc<dyn PipelineObserver>,
+    pub tracer: Arc<dyn Tracer>,
+}
+
+pub struct PartitionState<S, K> {
+    args: PartitionArgs<S, K>,
+    /// The record that would have exceeded `max_waves`: first in the next batch.
+    carry: Option<InputRecord>,
+    /// Records at or below this offset were computed (or applied before this actor started).
+    computed: Option<Offset>,
+    /// Number of the next batch computed.
+    next_no: u64,
+    /// New states of computed batches not yet written.
+    pending: Pending,
+    /// The committer task and the channel to it; taken when the actor drains.
+    committer: Option<(tokio::sync::mpsc::Sender<Computed>, tokio::task::JoinHandle<Option<Offset>>)>,
+}
+
+#[derive(Debug)]
+pub enum PartitionMsg {
+    /// Records are waiting in the queue.
+    Wake,
+    /// Compute what is queued until the first instant, let the committer finish until the
+    /// second, then stop; replies with the applied offset (`None` when the committer did not
+    /// finish in time). What was not computed or committed is dropped: nothing past the stored
+    /// offset was committed, so whoever owns the partition next reads it again.
+    Drain(Instant, Instant, RpcReplyPort<Option<Offset>>),
+    /// The committer hit a fenced or corrupt store: stop.
+    Failed(StoreError),
+}
+
+/// Config-less actor type; everything lives in [`PartitionState`].
+pub struct PartitionActor<S, K>(PhantomData<fn() -> (S, K)>);
+
+impl<S, K> Default for PartitionActor<S, K> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<S: StateStore, K: PartitionSink> Actor for PartitionActor<S, K> {
+    type Msg = PartitionMsg;
+    type State = PartitionState<S, K>;
+    type Arguments = PartitionArgs<S, K>;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let pending = Pending::default();
+        let (tx, rx) = tokio::sync::mpsc::channel(args.config.max_pending_batches.max(1));
+        let committer = Committer {
+            topic: args.topic.clone(),
+            partition: args.partition,
+            epoch: args.epoch,
+            cache: args.cache.clone(),
+            sink: args.sink.clone(),
+            counters: args.counters.clone(),
+            observer: args.observer.clone(),
+            config: args.config.clone(),
+            pending: pending.clone(),
+            actor: myself,
+        };
+        let task = tokio::spawn(committer.run(rx));
+        Ok(PartitionState {
+            computed: args.applied,
+            args,
+            carry: None,
+            next_no: 0,
+            pending,
+            committer: Some((tx, task)),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            // One batch per message: a Drain (or a committer's failure) waiting in the mailbox is
+            // handled between batches, not after the whole queue.
+            PartitionMsg::Wake => {
+                state.drain_queue(None, Some(1)).await?;
+                if state.carry.is_some() || !state.args.queue.is_empty() {
+                    let _ = myself.cast(PartitionMsg::Wake);
+                }
+            }
+            PartitionMsg::Drain(compute_until, commit_until, reply) => {
+                state.drain_queue(Some(compute_until), None).await?;
+                let applied = match state.committer.take() {
+                    Some((tx, mut task)) => {
+                        drop(tx);
+                        match tokio::time::timeout_at(commit_until.into(), &mut task).await {
+                            Ok(done) => done?.or(state.args.applied),
+                            Err(_) => {
+                                tracing::warn!(partition = %state.args.partition, "drain: the committer did not finish in time; stopping it");
+                                task.abort();
+                                None
+                            }
+                        }
+                    }
+                    None => state.args.applied,
+                };
+                let _ = reply.send(applied);
+                myself.stop(Some(supervisor::DRAINED.into()));
+            }
+            // A newer owner holds the partition: stop without failing, so the supervisor gives
+            // the partition up instead of restarting it (a restart would claim it back).
+            PartitionMsg::Failed(e @ StoreError::Fenced { .. }) => {
+                myself.stop(Some(format!("{}: {e}", supervisor::FENCED)));
+            }
+            PartitionMsg::Failed(e) => return Err(e.into()),
+        }
+        Ok(())
+    }
+}
+
+/// The committer is the actor's child: it dies with it, however the actor ends (a panic or a
+/// kill skips `post_stop`, never this). A batch it was producing is re-read from the stored
+/// offset by whoever owns the partition next; a state write it had in flight is fenced by that
+/// owner's newer epoch.
+impl<S, K> Drop for PartitionState<S, K> {
+    fn drop(&mut self) {
+        if let Some((_, task)) = self.committer.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Why a batch stopped: retry it, or stop the actor.
+enum Halt {
+    Transient(String),
+    Fatal(StoreError),
+}
+
+impl From<StoreError> for Halt {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable { detail } => Halt::Transient(detail),
+            fatal => Halt::Fatal(fatal),
+        }
+    }
+}
+
+/// One key's state while a batch runs.
+struct KeyState {
+    seq: Sequenced,
+    dirty: bool,
+}
+
+enum Outcome {
+    Scored(Box<InferOutput>),
+    Dead(DeadLetterReason, String, u32),
+    /// No healthy worker or the pool is stopping: retry the batch later.
+    Retry(InferError),
+}
+
+/// New states of batches computed but not yet written, by key: (batch number, value). A key's
+/// entry is the newest batch's; the committer removes it once that batch is written (the cache
+/// holds it then), so the next batches never read a state older than one already computed.
+pub(super) type Pending = Arc<Mutex<HashMap<Vec<u8>, (u64, StateValue)>>>;
+
+/// A computed batch on its way to the committer.
+pub(super) struct Computed {
+    pub(super) no: u64,
+    pub(super) last: Offset,
+    pub(super) records: usize,
+    /// Scores and dead letters in offset order.
+    pub(super) outputs: Vec<OutputRecord>,
+    /// New states of the keys the batch changed.
+    pub(super) entries: Vec<(Vec<u8>, StateValue)>,
+    pub(super) scored: u64,
+    pub(super) dead: Vec<DeadLetterReason>,
+    /// The batch's and its records' spans: they end when the batch is durable.
+    pub(super) span: Span,
+    pub(super) _record_spans: Vec<Span>,
+}
+
+impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
+    /// Compute queued batches (and hand them to the committer) until the queue is empty, `batches`
+    /// were computed, or `until` has passed: then what is still queued stays (a drain drops it
+    /// with the actor).
+    async fn drain_queue(
+        &mut self,
+        until: Option<Instant>,
+        batches: Option<usize>,
+    ) -> Result<(), ActorProcessingErr> {
+        self.args.wake_pending.store(false, Ordering::SeqCst);
+        for _ in 0..batches.unwrap_or(usize::MAX) {
+            if until.is_some_and(|t| Instant::now() >= t) {
+                tracing::info!(partition = %self.args.partition, queued = self.args.queue.len(), "drain deadline: leaving the rest to be read again");
+                return Ok(());
+            }
+            let batch = self.next_batch();
+            if batch.is_empty() {
+                return Ok(());
+            }
+            // Crash tests: `partition-batch=1*panic(...)` fails the actor once;
+            // `partition-batch-delay=N*return(MS)` makes N batches wait MS ms first.
+            fail::fail_point!("partition-batch");
+            if let Some(ms) = test_delay() {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            let Some(computed) = self.compute_with_retry(batch).await? else { continue };
+            let Some((tx, _)) = &self.committer else { return Err("the partition is draining".into()) };
+            if tx.send(computed).await.is_err() {
+                return Err("the committer stopped".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Up to `max_batch` queued records, at most `max_waves` of any one key.
+    fn next_batch(&mut self) -> Vec<InputRecord> {
+        let config = &self.args.config;
+        let mut batch = Vec::new();
+        let mut per_key: HashMap<Vec<u8>, usize> = HashMap::new();
+        let take = |args: &PartitionArgs<S, K>| {
+            let rec = args.queue.try_recv().ok()?;
+            args.queued_bytes.fetch_sub(rec.size(), Ordering::SeqCst);
+            Some(rec)
+        };
+        let mut next = self.carry.take().or_else(|| take(&self.args));
+        while let Some(rec) = next {
+            let n = per_key.entry(rec.key.clone().unwrap_or_default()).or_insert(0);
+            if *n == config.max_waves {
+                self.carry = Some(rec);
+                break;
+            }
+            *n += 1;
+            batch.push(rec);
+            if batch.len() == config.max_batch {
+                break;
+            }
+            next = take(&self.args);
+        }
+        batch
+    }
+
+    /// Compute `batch`, retrying transient failures (no healthy worker, store reads) with
+    /// backoff. `None`: every record was computed before.
+    async fn compute_with_retry(
+        &mut self,
+        batch: Vec<InputRecord>,
+    ) -> Result<Option<Computed>, ActorProcessingErr> {
+        let mut backoff = self.args.config.backoff;
+        // One span for the batch, retries included (their warnings are logged inside it).
+        let span = self.args.tracer.batch_span(self.args.partition, batch.len());
+        loop {
+            match self.compute(&batch, &span).instrument(span.clone()).await {
+                Ok(computed) => return Ok(computed),
+                Err(Halt::Fatal(e)) => {
+                    tracing::error!(partition = %self.args.partition, error = %e, "partition stops");
+                    return Err(e.into());
+                }
+                Err(Halt::Transient(detail)) => {
+                    self.args.counters.retries.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(partition = %self.args.partition, %detail, ?backoff, "batch failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.args.config.max_backoff);
+                }
+            }
+        }
+    }
+
+    /// Load the states of `missing` keys: from batches not yet written, else through the cache.
+    async fn load(&self, missing: Vec<Vec<u8>>, keys: &mut HashMap<Vec<u8>, KeyState>) -> Result<(), Halt> {
+        let mut to_load = Vec::with_capacity(missing.len());
+        {
+            let pending = self.pending.lock().unwrap();
+            for key in missing {
+                match pending.get(&key) {
+                    Some((_, v)) => {
+                        keys.insert(key, KeyState { seq: v.to_sequenced()?, dirty: false });
+                    }
+                    None => to_load.push(key),
+                }
+            }
+        }
+        if to_load.is_empty() {
+            return Ok(());
+        }
+        let loaded = self.args.cache.get_many(self.args.partition, &to_load).await?;
+        for (key, value) in to_load.into_iter().zip(loaded) {
+            let seq = match value {
+                Some(v) => v.to_sequenced()?,
+                None => Sequenced::default(),
+            };
+            keys.insert(key, KeyState { seq, dirty: false });
+        }
+        Ok(())
+    }
+
+    /// Decode, validate and score `batch` (steps 1-4 of the module doc). `None`: nothing new.
+    async fn compute(&mut self, batch: &[InputRecord], batch_span: &Span) -> Result<Option<Computed>, Halt> {
+        let a = &self.args;
+        let c = &a.counters;
+        let Some(last) = batch.last().map(|r| r.offset) else { return Ok(None) };
+        let started = Instant::now();
+        c.received.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let now = unix_micros();
+        let fresh: Vec<&InputRecord> =
+            batch.iter().filter(|r| self.computed.is_none_or(|done| r.offset > done)).collect();
+        c.redelivered.fetch_add((batch.len() - fresh.len()) as u64, Ordering::Relaxed);
+        if fresh.is_empty() {
+            return Ok(None);
+        }
+        // Indexed like `fresh`; they end once the batch's outputs and state are durable.
+        let spans: Vec<Span> = fresh.iter().map(|r| a.tracer.record_span(batch_span, r)).collect();
+        let traceparent = |i: usize| {
+            a.tracer
+                .traceparent(&spans[i])
+                .or_else(|| fresh[i].header(HEADER_TRACEPARENT).map(<[u8]>::to_vec))
+        };
+        let dead_out = |i: usize, reason: DeadLetterReason, detail: &str, attempts: u32| {
+            let span = &spans[i];
+            span.record(trace::OUTCOME, reason.as_str_name());
+            let out = span.in_scope(|| dead_letter(fresh[i], reason, detail, attempts, &a.limits));
+            out.with_traceparent(traceparent(i))
+        };
+        let router = &a.router;
+        let mut outputs: Vec<(Offset, OutputRecord)> = Vec::with_capacity(fresh.len());
+        let mut dead: Vec<DeadLetterReason> = Vec::new();
+        // (index into `fresh`, the decoded event)
+        let mut good: Vec<(usize, ValidEvent)> = Vec::with_capacity(fresh.len());
+        for (i, &rec) in fresh.iter().enumerate() {
+            match decode::decode(rec, &a.limits, |m| router.model(m), now) {
+                Ok(v) => {
+                    if v.unknown_fields {
+                        c.unknown_fields.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if v.clamped {
+                        c.clamped.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if v.time_suspect {
+                        c.time_suspect.fetch_add(1, Ordering::Relaxed);
+                    }
+                    good.push((i, v));
+                }
+                Err(r) => {
+                    dead.push(r.reason);
+                    outputs.push((rec.offset, dead_out(i, r.reason, &r.detail, 1)));
+                }
+            }
+        }
+
+        crate::crash_point!("after-decode");
+        let mut keys: HashMap<Vec<u8>, KeyState> = HashMap::new();
+        let mut scored = 0u64;
+        let waves = waves::waves(good.iter().map(|(_, v)| v.event.key.as_slice()));
+        let n_waves = waves.len();
+        for wave in waves {
+            let load_started = Instant::now();
+            let missing: Vec<Vec<u8>> = wave
+                .iter()
+                .map(|&g| &good[g].1.event.key)
+                .filter(|k| !keys.contains_key(*k))
+                .cloned()
+                .collect();
+            self.load(missing, &mut keys).await?;
+            let load_us = micros(load_started.elapsed());
+
+            let mut runs = Vec::with_capacity(wave.len());
+            for &g in &wave {
+                let (i, v) = &good[g];
+                let ks = &keys[&v.event.key].seq;
+                let verdict =
+                    sequence::judge(ks.sequence, ks.window, v.event.sequence, a.config.max_sequence_gap);
+                if let sequence::Verdict::Reject(reason, detail) = verdict {
+                    dead.push(reason);
+                    outputs.push((fresh[*i].offset, dead_out(*i, reason, &detail, 1)));
+                    continue;
+                }
+                let req = InferRequest {
+                    model: v.model.clone(),
+                    features: v.event.features.clone(),
+                    state: (!ks.state.is_empty()).then(|| ks.state.clone()),
+                };
+                runs.push((g, infer(router, req, &a.config)));
+            }
+            let (idx, futs): (Vec<usize>, Vec<_>) = runs.into_iter().unzip();
+            for (g, outcome) in idx.into_iter().zip(futures::future::join_all(futs).await) {
+                let (i, v) = &good[g];
+                let rec = fresh[*i];
+                match outcome {
+                    Outcome::Scored(out) => {
+                        let ks = keys.get_mut(&v.event.key).expect("loaded above");
+                        let s = &mut ks.seq;
+                        s.window = sequence::advance(s.sequence, s.window, v.event.sequence);
+                        s.sequence = v.event.sequence;
+                        s.state = out.new_state.clone();
+                        ks.dirty = true;
+                        scored += 1;
+                        // Any i64 is a valid event time (far-off ones are flagged): no overflow.
+                        let since_event = unix_micros()
+                            .checked_sub(v.event.event_time_unix_micros)
+                            .and_then(|us| u64::try_from(us).ok())
+                            .map(Duration::from_micros);
+                        a.observer.scored(&v.model, &out, rec.received.elapsed(), since_event);
+                        let span = &spans[*i];
+                        span.record(trace::OUTCOME, "SCORED");
+                        span.record(trace::MODEL, &*v.model);
+                        span.record(trace::MODEL_VERSION, out.model_version);
+                        span.record(trace::DEVICE, tracing::field::display(&out.device));
+                        span.record(trace::INFERENCE_BATCH, out.batch_size);
+                        let output = score(rec, v, &out, load_us).with_traceparent(traceparent(*i));
+                        outputs.push((rec.offset, output));
+                    }
+                    Outcome::Dead(reason, detail, attempts) => {
+                        dead.push(reason);
+                        outputs.push((rec.offset, dead_out(*i, reason, &detail, attempts)));
+                    }
+                    Outcome::Retry(e) => return Err(Halt::Transient(e.to_string())),
+                }
+            }
+        }
+
+        let entries: Vec<(Vec<u8>, StateValue)> = keys
+            .into_iter()
+            .filter(|(_, ks)| ks.dirty)
+            .map(|(k, ks)| (k, StateValue::sequenced(&ks.seq)))
+            .collect();
+        outputs.sort_by_key(|(o, _)| *o);
+        let no = self.next_no;
+        self.next_no += 1;
+        {
+            let mut pending = self.pending.lock().unwrap();
+            for (k, v) in &entries {
+                pending.insert(k.clone(), (no, v.clone()));
+            }
+        }
+        crate::crash_point!("after-inference");
+        self.computed = Some(last);
+        tracing::debug!(
+            partition = %self.args.partition,
+            records = batch.len(),
+            waves = n_waves,
+            compute_us = micros(started.elapsed()),
+            "batch computed"
+        );
+        Ok(Some(Computed {
+            no,
+            last,
+            records: batch.len(),
+            outputs: outputs.into_iter().map(|(_, o)| o).collect(),
+            entries,
+            scored,
+            dead,
+            span: batch_span.clone(),
+            _record_spans: spans,
+        }))
+    }
+}
+
+/// One record's inference: deadline per attempt, bounded attempts, bad requests dead-lettered.
+async fn infer(router: &Router, req: InferRequest, config: &PartitionConfig) -> Outcome {
+    let mut last = (DeadLetterReason::InferenceFailed, String::new());
+    for _ in 0..config.max_attempts {
+        // Waiting (for room in the pool, in a worker's queue) is backpressure, not part of the
+        // deadline: a backlog or a catch-up must not turn valid events into TIMEOUT dead letters.
+        match router.infer_within(req.clone(), config.infer_deadline).await.ok_or(()) {
+            Ok(Ok(out)) => {
+                // A model defect, not bad input: storing it would poison the key (every later
+                // event VALUE_RANGE). Deterministic, so not retried.
+                if let Some(bad) = non_finite(&out) {
+                    return Outcome::Dead(DeadLetterReason::OutputRange, bad, 1);
+                }
+                return Outcome::Scored(Box::new(out));
+            }
+            Ok(Err(e)) => match e {
+                InferError::UnknownModel { .. } => {
+                    return Outcome::Dead(DeadLetterReason::UnknownModel, e.to_string(), 1);
+                }
+                InferError::Shape { .. } => return Outcome::Dead(DeadLetterReason::Shape, e.to_string(), 1),
+                InferError::ValueRange { .. } => {
+                    return Outcome::Dead(DeadLetterReason::ValueRange, e.to_string(), 1);
+                }
+                InferError::Backend(_) | InferError::Panicked(_) => {
+                    last = (DeadLetterReason::InferenceFailed, e.to_string());
+                }
+                InferError::Overloaded { .. } | InferError::WorkerLost { .. } | InferError::ShuttingDown => {
+                    return Outcome::Retry(e);
+                }
+            },
+            Err(_) => {
+                last = (DeadLetterReason::Timeout, format!("no answer within {:?}", config.infer_deadline));
+            }
+        }
+    }
+    Outcome::Dead(last.0, last.1, config.max_attempts)
+}
+
+/// The fail point `partition-batch-delay`'s milliseconds, when it fires.
+fn test_delay() -> Option<u64> {
+    fail::fail_point!("partition-batch-delay", |ms| ms.and_then(|m| m.parse().ok()));
+    None
+}
+
+/// What is not finite in a model's answer, if anything.
+fn non_finite(out: &InferOutput) -> Option<String> {
+    if !out.score.is_finite() {
+        return Some(format!("model returned score {}", out.score));
+    }
+    let i = out.new_state.iter().position(|v| !v.is_finite())?;
+    Some(format!("model returned new_state[{i}] = {}", out.new_state[i]))
+}
