@@ -293,6 +293,7 @@ pub struct OutputReader {
 #[derive(Default)]
 struct ReaderShared {
     outputs: Mutex<Vec<(i32, i64, Output)>>,
+    produced_ms: Mutex<Vec<i64>>,
     /// Distinct source (partition, offset) seen.
     unique: AtomicU64,
     duplicates: AtomicU64,
@@ -381,6 +382,7 @@ impl OutputReader {
                     }
                     if keep {
                         shared.outputs.lock().unwrap().push((source.0, source.1, out));
+                        shared.produced_ms.lock().unwrap().push(m.timestamp().to_millis().unwrap_or(-1));
                     }
                 }
             })?
@@ -411,6 +413,7 @@ impl OutputReader {
         let sh = &self.shared;
         ReaderResult {
             outputs: std::mem::take(&mut *sh.outputs.lock().unwrap()),
+            produced_ms: std::mem::take(&mut *sh.produced_ms.lock().unwrap()),
             latency_us: sh.latency.lock().unwrap().take().expect("histogram taken once"),
             unique: sh.unique.load(Ordering::Relaxed),
             duplicates: sh.duplicates.load(Ordering::Relaxed),
@@ -430,6 +433,8 @@ impl OutputReader {
 pub struct ReaderResult {
     /// (source partition, source offset, output), when the reader was told to keep them.
     pub outputs: Vec<(i32, i64, Output)>,
+    /// When each of `outputs` was produced (its record's timestamp, ms since the epoch; -1: none).
+    pub produced_ms: Vec<i64>,
     /// End-to-end latency of every score seen, µs.
     pub latency_us: Histogram<u64>,
     /// Distinct source records answered (scores and dead letters).

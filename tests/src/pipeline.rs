@@ -1,15 +1,21 @@
 //! Helpers for the end-to-end tests: `partita node` as a child process on either state backend,
 //! a producer that remembers where each record landed, and the checker's expectations.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use partita_runtime::loadgen::{GenRecord, send};
+use partita_actors::inference::InferRequest;
+use partita_actors::state::{PartitionId, StateStore};
+use partita_proto::v1::Event;
+use partita_runtime::inference::{DeviceChoice, InferenceOptions};
+use partita_runtime::loadgen::{BAD_KINDS, GenRecord, Generator, Output, OutputReader, ReaderResult, send};
 use partita_runtime::local::cassandra::DATACENTER;
 use partita_runtime::node::NodeOptions;
 use partita_runtime::state::{Backend, NodeStore};
+use prost::Message;
 use rdkafka::ClientContext;
 use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
 
@@ -48,7 +54,12 @@ impl TestStore {
 
     /// The flags of `partita node` that select this store (what [`NodeOptions::local_cql`] sets).
     pub fn node_args(&self) -> Vec<String> {
-        let mut args = vec!["--state-dir".to_owned(), self.dir.display().to_string()];
+        self.node_args_in(&self.dir)
+    }
+
+    /// [`TestStore::node_args`] with RocksDB (or the unused state dir, for CQL) in `dir`.
+    pub fn node_args_in(&self, dir: &Path) -> Vec<String> {
+        let mut args = vec!["--state-dir".to_owned(), dir.display().to_string()];
         if let Some((uri, keyspace)) = &self.cql {
             args.extend(
                 [
@@ -95,13 +106,27 @@ impl NodeProcess {
 
     /// Like [`NodeProcess::start`], with extra environment variables (failpoints).
     pub fn start_with_env(bootstrap: &str, store: &TestStore, extra: &[&str], env: &[(&str, &str)]) -> Self {
-        let log = store.dir.with_extension("log");
+        Self::spawn(bootstrap, store, &store.dir, extra, env)
+    }
+
+    /// One of several nodes on `store`: its RocksDB directory (unused on CQL) is `<dir>-<name>`,
+    /// its log `<dir>-<name>.log`.
+    pub fn start_named(bootstrap: &str, store: &TestStore, name: &str, extra: &[&str]) -> Self {
+        let dir = store.dir.with_file_name(format!(
+            "{}-{name}",
+            store.dir.file_name().and_then(|n| n.to_str()).unwrap_or("state")
+        ));
+        Self::spawn(bootstrap, store, &dir, extra, &[])
+    }
+
+    fn spawn(bootstrap: &str, store: &TestStore, dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let log = dir.with_extension("log");
         let file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("node log file");
         let log_start = file.metadata().expect("node log file").len();
         let child = Command::new(partita_bin())
             .arg("node")
             .args(["--ingestion-bootstrap", bootstrap])
-            .args(store.node_args())
+            .args(store.node_args_in(dir))
             .arg("--repository")
             .arg(models_dir())
             .args(extra)
@@ -150,7 +175,7 @@ impl NodeProcess {
 
     /// SIGTERM, then the exit status, or `None` if it did not exit within `grace` (then killed).
     pub fn terminate(mut self, grace: Duration) -> (Option<std::process::ExitStatus>, String) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        self.signal("TERM");
         let deadline = Instant::now() + grace;
         loop {
             if let Some(status) = self.child.try_wait().expect("waiting for the node") {
@@ -177,6 +202,11 @@ impl NodeProcess {
         None
     }
 
+    /// Send a signal (`TERM`, `STOP`, `CONT`, ...).
+    pub fn signal(&self, name: &str) {
+        let _ = Command::new("kill").args([&format!("-{name}"), &self.child.id().to_string()]).status();
+    }
+
     /// SIGKILL (kill -9) and reap.
     pub fn kill9(mut self) {
         self.child.kill().expect("kill -9");
@@ -189,6 +219,11 @@ impl Drop for NodeProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A reader of the output topics from their ends, keeping every output.
+pub fn reader(bootstrap: &str) -> OutputReader {
+    OutputReader::start(bootstrap, SCORES, DLQ, true).expect("the output reader")
 }
 
 /// Where each record landed, by its index in the produced slice.
@@ -208,6 +243,21 @@ impl ProducerContext for Landed {
 /// Produce `records` in order (idempotent producer: order kept per partition across retries) and
 /// return where each landed (partition, offset).
 pub fn produce_tracked(bootstrap: &str, records: &[GenRecord]) -> Vec<(i32, i64)> {
+    produce_at(bootstrap, records, None)
+}
+
+/// [`produce_tracked`] at `rate` records per second (steady load), on a thread of its own.
+pub fn produce_paced(
+    bootstrap: &str,
+    records: Vec<GenRecord>,
+    rate: f64,
+) -> std::thread::JoinHandle<Vec<(i32, i64)>> {
+    let bootstrap = bootstrap.to_owned();
+    std::thread::spawn(move || produce_at(&bootstrap, &records, Some(rate)))
+}
+
+fn produce_at(bootstrap: &str, records: &[GenRecord], rate: Option<f64>) -> Vec<(i32, i64)> {
+    let started = Instant::now();
     let producer: BaseProducer<Landed> = partita_runtime::kafka::client_config(bootstrap)
         // As users run producers: idempotent (acks=all, order kept per partition across retries).
         .set("enable.idempotence", "true")
@@ -215,6 +265,10 @@ pub fn produce_tracked(bootstrap: &str, records: &[GenRecord]) -> Vec<(i32, i64)
         .create_with_context(Landed(Mutex::new(vec![None; records.len()])))
         .expect("test producer");
     for (i, rec) in records.iter().enumerate() {
+        if let Some(rate) = rate {
+            let due = started + Duration::from_secs_f64(i as f64 / rate);
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        }
         send(&producer, INPUT, rec, Box::new(i)).expect("produce");
         producer.poll(Duration::ZERO);
     }
@@ -246,4 +300,152 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
             .then(|| value.parse().ok())
             .flatten()
     })
+}
+
+pub fn records(n: usize, keys: usize, bad_ratio: f64, seed: u64) -> Vec<GenRecord> {
+    let mut g = Generator::new(seed, keys, 0.9, 16, bad_ratio, seed);
+    let now = partita_actors::partition::unix_micros();
+    (0..n).map(|_| g.record(now)).collect()
+}
+
+/// Read outputs until `n` distinct source records are answered.
+pub fn wait_answered(
+    reader: OutputReader,
+    n: u64,
+    within: Duration,
+    node_log: impl Fn() -> String,
+) -> ReaderResult {
+    let deadline = Instant::now() + within;
+    while reader.unique() < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} records answered within {within:?}; node log:\n{}",
+            reader.unique(),
+            node_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Anything still in flight (a duplicate) shows up within a moment.
+    std::thread::sleep(Duration::from_millis(500));
+    reader.finish()
+}
+
+/// The checker: every record answered by exactly the right output, every score equal to a
+/// one-by-one replay on the real model, per-key order in the outputs, and the stored state and
+/// applied offsets equal to that replay. Returns the number of duplicate outputs.
+pub async fn check(
+    records: &[GenRecord],
+    landed: &[(i32, i64)],
+    seen: &ReaderResult,
+    store: &TestStore,
+    partitions: i32,
+) -> u64 {
+    let mut by_source: HashMap<(i32, i64), Vec<&Output>> = HashMap::new();
+    for (p, o, out) in &seen.outputs {
+        by_source.entry((*p, *o)).or_default().push(out);
+    }
+    // The replay: every good event scored alone (no batching), in production order, each with the
+    // state the previous one of its key left. A key maps to one partition, and the idempotent
+    // producer keeps production order within a partition, so this is offset order per key.
+    let replay = InferenceOptions {
+        repository: models_dir(),
+        device: DeviceChoice::Cpu,
+        intra_op_threads: 1,
+        no_batching: true,
+        ..Default::default()
+    };
+    let (pool, _) = replay.start().await.unwrap();
+    let router = pool.router();
+    let mut expected: HashMap<Vec<u8>, (i32, u64, Vec<f32>)> = HashMap::new();
+    let mut expected_score: HashMap<(i32, i64), f32> = HashMap::new();
+    for (rec, source) in records.iter().zip(landed) {
+        if rec.bad.is_some() {
+            continue;
+        }
+        let e = Event::decode(rec.value.as_slice()).unwrap();
+        let entry = expected.entry(e.key.clone()).or_insert((source.0, 0, Vec::new()));
+        let state = (!entry.2.is_empty()).then(|| entry.2.clone());
+        let out = router
+            .infer(InferRequest { model: Arc::from("fraud_gru"), features: e.features, state })
+            .await
+            .unwrap();
+        expected_score.insert(*source, out.score);
+        *entry = (source.0, e.sequence, out.new_state);
+    }
+    pool.shutdown().await;
+
+    // INV-1 and INV-2: each input has an output, the right one; copies (at least once) agree.
+    let mut duplicates = 0;
+    for (i, (rec, source)) in records.iter().zip(landed).enumerate() {
+        let outs = by_source.get(source).unwrap_or_else(|| panic!("record {i} at {source:?} has no output"));
+        duplicates += outs.len() as u64 - 1;
+        for out in outs {
+            match (rec.bad, out) {
+                (None, Output::Score(s)) => {
+                    let e = Event::decode(rec.value.as_slice()).unwrap();
+                    assert_eq!(
+                        (&s.key, s.sequence),
+                        (&e.key, e.sequence),
+                        "record {i}: score of the wrong event"
+                    );
+                    let want = expected_score[source];
+                    assert!(
+                        (s.score - want).abs() < 1e-4,
+                        "record {i} at {source:?}: score {} but the one-by-one replay gives {want}",
+                        s.score
+                    );
+                }
+                (Some(k), Output::DeadLetter(d)) => {
+                    assert_eq!(
+                        d.reason().as_str_name(),
+                        BAD_KINDS[k].1,
+                        "record {i} ({}): {}",
+                        BAD_KINDS[k].0,
+                        d.detail
+                    );
+                    assert_eq!((d.source_partition, d.source_offset), *source);
+                    assert!(!d.detail.is_empty());
+                }
+                (bad, out) => panic!("record {i} (bad kind {bad:?}) got the wrong output: {out:?}"),
+            }
+        }
+    }
+    // INV-3: per key, the scores come out in source-offset order (a key's scores share an output
+    // partition, which the reader reads in order; a repeat after a crash is a copy of a source
+    // already seen and is skipped).
+    let mut first_seen: std::collections::HashSet<(i32, i64)> = std::collections::HashSet::new();
+    let mut last_offset: HashMap<Vec<u8>, i64> = HashMap::new();
+    for (p, o, out) in &seen.outputs {
+        if let Output::Score(s) = out
+            && first_seen.insert((*p, *o))
+            && let Some(prev) = last_offset.insert(s.key.clone(), *o)
+        {
+            assert!(
+                prev < *o,
+                "key {}: the score of offset {o} came out after that of offset {prev}",
+                String::from_utf8_lossy(&s.key)
+            );
+        }
+    }
+
+    // Stored state == the replay's, every element and the length.
+    let store = store.open().await;
+    for (key, (p, seq, state)) in &expected {
+        let stored = store.read(PartitionId(*p as u32), std::slice::from_ref(key)).await.unwrap();
+        let stored = stored[0].as_ref().expect("key has state").to_sequenced().unwrap();
+        let (stored_seq, stored_state) = (stored.sequence, stored.state);
+        let k = String::from_utf8_lossy(key);
+        assert_eq!(stored_seq, *seq, "key {k}: last applied sequence");
+        assert_eq!(stored_state.len(), state.len(), "key {k}: stored state length");
+        for (a, b) in stored_state.iter().zip(state) {
+            assert!((a - b).abs() < 1e-3, "key {k}: stored state {a} vs replay {b}");
+        }
+    }
+    // INV-4: each partition's stored applied offset is its last input offset.
+    for p in 0..partitions {
+        let last = landed.iter().filter(|(lp, _)| *lp == p).map(|(_, o)| *o).max();
+        let meta = store.meta(PartitionId(p as u32)).await.unwrap();
+        assert_eq!(meta.applied_offset.map(|o| o.0), last, "partition {p}: stored applied offset");
+    }
+    duplicates
 }

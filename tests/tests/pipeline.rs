@@ -10,20 +10,16 @@
 //! identifies a duplicate.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use partita_actors::inference::InferRequest;
-use partita_actors::state::{PartitionId, StateStore};
 use partita_proto::v1::{DeadLetterReason, Event, Score};
-use partita_runtime::inference::{DeviceChoice, InferenceOptions};
 use partita_runtime::loadgen::{BAD_KINDS, GenRecord, Generator, Output, OutputReader, ReaderResult};
 use partita_runtime::local::kafka::{KafkaOptions, LocalKafka, create_topics};
 use partita_runtime::state::Backend;
-use partita_tests::models_dir;
 use partita_tests::otlp::OtlpReceiver;
 use partita_tests::pipeline::{
-    DLQ, INPUT, NodeProcess, SCORES, TestStore, http_get, metric, produce_tracked,
+    self, DLQ, INPUT, NodeProcess, SCORES, TestStore, http_get, metric, produce_tracked, records,
+    wait_answered,
 };
 use prost::Message;
 use rdkafka::config::ClientConfig;
@@ -81,146 +77,9 @@ async fn store(backend: Backend, dir: &tempfile::TempDir) -> TestStore {
     TestStore::new(backend, &dir.path().join("state")).await
 }
 
-fn records(n: usize, keys: usize, bad_ratio: f64, seed: u64) -> Vec<GenRecord> {
-    let mut g = Generator::new(seed, keys, 0.9, 16, bad_ratio, seed);
-    let now = partita_actors::partition::unix_micros();
-    (0..n).map(|_| g.record(now)).collect()
-}
-
-/// Read outputs until `n` distinct source records are answered.
-fn wait_answered(
-    reader: OutputReader,
-    n: u64,
-    within: Duration,
-    node_log: impl Fn() -> String,
-) -> ReaderResult {
-    let deadline = Instant::now() + within;
-    while reader.unique() < n {
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {n} records answered within {within:?}; node log:\n{}",
-            reader.unique(),
-            node_log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    // Anything still in flight (a duplicate) shows up within a moment.
-    std::thread::sleep(Duration::from_millis(500));
-    reader.finish()
-}
-
-/// The checker: every record answered by exactly the right output, every score equal to a
-/// one-by-one replay on the real model, per-key order in the outputs, and the stored state and
-/// applied offsets equal to that replay. Returns the number of duplicate outputs.
+/// The checker ([`pipeline::check`]) on this file's topics.
 async fn check(records: &[GenRecord], landed: &[(i32, i64)], seen: &ReaderResult, store: &TestStore) -> u64 {
-    let mut by_source: HashMap<(i32, i64), Vec<&Output>> = HashMap::new();
-    for (p, o, out) in &seen.outputs {
-        by_source.entry((*p, *o)).or_default().push(out);
-    }
-    // The replay: every good event scored alone (no batching), in production order, each with the
-    // state the previous one of its key left. A key maps to one partition, and the idempotent
-    // producer keeps production order within a partition, so this is offset order per key.
-    let replay = InferenceOptions {
-        repository: models_dir(),
-        device: DeviceChoice::Cpu,
-        intra_op_threads: 1,
-        no_batching: true,
-        ..Default::default()
-    };
-    let (pool, _) = replay.start().await.unwrap();
-    let router = pool.router();
-    let mut expected: HashMap<Vec<u8>, (i32, u64, Vec<f32>)> = HashMap::new();
-    let mut expected_score: HashMap<(i32, i64), f32> = HashMap::new();
-    for (rec, source) in records.iter().zip(landed) {
-        if rec.bad.is_some() {
-            continue;
-        }
-        let e = Event::decode(rec.value.as_slice()).unwrap();
-        let entry = expected.entry(e.key.clone()).or_insert((source.0, 0, Vec::new()));
-        let state = (!entry.2.is_empty()).then(|| entry.2.clone());
-        let out = router
-            .infer(InferRequest { model: Arc::from("fraud_gru"), features: e.features, state })
-            .await
-            .unwrap();
-        expected_score.insert(*source, out.score);
-        *entry = (source.0, e.sequence, out.new_state);
-    }
-    pool.shutdown().await;
-
-    // INV-1 and INV-2: each input has an output, the right one; copies (at least once) agree.
-    let mut duplicates = 0;
-    for (i, (rec, source)) in records.iter().zip(landed).enumerate() {
-        let outs = by_source.get(source).unwrap_or_else(|| panic!("record {i} at {source:?} has no output"));
-        duplicates += outs.len() as u64 - 1;
-        for out in outs {
-            match (rec.bad, out) {
-                (None, Output::Score(s)) => {
-                    let e = Event::decode(rec.value.as_slice()).unwrap();
-                    assert_eq!(
-                        (&s.key, s.sequence),
-                        (&e.key, e.sequence),
-                        "record {i}: score of the wrong event"
-                    );
-                    let want = expected_score[source];
-                    assert!(
-                        (s.score - want).abs() < 1e-4,
-                        "record {i} at {source:?}: score {} but the one-by-one replay gives {want}",
-                        s.score
-                    );
-                }
-                (Some(k), Output::DeadLetter(d)) => {
-                    assert_eq!(
-                        d.reason().as_str_name(),
-                        BAD_KINDS[k].1,
-                        "record {i} ({}): {}",
-                        BAD_KINDS[k].0,
-                        d.detail
-                    );
-                    assert_eq!((d.source_partition, d.source_offset), *source);
-                    assert!(!d.detail.is_empty());
-                }
-                (bad, out) => panic!("record {i} (bad kind {bad:?}) got the wrong output: {out:?}"),
-            }
-        }
-    }
-    // INV-3: per key, the scores come out in source-offset order (a key's scores share an output
-    // partition, which the reader reads in order; a repeat after a crash is a copy of a source
-    // already seen and is skipped).
-    let mut first_seen: std::collections::HashSet<(i32, i64)> = std::collections::HashSet::new();
-    let mut last_offset: HashMap<Vec<u8>, i64> = HashMap::new();
-    for (p, o, out) in &seen.outputs {
-        if let Output::Score(s) = out
-            && first_seen.insert((*p, *o))
-            && let Some(prev) = last_offset.insert(s.key.clone(), *o)
-        {
-            assert!(
-                prev < *o,
-                "key {}: the score of offset {o} came out after that of offset {prev}",
-                String::from_utf8_lossy(&s.key)
-            );
-        }
-    }
-
-    // Stored state == the replay's, every element and the length.
-    let store = store.open().await;
-    for (key, (p, seq, state)) in &expected {
-        let stored = store.read(PartitionId(*p as u32), std::slice::from_ref(key)).await.unwrap();
-        let stored = stored[0].as_ref().expect("key has state").to_sequenced().unwrap();
-        let (stored_seq, stored_state) = (stored.sequence, stored.state);
-        let k = String::from_utf8_lossy(key);
-        assert_eq!(stored_seq, *seq, "key {k}: last applied sequence");
-        assert_eq!(stored_state.len(), state.len(), "key {k}: stored state length");
-        for (a, b) in stored_state.iter().zip(state) {
-            assert!((a - b).abs() < 1e-3, "key {k}: stored state {a} vs replay {b}");
-        }
-    }
-    // INV-4: each partition's stored applied offset is its last input offset.
-    for p in 0..PARTITIONS {
-        let last = landed.iter().filter(|(lp, _)| *lp == p).map(|(_, o)| *o).max();
-        let meta = store.meta(PartitionId(p as u32)).await.unwrap();
-        assert_eq!(meta.applied_offset.map(|o| o.0), last, "partition {p}: stored applied offset");
-    }
-    duplicates
+    pipeline::check(records, landed, seen, store, PARTITIONS).await
 }
 
 fn committed(bootstrap: &str) -> Vec<i64> {

