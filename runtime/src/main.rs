@@ -41,6 +41,9 @@ enum Command {
     Loadgen(partita_runtime::loadgen::LoadgenOptions),
     /// Start a local broker, a node and the load generator; print where things ran and the results.
     Demo(commands::demo::DemoArgs),
+    /// Start a whole cluster on loopback: Kafka brokers and Cassandra nodes over zones, N nodes,
+    /// the load generator; print what runs where and a status line per node until Ctrl-C.
+    Local(commands::local::LocalArgs),
     /// Print the ScyllaDB schema (keyspace and tables); with --apply, create it on a cluster.
     Schema(commands::schema::SchemaArgs),
 }
@@ -91,6 +94,7 @@ fn main() -> ExitCode {
             Command::CheckConfig { args } => commands::check_config::run(&args),
             Command::Loadgen(opts) => commands::loadgen::run(&opts).await,
             Command::Demo(args) => commands::demo::run(&args).await,
+            Command::Local(args) => commands::local::run(&args).await,
         }
     });
     // Spans not yet exported go out while the runtime still runs (the exporter uses it).

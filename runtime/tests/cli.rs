@@ -62,3 +62,44 @@ fn check_config_accepts_the_shipped_file_and_lists_every_problem_of_a_bad_one() 
     }
     assert!(stderr.contains("4 problem(s)"), "{stderr}");
 }
+
+/// `partita local` smoke test: two nodes in two zones on one broker and one Cassandra node, a
+/// short load; every node reported ready, a status line per node, every event answered.
+#[test]
+fn local_starts_a_cluster_reports_every_node_ready_and_answers_its_load() {
+    let out = partita(&[
+        "local",
+        "--nodes",
+        "2",
+        "--zones",
+        "a,b",
+        "--brokers",
+        "1",
+        "--cassandra-nodes",
+        "1",
+        "--rate",
+        "100",
+        "--duration",
+        "8s",
+        "--every",
+        "2s",
+    ]);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "partita local failed:\n{stdout}\n{stderr}");
+    for (node, zone) in [("node-0", "a"), ("node-1", "b")] {
+        let placed =
+            stdout.lines().any(|l| l.trim_start().starts_with(node) && l.contains(&format!("zone {zone} ")));
+        assert!(placed, "{node} not shown in zone {zone}:\n{stdout}");
+        let status = stdout
+            .lines()
+            .filter(|l| {
+                l.trim_start().starts_with(node) && l.contains(" ready ") && l.contains("partitions [")
+            })
+            // the zone the node reports in its metrics
+            .filter(|l| l.contains(&format!("zone {zone} ")))
+            .count();
+        assert!(status > 0, "no status line of a ready {node} in zone {zone}:\n{stdout}");
+    }
+    let missing = stdout.lines().find(|l| l.contains("missing (no output)")).expect("the load results table");
+    assert!(missing.trim_end().ends_with(" 0"), "events unanswered: {missing}\n{stdout}\n{stderr}");
+}

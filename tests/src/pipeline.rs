@@ -13,6 +13,7 @@ use partita_proto::v1::Event;
 use partita_runtime::inference::{DeviceChoice, InferenceOptions};
 use partita_runtime::loadgen::{BAD_KINDS, GenRecord, Generator, Output, OutputReader, ReaderResult, send};
 use partita_runtime::local::cassandra::DATACENTER;
+pub use partita_runtime::local::scrape::{http_get, metric};
 use partita_runtime::node::NodeOptions;
 use partita_runtime::state::{Backend, NodeStore};
 use prost::Message;
@@ -275,31 +276,6 @@ fn produce_at(bootstrap: &str, records: &[GenRecord], rate: Option<f64>) -> Vec<
     producer.flush(Duration::from_secs(30)).expect("flush");
     let landed = producer.context().0.lock().unwrap().clone();
     landed.into_iter().map(|l| l.expect("every record acknowledged")).collect()
-}
-
-/// `GET path` on `addr` over plain HTTP/1.1: (status, body). `None` if nothing listens yet.
-pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).ok()?;
-    let status = raw.split_whitespace().nth(1)?.parse().ok()?;
-    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    Some((status, body))
-}
-
-/// The value of the series `name{labels...}` in a Prometheus text exposition (labels may be a
-/// subset of the series' labels).
-pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
-        let (series, value) = line.rsplit_once(' ')?;
-        let (n, rest) = series.split_once('{').unwrap_or((series, ""));
-        (n == name && labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
-            .then(|| value.parse().ok())
-            .flatten()
-    })
 }
 
 pub fn records(n: usize, keys: usize, bad_ratio: f64, seed: u64) -> Vec<GenRecord> {

@@ -3,6 +3,7 @@
 pub mod check_config;
 pub mod demo;
 pub mod loadgen;
+pub mod local;
 pub mod models;
 pub mod node;
 pub mod schema;

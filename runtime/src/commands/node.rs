@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use crate::node::{Node, NodeOptions};
 
 pub async fn run(opts: &NodeOptions) -> anyhow::Result<()> {
+    exit_with_stdin();
     let node = Node::start(opts).await?;
     tracing::info!(devices = ?node.devices, group = %opts.group, zone = %opts.zone, input = %opts.input_topic, "node started");
     let summary = node.run_until(shutdown_signal()).await?;
@@ -17,6 +18,20 @@ pub async fn run(opts: &NodeOptions) -> anyhow::Result<()> {
         "node stopped"
     );
     Ok(())
+}
+
+/// With `PARTITA_EXIT_WITH_STDIN` set (by `partita local`, which holds the pipe), exit at once,
+/// as a crash would, when standard input closes: no node outlives the process that started it,
+/// even one killed with SIGKILL. Nothing is lost: state and offsets are stored together.
+fn exit_with_stdin() {
+    if std::env::var_os("PARTITA_EXIT_WITH_STDIN").is_none() {
+        return;
+    }
+    let _ = std::thread::Builder::new().name("partita-stdin-watch".into()).spawn(|| {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        eprintln!("standard input closed (the launching process is gone): exiting");
+        std::process::exit(70);
+    });
 }
 
 /// Resolves on the first SIGTERM or SIGINT; a second one exits the process at once.

@@ -186,8 +186,6 @@ pub struct NodeContext<S: StateStore> {
     pub assigned: AtomicI64,
     /// The input topic's partition count, as first seen (or configured).
     partition_count: Mutex<Option<usize>>,
-    /// A static member (`group.instance.id`) keeps its membership when it stops.
-    static_member: bool,
 }
 
 impl<S: StateStore> ClientContext for NodeContext<S> {
@@ -860,7 +858,6 @@ pub async fn start_consumer<S: StateStore>(
         fatal: Mutex::new(None),
         assigned: AtomicI64::new(0),
         partition_count: Mutex::new(wiring_partitions),
-        static_member: settings.instance_id.is_some(),
     };
     let session = settings.session_timeout.as_millis().to_string();
     // The coordinator declares a member dead after the session timeout without a heartbeat;
@@ -954,20 +951,12 @@ fn shutdown<S: StateStore>(consumer: &BaseConsumer<NodeContext<S>>, ctx: &NodeCo
         Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
         Err(e) => tracing::warn!(error = %e, "final commit failed; the stored applied offsets still hold"),
     }
-    ctx.supervisor.stop(None);
-    if ctx.static_member {
-        // A static member (`group.instance.id`) does not leave: closing the consumer sends no
-        // LeaveGroup (KIP-345), so the group keeps this member's partitions for it until the
-        // session timeout, and a restart within it (a rolling restart) gets them back without a
-        // rebalance. An explicit unsubscribe would leave the group and move them.
-        tracing::info!("stopped; the static membership stays until the session timeout");
-        return;
-    }
     consumer.unsubscribe();
     // Serve the revoke callback (nothing left to drain) so the group sees us leave.
     let deadline = Instant::now() + Duration::from_secs(5);
     while consumer.assignment().is_ok_and(|a| a.count() > 0) && Instant::now() < deadline {
         let _ = consumer.poll(Duration::from_millis(50));
     }
+    ctx.supervisor.stop(None);
     tracing::info!("left the consumer group");
 }

@@ -124,6 +124,8 @@ fn leader_not_ready(e: &KafkaError) -> bool {
             RDKafkaErrorCode::NotLeaderForPartition
                 | RDKafkaErrorCode::LeaderNotAvailable
                 | RDKafkaErrorCode::UnknownTopicOrPartition
+                // The client's own metadata does not list the new partition yet.
+                | RDKafkaErrorCode::UnknownPartition
         )
     )
 }

@@ -10,6 +10,7 @@
 
 pub mod cassandra;
 pub mod kafka;
+pub mod scrape;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
