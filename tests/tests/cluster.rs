@@ -335,3 +335,29 @@ async fn a_rolling_restart_with_static_membership_moves_no_partition_and_repeats
     let dups = pipeline::check(&recs, &landed, &seen, &cluster.state, PARTITIONS).await;
     assert_eq!(dups, 0, "a drained and committed hand-over repeats no output");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_partitions_over_at_once_drained_and_committed() {
+    // A long session: a node that left without a word would keep its partitions for 30 s.
+    let mut cluster = Cluster::start(3, &["--session-timeout", "30s"], false).await;
+    let reader = pipeline::reader(&cluster.kafka.bootstrap);
+    let (recs, producer) = steady(&cluster, 4000, 150.0, 505);
+    std::thread::sleep(Duration::from_secs(8));
+    let mut node = cluster.nodes[0].take().expect("node is up");
+    let moved = owned(&node.log_text());
+    node.signal("TERM");
+    let status = tokio::task::block_in_place(|| node.wait_exit(Duration::from_secs(30)));
+    assert!(status.is_some_and(|s| s.success()), "node-0 did not stop cleanly:\n{}", node.log_text());
+    assert!(node.log_text().contains("left the consumer group"), "{}", node.log_text());
+    let since = now_ms();
+    // The group saw it leave: the others own everything well before its session could expire.
+    tokio::task::block_in_place(|| cluster.wait_owned(Duration::from_secs(15)));
+    let landed = producer.join().expect("the producer thread");
+    let seen = tokio::task::block_in_place(|| {
+        wait_answered(reader, recs.len() as u64, Duration::from_secs(180), || cluster.node(1).log_text())
+    });
+    cluster.stop_all();
+    print_b5("SIGTERM of one node (session 30 s)", &failover_ms(&seen, &moved, since));
+    let dups = pipeline::check(&recs, &landed, &seen, &cluster.state, PARTITIONS).await;
+    assert_eq!(dups, 0, "a drained and committed hand-over repeats no output");
+}

@@ -892,11 +892,16 @@ pub async fn start_consumer<S: StateStore>(
     let consumer = Arc::new(consumer);
     let context = consumer.context().clone();
     let stop = Arc::new(AtomicBool::new(false));
+    let static_member = settings.instance_id.is_some();
     let thread = {
         let stop = stop.clone();
         std::thread::Builder::new()
             .name("partita-consumer".into())
-            .spawn(move || poll_loop(&consumer, &topic, &stop))
+            .spawn(move || {
+                let result = poll_loop(&consumer, &topic, &stop);
+                close(consumer, static_member);
+                result
+            })
             .context("spawning the consumer thread")?
     };
     Ok(ConsumerHandle { context, stop, thread: Some(thread) })
@@ -938,7 +943,7 @@ fn poll_loop<S: StateStore>(
     Ok(())
 }
 
-/// Stop intake, drain every partition actor, commit, and leave the group.
+/// Stop intake, drain every partition actor, commit; [`close`] then leaves the group.
 fn shutdown<S: StateStore>(consumer: &BaseConsumer<NodeContext<S>>, ctx: &NodeContext<S>) {
     let all: TopicPartitionList = consumer.assignment().unwrap_or_default();
     if let Err(e) = consumer.pause(&all) {
@@ -951,12 +956,25 @@ fn shutdown<S: StateStore>(consumer: &BaseConsumer<NodeContext<S>>, ctx: &NodeCo
         Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
         Err(e) => tracing::warn!(error = %e, "final commit failed; the stored applied offsets still hold"),
     }
-    consumer.unsubscribe();
-    // Serve the revoke callback (nothing left to drain) so the group sees us leave.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while consumer.assignment().is_ok_and(|a| a.count() > 0) && Instant::now() < deadline {
-        let _ = consumer.poll(Duration::from_millis(50));
-    }
     ctx.supervisor.stop(None);
-    tracing::info!("left the consumer group");
+}
+
+/// Close the consumer: librdkafka's close serves the last revoke (nothing is left to drain) and
+/// leaves the group, waiting for the coordinator's answer, so the other members take the
+/// partitions over at once. A static member (`group.instance.id`) does not leave (KIP-345): the
+/// group keeps its partitions for it until the session timeout, so a restart within it (a rolling
+/// restart) gets them back without a rebalance. An explicit unsubscribe before the close did not
+/// work: the close could overtake the unassignment that triggers the leave, and no LeaveGroup
+/// went out (the group noticed only at the session timeout; `tests/tests/cluster.rs` rolling
+/// restart).
+fn close<S: StateStore>(consumer: Arc<BaseConsumer<NodeContext<S>>>, static_member: bool) {
+    match Arc::try_unwrap(consumer) {
+        Ok(consumer) => drop(consumer),
+        Err(_) => tracing::warn!("the consumer is still shared; it leaves the group when the process exits"),
+    }
+    if static_member {
+        tracing::info!("consumer closed; the static membership stays until the session timeout");
+    } else {
+        tracing::info!("left the consumer group");
+    }
 }
