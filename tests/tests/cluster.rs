@@ -13,7 +13,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use partita_runtime::loadgen::{GenRecord, ReaderResult};
+use partita_runtime::loadgen::{GenRecord, Output, ReaderResult};
 use partita_runtime::local::kafka::{KafkaOptions, LocalKafka, create_topics};
 use partita_runtime::state::Backend;
 use partita_tests::pipeline::{
@@ -188,6 +188,23 @@ fn failover_ms(seen: &ReaderResult, moved: &BTreeSet<i32>, since: i64) -> Vec<(i
         .collect()
 }
 
+/// p99 (ms) of event time → score produced, over the partitions not in `moved`, for the scores
+/// produced in the 10 s after `since`: what the failover cost the partitions it did not move.
+fn unaffected_p99_ms(seen: &ReaderResult, moved: &BTreeSet<i32>, since: i64) -> Option<i64> {
+    let mut ms: Vec<i64> = seen
+        .outputs
+        .iter()
+        .zip(&seen.produced_ms)
+        .filter(|((p, _, _), at)| !moved.contains(p) && (since..since + 10_000).contains(*at))
+        .filter_map(|((_, _, out), at)| match out {
+            Output::Score(s) => Some(at - s.event_time_unix_micros / 1000),
+            Output::DeadLetter(_) => None,
+        })
+        .collect();
+    ms.sort_unstable();
+    ms.get(ms.len().saturating_sub(1).min(ms.len() * 99 / 100)).copied()
+}
+
 fn print_b5(what: &str, b5: &[(i32, Option<i64>)]) {
     let mut ms: Vec<i64> = b5.iter().filter_map(|(_, m)| *m).collect();
     ms.sort_unstable();
@@ -232,6 +249,10 @@ async fn a_node_killed_mid_stream_has_its_partitions_resumed_elsewhere_with_thei
     });
     cluster.stop_all();
     print_b5("kill -9 of one node", &failover_ms(&seen, &moved, since));
+    eprintln!(
+        "  unaffected partitions: p99 event -> score {:?} ms in the 10 s after it",
+        unaffected_p99_ms(&seen, &moved, since)
+    );
     let dups = pipeline::check(&recs, &landed, &seen, &cluster.state, PARTITIONS).await;
     eprintln!("node killed and restarted: {} records, {dups} duplicate outputs, state == replay", recs.len());
 }
@@ -255,6 +276,10 @@ async fn a_whole_zone_lost_resumes_in_the_other_zones_and_loses_nothing() {
     });
     cluster.stop_all();
     print_b5("zone a lost (its nodes and its broker)", &failover_ms(&seen, &moved, since));
+    eprintln!(
+        "  unaffected partitions: p99 event -> score {:?} ms in the 10 s after it",
+        unaffected_p99_ms(&seen, &moved, since)
+    );
     let dups = pipeline::check(&recs, &landed, &seen, &cluster.state, PARTITIONS).await;
     eprintln!("zone lost: {} records, {dups} duplicate outputs, state == replay", recs.len());
 }
@@ -283,6 +308,10 @@ async fn a_node_frozen_past_its_session_is_fenced_and_applies_nothing_twice() {
     });
     cluster.stop_all();
     print_b5("node frozen (SIGSTOP) past its session", &failover_ms(&seen, &moved, since));
+    eprintln!(
+        "  unaffected partitions: p99 event -> score {:?} ms in the 10 s after it",
+        unaffected_p99_ms(&seen, &moved, since)
+    );
     let dups = pipeline::check(&recs, &landed, &seen, &cluster.state, PARTITIONS).await;
     eprintln!("zombie fenced: {} records, {dups} duplicate outputs, state == replay", recs.len());
 }
@@ -358,6 +387,10 @@ async fn sigterm_hands_partitions_over_at_once_drained_and_committed() {
     });
     cluster.stop_all();
     print_b5("SIGTERM of one node (session 30 s)", &failover_ms(&seen, &moved, since));
+    eprintln!(
+        "  unaffected partitions: p99 event -> score {:?} ms in the 10 s after it",
+        unaffected_p99_ms(&seen, &moved, since)
+    );
     let dups = pipeline::check(&recs, &landed, &seen, &cluster.state, PARTITIONS).await;
     assert_eq!(dups, 0, "a drained and committed hand-over repeats no output");
 }
