@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use partita_actors::inference::InferRequest;
-use partita_actors::state::{PartitionId, StateStore};
+use partita_actors::state::{Epoch, PartitionId, StateStore};
 use partita_proto::v1::Event;
 use partita_runtime::inference::{DeviceChoice, InferenceOptions};
 use partita_runtime::loadgen::{BAD_KINDS, GenRecord, Generator, Output, OutputReader, ReaderResult, send};
@@ -35,13 +35,16 @@ pub fn partita_bin() -> PathBuf {
     bin
 }
 
-/// Where a test node keeps its state: RocksDB in `dir`, or (backend cql) a keyspace of its own on
-/// the test binary's local Cassandra. Node logs go next to `dir` either way.
+/// Where a test node keeps its state: RocksDB in `dir` (with a changelog topic, for several
+/// nodes), or (backend cql) a keyspace of its own on the test binary's local Cassandra. Node logs
+/// go next to `dir` either way.
 #[derive(Debug, Clone)]
 pub struct TestStore {
     pub backend: Backend,
     pub dir: PathBuf,
     cql: Option<(String, String)>,
+    /// (bootstrap, changelog topic) when RocksDB state goes through a changelog.
+    changelog: Option<(String, String)>,
 }
 
 impl TestStore {
@@ -50,7 +53,17 @@ impl TestStore {
             Backend::Rocksdb => None,
             Backend::Cql => Some((crate::cassandra().await.uri(), crate::unique_keyspace("pipeline"))),
         };
-        Self { backend, dir: dir.to_path_buf(), cql }
+        Self { backend, dir: dir.to_path_buf(), cql, changelog: None }
+    }
+
+    /// RocksDB on each node, through the changelog `topic` on `bootstrap` (which must exist).
+    pub fn with_changelog(dir: &Path, bootstrap: &str, topic: &str) -> Self {
+        Self {
+            backend: Backend::Rocksdb,
+            dir: dir.to_path_buf(),
+            cql: None,
+            changelog: Some((bootstrap.to_owned(), topic.to_owned())),
+        }
     }
 
     /// The flags of `partita node` that select this store (what [`NodeOptions::local_cql`] sets).
@@ -61,6 +74,9 @@ impl TestStore {
     /// [`TestStore::node_args`] with RocksDB (or the unused state dir, for CQL) in `dir`.
     pub fn node_args_in(&self, dir: &Path) -> Vec<String> {
         let mut args = vec!["--state-dir".to_owned(), dir.display().to_string()];
+        if let Some((_, topic)) = &self.changelog {
+            args.extend(["--changelog-topic".to_owned(), topic.clone()]);
+        }
         if let Some((uri, keyspace)) = &self.cql {
             args.extend(
                 [
@@ -79,6 +95,21 @@ impl TestStore {
             );
         }
         args
+    }
+
+    /// The state the nodes left, to check: the store they wrote (after they stopped, for
+    /// RocksDB), or with a changelog a fresh node's, restored from the changelog by claiming each
+    /// of `partitions` (what the next owner of each partition would start from).
+    pub async fn open_checked(&self, partitions: i32) -> NodeStore {
+        let Some((bootstrap, topic)) = &self.changelog else { return self.open().await };
+        let fresh = self.dir.with_file_name("restored-for-check");
+        let mut o = NodeOptions::local(bootstrap, fresh);
+        o.changelog_topic = topic.clone();
+        let store = o.open_store().await.expect("opening a fresh changelog store");
+        for p in 0..partitions {
+            store.claim(PartitionId(p as u32), Epoch(1)).await.expect("restoring from the changelog");
+        }
+        store
     }
 
     /// Open the store the node wrote (after it stopped, for RocksDB).
@@ -405,7 +436,7 @@ pub async fn check(
     }
 
     // Stored state == the replay's, every element and the length.
-    let store = store.open().await;
+    let store = store.open_checked(partitions).await;
     for (key, (p, seq, state)) in &expected {
         let stored = store.read(PartitionId(*p as u32), std::slice::from_ref(key)).await.unwrap();
         let stored = stored[0].as_ref().expect("key has state").to_sequenced().unwrap();

@@ -14,7 +14,9 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use partita_runtime::loadgen::{GenRecord, Output, ReaderResult};
-use partita_runtime::local::kafka::{KafkaOptions, LocalKafka, create_topics};
+use partita_runtime::local::kafka::{
+    CHANGELOG_CONFIG, KafkaOptions, LocalKafka, create_topics, create_topics_with,
+};
 use partita_runtime::state::Backend;
 use partita_tests::pipeline::{
     self, DLQ, INPUT, NodeProcess, SCORES, TestStore, produce_paced, records, wait_answered,
@@ -26,6 +28,7 @@ const PARTITIONS: i32 = 6;
 /// starved node misses its 3 s session.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const ZONES: [&str; 3] = ["a", "b", "c"];
+const CHANGELOG: &str = "transactions.changelog";
 
 /// The brokers, the store and the nodes (`None` while a node is down).
 struct Cluster {
@@ -42,7 +45,7 @@ struct Cluster {
 impl Cluster {
     /// Three brokers (a rack per zone), the topics with replication 3, and `n` nodes over the
     /// zones round-robin with `extra` flags; returns once every partition has an owner.
-    async fn start(n: usize, extra: &[&str], static_members: bool) -> Self {
+    async fn start(n: usize, backend: Backend, extra: &[&str], static_members: bool) -> Self {
         let turn = ONE_AT_A_TIME.lock().await;
         let started = Instant::now();
         let kafka = LocalKafka::start(KafkaOptions {
@@ -57,7 +60,15 @@ impl Cluster {
             .await
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let state = TestStore::new(Backend::Cql, &dir.path().join("state")).await;
+        let state = match backend {
+            Backend::Cql => TestStore::new(Backend::Cql, &dir.path().join("state")).await,
+            Backend::Rocksdb => {
+                create_topics_with(&kafka.bootstrap, &[(CHANGELOG, PARTITIONS)], 3, CHANGELOG_CONFIG)
+                    .await
+                    .unwrap();
+                TestStore::with_changelog(&dir.path().join("state"), &kafka.bootstrap, CHANGELOG)
+            }
+        };
         let args: Vec<Vec<String>> = (0..n)
             .map(|i| {
                 let mut a: Vec<String> = vec!["--zone".into(), ZONES[i % ZONES.len()].into()];
@@ -230,8 +241,18 @@ fn steady(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_killed_mid_stream_has_its_partitions_resumed_elsewhere_with_their_state() {
-    let mut cluster = Cluster::start(3, &["--session-timeout", "3s"], false).await;
+async fn a_node_killed_mid_stream_has_its_partitions_resumed_elsewhere_with_their_state_cql() {
+    a_node_killed_mid_stream_has_its_partitions_resumed_elsewhere_with_their_state(Backend::Cql).await;
+}
+
+/// RocksDB on each node: the survivors restore the dead node's partitions from the changelog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_stream_has_its_partitions_resumed_elsewhere_with_their_state_rocksdb() {
+    a_node_killed_mid_stream_has_its_partitions_resumed_elsewhere_with_their_state(Backend::Rocksdb).await;
+}
+
+async fn a_node_killed_mid_stream_has_its_partitions_resumed_elsewhere_with_their_state(backend: Backend) {
+    let mut cluster = Cluster::start(3, backend, &["--session-timeout", "3s"], false).await;
     let reader = pipeline::reader(&cluster.kafka.bootstrap);
     let (recs, producer) = steady(&cluster, 6000, 150.0, 501);
     std::thread::sleep(Duration::from_secs(10));
@@ -247,8 +268,13 @@ async fn a_node_killed_mid_stream_has_its_partitions_resumed_elsewhere_with_thei
     let seen = tokio::task::block_in_place(|| {
         wait_answered(reader, recs.len() as u64, Duration::from_secs(180), || cluster.node(1).log_text())
     });
+    for i in 1..3 {
+        for line in cluster.node(i).log_text().lines().filter(|l| l.contains("restored from the changelog")) {
+            eprintln!("node-{i}: {}", line.split_once("INFO ").map_or(line, |(_, l)| l));
+        }
+    }
     cluster.stop_all();
-    print_b5("kill -9 of one node", &failover_ms(&seen, &moved, since));
+    print_b5(&format!("kill -9 of one node ({backend:?})"), &failover_ms(&seen, &moved, since));
     eprintln!(
         "  unaffected partitions: p99 event -> score {:?} ms in the 10 s after it",
         unaffected_p99_ms(&seen, &moved, since)
@@ -260,7 +286,7 @@ async fn a_node_killed_mid_stream_has_its_partitions_resumed_elsewhere_with_thei
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whole_zone_lost_resumes_in_the_other_zones_and_loses_nothing() {
     // Four nodes: zone a holds node-0 and node-3, and broker 0.
-    let mut cluster = Cluster::start(4, &["--session-timeout", "3s"], false).await;
+    let mut cluster = Cluster::start(4, Backend::Cql, &["--session-timeout", "3s"], false).await;
     let reader = pipeline::reader(&cluster.kafka.bootstrap);
     let (recs, producer) = steady(&cluster, 5000, 150.0, 502);
     std::thread::sleep(Duration::from_secs(10));
@@ -286,7 +312,7 @@ async fn a_whole_zone_lost_resumes_in_the_other_zones_and_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_frozen_past_its_session_is_fenced_and_applies_nothing_twice() {
-    let mut cluster = Cluster::start(3, &["--session-timeout", "3s"], false).await;
+    let mut cluster = Cluster::start(3, Backend::Cql, &["--session-timeout", "3s"], false).await;
     let reader = pipeline::reader(&cluster.kafka.bootstrap);
     let (recs, producer) = steady(&cluster, 5000, 150.0, 503);
     std::thread::sleep(Duration::from_secs(10));
@@ -319,7 +345,7 @@ async fn a_node_frozen_past_its_session_is_fenced_and_applies_nothing_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_with_static_membership_moves_no_partition_and_repeats_no_output() {
     // Each node stops (SIGTERM: drain, commit) and starts again well within its session.
-    let mut cluster = Cluster::start(3, &["--session-timeout", "30s"], true).await;
+    let mut cluster = Cluster::start(3, Backend::Cql, &["--session-timeout", "30s"], true).await;
     let reader = pipeline::reader(&cluster.kafka.bootstrap);
     let (recs, producer) = steady(&cluster, 6000, 100.0, 504);
     std::thread::sleep(Duration::from_secs(5));
@@ -368,7 +394,7 @@ async fn a_rolling_restart_with_static_membership_moves_no_partition_and_repeats
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_hands_partitions_over_at_once_drained_and_committed() {
     // A long session: a node that left without a word would keep its partitions for 30 s.
-    let mut cluster = Cluster::start(3, &["--session-timeout", "30s"], false).await;
+    let mut cluster = Cluster::start(3, Backend::Cql, &["--session-timeout", "30s"], false).await;
     let reader = pipeline::reader(&cluster.kafka.bootstrap);
     let (recs, producer) = steady(&cluster, 4000, 150.0, 505);
     std::thread::sleep(Duration::from_secs(8));

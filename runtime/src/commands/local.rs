@@ -16,7 +16,7 @@ use anyhow::{Context as _, bail};
 
 use crate::loadgen::{LoadgenOptions, run as run_load};
 use crate::local::cassandra::{CassandraOptions, DATACENTER, LocalCassandra};
-use crate::local::kafka::{KafkaOptions, LocalKafka, create_topics};
+use crate::local::kafka::{CHANGELOG_CONFIG, KafkaOptions, LocalKafka, create_topics, create_topics_with};
 use crate::local::scrape::{http_get, label, series};
 use crate::local::{DataDir, free_port, log_tail};
 use crate::state::Backend;
@@ -33,8 +33,8 @@ pub struct LocalArgs {
     #[arg(long)]
     pub brokers: Option<usize>,
     /// Where per-key state lives: cql (Cassandra nodes, the store every node shares; the default
-    /// for a cluster) or rocksdb (on each node's disk; a single node only for now: RocksDB state
-    /// does not follow a partition to another node yet).
+    /// for a cluster) or rocksdb (on each node's disk; with several nodes through a changelog
+    /// topic, which a node restores a partition from when it gets it).
     #[arg(long, value_enum)]
     pub state: Option<Backend>,
     /// Cassandra nodes for `--state cql` (default: one per zone, at most 3).
@@ -169,13 +169,6 @@ pub async fn run(args: &LocalArgs) -> anyhow::Result<()> {
         bail!("--nodes and --zones need at least one each");
     }
     let state = args.state.unwrap_or(if args.nodes > 1 { Backend::Cql } else { Backend::Rocksdb });
-    if state == Backend::Rocksdb && args.nodes > 1 {
-        bail!(
-            "--state rocksdb with {} nodes: RocksDB state stays on the node that wrote it, so a partition \
-             that moves would start its keys from zero; use --state cql (the default for a cluster) or --nodes 1",
-            args.nodes
-        );
-    }
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -248,10 +241,17 @@ async fn with_servers(
         kafka.replication(),
     )
     .await?;
+    // RocksDB on several nodes: state follows its partition through a changelog.
+    let changelog = (cassandra.is_none() && args.nodes > 1).then(|| format!("{}.changelog", load.topic));
+    if let Some(topic) = &changelog {
+        create_topics_with(&kafka.bootstrap, &[(topic, partitions)], kafka.replication(), CHANGELOG_CONFIG)
+            .await?;
+    }
+    let servers = Servers { kafka, cassandra, changelog };
     let exe = std::env::current_exe().context("the partita executable")?;
     let mut nodes = Vec::new();
     for i in 0..args.nodes {
-        nodes.push(spawn_node(&exe, args, i, &zones[i % zones.len()], kafka, cassandra, dir)?);
+        nodes.push(spawn_node(&exe, args, i, &zones[i % zones.len()], &servers, dir)?);
     }
     eprintln!("starting {} partita nodes (loading and warming up the models) ...", nodes.len());
     wait_ready(&mut nodes, stop).await?;
@@ -302,6 +302,11 @@ async fn with_servers(
         load.dlq_topic,
         kafka.replication()
     );
+    if let Some(topic) = &servers.changelog {
+        println!(
+            "  changelog  {topic} ({partitions} partitions, compacted): RocksDB state follows its partition"
+        );
+    }
     println!();
     println!(
         "load: {:.0} events/s over {} keys{}; kill a node's pid to watch its partitions move (Ctrl-C stops everything)",
@@ -343,15 +348,23 @@ async fn with_servers(
     Ok(())
 }
 
+/// What the nodes run against.
+struct Servers<'a> {
+    kafka: &'a LocalKafka,
+    cassandra: Option<&'a LocalCassandra>,
+    /// The changelog topic (RocksDB state on several nodes).
+    changelog: Option<String>,
+}
+
 fn spawn_node(
     exe: &Path,
     args: &LocalArgs,
     i: usize,
     zone: &str,
-    kafka: &LocalKafka,
-    cassandra: Option<&LocalCassandra>,
+    servers: &Servers<'_>,
     dir: &Path,
 ) -> anyhow::Result<LocalNode> {
+    let (kafka, cassandra) = (servers.kafka, servers.cassandra);
     let name = format!("node-{i}");
     let http = format!("127.0.0.1:{}", free_port()?);
     let grpc = format!("127.0.0.1:{}", free_port()?);
@@ -371,6 +384,9 @@ fn spawn_node(
         cmd.args(["--state-backend", "cql", "--cql-uri", &c.uri(), "--cql-keyspace", "partita"])
             .args(["--cql-datacenter", DATACENTER])
             .args(["--cql-replication", &format!("{DATACENTER}={replication}")]);
+    }
+    if let Some(topic) = &servers.changelog {
+        cmd.args(["--changelog-topic", topic]);
     }
     let mut child = cmd
         .args(&args.node_args)

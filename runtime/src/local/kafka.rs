@@ -322,11 +322,28 @@ replica.selector.class=org.apache.kafka.common.replica.RackAwareReplicaSelector
 /// Create `topics` (name, partitions) with `replication` replicas each; existing topics are left
 /// as they are. Returns once every partition has a leader that answers.
 pub async fn create_topics(bootstrap: &str, topics: &[(&str, i32)], replication: i32) -> anyhow::Result<()> {
+    create_topics_with(bootstrap, topics, replication, &[]).await
+}
+
+/// The topic configuration of a changelog: compacted (the latest state of each key stays).
+pub const CHANGELOG_CONFIG: &[(&str, &str)] = &[("cleanup.policy", "compact")];
+
+/// [`create_topics`] with topic-level `config` (e.g. [`CHANGELOG_CONFIG`]).
+pub async fn create_topics_with(
+    bootstrap: &str,
+    topics: &[(&str, i32)],
+    replication: i32,
+    config: &[(&str, &str)],
+) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> =
         crate::kafka::client_config(bootstrap).create().context("creating an admin client")?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
-        .map(|(name, n)| NewTopic::new(name, *n, TopicReplication::Fixed(replication)))
+        .map(|(name, n)| {
+            config
+                .iter()
+                .fold(NewTopic::new(name, *n, TopicReplication::Fixed(replication)), |t, (k, v)| t.set(k, v))
+        })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     for result in admin.create_topics(&new, &opts).await.context("creating topics")? {

@@ -60,6 +60,7 @@ const SETTINGS: &[Setting] = &[
     s("state", "cache_size", "--cache-size"),
     s("state", "sync_wal", "--sync-wal"),
     s("state", "backend", "--state-backend"),
+    s("state", "changelog_topic", "--changelog-topic"),
     s("state", "cql_uri", "--cql-uri"),
     s("state", "cql_keyspace", "--cql-keyspace"),
     s("state", "cql_datacenter", "--cql-datacenter"),
@@ -306,6 +307,12 @@ pub fn resolve(cli: &[OsString]) -> Result<(NodeOptions, Layered), Vec<String>> 
 /// Problems that only settings taken together show.
 pub fn cross_check(o: &NodeOptions) -> Vec<String> {
     let mut problems = Vec::new();
+    if o.state_backend == crate::state::Backend::Cql && !o.changelog_topic.is_empty() {
+        problems.push(
+            "[state] changelog_topic is for backend rocksdb: the CQL store is shared by every node already"
+                .to_owned(),
+        );
+    }
     if o.state_backend == crate::state::Backend::Cql {
         match o.cql_datacenter.as_deref() {
             Some("") => {

@@ -17,6 +17,7 @@ use std::sync::atomic::Ordering;
 
 use crate::inference::InferenceOptions;
 use crate::kafka::{ConsumerSettings, KafkaSink, KafkaTier, Wiring, parse_property, start_consumer};
+use crate::state::changelog::ChangelogStore;
 use crate::state::rocks::{RocksConfig, RocksStore};
 use crate::state::scylla::{CqlConsistency, Replication, ScyllaConfig, ScyllaStore};
 use crate::state::{Backend, NodeStore};
@@ -109,6 +110,11 @@ pub struct NodeOptions {
     /// state and offset together (those batches run again, their outputs repeat).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub sync_wal: bool,
+    /// Backend rocksdb in a cluster: the changelog topic (compacted, partitioned like the input)
+    /// every state write goes to first, and a node restores a partition from when it claims it, so
+    /// state follows its partition to another node. Empty: none (one node only).
+    #[arg(long, default_value = "")]
+    pub changelog_topic: String,
     /// Where per-key state lives: rocksdb (embedded, this node's disk) or cql (a ScyllaDB or
     /// Cassandra cluster that every node shares).
     #[arg(long, value_enum, default_value = "rocksdb")]
@@ -243,6 +249,14 @@ impl NodeOptions {
         self.cql_replication = Replication([(dc, 1)].into());
     }
 
+    /// The Kafka cluster of the input topic (and of the changelog topic).
+    pub fn ingestion_tier(&self) -> KafkaTier {
+        KafkaTier {
+            bootstrap: self.ingestion_bootstrap.clone(),
+            properties: self.ingestion_properties.clone(),
+        }
+    }
+
     /// The CQL backend's settings.
     pub fn cql(&self) -> ScyllaConfig {
         ScyllaConfig {
@@ -258,13 +272,23 @@ impl NodeOptions {
     /// Open the configured state store (`[state] backend`).
     pub async fn open_store(&self) -> anyhow::Result<NodeStore> {
         Ok(match self.state_backend {
-            Backend::Rocksdb => NodeStore::Rocks(
-                RocksStore::open(&RocksConfig {
+            Backend::Rocksdb => {
+                let local = RocksStore::open(&RocksConfig {
                     sync_wal: self.sync_wal,
                     ..RocksConfig::new(&self.state_dir)
                 })
-                .with_context(|| format!("opening the state store in {}", self.state_dir.display()))?,
-            ),
+                .with_context(|| format!("opening the state store in {}", self.state_dir.display()))?;
+                if self.changelog_topic.is_empty() {
+                    NodeStore::Rocks(local)
+                } else {
+                    NodeStore::Changelog(ChangelogStore::new(
+                        local,
+                        self.ingestion_tier(),
+                        &self.changelog_topic,
+                        &self.group,
+                    ))
+                }
+            }
             Backend::Cql => NodeStore::Cql(
                 ScyllaStore::connect(&self.cql())
                     .await
@@ -320,10 +344,7 @@ impl Node {
             bootstrap: opts.processing_bootstrap.clone().unwrap_or_else(|| opts.ingestion_bootstrap.clone()),
             properties: opts.processing_properties.clone(),
         };
-        let ingestion = KafkaTier {
-            bootstrap: opts.ingestion_bootstrap.clone(),
-            properties: opts.ingestion_properties.clone(),
-        };
+        let ingestion = opts.ingestion_tier();
         crate::kafka::warn_on_weak_durability(&processing, &[&opts.scores_topic, &opts.dlq_topic]).await;
         let commits = crossbeam_channel::unbounded();
         let sink = Arc::new(KafkaSink::new(

@@ -1,6 +1,8 @@
 //! State backends behind `partita_actors::state::StateStore`.
 //!
 //! - [`rocks`]: RocksDB, embedded (the default; one node's partitions on its local disk).
+//! - [`changelog`]: RocksDB whose writes go to a changelog topic first, restored from it on
+//!   claim: state that follows its partition across nodes.
 //! - [`scylla`]: ScyllaDB (or any CQL store speaking its dialect, Apache Cassandra 5 included),
 //!   for clusters: state shared across nodes and zones.
 //!
@@ -8,6 +10,7 @@
 //! Cassandra, or a real ScyllaDB when `PARTITA_SCYLLA_URI` is set. [`NodeStore`] is the one a node
 //! opens, chosen by `[state] backend`.
 
+pub mod changelog;
 pub mod rocks;
 pub mod scylla;
 
@@ -26,6 +29,8 @@ pub enum Backend {
 #[derive(Debug, Clone)]
 pub enum NodeStore {
     Rocks(rocks::RocksStore),
+    /// RocksDB behind a changelog topic (`[state] changelog_topic`).
+    Changelog(changelog::ChangelogStore),
     Cql(scylla::ScyllaStore),
 }
 
@@ -37,6 +42,7 @@ impl StateStore for NodeStore {
     ) -> Result<Vec<Option<StateValue>>, StoreError> {
         match self {
             Self::Rocks(s) => s.read(partition, keys).await,
+            Self::Changelog(s) => s.read(partition, keys).await,
             Self::Cql(s) => s.read(partition, keys).await,
         }
     }
@@ -44,6 +50,7 @@ impl StateStore for NodeStore {
     async fn write(&self, write: StateWrite) -> Result<(), StoreError> {
         match self {
             Self::Rocks(s) => s.write(write).await,
+            Self::Changelog(s) => s.write(write).await,
             Self::Cql(s) => s.write(write).await,
         }
     }
@@ -51,6 +58,7 @@ impl StateStore for NodeStore {
     async fn meta(&self, partition: PartitionId) -> Result<PartitionMeta, StoreError> {
         match self {
             Self::Rocks(s) => s.meta(partition).await,
+            Self::Changelog(s) => s.meta(partition).await,
             Self::Cql(s) => s.meta(partition).await,
         }
     }
@@ -62,6 +70,7 @@ impl StateStore for NodeStore {
     ) -> Result<PartitionMeta, StoreError> {
         match self {
             Self::Rocks(s) => s.claim(partition, epoch).await,
+            Self::Changelog(s) => s.claim(partition, epoch).await,
             Self::Cql(s) => s.claim(partition, epoch).await,
         }
     }

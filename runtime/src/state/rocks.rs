@@ -92,6 +92,36 @@ impl RocksStore {
         self.inner.db.path()
     }
 
+    /// Replace everything stored for `partition` by `entries` and `applied` (a restore from the
+    /// changelog, which is the truth in a cluster): one atomic batch that deletes the partition's
+    /// keys, writes the restored ones and the meta. Fenced unless the stored epoch is `epoch` (the
+    /// restorer just claimed it); unlike a write, the applied offset may move back (a node that
+    /// was a zombie holds effects the changelog does not).
+    pub async fn restore(
+        &self,
+        partition: PartitionId,
+        epoch: Epoch,
+        applied: Option<Offset>,
+        entries: Vec<(Vec<u8>, StateValue)>,
+    ) -> Result<(), StoreError> {
+        self.blocking(move |inner| {
+            let p = partition;
+            let _guard = inner.lock(p);
+            let stored = inner.meta(p)?;
+            if stored.epoch != epoch {
+                return Err(StoreError::Fenced { partition: p, epoch, current: stored.epoch });
+            }
+            let mut batch = WriteBatch::default();
+            batch.delete_range(state_key(p, b""), state_key(PartitionId(p.0 + 1), b""));
+            for (k, v) in &entries {
+                batch.put(state_key(p, k), v.encode());
+            }
+            batch.put(meta_key(p), encode_meta(&PartitionMeta { applied_offset: applied, epoch }));
+            inner.db.write_opt(batch, &inner.write_opts()).map_err(unavailable)
+        })
+        .await
+    }
+
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,

@@ -1,0 +1,262 @@
+//! RocksDB state that follows its partition: every state write first goes to a **changelog
+//! topic** (compacted, partitioned like the input) in a Kafka transaction, then to the local
+//! RocksDB; a node that claims a partition restores it from the changelog before it resumes. The
+//! design, its wire format and why it is correct: `docs/state.md`, "RocksDB changelog".
+//!
+//! Fencing across nodes: each partition has one transactional producer per owner, with
+//! `transactional.id` = `partita-<group>-<changelog topic>-<partition>`. A new owner's
+//! `init_transactions` bumps the producer epoch: the previous owner's next transaction fails
+//! `ProducerFenced` (its state write is then `Fenced` and never reaches its RocksDB), and its
+//! open transaction is aborted. Restores read `read_committed`, so a zombie's unfinished writes
+//! are never restored, and compaction never keeps an aborted record.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use partita_actors::state::{
+    Epoch, Offset, PartitionId, PartitionMeta, StateStore, StateValue, StateWrite, StoreError,
+};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset as KOffset, TopicPartitionList};
+
+use super::rocks::RocksStore;
+use crate::kafka::KafkaTier;
+
+/// Changelog record keys: a tag byte, then (for state) the state key.
+const STATE: u8 = b's';
+/// The partition's applied offset after a write (value: i64 big-endian).
+const APPLIED: u8 = b'm';
+/// How long a transaction step or a restore read may take before the write or claim fails as
+/// unavailable (and is retried).
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A RocksDB store whose writes go through a changelog topic first.
+#[derive(Clone)]
+pub struct ChangelogStore {
+    local: RocksStore,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tier: KafkaTier,
+    topic: String,
+    group: String,
+    /// The transactional producer of each partition this node claimed.
+    producers: Mutex<HashMap<PartitionId, Arc<FutureProducer>>>,
+}
+
+impl std::fmt::Debug for ChangelogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChangelogStore")
+            .field("local", &self.local)
+            .field("topic", &self.inner.topic)
+            .finish()
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable { detail: format!("changelog: {e}") }
+}
+
+fn fenced_or_unavailable(p: PartitionId, epoch: Epoch, e: &KafkaError) -> StoreError {
+    match e.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch) => {
+            // The current epoch is another node's; ours is all we know.
+            StoreError::Fenced { partition: p, epoch, current: Epoch(epoch.0 + 1) }
+        }
+        _ => unavailable(e),
+    }
+}
+
+impl ChangelogStore {
+    /// `local` keeps the state; `topic` (on `tier`) is the changelog; `group` names the
+    /// transactional ids (one consumer group = one set of owners).
+    pub fn new(local: RocksStore, tier: KafkaTier, topic: &str, group: &str) -> Self {
+        let inner = Inner {
+            tier,
+            topic: topic.to_owned(),
+            group: group.to_owned(),
+            producers: Mutex::new(HashMap::new()),
+        };
+        Self { local, inner: Arc::new(inner) }
+    }
+
+    pub fn local(&self) -> &RocksStore {
+        &self.local
+    }
+
+    fn producer(&self, p: PartitionId) -> Option<Arc<FutureProducer>> {
+        self.inner.producers.lock().unwrap().get(&p).cloned()
+    }
+
+    /// A transactional producer for `p`, initialised (which fences every earlier one).
+    async fn new_producer(&self, p: PartitionId) -> Result<Arc<FutureProducer>, StoreError> {
+        let id = format!("partita-{}-{}-{}", self.inner.group, self.inner.topic, p.0);
+        let producer: FutureProducer = self
+            .inner
+            .tier
+            .client_config(&[
+                ("transactional.id", &id),
+                ("enable.idempotence", "true"),
+                ("acks", "all"),
+                ("linger.ms", "1"),
+                ("transaction.timeout.ms", "60000"),
+            ])
+            .create()
+            .map_err(unavailable)?;
+        let producer = Arc::new(producer);
+        let init = producer.clone();
+        tokio::task::spawn_blocking(move || init.init_transactions(TIMEOUT))
+            .await
+            .map_err(unavailable)?
+            .map_err(unavailable)?;
+        Ok(producer)
+    }
+
+    /// Everything the changelog holds for `p` (committed records only).
+    fn read_changelog(&self, p: PartitionId) -> Result<Restored, StoreError> {
+        let consumer: BaseConsumer = crate::kafka::client_config(&self.inner.tier.bootstrap)
+            .set("isolation.level", "read_committed")
+            // librdkafka assigns only in a group; this one never joins or commits.
+            .set("group.id", format!("partita-restore-{}", std::process::id()))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .create()
+            .map_err(unavailable)?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.inner.topic, p.0 as i32, KOffset::Beginning).map_err(unavailable)?;
+        consumer.assign(&tpl).map_err(unavailable)?;
+        let mut r = Restored::default();
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        loop {
+            if std::time::Instant::now() > deadline {
+                return Err(unavailable(format!(
+                    "reading {}/{} took longer than {TIMEOUT:?}",
+                    self.inner.topic, p.0
+                )));
+            }
+            match consumer.poll(Duration::from_millis(500)) {
+                None => continue,
+                Some(Err(KafkaError::PartitionEOF(_))) => break,
+                Some(Err(e)) => return Err(unavailable(e)),
+                Some(Ok(m)) => {
+                    let (key, value) = (m.key().unwrap_or_default(), m.payload().unwrap_or_default());
+                    r.records += 1;
+                    r.bytes += (key.len() + value.len()) as u64;
+                    match key.split_first() {
+                        Some((&STATE, k)) => {
+                            r.entries.insert(k.to_vec(), StateValue::decode(value)?);
+                        }
+                        Some((&APPLIED, _)) => {
+                            let b: [u8; 8] = value.try_into().map_err(|_| StoreError::Corrupt {
+                                detail: format!("changelog applied offset of {} bytes", value.len()),
+                            })?;
+                            r.applied = Some(Offset(i64::from_be_bytes(b)));
+                        }
+                        _ => {
+                            return Err(StoreError::Corrupt {
+                                detail: format!("changelog record with key tag {:?}", key.first()),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        Ok(r)
+    }
+}
+
+/// A partition as the changelog holds it.
+#[derive(Debug, Default)]
+struct Restored {
+    /// The latest state of every key.
+    entries: HashMap<Vec<u8>, StateValue>,
+    /// The applied offset of the last write.
+    applied: Option<Offset>,
+    /// Records and bytes read (compaction leaves about one record per key).
+    records: u64,
+    bytes: u64,
+}
+
+impl StateStore for ChangelogStore {
+    async fn read(
+        &self,
+        partition: PartitionId,
+        keys: &[Vec<u8>],
+    ) -> Result<Vec<Option<StateValue>>, StoreError> {
+        self.local.read(partition, keys).await
+    }
+
+    /// The changelog transaction first (fenced if another node claimed the partition since), then
+    /// the local write.
+    async fn write(&self, write: StateWrite) -> Result<(), StoreError> {
+        let (p, epoch) = (write.partition, write.epoch);
+        let Some(producer) = self.producer(p) else {
+            return Err(StoreError::Fenced { partition: p, epoch, current: Epoch(epoch.0 + 1) });
+        };
+        let topic = self.inner.topic.clone();
+        let records: Vec<(Vec<u8>, Vec<u8>)> = write
+            .entries
+            .iter()
+            .map(|(k, v)| ([&[STATE][..], k].concat(), v.encode()))
+            .chain(std::iter::once((vec![APPLIED], write.applied_offset.0.to_be_bytes().to_vec())))
+            .collect();
+        let txn = producer.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), KafkaError> {
+            txn.begin_transaction()?;
+            let sent: Result<(), KafkaError> = records.iter().try_for_each(|(k, v)| {
+                txn.send_result(FutureRecord::to(&topic).partition(p.0 as i32).key(k).payload(v))
+                    .map(drop)
+                    .map_err(|(e, _)| e)
+            });
+            // Commit flushes and waits for every record's acknowledgement.
+            match sent.and_then(|()| txn.commit_transaction(TIMEOUT)) {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    let _ = txn.abort_transaction(TIMEOUT);
+                    Err(e)
+                }
+            }
+        })
+        .await
+        .map_err(unavailable)?
+        .map_err(|e| fenced_or_unavailable(p, epoch, &e))?;
+        self.local.write(write).await
+    }
+
+    async fn meta(&self, partition: PartitionId) -> Result<PartitionMeta, StoreError> {
+        self.local.meta(partition).await
+    }
+
+    /// Claim locally, take the changelog's transactional id (fencing the previous owner), then
+    /// restore the partition from the changelog: it replaces whatever this node held.
+    async fn claim(&self, partition: PartitionId, epoch: Epoch) -> Result<PartitionMeta, StoreError> {
+        let p = partition;
+        self.local.claim(p, epoch).await?;
+        let producer = self.new_producer(p).await?;
+        let started = std::time::Instant::now();
+        let this = self.clone();
+        let Restored { entries, applied, records, bytes } =
+            tokio::task::spawn_blocking(move || this.read_changelog(p)).await.map_err(unavailable)??;
+        let keys = entries.len();
+        self.local.restore(p, epoch, applied, entries.into_iter().collect()).await?;
+        let secs = started.elapsed().as_secs_f64();
+        tracing::info!(
+            partition = p.0,
+            keys,
+            records,
+            bytes,
+            applied = ?applied.map(|o| o.0),
+            seconds = secs,
+            keys_per_second = (keys as f64 / secs.max(1e-6)) as u64,
+            "partition restored from the changelog"
+        );
+        self.inner.producers.lock().unwrap().insert(p, producer);
+        Ok(PartitionMeta { applied_offset: applied, epoch })
+    }
+}
