@@ -275,38 +275,55 @@ impl ProducerContext for Landed {
 /// Produce `records` in order (idempotent producer: order kept per partition across retries) and
 /// return where each landed (partition, offset).
 pub fn produce_tracked(bootstrap: &str, records: &[GenRecord]) -> Vec<(i32, i64)> {
-    produce_at(bootstrap, records, None)
+    let mut each = records.iter().cloned();
+    produce_at(bootstrap, records.len(), None, || each.next().expect("one per index")).1
 }
 
-/// [`produce_tracked`] at `rate` records per second (steady load), on a thread of its own.
+/// What a producer sent, in order, and where each record landed (partition, offset).
+pub type Produced = (Vec<GenRecord>, Vec<(i32, i64)>);
+
+/// Steady load on a thread of its own: `n` records over `keys` keys (a share `bad_ratio` bad) at
+/// `rate` per second, each generated as it is sent (its event time is its send time, so event
+/// time to score is the pipeline's latency). Join for the records and where each landed.
 pub fn produce_paced(
     bootstrap: &str,
-    records: Vec<GenRecord>,
+    n: usize,
+    keys: usize,
+    bad_ratio: f64,
+    seed: u64,
     rate: f64,
-) -> std::thread::JoinHandle<Vec<(i32, i64)>> {
+) -> std::thread::JoinHandle<Produced> {
     let bootstrap = bootstrap.to_owned();
-    std::thread::spawn(move || produce_at(&bootstrap, &records, Some(rate)))
+    std::thread::spawn(move || {
+        let mut g = Generator::new(seed, keys, 0.9, 16, bad_ratio, seed);
+        produce_at(&bootstrap, n, Some(rate), || g.record(partita_actors::partition::unix_micros()))
+    })
 }
 
-fn produce_at(bootstrap: &str, records: &[GenRecord], rate: Option<f64>) -> Vec<(i32, i64)> {
+/// Produce `n` records from `next`, at `rate` per second if given; (the records, where each
+/// landed).
+fn produce_at(bootstrap: &str, n: usize, rate: Option<f64>, mut next: impl FnMut() -> GenRecord) -> Produced {
     let started = Instant::now();
     let producer: BaseProducer<Landed> = partita_runtime::kafka::client_config(bootstrap)
         // As users run producers: idempotent (acks=all, order kept per partition across retries).
         .set("enable.idempotence", "true")
         .set("linger.ms", "1")
-        .create_with_context(Landed(Mutex::new(vec![None; records.len()])))
+        .create_with_context(Landed(Mutex::new(vec![None; n])))
         .expect("test producer");
-    for (i, rec) in records.iter().enumerate() {
+    let mut records = Vec::with_capacity(n);
+    for i in 0..n {
         if let Some(rate) = rate {
             let due = started + Duration::from_secs_f64(i as f64 / rate);
             std::thread::sleep(due.saturating_duration_since(Instant::now()));
         }
-        send(&producer, INPUT, rec, Box::new(i)).expect("produce");
+        let rec = next();
+        send(&producer, INPUT, &rec, Box::new(i)).expect("produce");
+        records.push(rec);
         producer.poll(Duration::ZERO);
     }
     producer.flush(Duration::from_secs(30)).expect("flush");
     let landed = producer.context().0.lock().unwrap().clone();
-    landed.into_iter().map(|l| l.expect("every record acknowledged")).collect()
+    (records, landed.into_iter().map(|l| l.expect("every record acknowledged")).collect())
 }
 
 pub fn records(n: usize, keys: usize, bad_ratio: f64, seed: u64) -> Vec<GenRecord> {

@@ -13,13 +13,13 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use partita_runtime::loadgen::{GenRecord, Output, ReaderResult};
+use partita_runtime::loadgen::{Output, ReaderResult};
 use partita_runtime::local::kafka::{
     CHANGELOG_CONFIG, KafkaOptions, LocalKafka, create_topics, create_topics_with,
 };
 use partita_runtime::state::Backend;
 use partita_tests::pipeline::{
-    self, DLQ, INPUT, NodeProcess, SCORES, TestStore, produce_paced, records, wait_answered,
+    self, DLQ, INPUT, NodeProcess, Produced, SCORES, TestStore, produce_paced, wait_answered,
 };
 
 const PARTITIONS: i32 = 6;
@@ -229,15 +229,8 @@ fn print_b5(what: &str, b5: &[(i32, Option<i64>)]) {
 }
 
 /// Steady load: `n` records over 200 keys (2 % bad) at `rate` per second.
-fn steady(
-    cluster: &Cluster,
-    n: usize,
-    rate: f64,
-    seed: u64,
-) -> (Vec<GenRecord>, std::thread::JoinHandle<Vec<(i32, i64)>>) {
-    let recs = records(n, 200, 0.02, seed);
-    let producer = produce_paced(&cluster.kafka.bootstrap, recs.clone(), rate);
-    (recs, producer)
+fn steady(cluster: &Cluster, n: usize, rate: f64, seed: u64) -> std::thread::JoinHandle<Produced> {
+    produce_paced(&cluster.kafka.bootstrap, n, 200, 0.02, seed, rate)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,7 +247,7 @@ async fn a_node_killed_mid_stream_has_its_partitions_resumed_elsewhere_with_thei
 async fn a_node_killed_mid_stream_has_its_partitions_resumed_elsewhere_with_their_state(backend: Backend) {
     let mut cluster = Cluster::start(3, backend, &["--session-timeout", "3s"], false).await;
     let reader = pipeline::reader(&cluster.kafka.bootstrap);
-    let (recs, producer) = steady(&cluster, 6000, 150.0, 501);
+    let (n, producer) = (6000, steady(&cluster, 6000, 150.0, 501));
     std::thread::sleep(Duration::from_secs(10));
     let moved = cluster.kill9(0);
     // After the kill: any output produced later is another node's.
@@ -264,9 +257,9 @@ async fn a_node_killed_mid_stream_has_its_partitions_resumed_elsewhere_with_thei
     tokio::task::block_in_place(|| cluster.wait_owned(Duration::from_secs(60)));
     std::thread::sleep(Duration::from_secs(5));
     cluster.nodes[0] = Some(cluster.spawn(0));
-    let landed = producer.join().expect("the producer thread");
+    let (recs, landed) = producer.join().expect("the producer thread");
     let seen = tokio::task::block_in_place(|| {
-        wait_answered(reader, recs.len() as u64, Duration::from_secs(180), || cluster.node(1).log_text())
+        wait_answered(reader, n as u64, Duration::from_secs(180), || cluster.node(1).log_text())
     });
     for i in 1..3 {
         for line in cluster.node(i).log_text().lines().filter(|l| l.contains("restored from the changelog")) {
@@ -288,7 +281,7 @@ async fn a_whole_zone_lost_resumes_in_the_other_zones_and_loses_nothing() {
     // Four nodes: zone a holds node-0 and node-3, and broker 0.
     let mut cluster = Cluster::start(4, Backend::Cql, &["--session-timeout", "3s"], false).await;
     let reader = pipeline::reader(&cluster.kafka.bootstrap);
-    let (recs, producer) = steady(&cluster, 5000, 150.0, 502);
+    let (n, producer) = (5000, steady(&cluster, 5000, 150.0, 502));
     std::thread::sleep(Duration::from_secs(10));
     cluster.kafka.kill(0);
     let mut moved = cluster.kill9(0);
@@ -296,9 +289,9 @@ async fn a_whole_zone_lost_resumes_in_the_other_zones_and_loses_nothing() {
     let since = now_ms();
     eprintln!("zone a lost (broker 0, node-0, node-3), its nodes owned {moved:?}");
     tokio::task::block_in_place(|| cluster.wait_owned(Duration::from_secs(90)));
-    let landed = producer.join().expect("the producer thread");
+    let (recs, landed) = producer.join().expect("the producer thread");
     let seen = tokio::task::block_in_place(|| {
-        wait_answered(reader, recs.len() as u64, Duration::from_secs(180), || cluster.node(1).log_text())
+        wait_answered(reader, n as u64, Duration::from_secs(180), || cluster.node(1).log_text())
     });
     cluster.stop_all();
     print_b5("zone a lost (its nodes and its broker)", &failover_ms(&seen, &moved, since));
@@ -311,10 +304,20 @@ async fn a_whole_zone_lost_resumes_in_the_other_zones_and_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_frozen_past_its_session_is_fenced_and_applies_nothing_twice() {
-    let mut cluster = Cluster::start(3, Backend::Cql, &["--session-timeout", "3s"], false).await;
+async fn a_node_frozen_past_its_session_is_fenced_and_applies_nothing_twice_cql() {
+    a_node_frozen_past_its_session_is_fenced_and_applies_nothing_twice(Backend::Cql).await;
+}
+
+/// RocksDB: the new owners' `init_transactions` on the changelog fence the zombie's producer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_frozen_past_its_session_is_fenced_and_applies_nothing_twice_rocksdb() {
+    a_node_frozen_past_its_session_is_fenced_and_applies_nothing_twice(Backend::Rocksdb).await;
+}
+
+async fn a_node_frozen_past_its_session_is_fenced_and_applies_nothing_twice(backend: Backend) {
+    let mut cluster = Cluster::start(3, backend, &["--session-timeout", "3s"], false).await;
     let reader = pipeline::reader(&cluster.kafka.bootstrap);
-    let (recs, producer) = steady(&cluster, 5000, 150.0, 503);
+    let (n, producer) = (5000, steady(&cluster, 5000, 150.0, 503));
     std::thread::sleep(Duration::from_secs(10));
     // A zombie: frozen (a long GC pause, a VM migration) past its session; the group gives its
     // partitions to the others, which claim them with a newer epoch. Then it wakes up with
@@ -328,12 +331,15 @@ async fn a_node_frozen_past_its_session_is_fenced_and_applies_nothing_twice() {
     let zombie = cluster.node(0).log_text();
     assert!(zombie.contains("assignment lost"), "the zombie must find its assignment lost:\n{zombie}");
     eprintln!("zombie woke up: {} fenced store writes in its log", zombie.matches("Fenced").count());
-    let landed = producer.join().expect("the producer thread");
+    let (recs, landed) = producer.join().expect("the producer thread");
     let seen = tokio::task::block_in_place(|| {
-        wait_answered(reader, recs.len() as u64, Duration::from_secs(180), || cluster.node(1).log_text())
+        wait_answered(reader, n as u64, Duration::from_secs(180), || cluster.node(1).log_text())
     });
     cluster.stop_all();
-    print_b5("node frozen (SIGSTOP) past its session", &failover_ms(&seen, &moved, since));
+    print_b5(
+        &format!("node frozen (SIGSTOP) past its session ({backend:?})"),
+        &failover_ms(&seen, &moved, since),
+    );
     eprintln!(
         "  unaffected partitions: p99 event -> score {:?} ms in the 10 s after it",
         unaffected_p99_ms(&seen, &moved, since)
@@ -347,7 +353,7 @@ async fn a_rolling_restart_with_static_membership_moves_no_partition_and_repeats
     // Each node stops (SIGTERM: drain, commit) and starts again well within its session.
     let mut cluster = Cluster::start(3, Backend::Cql, &["--session-timeout", "30s"], true).await;
     let reader = pipeline::reader(&cluster.kafka.bootstrap);
-    let (recs, producer) = steady(&cluster, 6000, 100.0, 504);
+    let (n, producer) = (6000, steady(&cluster, 6000, 100.0, 504));
     std::thread::sleep(Duration::from_secs(5));
     let moves =
         |log: &str| log.matches("partition assigned").count() + log.matches("partition revoked").count();
@@ -382,9 +388,9 @@ async fn a_rolling_restart_with_static_membership_moves_no_partition_and_repeats
         }
         eprintln!("node-{i} restarted with {had:?}; no other node's assignment changed");
     }
-    let landed = producer.join().expect("the producer thread");
+    let (recs, landed) = producer.join().expect("the producer thread");
     let seen = tokio::task::block_in_place(|| {
-        wait_answered(reader, recs.len() as u64, Duration::from_secs(180), || cluster.node(1).log_text())
+        wait_answered(reader, n as u64, Duration::from_secs(180), || cluster.node(1).log_text())
     });
     cluster.stop_all();
     let dups = pipeline::check(&recs, &landed, &seen, &cluster.state, PARTITIONS).await;
@@ -396,7 +402,7 @@ async fn sigterm_hands_partitions_over_at_once_drained_and_committed() {
     // A long session: a node that left without a word would keep its partitions for 30 s.
     let mut cluster = Cluster::start(3, Backend::Cql, &["--session-timeout", "30s"], false).await;
     let reader = pipeline::reader(&cluster.kafka.bootstrap);
-    let (recs, producer) = steady(&cluster, 4000, 150.0, 505);
+    let (n, producer) = (4000, steady(&cluster, 4000, 150.0, 505));
     std::thread::sleep(Duration::from_secs(8));
     let mut node = cluster.nodes[0].take().expect("node is up");
     let moved = owned(&node.log_text());
@@ -407,9 +413,9 @@ async fn sigterm_hands_partitions_over_at_once_drained_and_committed() {
     let since = now_ms();
     // The group saw it leave: the others own everything well before its session could expire.
     tokio::task::block_in_place(|| cluster.wait_owned(Duration::from_secs(15)));
-    let landed = producer.join().expect("the producer thread");
+    let (recs, landed) = producer.join().expect("the producer thread");
     let seen = tokio::task::block_in_place(|| {
-        wait_answered(reader, recs.len() as u64, Duration::from_secs(180), || cluster.node(1).log_text())
+        wait_answered(reader, n as u64, Duration::from_secs(180), || cluster.node(1).log_text())
     });
     cluster.stop_all();
     print_b5("SIGTERM of one node (session 30 s)", &failover_ms(&seen, &moved, since));
