@@ -296,9 +296,14 @@ impl<S: StateStore> NodeContext<S> {
         let parts: Vec<(String, i32)> =
             tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
         let (mut started, mut waiting) = (Vec::new(), Vec::new());
-        for (topic, p) in parts {
+        // All claims at once: a claim may restore the partition first (RocksDB with a changelog,
+        // about a second each), and the node's other partitions wait for this callback.
+        let claims = self
+            .handle
+            .block_on(futures::future::join_all(parts.iter().map(|(_, p)| self.claim_async(*p, None))));
+        for ((topic, p), claim) in parts.into_iter().zip(claims) {
             let mut slot = Slot::new(&self.wiring.restart);
-            match self.claim(p, None).and_then(|meta| Ok((meta, self.spawn(p, meta)?))) {
+            match claim.and_then(|meta| Ok((meta, self.spawn(p, meta)?))) {
                 Ok((meta, run)) => {
                     let _ = tpl.set_partition_offset(&topic, p, resume_from(meta));
                     tracing::info!(partition = p, epoch = meta.epoch.0, resume_after = ?meta.applied_offset.map(|o| o.0), "partition assigned");
@@ -327,6 +332,10 @@ impl<S: StateStore> NodeContext<S> {
     /// Become the owner of `p` in the store. `expected`: the epoch this node holds (a restart):
     /// if the store has moved past it, a newer owner exists and the partition is not taken back.
     fn claim(&self, p: i32, expected: Option<Epoch>) -> Result<PartitionMeta, StartError> {
+        self.handle.block_on(self.claim_async(p, expected))
+    }
+
+    async fn claim_async(&self, p: i32, expected: Option<Epoch>) -> Result<PartitionMeta, StartError> {
         let partition = PartitionId(p as u32);
         let store = self.wiring.cache.store();
         let to_start = |e: StoreError| match e {
@@ -336,7 +345,7 @@ impl<S: StateStore> NodeContext<S> {
         };
         // Crash tests: `claim=3*return` makes three claims meet an unavailable store.
         fail::fail_point!("claim", |_| Err(StartError::Retry("fail point claim".into())));
-        let meta = self.handle.block_on(store.meta(partition)).map_err(to_start)?;
+        let meta = store.meta(partition).await.map_err(to_start)?;
         if let Some(mine) = expected
             && meta.epoch != mine
         {
@@ -345,7 +354,7 @@ impl<S: StateStore> NodeContext<S> {
                 meta.epoch
             )));
         }
-        let meta = self.handle.block_on(store.claim(partition, Epoch(meta.epoch.0 + 1))).map_err(to_start)?;
+        let meta = store.claim(partition, Epoch(meta.epoch.0 + 1)).await.map_err(to_start)?;
         // A write the previous actor had in flight either landed before the claim (and is in
         // `meta`) or is fenced now; cached states of the partition may predate it.
         self.wiring.cache.invalidate_partition(partition);
