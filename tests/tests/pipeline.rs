@@ -1009,3 +1009,21 @@ async fn a_lost_assignment_is_not_drained_like_a_revoke_and_nothing_is_lost() {
     );
     check(&recs, &landed, &seen, &state).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changelog_topic_that_is_missing_or_not_compacted_stops_the_node_with_the_reason() {
+    let broker = broker().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = store(Backend::Rocksdb, &dir).await;
+    // Not compacted: the broker would delete old states after its retention time.
+    create_topics(&broker.bootstrap, &[("plain.changelog", PARTITIONS)], 1).await.unwrap();
+    for (topic, reason) in
+        [("missing.changelog", "create it compacted"), ("plain.changelog", "must be compacted")]
+    {
+        let mut node = NodeProcess::start(&broker.bootstrap, &state, &["--changelog-topic", topic]);
+        let status = tokio::task::block_in_place(|| node.wait_exit(Duration::from_secs(60)));
+        let log = node.log_text();
+        assert!(status.is_some_and(|s| !s.success()), "the node must stop: {status:?}\n{log}");
+        assert!(log.contains(topic) && log.contains(reason), "{topic}: {log}");
+    }
+}

@@ -339,6 +339,9 @@ impl Node {
         health.models_ready.store(true, Ordering::SeqCst);
         let devices = pool.status().await.iter().map(|w| w.device.to_string()).collect();
         let store = opts.open_store().await?;
+        if let NodeStore::Changelog(changelog) = &store {
+            changelog.check_topic().await?;
+        }
         let cache = Arc::new(StateCache::new(store, opts.cache_size.as_u64(), metrics.clone()));
         let processing = KafkaTier {
             bootstrap: opts.processing_bootstrap.clone().unwrap_or_else(|| opts.ingestion_bootstrap.clone()),

@@ -90,6 +90,40 @@ impl ChangelogStore {
         &self.local
     }
 
+    /// Refuse a changelog topic that is missing or not compacted: with `cleanup.policy=delete` the
+    /// broker would drop old states after the retention time, and a restore would lose them.
+    pub async fn check_topic(&self) -> anyhow::Result<()> {
+        use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+        use rdkafka::client::DefaultClientContext;
+        let topic = &self.inner.topic;
+        let client: BaseConsumer = self.inner.tier.client_config(&[]).create()?;
+        let name = topic.clone();
+        let partitions = tokio::task::spawn_blocking(move || {
+            client.fetch_metadata(Some(&name), Duration::from_secs(10)).map(|m| {
+                m.topics().iter().filter(|t| t.error().is_none()).map(|t| t.partitions().len()).sum::<usize>()
+            })
+        })
+        .await??;
+        anyhow::ensure!(
+            partitions > 0,
+            "changelog topic {topic} not found on {}: create it compacted (cleanup.policy=compact) with as many partitions as the input",
+            self.inner.tier.bootstrap
+        );
+        let admin: AdminClient<DefaultClientContext> = self.inner.tier.client_config(&[]).create()?;
+        let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+        let described = admin.describe_configs(&[ResourceSpecifier::Topic(topic)], &opts).await;
+        let policy = match described.as_deref() {
+            Ok([Ok(config)]) => config.get("cleanup.policy").and_then(|e| e.value.clone()),
+            Ok([Err(e)]) => anyhow::bail!("describing changelog topic {topic}: {e}"),
+            other => anyhow::bail!("describing changelog topic {topic}: {other:?}"),
+        };
+        anyhow::ensure!(
+            policy.as_deref().is_some_and(|p| p.contains("compact")),
+            "changelog topic {topic} has cleanup.policy {policy:?}: it must be compacted, or the broker drops states a restore needs"
+        );
+        Ok(())
+    }
+
     fn producer(&self, p: PartitionId) -> Option<Arc<FutureProducer>> {
         self.inner.producers.lock().unwrap().get(&p).cloned()
     }
