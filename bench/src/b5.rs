@@ -53,6 +53,7 @@ fn raw_read(bootstrap: &str) -> anyhow::Result<(u64, u64)> {
         .set("isolation.level", "read_committed")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
+        .set("fetch.wait.max.ms", "10")
         .create()?;
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(TOPIC, 0, KOffset::Beginning)?;

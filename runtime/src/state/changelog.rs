@@ -160,6 +160,9 @@ impl ChangelogStore {
             .set("group.id", format!("partita-restore-{}", std::process::id()))
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
+            // The end is reached when a fetch comes back empty: don't let the broker hold it for
+            // the default 500 ms.
+            .set("fetch.wait.max.ms", "10")
             .create()
             .map_err(unavailable)?;
         let mut tpl = TopicPartitionList::new();
