@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use partita_proto::v1::{DeadLetterReason, Event, Score};
 use partita_runtime::loadgen::{BAD_KINDS, GenRecord, Generator, Output, OutputReader, ReaderResult};
-use partita_runtime::local::kafka::{KafkaOptions, LocalKafka, create_topics};
+use partita_runtime::local::kafka::{
+    CHANGELOG_CONFIG, KafkaOptions, LocalKafka, create_topics, create_topics_with,
+};
 use partita_runtime::state::Backend;
 use partita_tests::otlp::OtlpReceiver;
 use partita_tests::pipeline::{
@@ -1026,4 +1028,26 @@ async fn a_changelog_topic_that_is_missing_or_not_compacted_stops_the_node_with_
         assert!(status.is_some_and(|s| !s.success()), "the node must stop: {status:?}\n{log}");
         assert!(log.contains(topic) && log.contains(reason), "{topic}: {log}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_a_changelog_on_after_records_were_applied_stops_the_node_instead_of_wiping_its_state() {
+    let (broker, _dir, state, reader) = setup(Backend::Rocksdb).await;
+    let node = NodeProcess::start(&broker.bootstrap, &state, &[]);
+    let recs = records(60, 10, 0.0, 91);
+    tokio::task::block_in_place(|| produce_tracked(&broker.bootstrap, &recs));
+    tokio::task::block_in_place(|| {
+        wait_answered(reader, recs.len() as u64, Duration::from_secs(60), || node.log_text())
+    });
+    stop_cleanly(node);
+    // The same node's RocksDB, now behind an empty changelog: a restore would replace its state
+    // by nothing.
+    create_topics_with(&broker.bootstrap, &[("late.changelog", PARTITIONS)], 1, CHANGELOG_CONFIG)
+        .await
+        .unwrap();
+    let mut node = NodeProcess::start(&broker.bootstrap, &state, &["--changelog-topic", "late.changelog"]);
+    let status = tokio::task::block_in_place(|| node.wait_exit(Duration::from_secs(60)));
+    let log = node.log_text();
+    assert!(status.is_some_and(|s| !s.success()), "the node must stop: {status:?}\n{log}");
+    assert!(log.contains("refusing to replace that state"), "{log}");
 }

@@ -213,6 +213,12 @@ pub trait StateStore: Send + Sync + 'static {
         partition: PartitionId,
         epoch: Epoch,
     ) -> impl Future<Output = Result<PartitionMeta, StoreError>> + Send;
+
+    /// This node no longer owns `partition` (revoked or lost): drop what a claim set up for it.
+    /// A later claim starts afresh. Nothing to do for most stores.
+    fn release(&self, partition: PartitionId) {
+        let _ = partition;
+    }
 }
 
 #[cfg(test)]

@@ -434,6 +434,7 @@ impl<S: StateStore> NodeContext<S> {
     fn forget(&self, partitions: &[i32]) {
         for &p in partitions {
             self.wiring.cache.invalidate_partition(PartitionId(p as u32));
+            self.wiring.cache.store().release(PartitionId(p as u32));
             self.lag.lock().unwrap().remove(&p);
             tracing::info!(partition = p, "partition revoked");
         }

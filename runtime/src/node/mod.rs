@@ -340,7 +340,7 @@ impl Node {
         let devices = pool.status().await.iter().map(|w| w.device.to_string()).collect();
         let store = opts.open_store().await?;
         if let NodeStore::Changelog(changelog) = &store {
-            changelog.check_topic().await?;
+            changelog.check_topic(&opts.input_topic).await?;
         }
         let cache = Arc::new(StateCache::new(store, opts.cache_size.as_u64(), metrics.clone()));
         let processing = KafkaTier {

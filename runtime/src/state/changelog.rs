@@ -46,8 +46,8 @@ struct Inner {
     tier: KafkaTier,
     topic: String,
     group: String,
-    /// The transactional producer of each partition this node claimed.
-    producers: Mutex<HashMap<PartitionId, Arc<FutureProducer>>>,
+    /// The transactional producer of each partition this node claimed, with the claim's epoch.
+    producers: Mutex<HashMap<PartitionId, (Epoch, Arc<FutureProducer>)>>,
 }
 
 impl std::fmt::Debug for ChangelogStore {
@@ -63,14 +63,18 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable { detail: format!("changelog: {e}") }
 }
 
-fn fenced_or_unavailable(p: PartitionId, epoch: Epoch, e: &KafkaError) -> StoreError {
-    match e.rdkafka_error_code() {
-        Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch) => {
-            // The current epoch is another node's; ours is all we know.
-            StoreError::Fenced { partition: p, epoch, current: Epoch(epoch.0 + 1) }
-        }
-        _ => unavailable(e),
-    }
+/// A fenced producer (librdkafka reports it as its own `Fenced`, or the broker's codes) or any
+/// fatal transactional error: this producer is done (another node took the transactional id, or
+/// the client cannot go on). Anything else is worth retrying.
+fn is_fenced(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::Fenced
+                | RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+        )
+    ) || matches!(e, KafkaError::Transaction(t) if t.is_fatal())
 }
 
 impl ChangelogStore {
@@ -92,22 +96,33 @@ impl ChangelogStore {
 
     /// Refuse a changelog topic that is missing or not compacted: with `cleanup.policy=delete` the
     /// broker would drop old states after the retention time, and a restore would lose them.
-    pub async fn check_topic(&self) -> anyhow::Result<()> {
+    pub async fn check_topic(&self, input_topic: &str) -> anyhow::Result<()> {
         use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
         use rdkafka::client::DefaultClientContext;
         let topic = &self.inner.topic;
         let client: BaseConsumer = self.inner.tier.client_config(&[]).create()?;
-        let name = topic.clone();
-        let partitions = tokio::task::spawn_blocking(move || {
-            client.fetch_metadata(Some(&name), Duration::from_secs(10)).map(|m| {
-                m.topics().iter().filter(|t| t.error().is_none()).map(|t| t.partitions().len()).sum::<usize>()
+        let names = [topic.clone(), input_topic.to_owned()];
+        let counts = tokio::task::spawn_blocking(move || {
+            client.fetch_metadata(None, Duration::from_secs(10)).map(|m| {
+                names.map(|n| {
+                    m.topics()
+                        .iter()
+                        .filter(|t| t.name() == n && t.error().is_none())
+                        .map(|t| t.partitions().len())
+                        .sum::<usize>()
+                })
             })
         })
         .await??;
+        let [partitions, input] = counts;
         anyhow::ensure!(
             partitions > 0,
             "changelog topic {topic} not found on {}: create it compacted (cleanup.policy=compact) with as many partitions as the input",
             self.inner.tier.bootstrap
+        );
+        anyhow::ensure!(
+            partitions >= input,
+            "changelog topic {topic} has {partitions} partitions, the input {input_topic} has {input}: the changelog needs one per input partition"
         );
         let admin: AdminClient<DefaultClientContext> = self.inner.tier.client_config(&[]).create()?;
         let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
@@ -118,14 +133,29 @@ impl ChangelogStore {
             other => anyhow::bail!("describing changelog topic {topic}: {other:?}"),
         };
         anyhow::ensure!(
-            policy.as_deref().is_some_and(|p| p.contains("compact")),
-            "changelog topic {topic} has cleanup.policy {policy:?}: it must be compacted, or the broker drops states a restore needs"
+            policy.as_deref() == Some("compact"),
+            "changelog topic {topic} has cleanup.policy {policy:?}: it must be compacted (and only compacted), or the broker drops states a restore needs"
         );
         Ok(())
     }
 
-    fn producer(&self, p: PartitionId) -> Option<Arc<FutureProducer>> {
-        self.inner.producers.lock().unwrap().get(&p).cloned()
+    /// Drop `p`'s producer if it is still the one claimed at `epoch`.
+    fn forget_producer(&self, p: PartitionId, epoch: Epoch) {
+        let mut producers = self.inner.producers.lock().unwrap();
+        if producers.get(&p).is_some_and(|(claimed, _)| *claimed == epoch) {
+            producers.remove(&p);
+        }
+    }
+
+    /// The producer of `p` for a write at `epoch`: `Fenced` if this node has not claimed `p`, or
+    /// claimed it again since (an earlier actor's write must not go out through the new claim's
+    /// transactions).
+    fn producer(&self, p: PartitionId, epoch: Epoch) -> Result<Arc<FutureProducer>, StoreError> {
+        match self.inner.producers.lock().unwrap().get(&p) {
+            Some((claimed, producer)) if *claimed == epoch => Ok(producer.clone()),
+            Some((claimed, _)) => Err(StoreError::Fenced { partition: p, epoch, current: *claimed }),
+            None => Err(StoreError::Fenced { partition: p, epoch, current: Epoch(epoch.0 + 1) }),
+        }
     }
 
     /// A transactional producer for `p`, initialised (which fences every earlier one).
@@ -154,7 +184,10 @@ impl ChangelogStore {
 
     /// Everything the changelog holds for `p` (committed records only).
     fn read_changelog(&self, p: PartitionId) -> Result<Restored, StoreError> {
-        let consumer: BaseConsumer = crate::kafka::client_config(&self.inner.tier.bootstrap)
+        let consumer: BaseConsumer = self
+            .inner
+            .tier
+            .client_config(&[])
             .set("isolation.level", "read_committed")
             // librdkafka assigns only in a group; this one never joins or commits.
             .set("group.id", format!("partita-restore-{}", std::process::id()))
@@ -169,11 +202,13 @@ impl ChangelogStore {
         tpl.add_partition_offset(&self.inner.topic, p.0 as i32, KOffset::Beginning).map_err(unavailable)?;
         consumer.assign(&tpl).map_err(unavailable)?;
         let mut r = Restored::default();
-        let deadline = std::time::Instant::now() + TIMEOUT;
+        // A restore takes as long as the partition is large; it fails only when nothing arrives
+        // for TIMEOUT.
+        let mut deadline = std::time::Instant::now() + TIMEOUT;
         loop {
             if std::time::Instant::now() > deadline {
                 return Err(unavailable(format!(
-                    "reading {}/{} took longer than {TIMEOUT:?}",
+                    "reading {}/{}: nothing for {TIMEOUT:?}",
                     self.inner.topic, p.0
                 )));
             }
@@ -182,6 +217,7 @@ impl ChangelogStore {
                 Some(Err(KafkaError::PartitionEOF(_))) => break,
                 Some(Err(e)) => return Err(unavailable(e)),
                 Some(Ok(m)) => {
+                    deadline = std::time::Instant::now() + TIMEOUT;
                     let (key, value) = (m.key().unwrap_or_default(), m.payload().unwrap_or_default());
                     r.records += 1;
                     r.bytes += (key.len() + value.len()) as u64;
@@ -233,9 +269,7 @@ impl StateStore for ChangelogStore {
     /// the local write.
     async fn write(&self, write: StateWrite) -> Result<(), StoreError> {
         let (p, epoch) = (write.partition, write.epoch);
-        let Some(producer) = self.producer(p) else {
-            return Err(StoreError::Fenced { partition: p, epoch, current: Epoch(epoch.0 + 1) });
-        };
+        let producer = self.producer(p, epoch)?;
         let topic = self.inner.topic.clone();
         let records: Vec<(Vec<u8>, Vec<u8>)> = write
             .entries
@@ -244,42 +278,84 @@ impl StateStore for ChangelogStore {
             .chain(std::iter::once((vec![APPLIED], write.applied_offset.0.to_be_bytes().to_vec())))
             .collect();
         let txn = producer.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), KafkaError> {
+        let sent = tokio::task::spawn_blocking(move || -> Result<(), KafkaError> {
             txn.begin_transaction()?;
             let sent: Result<(), KafkaError> = records.iter().try_for_each(|(k, v)| {
                 txn.send_result(FutureRecord::to(&topic).partition(p.0 as i32).key(k).payload(v))
                     .map(drop)
                     .map_err(|(e, _)| e)
             });
-            // Commit flushes and waits for every record's acknowledgement.
-            match sent.and_then(|()| txn.commit_transaction(TIMEOUT)) {
-                Ok(()) => Ok(()),
-                Err(e) => {
-                    let _ = txn.abort_transaction(TIMEOUT);
-                    Err(e)
+            // Commit flushes and waits for every record's acknowledgement. A retriable failure (a
+            // timeout: the outcome is not known yet) is resumed by committing again; only an
+            // abortable one is aborted; a fatal one leaves the producer to be replaced.
+            let mut result = sent.and_then(|()| txn.commit_transaction(TIMEOUT));
+            for _ in 0..3 {
+                match &result {
+                    Err(KafkaError::Transaction(t)) if t.is_retriable() => {
+                        result = txn.commit_transaction(TIMEOUT)
+                    }
+                    _ => break,
                 }
             }
+            if let Err(KafkaError::Transaction(t)) = &result
+                && t.txn_requires_abort()
+            {
+                let _ = txn.abort_transaction(TIMEOUT);
+            }
+            result
         })
         .await
-        .map_err(unavailable)?
-        .map_err(|e| fenced_or_unavailable(p, epoch, &e))?;
-        self.local.write(write).await
+        .map_err(unavailable)?;
+        match sent {
+            Ok(()) => self.local.write(write).await,
+            Err(e) if is_fenced(&e) => {
+                // Another node holds the transactional id (or the producer is unusable): this
+                // partition's writes from this claim are over.
+                self.forget_producer(p, epoch);
+                Err(StoreError::Fenced { partition: p, epoch, current: Epoch(epoch.0 + 1) })
+            }
+            Err(e) => Err(unavailable(e)),
+        }
     }
 
     async fn meta(&self, partition: PartitionId) -> Result<PartitionMeta, StoreError> {
         self.local.meta(partition).await
     }
 
-    /// Claim locally, take the changelog's transactional id (fencing the previous owner), then
-    /// restore the partition from the changelog: it replaces whatever this node held.
+    /// Revoked or lost: the next claim of the partition takes the transactional id anew.
+    fn release(&self, partition: PartitionId) {
+        self.inner.producers.lock().unwrap().remove(&partition);
+    }
+
+    /// Claim locally; take the changelog's transactional id (fencing the previous owner) unless
+    /// this claim restarts the partition's actor on a node that still holds the id (taking it
+    /// again would fence a node the group may have given the partition to meanwhile; a fenced id
+    /// shows at the first write); then restore the partition from the changelog, replacing
+    /// whatever this node held.
     async fn claim(&self, partition: PartitionId, epoch: Epoch) -> Result<PartitionMeta, StoreError> {
         let p = partition;
-        self.local.claim(p, epoch).await?;
-        let producer = self.new_producer(p).await?;
+        let local = self.local.claim(p, epoch).await?;
+        let held = self.inner.producers.lock().unwrap().get(&p).map(|(_, producer)| producer.clone());
+        let producer = match held {
+            Some(producer) => producer,
+            None => self.new_producer(p).await?,
+        };
         let started = std::time::Instant::now();
         let this = self.clone();
         let Restored { entries, applied, records, bytes } =
             tokio::task::spawn_blocking(move || this.read_changelog(p)).await.map_err(unavailable)??;
+        if applied.is_none()
+            && let Some(mine) = local.applied_offset
+        {
+            // Recreated, mistyped, or switched on after this node applied records: replacing the
+            // partition by nothing would lose its state.
+            return Err(StoreError::Corrupt {
+                detail: format!(
+                    "changelog {} holds nothing for partition {} but this node's RocksDB applied it up to offset {}; refusing to replace that state",
+                    self.inner.topic, p.0, mine.0
+                ),
+            });
+        }
         let keys = entries.len();
         self.local.restore(p, epoch, applied, entries.into_iter().collect()).await?;
         let secs = started.elapsed().as_secs_f64();
@@ -293,7 +369,7 @@ impl StateStore for ChangelogStore {
             keys_per_second = (keys as f64 / secs.max(1e-6)) as u64,
             "partition restored from the changelog"
         );
-        self.inner.producers.lock().unwrap().insert(p, producer);
+        self.inner.producers.lock().unwrap().insert(p, (epoch, producer));
         Ok(PartitionMeta { applied_offset: applied, epoch })
     }
 }

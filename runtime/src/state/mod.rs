@@ -63,6 +63,12 @@ impl StateStore for NodeStore {
         }
     }
 
+    fn release(&self, partition: PartitionId) {
+        if let Self::Changelog(s) = self {
+            s.release(partition);
+        }
+    }
+
     async fn claim(
         &self,
         partition: PartitionId,
