@@ -10,13 +10,14 @@
 //! B5, the failover time, is printed: from the kill to the first output (by its producer
 //! timestamp) of each partition the dead node owned.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use partita_runtime::loadgen::{Output, ReaderResult};
 use partita_runtime::local::kafka::{
     CHANGELOG_CONFIG, KafkaOptions, LocalKafka, create_topics, create_topics_with,
 };
+use partita_runtime::local::scrape::{http_get, label, series};
 use partita_runtime::state::Backend;
 use partita_tests::pipeline::{
     self, DLQ, INPUT, NodeProcess, Produced, SCORES, TestStore, produce_paced, wait_answered,
@@ -36,8 +37,10 @@ struct Cluster {
     _dir: tempfile::TempDir,
     state: TestStore,
     nodes: Vec<Option<NodeProcess>>,
-    /// Each node's own flags (zone, session, instance id).
+    /// Each node's own flags (zone, session, instance id, HTTP address).
     args: Vec<Vec<String>>,
+    /// Each node's `/metrics` address.
+    http: Vec<String>,
     /// Held until everything above is stopped (fields drop in order).
     _turn: tokio::sync::MutexGuard<'static, ()>,
 }
@@ -69,9 +72,16 @@ impl Cluster {
                 TestStore::with_changelog(&dir.path().join("state"), &kafka.bootstrap, CHANGELOG)
             }
         };
+        let http: Vec<String> =
+            (0..n).map(|_| format!("127.0.0.1:{}", partita_runtime::local::free_port().unwrap())).collect();
         let args: Vec<Vec<String>> = (0..n)
             .map(|i| {
-                let mut a: Vec<String> = vec!["--zone".into(), ZONES[i % ZONES.len()].into()];
+                let mut a: Vec<String> = vec![
+                    "--zone".into(),
+                    ZONES[i % ZONES.len()].into(),
+                    "--http-listen".into(),
+                    http[i].clone(),
+                ];
                 if static_members {
                     a.extend(["--instance-id".into(), name(i)]);
                 }
@@ -79,7 +89,7 @@ impl Cluster {
                 a
             })
             .collect();
-        let mut cluster = Self { _turn: turn, kafka, _dir: dir, state, nodes: Vec::new(), args };
+        let mut cluster = Self { _turn: turn, kafka, _dir: dir, state, nodes: Vec::new(), args, http };
         for i in 0..n {
             let node = cluster.spawn(i);
             cluster.nodes.push(Some(node));
@@ -425,4 +435,50 @@ async fn sigterm_hands_partitions_over_at_once_drained_and_committed() {
     );
     let dups = pipeline::check(&recs, &landed, &seen, &cluster.state, PARTITIONS).await;
     assert_eq!(dups, 0, "a drained and committed hand-over repeats no output");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_node_fetches_its_partitions_from_the_broker_in_its_own_zone() {
+    let mut cluster = Cluster::start(3, Backend::Cql, &["--session-timeout", "3s"], false).await;
+    let producer = steady(&cluster, 1000, 100.0, 506);
+    let broker_of_zone: HashMap<String, f64> = cluster
+        .kafka
+        .describe()
+        .into_iter()
+        .filter_map(|(id, _, rack, _)| Some((rack?, id as f64)))
+        .collect();
+    // Not vacuous: some partition a node owns is led by a broker of another zone.
+    let leaders: HashMap<i32, f64> = {
+        use rdkafka::consumer::Consumer as _;
+        let c: rdkafka::consumer::BaseConsumer =
+            partita_runtime::kafka::client_config(&cluster.kafka.bootstrap).create().unwrap();
+        let md = c.fetch_metadata(Some(INPUT), Duration::from_secs(10)).unwrap();
+        md.topics()[0].partitions().iter().map(|p| (p.id(), f64::from(p.leader()))).collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut led_elsewhere = 0;
+    for (i, addr) in cluster.http.iter().enumerate() {
+        let zone = ZONES[i % ZONES.len()];
+        let local = broker_of_zone[zone];
+        loop {
+            let text = http_get(addr, "/metrics").map(|(_, t)| t).unwrap_or_default();
+            let fetched: Vec<(String, f64)> = series(&text, "partita_fetch_broker")
+                .filter_map(|(labels, b)| Some((label(labels, "partition")?.to_owned(), b)))
+                .collect();
+            let owned = owned(&cluster.node(i).log_text());
+            if fetched.len() == owned.len() && fetched.iter().all(|(_, b)| *b == local) {
+                led_elsewhere += owned.iter().filter(|p| leaders[p] != local).count();
+                eprintln!("node-{i} (zone {zone}) fetches {owned:?} from broker {local} (its zone's)");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node-{i} in zone {zone} (broker {local}) fetches {fetched:?}; leaders {leaders:?}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    assert!(led_elsewhere > 0, "every owned partition was led from its node's own zone: nothing shown");
+    let _ = producer.join();
+    cluster.stop_all();
 }

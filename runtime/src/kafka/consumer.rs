@@ -180,6 +180,9 @@ pub struct NodeContext<S: StateStore> {
     downs: Receiver<PartitionDown>,
     /// Consumer lag per partition, from librdkafka's statistics.
     pub lag: Mutex<HashMap<i32, i64>>,
+    /// The broker each owned partition is fetched from (librdkafka's statistics): a same-zone
+    /// follower when rack-aware fetching works.
+    pub fetched_from: Mutex<HashMap<i32, i32>>,
     /// Set when the node cannot continue (it stops with this error).
     fatal: Mutex<Option<String>>,
     /// Partitions assigned now.
@@ -191,8 +194,12 @@ pub struct NodeContext<S: StateStore> {
 impl<S: StateStore> ClientContext for NodeContext<S> {
     fn stats(&self, stats: Statistics) {
         let mut lag = self.lag.lock().unwrap();
+        let mut fetched_from = self.fetched_from.lock().unwrap();
         if let Some(t) = stats.topics.get(&*self.wiring.topic) {
             for (p, part) in &t.partitions {
+                if *p >= 0 && part.desired && part.broker >= 0 {
+                    fetched_from.insert(*p, part.broker);
+                }
                 // From the offset stored for commit (records applied and durable), known as soon as
                 // the first batch is written; `consumer_lag` counts from the last *committed*
                 // offset and stays unknown until the first auto-commit.
@@ -436,6 +443,7 @@ impl<S: StateStore> NodeContext<S> {
             self.wiring.cache.invalidate_partition(PartitionId(p as u32));
             self.wiring.cache.store().release(PartitionId(p as u32));
             self.lag.lock().unwrap().remove(&p);
+            self.fetched_from.lock().unwrap().remove(&p);
             tracing::info!(partition = p, "partition revoked");
         }
     }
@@ -865,6 +873,7 @@ pub async fn start_consumer<S: StateStore>(
         supervisor,
         downs,
         lag: Mutex::new(HashMap::new()),
+        fetched_from: Mutex::new(HashMap::new()),
         fatal: Mutex::new(None),
         assigned: AtomicI64::new(0),
         partition_count: Mutex::new(wiring_partitions),

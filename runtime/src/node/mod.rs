@@ -397,11 +397,15 @@ impl Node {
         let consumer = start_consumer(&ingestion, &settings, wiring, commits.1).await?;
         let context = consumer.context.clone();
         let partitions = consumer.context.clone();
+        let fetch = consumer.context.clone();
         metrics.attach(
             Sources {
                 counters: counters.clone(),
                 cache: Box::new(move || cache.stats()),
                 lag: Box::new(move || context.lag.lock().unwrap().iter().map(|(p, l)| (*p, *l)).collect()),
+                fetched_from: Box::new(move || {
+                    fetch.fetched_from.lock().unwrap().iter().map(|(p, b)| (*p, i64::from(*b))).collect()
+                }),
                 partitions: Box::new(move || {
                     partitions.partition_states().into_iter().map(|(p, s, n)| (p, s.as_str(), n)).collect()
                 }),

@@ -61,6 +61,8 @@ pub struct Sources {
     pub counters: Arc<PipelineCounters>,
     pub cache: Box<dyn Fn() -> CacheStats + Send + Sync>,
     pub lag: Box<dyn Fn() -> Vec<(i32, i64)> + Send + Sync>,
+    /// The broker id each owned partition is fetched from.
+    pub fetched_from: Box<dyn Fn() -> Vec<(i32, i64)> + Send + Sync>,
     /// Each assigned partition: its supervision state (`running`, `starting`, `fenced`) and
     /// its actor's restarts.
     pub partitions: Box<dyn Fn() -> Vec<(i32, &'static str, u64)> + Send + Sync>,
@@ -169,6 +171,12 @@ impl Collector for NodeCollector {
             "partita_consumer_lag",
             "Records behind the end of each owned partition (librdkafka statistics)",
             (s.lag)().into_iter().map(|(p, lag)| (i64::from(p), lag)),
+        )?;
+        per_partition(
+            &mut enc,
+            "partita_fetch_broker",
+            "Broker id each owned partition is fetched from: a broker in this node's zone when rack-aware fetching works (client.rack = zone, brokers with RackAwareReplicaSelector)",
+            (s.fetched_from)().into_iter().map(|(p, b)| (i64::from(p), b)),
         )?;
         let partitions = (s.partitions)();
         {
