@@ -13,7 +13,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use partita_runtime::loadgen::{Output, ReaderResult};
+use partita_runtime::loadgen::{GenRecord, Output, OutputReader, ReaderResult};
 use partita_runtime::local::kafka::{
     CHANGELOG_CONFIG, KafkaOptions, LocalKafka, create_topics, create_topics_with,
 };
@@ -140,6 +140,21 @@ impl Cluster {
         }
     }
 
+    /// Wait for the steady load to be sent and every record answered: the records, where each
+    /// landed, and the outputs.
+    fn answered(
+        &self,
+        reader: OutputReader,
+        n: usize,
+        producer: std::thread::JoinHandle<Produced>,
+    ) -> (Vec<GenRecord>, Vec<(i32, i64)>, ReaderResult) {
+        let (recs, landed) = producer.join().expect("the producer thread");
+        let seen = tokio::task::block_in_place(|| {
+            wait_answered(reader, n as u64, Duration::from_secs(180), || self.node(1).log_text())
+        });
+        (recs, landed, seen)
+    }
+
     fn kill9(&mut self, i: usize) -> BTreeSet<i32> {
         let node = self.nodes[i].take().expect("node is up");
         let had = owned(&node.log_text());
@@ -226,7 +241,10 @@ fn unaffected_p99_ms(seen: &ReaderResult, moved: &BTreeSet<i32>, since: i64) -> 
     ms.get(ms.len().saturating_sub(1).min(ms.len() * 99 / 100)).copied()
 }
 
-fn print_b5(what: &str, b5: &[(i32, Option<i64>)]) {
+/// Print B5 for the `moved` partitions and the unaffected partitions' p99, from `since`; fails if
+/// a moved partition never answered again.
+fn print_b5(what: &str, seen: &ReaderResult, moved: &BTreeSet<i32>, since: i64) {
+    let b5 = failover_ms(seen, moved, since);
     let mut ms: Vec<i64> = b5.iter().filter_map(|(_, m)| *m).collect();
     ms.sort_unstable();
     eprintln!(
@@ -236,6 +254,10 @@ fn print_b5(what: &str, b5: &[(i32, Option<i64>)]) {
         ms.last()
     );
     assert_eq!(ms.len(), b5.len(), "a moved partition never answered again: {b5:?}");
+    eprintln!(
+        "  unaffected partitions: p99 event -> score {:?} ms in the 10 s after it",
+        unaffected_p99_ms(seen, moved, since)
+    );
 }
 
 /// Steady load: `n` records over 200 keys (2 % bad) at `rate` per second.
@@ -267,21 +289,14 @@ async fn a_node_killed_mid_stream_has_its_partitions_resumed_elsewhere_with_thei
     tokio::task::block_in_place(|| cluster.wait_owned(Duration::from_secs(60)));
     std::thread::sleep(Duration::from_secs(5));
     cluster.nodes[0] = Some(cluster.spawn(0));
-    let (recs, landed) = producer.join().expect("the producer thread");
-    let seen = tokio::task::block_in_place(|| {
-        wait_answered(reader, n as u64, Duration::from_secs(180), || cluster.node(1).log_text())
-    });
+    let (recs, landed, seen) = cluster.answered(reader, n, producer);
     for i in 1..3 {
         for line in cluster.node(i).log_text().lines().filter(|l| l.contains("restored from the changelog")) {
             eprintln!("node-{i}: {}", line.split_once("INFO ").map_or(line, |(_, l)| l));
         }
     }
     cluster.stop_all();
-    print_b5(&format!("kill -9 of one node ({backend:?})"), &failover_ms(&seen, &moved, since));
-    eprintln!(
-        "  unaffected partitions: p99 event -> score {:?} ms in the 10 s after it",
-        unaffected_p99_ms(&seen, &moved, since)
-    );
+    print_b5(&format!("kill -9 of one node ({backend:?})"), &seen, &moved, since);
     let dups = pipeline::check(&recs, &landed, &seen, &cluster.state, PARTITIONS).await;
     eprintln!("node killed and restarted: {} records, {dups} duplicate outputs, state == replay", recs.len());
 }
@@ -299,16 +314,9 @@ async fn a_whole_zone_lost_resumes_in_the_other_zones_and_loses_nothing() {
     let since = now_ms();
     eprintln!("zone a lost (broker 0, node-0, node-3), its nodes owned {moved:?}");
     tokio::task::block_in_place(|| cluster.wait_owned(Duration::from_secs(90)));
-    let (recs, landed) = producer.join().expect("the producer thread");
-    let seen = tokio::task::block_in_place(|| {
-        wait_answered(reader, n as u64, Duration::from_secs(180), || cluster.node(1).log_text())
-    });
+    let (recs, landed, seen) = cluster.answered(reader, n, producer);
     cluster.stop_all();
-    print_b5("zone a lost (its nodes and its broker)", &failover_ms(&seen, &moved, since));
-    eprintln!(
-        "  unaffected partitions: p99 event -> score {:?} ms in the 10 s after it",
-        unaffected_p99_ms(&seen, &moved, since)
-    );
+    print_b5("zone a lost (its nodes and its broker)", &seen, &moved, since);
     let dups = pipeline::check(&recs, &landed, &seen, &cluster.state, PARTITIONS).await;
     eprintln!("zone lost: {} records, {dups} duplicate outputs, state == replay", recs.len());
 }
@@ -341,19 +349,9 @@ async fn a_node_frozen_past_its_session_is_fenced_and_applies_nothing_twice(back
     let zombie = cluster.node(0).log_text();
     assert!(zombie.contains("assignment lost"), "the zombie must find its assignment lost:\n{zombie}");
     eprintln!("zombie woke up: {} fenced store writes in its log", zombie.matches("Fenced").count());
-    let (recs, landed) = producer.join().expect("the producer thread");
-    let seen = tokio::task::block_in_place(|| {
-        wait_answered(reader, n as u64, Duration::from_secs(180), || cluster.node(1).log_text())
-    });
+    let (recs, landed, seen) = cluster.answered(reader, n, producer);
     cluster.stop_all();
-    print_b5(
-        &format!("node frozen (SIGSTOP) past its session ({backend:?})"),
-        &failover_ms(&seen, &moved, since),
-    );
-    eprintln!(
-        "  unaffected partitions: p99 event -> score {:?} ms in the 10 s after it",
-        unaffected_p99_ms(&seen, &moved, since)
-    );
+    print_b5(&format!("node frozen (SIGSTOP) past its session ({backend:?})"), &seen, &moved, since);
     let dups = pipeline::check(&recs, &landed, &seen, &cluster.state, PARTITIONS).await;
     eprintln!("zombie fenced: {} records, {dups} duplicate outputs, state == replay", recs.len());
 }
@@ -398,10 +396,7 @@ async fn a_rolling_restart_with_static_membership_moves_no_partition_and_repeats
         }
         eprintln!("node-{i} restarted with {had:?}; no other node's assignment changed");
     }
-    let (recs, landed) = producer.join().expect("the producer thread");
-    let seen = tokio::task::block_in_place(|| {
-        wait_answered(reader, n as u64, Duration::from_secs(180), || cluster.node(1).log_text())
-    });
+    let (recs, landed, seen) = cluster.answered(reader, n, producer);
     cluster.stop_all();
     let dups = pipeline::check(&recs, &landed, &seen, &cluster.state, PARTITIONS).await;
     assert_eq!(dups, 0, "a drained and committed hand-over repeats no output");
@@ -423,16 +418,9 @@ async fn sigterm_hands_partitions_over_at_once_drained_and_committed() {
     let since = now_ms();
     // The group saw it leave: the others own everything well before its session could expire.
     tokio::task::block_in_place(|| cluster.wait_owned(Duration::from_secs(15)));
-    let (recs, landed) = producer.join().expect("the producer thread");
-    let seen = tokio::task::block_in_place(|| {
-        wait_answered(reader, n as u64, Duration::from_secs(180), || cluster.node(1).log_text())
-    });
+    let (recs, landed, seen) = cluster.answered(reader, n, producer);
     cluster.stop_all();
-    print_b5("SIGTERM of one node (session 30 s)", &failover_ms(&seen, &moved, since));
-    eprintln!(
-        "  unaffected partitions: p99 event -> score {:?} ms in the 10 s after it",
-        unaffected_p99_ms(&seen, &moved, since)
-    );
+    print_b5("SIGTERM of one node (session 30 s)", &seen, &moved, since);
     let dups = pipeline::check(&recs, &landed, &seen, &cluster.state, PARTITIONS).await;
     assert_eq!(dups, 0, "a drained and committed hand-over repeats no output");
 }

@@ -90,10 +90,6 @@ impl ChangelogStore {
         Self { local, inner: Arc::new(inner) }
     }
 
-    pub fn local(&self) -> &RocksStore {
-        &self.local
-    }
-
     /// Refuse a changelog topic that is missing or not compacted: with `cleanup.policy=delete` the
     /// broker would drop old states after the retention time, and a restore would lose them.
     pub async fn check_topic(&self, input_topic: &str) -> anyhow::Result<()> {
