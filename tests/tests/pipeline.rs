@@ -1051,3 +1051,59 @@ async fn switching_a_changelog_on_after_records_were_applied_stops_the_node_inst
     assert!(status.is_some_and(|s| !s.success()), "the node must stop: {status:?}\n{log}");
     assert!(log.contains("refusing to replace that state"), "{log}");
 }
+
+/// Two nodes' stores on one changelog partition: a node that never held it replays all of it; a
+/// node that held it before replays only what the other owner wrote since (after its stored
+/// changelog position); both end with the same states and applied offset, and the fenced
+/// owner's write never lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_replays_the_whole_changelog_once_then_only_what_others_wrote_since() {
+    use partita_actors::state::{Epoch, PartitionId, StateStore, StateValue, StateWrite, StoreError};
+    use partita_runtime::kafka::KafkaTier;
+    use partita_runtime::state::changelog::ChangelogStore;
+    use partita_runtime::state::rocks::{RocksConfig, RocksStore};
+
+    let broker = broker().await;
+    let topic = "tail.changelog";
+    create_topics_with(&broker.bootstrap, &[(topic, 1)], 1, CHANGELOG_CONFIG).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let open = |name: &str| {
+        let local = RocksStore::open(&RocksConfig::new(dir.path().join(name))).unwrap();
+        let tier = KafkaTier { bootstrap: broker.bootstrap.clone(), properties: vec![] };
+        ChangelogStore::new(local, tier, topic, "g")
+    };
+    let (a, b) = (open("a"), open("b"));
+    let p = PartitionId(0);
+    let write = |epoch: u64, offset: i64, keys: &[&str]| StateWrite {
+        partition: p,
+        epoch: Epoch(epoch),
+        applied_offset: partita_actors::state::Offset(offset),
+        entries: keys
+            .iter()
+            .map(|k| (k.as_bytes().to_vec(), StateValue::from_f32(&[offset as f32])))
+            .collect(),
+    };
+    a.claim(p, Epoch(1)).await.unwrap();
+    for offset in 0..3 {
+        a.write(write(1, offset, &["k1", "k2"])).await.unwrap();
+    }
+    // Never held by b: everything (3 transactions of 2 states and the applied offset).
+    b.claim(p, Epoch(1)).await.unwrap();
+    let full = b.last_restore(p).unwrap();
+    assert_eq!((full.after, full.records), (None, 9), "{full:?}");
+    let fenced = a.write(write(1, 3, &["k3"])).await.unwrap_err();
+    assert!(matches!(fenced, StoreError::Fenced { .. }), "{fenced:?}");
+    b.write(write(1, 3, &["k1"])).await.unwrap();
+    b.write(write(1, 4, &["k4"])).await.unwrap();
+    // Held by a before: only b's two transactions.
+    a.claim(p, Epoch(2)).await.unwrap();
+    let tail = a.last_restore(p).unwrap();
+    assert!(tail.after.is_some(), "{tail:?}");
+    assert_eq!(tail.records, 4, "{tail:?}");
+    let keys: Vec<Vec<u8>> = ["k1", "k2", "k3", "k4"].iter().map(|k| k.as_bytes().to_vec()).collect();
+    let (in_a, in_b) = (a.read(p, &keys).await.unwrap(), b.read(p, &keys).await.unwrap());
+    assert_eq!(in_a, in_b);
+    assert_eq!(in_a[0], Some(StateValue::from_f32(&[3.0])));
+    assert_eq!(in_a[2], None, "the fenced write landed");
+    assert_eq!(a.meta(p).await.unwrap().applied_offset, b.meta(p).await.unwrap().applied_offset);
+}

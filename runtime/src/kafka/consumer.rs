@@ -3,11 +3,13 @@
 //! actors.
 //!
 //! librdkafka's polling runs on one dedicated OS thread (`partita-consumer`), never on the async
-//! runtime. Rebalance callbacks run on that thread too, so they may block: on assign they claim the
-//! partition in the state store (which fences older owners) and start its actor at the stored
-//! applied offset; on revoke they drain the actor and commit before giving the partition up.
+//! runtime. Rebalance callbacks run on that thread too: on assign they pause the new partitions
+//! and start their claims in the state store (which fence older owners, and may restore the
+//! partition first) on the async runtime, so the node's other partitions keep flowing meanwhile;
+//! each partition starts its actor at the stored applied offset once its claim is done. On revoke
+//! they wait for a claim still running, drain the actor and commit before giving the partition up.
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -130,6 +132,23 @@ struct Slot {
     restarts: u64,
     /// Last time the partition made progress (a commit, or nothing waiting): frozen detection.
     progress_at: Instant,
+    /// The claim running for it, if one does.
+    claiming: Option<Claiming>,
+}
+
+/// A claim running on the async runtime; its result comes back as a [`Claimed`].
+struct Claiming {
+    token: u64,
+    /// The epoch this node held (a restart), `None` for a new assignment.
+    expected: Option<Epoch>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// A finished claim, for the poll loop.
+struct Claimed {
+    p: i32,
+    token: u64,
+    result: Result<PartitionMeta, StartError>,
 }
 
 impl Slot {
@@ -145,6 +164,7 @@ impl Slot {
             start_at: None,
             restarts: 0,
             progress_at: Instant::now(),
+            claiming: None,
         }
     }
 
@@ -158,6 +178,38 @@ impl Slot {
         self.start_at = None;
         self.progress_at = Instant::now();
     }
+}
+
+/// Become the owner of `p` in the store. `expected`: the epoch this node holds (a restart): if
+/// the store has moved past it, a newer owner exists and the partition is not taken back.
+async fn claim<S: StateStore>(
+    cache: &StateCache<S>,
+    p: i32,
+    expected: Option<Epoch>,
+) -> Result<PartitionMeta, StartError> {
+    let partition = PartitionId(p as u32);
+    let store = cache.store();
+    let to_start = |e: StoreError| match e {
+        StoreError::Unavailable { .. } => StartError::Retry(e.to_string()),
+        StoreError::Fenced { .. } => StartError::Fenced(e.to_string()),
+        StoreError::Corrupt { .. } => StartError::Fatal(e.to_string()),
+    };
+    // Crash tests: `claim=3*return` makes three claims meet an unavailable store.
+    fail::fail_point!("claim", |_| Err(StartError::Retry("fail point claim".into())));
+    let meta = store.meta(partition).await.map_err(to_start)?;
+    if let Some(mine) = expected
+        && meta.epoch != mine
+    {
+        return Err(StartError::Fenced(format!(
+            "partition {p} is held by epoch {}, this node had {mine}",
+            meta.epoch
+        )));
+    }
+    let meta = store.claim(partition, Epoch(meta.epoch.0 + 1)).await.map_err(to_start)?;
+    // A write the previous actor had in flight either landed before the claim (and is in
+    // `meta`) or is fenced now; cached states of the partition may predate it.
+    cache.invalidate_partition(partition);
+    Ok(meta)
 }
 
 /// Why a partition could not be (re)started now.
@@ -178,6 +230,9 @@ pub struct NodeContext<S: StateStore> {
     commits: Receiver<(PartitionId, Offset)>,
     supervisor: ActorRef<SupervisorMsg<S, KafkaSink>>,
     downs: Receiver<PartitionDown>,
+    /// Claims finished on the async runtime, and the source of their tokens.
+    claimed: (Sender<Claimed>, Receiver<Claimed>),
+    claims: AtomicU64,
     /// Consumer lag per partition, from librdkafka's statistics.
     pub lag: Mutex<HashMap<i32, i64>>,
     /// The broker each owned partition is fetched from (librdkafka's statistics): a same-zone
@@ -225,17 +280,13 @@ impl<S: StateStore> ConsumerContext for NodeContext<S> {
         let result = match err {
             E::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 self.check_partition_count(consumer);
-                let (started, waiting) = self.on_assign(tpl);
+                let claiming = self.on_assign(tpl);
                 self.wiring.health.joined.store(true, Ordering::SeqCst);
                 let assigned =
                     if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) };
-                // librdkafka keeps a partition's pause flag across unassign/assign: one paused
-                // when it was revoked would stay paused for good. Resume what started; keep
-                // what waits for its claim paused.
-                for p in started {
-                    pause(consumer, &self.wiring.topic, p, false);
-                }
-                for p in waiting {
+                // Fetched once claimed (librdkafka also keeps a partition's pause flag across
+                // unassign/assign: the claim's completion resumes it either way).
+                for p in claiming {
                     pause(consumer, &self.wiring.topic, p, true);
                 }
                 assigned
@@ -295,77 +346,110 @@ impl<S: StateStore> NodeContext<S> {
         }
     }
 
-    /// Claim each partition (fencing older owners), start its actor, and set the offset to resume
-    /// from: the one after the stored applied offset (Kafka's committed offset is only a lower
-    /// bound: the store is the truth). A partition whose claim the store cannot take now waits,
-    /// paused, and is claimed by [`Self::supervise`] later. Returns (started, waiting).
-    fn on_assign(&self, tpl: &mut TopicPartitionList) -> (Vec<i32>, Vec<i32>) {
+    /// Start each new partition's claim (fencing older owners; it may restore the partition
+    /// first) on the async runtime; the partition stays paused until [`Self::on_claimed`] seeks
+    /// it to the stored applied offset and starts its actor. Returns the partitions.
+    fn on_assign(&self, tpl: &mut TopicPartitionList) -> Vec<i32> {
         let parts: Vec<(String, i32)> =
             tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
-        let (mut started, mut waiting) = (Vec::new(), Vec::new());
-        // All claims at once: a claim may restore the partition first (RocksDB with a changelog,
-        // about a second each), and the node's other partitions wait for this callback.
-        let claims = self
-            .handle
-            .block_on(futures::future::join_all(parts.iter().map(|(_, p)| self.claim_async(*p, None))));
-        for ((topic, p), claim) in parts.into_iter().zip(claims) {
+        let mut slots = self.slots.lock().unwrap();
+        for (topic, p) in &parts {
+            // A valid start for librdkafka while it is paused (the claim seeks it to the stored
+            // offset): with `auto.offset.reset=error` an unset one is an error.
+            let _ = tpl.set_partition_offset(topic, *p, KOffset::Beginning);
             let mut slot = Slot::new(&self.wiring.restart);
-            match claim.and_then(|meta| Ok((meta, self.spawn(p, meta)?))) {
-                Ok((meta, run)) => {
-                    let _ = tpl.set_partition_offset(&topic, p, resume_from(meta));
-                    tracing::info!(partition = p, epoch = meta.epoch.0, resume_after = ?meta.applied_offset.map(|o| o.0), "partition assigned");
-                    slot.set_running(run, meta);
-                    started.push(p);
+            slot.claiming = Some(self.start_claim(*p, None));
+            slots.insert(*p, slot);
+        }
+        parts.into_iter().map(|(_, p)| p).collect()
+    }
+
+    /// Run the claim of `p` on the async runtime. `expected`: the epoch this node holds (a
+    /// restart).
+    fn start_claim(&self, p: i32, expected: Option<Epoch>) -> Claiming {
+        let token = self.claims.fetch_add(1, Ordering::SeqCst);
+        let (cache, done) = (self.wiring.cache.clone(), self.claimed.0.clone());
+        let task = self.handle.spawn(async move {
+            let result = claim(&cache, p, expected).await;
+            let _ = done.send(Claimed { p, token, result });
+        });
+        Claiming { token, expected, task }
+    }
+
+    /// A claim finished: seek the partition to its stored offset, start its actor and resume it;
+    /// or retry after the backoff, give it up when a newer owner holds it, stop the node when the
+    /// store is corrupt.
+    fn on_claimed(&self, consumer: &BaseConsumer<Self>, claimed: Claimed) {
+        let Claimed { p, token, result } = claimed;
+        let topic = &self.wiring.topic;
+        let expected = {
+            let mut slots = self.slots.lock().unwrap();
+            match slots.get_mut(&p) {
+                Some(slot) if slot.claiming.as_ref().is_some_and(|c| c.token == token) => {
+                    slot.claiming.take().and_then(|c| c.expected)
                 }
-                Err(StartError::Retry(e) | StartError::Fenced(e)) => {
-                    // Fenced here means a concurrent claim won the race: claim again later.
-                    tracing::warn!(partition = p, error = %e, "partition assigned but not claimed yet; retrying");
-                    // A valid start for librdkafka (it stays paused; the claim seeks it to the
-                    // stored offset): with `auto.offset.reset=error` an unset one is an error.
-                    let _ = tpl.set_partition_offset(&topic, p, KOffset::Beginning);
-                    slot.start_at = Some(Instant::now() + self.wiring.restart.backoff);
-                    waiting.push(p);
-                }
-                Err(StartError::Fatal(e)) => {
-                    self.set_fatal(format!("claiming partition {p}: {e}"));
-                    waiting.push(p);
-                }
+                // Revoked since (the revoke waited for this claim), or assigned anew.
+                _ => return,
             }
-            self.slots.lock().unwrap().insert(p, slot);
-        }
-        (started, waiting)
-    }
-
-    /// Become the owner of `p` in the store. `expected`: the epoch this node holds (a restart):
-    /// if the store has moved past it, a newer owner exists and the partition is not taken back.
-    fn claim(&self, p: i32, expected: Option<Epoch>) -> Result<PartitionMeta, StartError> {
-        self.handle.block_on(self.claim_async(p, expected))
-    }
-
-    async fn claim_async(&self, p: i32, expected: Option<Epoch>) -> Result<PartitionMeta, StartError> {
-        let partition = PartitionId(p as u32);
-        let store = self.wiring.cache.store();
-        let to_start = |e: StoreError| match e {
-            StoreError::Unavailable { .. } => StartError::Retry(e.to_string()),
-            StoreError::Fenced { .. } => StartError::Fenced(e.to_string()),
-            StoreError::Corrupt { .. } => StartError::Fatal(e.to_string()),
         };
-        // Crash tests: `claim=3*return` makes three claims meet an unavailable store.
-        fail::fail_point!("claim", |_| Err(StartError::Retry("fail point claim".into())));
-        let meta = store.meta(partition).await.map_err(to_start)?;
-        if let Some(mine) = expected
-            && meta.epoch != mine
-        {
-            return Err(StartError::Fenced(format!(
-                "partition {p} is held by epoch {}, this node had {mine}",
-                meta.epoch
-            )));
+        let started = result.and_then(|meta| {
+            // Records past the stored offset were dropped with an old actor's queue, or never
+            // fetched: read from there. Seeking a paused partition is allowed; it fetches once
+            // resumed.
+            let from = resume_from(meta);
+            consumer
+                .seek(topic, p, from, Duration::from_secs(5))
+                .map_err(|e| StartError::Retry(format!("seeking partition {p} to {from:?}: {e}")))?;
+            Ok((meta, self.spawn(p, meta)?))
+        });
+        let mut slots = self.slots.lock().unwrap();
+        let Some(slot) = slots.get_mut(&p) else { return };
+        match started {
+            Ok((meta, run)) => {
+                let what = if expected.is_none() { "partition assigned" } else { "partition started" };
+                tracing::info!(partition = p, epoch = meta.epoch.0, resume_after = ?meta.applied_offset.map(|o| o.0), restarts = slot.restarts, "{what}");
+                slot.set_running(run, meta);
+                pause(consumer, topic, p, false);
+            }
+            Err(StartError::Retry(e)) => {
+                tracing::warn!(partition = p, error = %e, "partition not started; retrying");
+                slot.start_at = Some(Instant::now() + self.wiring.restart.backoff);
+            }
+            Err(StartError::Fenced(e)) if expected.is_none() => {
+                // A new assignment's claim lost a race with a concurrent claim: claim again.
+                tracing::warn!(partition = p, error = %e, "partition assigned but not claimed yet; retrying");
+                slot.start_at = Some(Instant::now() + self.wiring.restart.backoff);
+            }
+            Err(StartError::Fenced(e)) => {
+                tracing::warn!(partition = p, error = %e, "a newer owner holds the partition; not taking it back");
+                slot.state = SlotState::Fenced;
+                slot.start_at = None;
+            }
+            Err(StartError::Fatal(e)) => {
+                slot.start_at = None;
+                drop(slots);
+                self.set_fatal(format!("claiming partition {p}: {e}"));
+            }
         }
-        let meta = store.claim(partition, Epoch(meta.epoch.0 + 1)).await.map_err(to_start)?;
-        // A write the previous actor had in flight either landed before the claim (and is in
-        // `meta`) or is fenced now; cached states of the partition may predate it.
-        self.wiring.cache.invalidate_partition(partition);
-        Ok(meta)
+    }
+
+    /// Wait for the claims still running for `slots` (revoked, lost or shutting down): a claim
+    /// that finished after its partition went could take the partition's changelog id from the
+    /// next owner. Bounded by the drain timeout.
+    fn await_claims<'a>(&self, slots: impl IntoIterator<Item = &'a mut Slot>) {
+        let tasks: Vec<_> = slots.into_iter().filter_map(|s| s.claiming.take()).map(|c| c.task).collect();
+        if tasks.is_empty() {
+            return;
+        }
+        let (timeout, n) = (self.wiring.drain_timeout, tasks.len());
+        let finished = self.handle.block_on(tokio::time::timeout(timeout, futures::future::join_all(tasks)));
+        if finished.is_err() {
+            tracing::error!(
+                claims = n,
+                ?timeout,
+                "claims of partitions being given up did not finish in time"
+            );
+        }
     }
 
     /// Start `p`'s actor (a child of the partition supervisor) resuming after `meta`'s offset.
@@ -427,10 +511,11 @@ impl<S: StateStore> NodeContext<S> {
     /// state write they had in flight is fenced by the new owner's claim.
     fn on_lost(&self, tpl: &TopicPartitionList) {
         let lost: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
-        let slots: Vec<Slot> = {
+        let mut slots: Vec<Slot> = {
             let mut all = self.slots.lock().unwrap();
             lost.iter().filter_map(|p| all.remove(p)).collect()
         };
+        self.await_claims(&mut slots);
         for run in slots.into_iter().filter_map(|s| s.run) {
             run.actor.stop(Some(supervisor::DRAINED.into()));
         }
@@ -448,7 +533,8 @@ impl<S: StateStore> NodeContext<S> {
         }
     }
 
-    fn drain(&self, slots: Vec<(i32, Slot)>) {
+    fn drain(&self, mut slots: Vec<(i32, Slot)>) {
+        self.await_claims(slots.iter_mut().map(|(_, s)| s));
         let timeout = self.wiring.drain_timeout;
         self.handle.block_on(async {
             let calls = slots.into_iter().filter_map(|(p, slot)| Some((p, slot.run?))).map(|(p, run)| async move {
@@ -496,37 +582,34 @@ impl<S: StateStore> NodeContext<S> {
     /// (restart within the budget, give up a fenced partition, stop the node once a budget is
     /// spent), kill frozen actors, and (re)start partitions whose time has come.
     fn supervise(&self, consumer: &BaseConsumer<Self>) {
+        for claimed in self.claimed.1.try_iter() {
+            self.on_claimed(consumer, claimed);
+        }
         let now = Instant::now();
         for down in self.downs.try_iter() {
             self.on_down(consumer, down, now);
         }
         let frozen_after = self.wiring.frozen_after;
-        let due: Vec<(i32, Option<Epoch>)> = {
-            let mut slots = self.slots.lock().unwrap();
-            for (&p, slot) in slots.iter_mut() {
-                let Some(run) = &slot.run else { continue };
-                let waiting = run.tx.len() + slot.held.len();
-                if waiting == 0 {
-                    slot.progress_at = now;
-                } else if now.duration_since(slot.progress_at) > frozen_after {
-                    tracing::error!(
-                        partition = p,
-                        waiting,
-                        ?frozen_after,
-                        "partition frozen: records wait and nothing was committed; restarting it"
-                    );
-                    slot.progress_at = now;
-                    run.actor.kill();
-                }
+        let mut slots = self.slots.lock().unwrap();
+        for (&p, slot) in slots.iter_mut() {
+            if slot.start_at.is_some_and(|t| t <= now) {
+                slot.start_at = None;
+                slot.claiming = Some(self.start_claim(p, slot.epoch));
             }
-            slots
-                .iter()
-                .filter(|(_, s)| s.start_at.is_some_and(|t| t <= now))
-                .map(|(p, s)| (*p, s.epoch))
-                .collect()
-        };
-        for (p, epoch) in due {
-            self.restart(consumer, p, epoch);
+            let Some(run) = &slot.run else { continue };
+            let waiting = run.tx.len() + slot.held.len();
+            if waiting == 0 {
+                slot.progress_at = now;
+            } else if now.duration_since(slot.progress_at) > frozen_after {
+                tracing::error!(
+                    partition = p,
+                    waiting,
+                    ?frozen_after,
+                    "partition frozen: records wait and nothing was committed; restarting it"
+                );
+                slot.progress_at = now;
+                run.actor.kill();
+            }
         }
     }
 
@@ -561,43 +644,6 @@ impl<S: StateStore> NodeContext<S> {
                 );
                 drop(slots);
                 self.set_fatal(msg);
-            }
-        }
-    }
-
-    /// Claim `p` again, seek it back to its stored offset, start a new actor, resume it.
-    fn restart(&self, consumer: &BaseConsumer<Self>, p: i32, epoch: Option<Epoch>) {
-        let topic = &self.wiring.topic;
-        let started = self.claim(p, epoch).and_then(|meta| {
-            // Records past the stored offset were dropped with the old actor's queue: read them
-            // again. Seeking a paused partition is allowed; it fetches once resumed.
-            let from = resume_from(meta);
-            consumer
-                .seek(topic, p, from, Duration::from_secs(5))
-                .map_err(|e| StartError::Retry(format!("seeking partition {p} to {from:?}: {e}")))?;
-            Ok((meta, self.spawn(p, meta)?))
-        });
-        let mut slots = self.slots.lock().unwrap();
-        let Some(slot) = slots.get_mut(&p) else { return };
-        match started {
-            Ok((meta, run)) => {
-                tracing::info!(partition = p, epoch = meta.epoch.0, resume_after = ?meta.applied_offset.map(|o| o.0), restarts = slot.restarts, "partition started");
-                slot.set_running(run, meta);
-                pause(consumer, topic, p, false);
-            }
-            Err(StartError::Retry(e)) => {
-                tracing::warn!(partition = p, error = %e, "partition not started; retrying");
-                slot.start_at = Some(Instant::now() + self.wiring.restart.backoff);
-            }
-            Err(StartError::Fenced(e)) => {
-                tracing::warn!(partition = p, error = %e, "a newer owner holds the partition; not taking it back");
-                slot.state = SlotState::Fenced;
-                slot.start_at = None;
-            }
-            Err(StartError::Fatal(e)) => {
-                slot.start_at = None;
-                drop(slots);
-                self.set_fatal(format!("claiming partition {p}: {e}"));
             }
         }
     }
@@ -815,6 +861,8 @@ fn to_record(topic: &Arc<str>, m: &rdkafka::message::BorrowedMessage<'_>, limits
 /// Group membership settings for the ingestion consumer.
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
+    /// `client.id` (a configured one in the tier's properties wins).
+    pub client_id: String,
     pub group: String,
     /// `client.rack`: the node's zone.
     pub zone: String,
@@ -872,6 +920,8 @@ pub async fn start_consumer<S: StateStore>(
         commits,
         supervisor,
         downs,
+        claimed: crossbeam_channel::unbounded(),
+        claims: AtomicU64::new(0),
         lag: Mutex::new(HashMap::new()),
         fetched_from: Mutex::new(HashMap::new()),
         fatal: Mutex::new(None),
@@ -884,6 +934,7 @@ pub async fn start_consumer<S: StateStore>(
     // session survive a lost heartbeat or two.
     let heartbeat = (settings.session_timeout / 5).max(Duration::from_millis(100)).as_millis().to_string();
     let mut config = tier.client_config(&[
+        ("client.id", &settings.client_id),
         ("group.id", &settings.group),
         ("client.rack", &settings.zone),
         ("partition.assignment.strategy", "cooperative-sticky"),

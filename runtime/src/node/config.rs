@@ -61,6 +61,7 @@ const SETTINGS: &[Setting] = &[
     s("state", "sync_wal", "--sync-wal"),
     s("state", "backend", "--state-backend"),
     s("state", "changelog_topic", "--changelog-topic"),
+    s("state", "standby_replicas", "--standby-replicas"),
     s("state", "cql_uri", "--cql-uri"),
     s("state", "cql_keyspace", "--cql-keyspace"),
     s("state", "cql_datacenter", "--cql-datacenter"),
@@ -310,6 +311,14 @@ pub fn cross_check(o: &NodeOptions) -> Vec<String> {
     if o.state_backend == crate::state::Backend::Cql && !o.changelog_topic.is_empty() {
         problems.push(
             "[state] changelog_topic is for backend rocksdb: the CQL store is shared by every node already"
+                .to_owned(),
+        );
+    }
+    if o.standby_replicas > 0
+        && (o.state_backend != crate::state::Backend::Rocksdb || o.changelog_topic.is_empty())
+    {
+        problems.push(
+            "[state] standby_replicas keeps copies from the changelog: it needs backend rocksdb with a changelog_topic"
                 .to_owned(),
         );
     }

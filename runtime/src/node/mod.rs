@@ -115,6 +115,12 @@ pub struct NodeOptions {
     /// state follows its partition to another node. Empty: none (one node only).
     #[arg(long, default_value = "")]
     pub changelog_topic: String,
+    /// With a changelog: how many other nodes keep a warm copy of each partition this node owns
+    /// (other zones first), so a failover to one of them replays seconds of changelog instead of
+    /// the whole partition. The group's assignor picks the new owner: nodes - 1 makes every
+    /// failover warm.
+    #[arg(long, default_value_t = 0)]
+    pub standby_replicas: usize,
     /// Where per-key state lives: rocksdb (embedded, this node's disk) or cql (a ScyllaDB or
     /// Cassandra cluster that every node shares).
     #[arg(long, value_enum, default_value = "rocksdb")]
@@ -323,6 +329,8 @@ pub struct Node {
     /// Where the gRPC health service listens.
     pub grpc: std::net::SocketAddr,
     consumer: crate::kafka::ConsumerHandle<NodeStore>,
+    /// Warm copies of other nodes' partitions (`standby_replicas`), stopped when dropped.
+    standby: Option<crate::state::standby::Standby>,
     counters: Arc<PipelineCounters>,
     pub devices: Vec<String>,
     grace: Duration,
@@ -339,9 +347,13 @@ impl Node {
         health.models_ready.store(true, Ordering::SeqCst);
         let devices = pool.status().await.iter().map(|w| w.device.to_string()).collect();
         let store = opts.open_store().await?;
-        if let NodeStore::Changelog(changelog) = &store {
-            changelog.check_topic(&opts.input_topic).await?;
-        }
+        let store_for_standby = match &store {
+            NodeStore::Changelog(changelog) => {
+                changelog.check_topic(&opts.input_topic).await?;
+                Some(changelog.clone())
+            }
+            _ => None,
+        };
         let cache = Arc::new(StateCache::new(store, opts.cache_size.as_u64(), metrics.clone()));
         let processing = KafkaTier {
             bootstrap: opts.processing_bootstrap.clone().unwrap_or_else(|| opts.ingestion_bootstrap.clone()),
@@ -388,13 +400,36 @@ impl Node {
                 .infer_deadline
                 .saturating_mul(u32::try_from(opts.frozen_deadlines).unwrap_or(u32::MAX)),
         };
+        // How the standby finds this node among the group's members: the configured client.id,
+        // else one of its own.
+        let client_id = opts.ingestion_properties.iter().rev().find(|(k, _)| k == "client.id").map_or_else(
+            || format!("partita-{}-{}", opts.node_name(), std::process::id()),
+            |(_, v)| v.clone(),
+        );
+        let standby_store = match (&store_for_standby, opts.standby_replicas) {
+            (Some(store), replicas) if replicas > 0 => Some(store.clone()),
+            _ => None,
+        };
         let settings = ConsumerSettings {
+            client_id: client_id.clone(),
             group: opts.group.clone(),
             zone: opts.zone.clone(),
             instance_id: opts.instance_id.clone(),
             session_timeout: opts.session_timeout,
         };
         let consumer = start_consumer(&ingestion, &settings, wiring, commits.1).await?;
+        let standby = match standby_store {
+            Some(store) => Some(crate::state::standby::Standby::start(
+                store,
+                crate::state::standby::StandbySettings {
+                    group: opts.group.clone(),
+                    input_topic: opts.input_topic.clone(),
+                    client_id,
+                    replicas: opts.standby_replicas,
+                },
+            )?),
+            None => None,
+        };
         let context = consumer.context.clone();
         let partitions = consumer.context.clone();
         let fetch = consumer.context.clone();
@@ -413,7 +448,18 @@ impl Node {
             },
             pool.status_probe(),
         );
-        Ok(Self { pool, metrics, health, http, grpc, consumer, counters, devices, grace: opts.grace })
+        Ok(Self {
+            pool,
+            metrics,
+            health,
+            http,
+            grpc,
+            consumer,
+            standby,
+            counters,
+            devices,
+            grace: opts.grace,
+        })
     }
 
     pub fn counters(&self) -> &Arc<PipelineCounters> {
@@ -475,6 +521,7 @@ impl Node {
         tracing::info!(grace = ?self.grace, "draining");
         self.health.draining.store(true, Ordering::SeqCst);
         self.consumer.request_stop();
+        drop(self.standby);
         let result = self.consumer.join().await;
         self.metrics.detach();
         self.pool.shutdown().await;

@@ -24,7 +24,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset as KOffset, TopicPartitionList};
 
-use super::rocks::RocksStore;
+use super::rocks::{ChangelogChunk, RocksStore};
 use crate::kafka::KafkaTier;
 
 /// Changelog record keys: a tag byte, then (for state) the state key.
@@ -48,6 +48,11 @@ struct Inner {
     group: String,
     /// The transactional producer of each partition this node claimed, with the claim's epoch.
     producers: Mutex<HashMap<PartitionId, (Epoch, Arc<FutureProducer>)>>,
+    /// The last claim's restore of each partition.
+    restores: Mutex<HashMap<PartitionId, Restore>>,
+    /// Partitions this node claims or owns (until released): no standby copy is started for
+    /// them.
+    owned: Mutex<std::collections::HashSet<PartitionId>>,
 }
 
 impl std::fmt::Debug for ChangelogStore {
@@ -86,6 +91,8 @@ impl ChangelogStore {
             topic: topic.to_owned(),
             group: group.to_owned(),
             producers: Mutex::new(HashMap::new()),
+            restores: Mutex::new(HashMap::new()),
+            owned: Mutex::new(std::collections::HashSet::new()),
         };
         Self { local, inner: Arc::new(inner) }
     }
@@ -135,6 +142,36 @@ impl ChangelogStore {
         Ok(())
     }
 
+    pub(crate) fn tier(&self) -> &KafkaTier {
+        &self.inner.tier
+    }
+
+    /// A replayer of this store's changelog into its RocksDB.
+    pub(crate) fn replayer(&self) -> Result<Replayer, StoreError> {
+        Replayer::new(&self.inner.tier, &self.inner.topic, self.local.clone())
+    }
+
+    /// Start keeping a standby copy of `p` in `replayer`, unless this node claims or owns it
+    /// (then nothing: `Ok(false)`). The copy is written at the epoch read here: a claim marks the
+    /// partition owned before it bumps the epoch, so one that starts after this check stops the
+    /// copy's writes (they are fenced).
+    pub(crate) fn stand_by(&self, replayer: &mut Replayer, p: PartitionId) -> Result<bool, StoreError> {
+        let epoch = {
+            let owned = self.inner.owned.lock().unwrap();
+            if owned.contains(&p) {
+                return Ok(false);
+            }
+            self.local.meta_blocking(p)?.epoch
+        };
+        replayer.add(p, epoch)?;
+        Ok(true)
+    }
+
+    /// What the last claim of `p` on this node replayed.
+    pub fn last_restore(&self, p: PartitionId) -> Option<Restore> {
+        self.inner.restores.lock().unwrap().get(&p).copied()
+    }
+
     /// Drop `p`'s producer if it is still the one claimed at `epoch`.
     fn forget_producer(&self, p: PartitionId, epoch: Epoch) {
         let mut producers = self.inner.producers.lock().unwrap();
@@ -178,11 +215,80 @@ impl ChangelogStore {
         Ok(producer)
     }
 
-    /// Everything the changelog holds for `p` (committed records only).
-    fn read_changelog(&self, p: PartitionId) -> Result<Restored, StoreError> {
-        let consumer: BaseConsumer = self
-            .inner
-            .tier
+    /// Bring this node's copy of `p` up to the changelog's end (committed records only): from its
+    /// stored changelog position when that still describes it, else from the beginning after
+    /// forgetting the local copy. `epoch` is the claim's (fenced if another claim on this node
+    /// overtakes it).
+    fn restore(&self, p: PartitionId, epoch: Epoch) -> Result<Restore, StoreError> {
+        let mut replayer = Replayer::new(&self.inner.tier, &self.inner.topic, self.local.clone())?;
+        let after = replayer.add(p, epoch)?;
+        // A restore takes as long as the partition is large; it fails only when nothing arrives
+        // for TIMEOUT.
+        let mut deadline = std::time::Instant::now() + TIMEOUT;
+        loop {
+            if std::time::Instant::now() > deadline {
+                return Err(unavailable(format!(
+                    "reading {}/{}: nothing for {TIMEOUT:?}",
+                    self.inner.topic, p.0
+                )));
+            }
+            match replayer.poll(Duration::from_millis(500))? {
+                Polled::Nothing => {}
+                Polled::Record => deadline = std::time::Instant::now() + TIMEOUT,
+                Polled::End(_) => break,
+            }
+        }
+        let tail = replayer.tails.remove(&(p.0 as i32)).expect("added above");
+        Ok(Restore { after, records: tail.records, bytes: tail.bytes })
+    }
+}
+
+/// What a claim's restore did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Restore {
+    /// Where the replay started: `Some` after the stored position, `None` from the beginning.
+    pub after: Option<i64>,
+    /// Records and bytes read (compaction leaves about one record per key).
+    pub records: u64,
+    pub bytes: u64,
+}
+
+/// Changes of one changelog partition read but not yet applied.
+struct Tail {
+    epoch: Epoch,
+    /// The stored position the pending chunk continues.
+    after: Option<i64>,
+    chunk: ChangelogChunk,
+    pending: usize,
+    records: u64,
+    bytes: u64,
+}
+
+/// What one poll of a [`Replayer`] brought.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Polled {
+    Nothing,
+    Record,
+    /// The partition's end was reached and everything read is applied.
+    End(PartitionId),
+}
+
+/// Records applied per RocksDB batch: a replay holds at most this many in memory.
+const CHUNK: usize = 4096;
+
+/// Replays changelog partitions into the local RocksDB: a claim's restore (one partition, to its
+/// end) and a standby's tailing (several, for good). Each chunk is applied with a compare-and-set
+/// on the stored epoch and changelog position ([`RocksStore::apply_changelog`]).
+pub(crate) struct Replayer {
+    consumer: BaseConsumer,
+    topic: String,
+    local: RocksStore,
+    tails: HashMap<i32, Tail>,
+}
+
+impl Replayer {
+    pub(crate) fn new(tier: &KafkaTier, topic: &str, local: RocksStore) -> Result<Self, StoreError> {
+        let consumer: BaseConsumer = tier
             .client_config(&[])
             .set("isolation.level", "read_committed")
             // librdkafka assigns only in a group; this one never joins or commits.
@@ -194,62 +300,136 @@ impl ChangelogStore {
             .set("fetch.wait.max.ms", "10")
             .create()
             .map_err(unavailable)?;
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&self.inner.topic, p.0 as i32, KOffset::Beginning).map_err(unavailable)?;
-        consumer.assign(&tpl).map_err(unavailable)?;
-        let mut r = Restored::default();
-        // A restore takes as long as the partition is large; it fails only when nothing arrives
-        // for TIMEOUT.
-        let mut deadline = std::time::Instant::now() + TIMEOUT;
-        loop {
-            if std::time::Instant::now() > deadline {
-                return Err(unavailable(format!(
-                    "reading {}/{}: nothing for {TIMEOUT:?}",
-                    self.inner.topic, p.0
-                )));
-            }
-            match consumer.poll(Duration::from_millis(500)) {
-                None => continue,
-                Some(Err(KafkaError::PartitionEOF(_))) => break,
-                Some(Err(e)) => return Err(unavailable(e)),
-                Some(Ok(m)) => {
-                    deadline = std::time::Instant::now() + TIMEOUT;
-                    let (key, value) = (m.key().unwrap_or_default(), m.payload().unwrap_or_default());
-                    r.records += 1;
-                    r.bytes += (key.len() + value.len()) as u64;
-                    match key.split_first() {
-                        Some((&STATE, k)) => {
-                            r.entries.insert(k.to_vec(), StateValue::decode(value)?);
-                        }
-                        Some((&APPLIED, _)) => {
-                            let b: [u8; 8] = value.try_into().map_err(|_| StoreError::Corrupt {
-                                detail: format!("changelog applied offset of {} bytes", value.len()),
-                            })?;
-                            r.applied = Some(Offset(i64::from_be_bytes(b)));
-                        }
-                        _ => {
-                            return Err(StoreError::Corrupt {
-                                detail: format!("changelog record with key tag {:?}", key.first()),
-                            });
-                        }
-                    }
+        Ok(Self { consumer, topic: topic.to_owned(), local, tails: HashMap::new() })
+    }
+
+    pub(crate) fn partitions(&self) -> impl Iterator<Item = PartitionId> + '_ {
+        self.tails.keys().map(|p| PartitionId(*p as u32))
+    }
+
+    /// Start replaying `p` into the local copy held at `epoch`: after the stored changelog
+    /// position when the changelog still holds what follows it, else from the beginning, after
+    /// forgetting the local copy. Returns the position it continues after.
+    pub(crate) fn add(&mut self, p: PartitionId, epoch: Epoch) -> Result<Option<i64>, StoreError> {
+        let partition = p.0 as i32;
+        let (low, high) = self
+            .consumer
+            .fetch_watermarks(&self.topic, partition, Duration::from_secs(10))
+            .map_err(unavailable)?;
+        let position = self.local.changelog_position(p)?;
+        let after = match position {
+            Some(at) if at + 1 >= low && at < high => Some(at),
+            _ => {
+                if high <= low
+                    && let Some(mine) = self.local.meta_blocking(p)?.applied_offset
+                {
+                    // Recreated, mistyped, or switched on after this node applied records:
+                    // replacing the partition by nothing would lose its state.
+                    return Err(StoreError::Corrupt {
+                        detail: format!(
+                            "changelog {} holds nothing for partition {} but this node's RocksDB applied it up to offset {}; refusing to replace that state",
+                            self.topic, p.0, mine.0
+                        ),
+                    });
                 }
+                if let Some(at) = position {
+                    tracing::warn!(
+                        partition = p.0,
+                        position = at,
+                        low,
+                        high,
+                        "the changelog no longer holds what follows this node's copy; replaying it whole"
+                    );
+                }
+                self.local.reset(p, epoch)?;
+                None
+            }
+        };
+        let start = after.map_or(KOffset::Beginning, |at| KOffset::Offset(at + 1));
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.topic, partition, start).map_err(unavailable)?;
+        self.consumer.incremental_assign(&tpl).map_err(unavailable)?;
+        let tail = Tail { epoch, after, chunk: ChangelogChunk::default(), pending: 0, records: 0, bytes: 0 };
+        self.tails.insert(partition, tail);
+        Ok(after)
+    }
+
+    /// Stop replaying `p` (what was read but not applied is dropped: the stored position says
+    /// where to continue).
+    pub(crate) fn remove(&mut self, p: PartitionId) {
+        if self.tails.remove(&(p.0 as i32)).is_some() {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&self.topic, p.0 as i32);
+            if let Err(e) = self.consumer.incremental_unassign(&tpl) {
+                tracing::warn!(partition = p.0, error = %e, "changelog replay: unassign failed");
             }
         }
-        Ok(r)
+    }
+
+    /// Read one record (or the end of a partition) and apply a full chunk.
+    pub(crate) fn poll(&mut self, timeout: Duration) -> Result<Polled, StoreError> {
+        match self.consumer.poll(timeout) {
+            None => Ok(Polled::Nothing),
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                let p = PartitionId(p as u32);
+                self.flush(p)?;
+                Ok(Polled::End(p))
+            }
+            Some(Err(e)) => Err(unavailable(e)),
+            Some(Ok(m)) => {
+                let p = PartitionId(m.partition() as u32);
+                let Some(tail) = self.tails.get_mut(&(m.partition())) else {
+                    return Ok(Polled::Nothing); // removed meanwhile
+                };
+                let (key, value) = (m.key().unwrap_or_default(), m.payload().unwrap_or_default());
+                tail.records += 1;
+                tail.bytes += (key.len() + value.len()) as u64;
+                match key.split_first() {
+                    Some((&STATE, k)) => tail.chunk.entries.push((k.to_vec(), StateValue::decode(value)?)),
+                    Some((&APPLIED, _)) => tail.chunk.applied = Some(decode_applied(value)?),
+                    _ => {
+                        return Err(StoreError::Corrupt {
+                            detail: format!("changelog record with key tag {:?}", key.first()),
+                        });
+                    }
+                }
+                tail.chunk.position = m.offset();
+                tail.pending += 1;
+                if tail.pending >= CHUNK {
+                    self.flush(p)?;
+                }
+                Ok(Polled::Record)
+            }
+        }
+    }
+
+    /// Apply what was read of `p` (nothing when nothing was).
+    pub(crate) fn flush(&mut self, p: PartitionId) -> Result<(), StoreError> {
+        let Some(tail) = self.tails.get_mut(&(p.0 as i32)) else { return Ok(()) };
+        if tail.pending == 0 {
+            return Ok(());
+        }
+        let chunk = std::mem::take(&mut tail.chunk);
+        tail.pending = 0;
+        match self.local.apply_changelog(p, tail.epoch, tail.after, &chunk) {
+            Ok(()) => {
+                tail.after = Some(chunk.position);
+                Ok(())
+            }
+            Err(e) => {
+                // What follows no longer continues the stored copy.
+                self.remove(p);
+                Err(e)
+            }
+        }
     }
 }
 
-/// A partition as the changelog holds it.
-#[derive(Debug, Default)]
-struct Restored {
-    /// The latest state of every key.
-    entries: HashMap<Vec<u8>, StateValue>,
-    /// The applied offset of the last write.
-    applied: Option<Offset>,
-    /// Records and bytes read (compaction leaves about one record per key).
-    records: u64,
-    bytes: u64,
+fn decode_applied(value: &[u8]) -> Result<Offset, StoreError> {
+    let b: [u8; 8] = value.try_into().map_err(|_| StoreError::Corrupt {
+        detail: format!("changelog applied offset of {} bytes", value.len()),
+    })?;
+    Ok(Offset(i64::from_be_bytes(b)))
 }
 
 impl StateStore for ChangelogStore {
@@ -277,29 +457,32 @@ impl StateStore for ChangelogStore {
         // polling in steps of 100 ms, and with the FutureProducer's own thread serving the
         // delivery reports a commit with anything outstanding waited one whole step (every
         // transaction took about 100 ms, `b5`). With nothing outstanding it returns at once.
-        let delivered: Result<(), KafkaError> = async {
+        let delivered: Result<i64, KafkaError> = async {
             producer.begin_transaction()?;
             let mut deliveries = Vec::with_capacity(records.len());
             for (k, v) in &records {
                 let record = FutureRecord::to(&topic).partition(p.0 as i32).key(k).payload(v);
                 deliveries.push(producer.send_result(record).map_err(|(e, _)| e)?);
             }
+            // The applied-offset record goes last: its offset is this write's changelog position.
+            let mut position = -1;
             for d in futures::future::join_all(deliveries).await {
                 match d {
-                    Ok(Ok(_)) => {}
+                    Ok(Ok(delivery)) => position = delivery.offset,
                     Ok(Err((e, _))) => return Err(e),
                     Err(_) => return Err(KafkaError::Canceled),
                 }
             }
-            Ok(())
+            Ok(position)
         }
         .await;
         let txn = producer.clone();
-        let sent = tokio::task::spawn_blocking(move || -> Result<(), KafkaError> {
+        let sent = tokio::task::spawn_blocking(move || -> Result<i64, KafkaError> {
             // A retriable failure (a timeout: the outcome is not known yet) is resumed by
             // committing again; only an abortable one is aborted; a fatal one leaves the producer
             // to be replaced.
-            let mut result = delivered.and_then(|()| txn.commit_transaction(TIMEOUT));
+            let position = *delivered.as_ref().unwrap_or(&-1);
+            let mut result = delivered.and_then(|_| txn.commit_transaction(TIMEOUT));
             for _ in 0..3 {
                 match &result {
                     Err(KafkaError::Transaction(t)) if t.is_retriable() => {
@@ -317,13 +500,14 @@ impl StateStore for ChangelogStore {
             if abortable {
                 let _ = txn.abort_transaction(TIMEOUT);
             }
-            result
+            result.map(|()| position)
         })
         .await
         .map_err(unavailable)?;
         match sent {
-            Ok(()) => self.local.write(write).await,
-            Err(e) if is_fenced(&e) => {
+            Ok(position) => self.local.write_logged(write, position).await,
+            // A fenced producer's queued records fail as purged: its fatal error tells why.
+            Err(e) if is_fenced(&e) || producer.client().fatal_error().is_some() => {
                 // Another node holds the transactional id (or the producer is unusable): this
                 // partition's writes from this claim are over.
                 self.forget_producer(p, epoch);
@@ -340,16 +524,19 @@ impl StateStore for ChangelogStore {
     /// Revoked or lost: the next claim of the partition takes the transactional id anew.
     fn release(&self, partition: PartitionId) {
         self.inner.producers.lock().unwrap().remove(&partition);
+        self.inner.owned.lock().unwrap().remove(&partition);
     }
 
     /// Claim locally; take the changelog's transactional id (fencing the previous owner) unless
     /// this claim restarts the partition's actor on a node that still holds the id (taking it
     /// again would fence a node the group may have given the partition to meanwhile; a fenced id
-    /// shows at the first write); then restore the partition from the changelog, replacing
-    /// whatever this node held.
+    /// shows at the first write); then bring this node's copy up to the changelog's end: only the
+    /// tail after its stored changelog position when it holds one (it owned the partition before,
+    /// or kept a standby copy), else the whole partition, replacing whatever this node held.
     async fn claim(&self, partition: PartitionId, epoch: Epoch) -> Result<PartitionMeta, StoreError> {
         let p = partition;
-        let local = self.local.claim(p, epoch).await?;
+        self.inner.owned.lock().unwrap().insert(p);
+        self.local.claim(p, epoch).await?;
         let held = self.inner.producers.lock().unwrap().get(&p).map(|(_, producer)| producer.clone());
         let producer = match held {
             Some(producer) => producer,
@@ -357,34 +544,23 @@ impl StateStore for ChangelogStore {
         };
         let started = std::time::Instant::now();
         let this = self.clone();
-        let Restored { entries, applied, records, bytes } =
-            tokio::task::spawn_blocking(move || this.read_changelog(p)).await.map_err(unavailable)??;
-        if applied.is_none()
-            && let Some(mine) = local.applied_offset
-        {
-            // Recreated, mistyped, or switched on after this node applied records: replacing the
-            // partition by nothing would lose its state.
-            return Err(StoreError::Corrupt {
-                detail: format!(
-                    "changelog {} holds nothing for partition {} but this node's RocksDB applied it up to offset {}; refusing to replace that state",
-                    self.inner.topic, p.0, mine.0
-                ),
-            });
-        }
-        let keys = entries.len();
-        self.local.restore(p, epoch, applied, entries.into_iter().collect()).await?;
+        let restore =
+            tokio::task::spawn_blocking(move || this.restore(p, epoch)).await.map_err(unavailable)??;
+        let Restore { after, records, bytes } = restore;
+        let meta = self.local.meta(p).await?;
         let secs = started.elapsed().as_secs_f64();
         tracing::info!(
             partition = p.0,
-            keys,
+            after_position = ?after,
             records,
             bytes,
-            applied = ?applied.map(|o| o.0),
+            applied = ?meta.applied_offset.map(|o| o.0),
             seconds = secs,
-            keys_per_second = (keys as f64 / secs.max(1e-6)) as u64,
+            records_per_second = (records as f64 / secs.max(1e-6)) as u64,
             "partition restored from the changelog"
         );
         self.inner.producers.lock().unwrap().insert(p, (epoch, producer));
-        Ok(PartitionMeta { applied_offset: applied, epoch })
+        self.inner.restores.lock().unwrap().insert(p, restore);
+        Ok(meta)
     }
 }

@@ -3,6 +3,7 @@
 //! - [`rocks`]: RocksDB, embedded (the default; one node's partitions on its local disk).
 //! - [`changelog`]: RocksDB whose writes go to a changelog topic first, restored from it on
 //!   claim: state that follows its partition across nodes.
+//! - [`standby`]: warm copies of other nodes' partitions, tailed from the changelog.
 //! - [`scylla`]: ScyllaDB (or any CQL store speaking its dialect, Apache Cassandra 5 included),
 //!   for clusters: state shared across nodes and zones.
 //!
@@ -13,6 +14,7 @@
 pub mod changelog;
 pub mod rocks;
 pub mod scylla;
+pub mod standby;
 
 use partita_actors::state::{PartitionId, PartitionMeta, StateStore, StateValue, StateWrite, StoreError};
 

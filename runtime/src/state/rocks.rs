@@ -5,6 +5,7 @@
 //! ```text
 //! 's' | partition u32 BE | key bytes   →  state value (format u16 BE | data)
 //! 'm' | partition u32 BE              →  meta: has_offset u8 | applied offset i64 BE | epoch u64 BE
+//! 'c' | partition u32 BE              →  changelog position i64 BE (with a changelog topic only)
 //! ```
 //!
 //! A write is one RocksDB `WriteBatch` holding every state put and the meta put, so state and
@@ -25,6 +26,7 @@ use rocksdb::{BlockBasedOptions, Cache, DB, Options, WriteBatch, WriteOptions};
 
 const STATE: u8 = b's';
 const META: u8 = b'm';
+const POSITION: u8 = b'c';
 const LOCK_STRIPES: usize = 64;
 
 #[derive(Debug, Clone)]
@@ -92,34 +94,74 @@ impl RocksStore {
         self.inner.db.path()
     }
 
-    /// Replace everything stored for `partition` by `entries` and `applied` (a restore from the
-    /// changelog, which is the truth in a cluster): one atomic batch that deletes the partition's
-    /// keys, writes the restored ones and the meta. Fenced unless the stored epoch is `epoch` (the
-    /// restorer just claimed it); unlike a write, the applied offset may move back (a node that
-    /// was a zombie holds effects the changelog does not).
-    pub async fn restore(
+    /// The changelog offset of the last change this node's copy of `partition` holds (its own
+    /// write or one replayed from the changelog); `None` when it holds none.
+    pub fn changelog_position(&self, partition: PartitionId) -> Result<Option<i64>, StoreError> {
+        self.inner.position(partition)
+    }
+
+    /// [`StateStore::meta`] on the calling thread.
+    pub fn meta_blocking(&self, partition: PartitionId) -> Result<PartitionMeta, StoreError> {
+        self.inner.meta(partition)
+    }
+
+    /// Forget everything stored for `partition` except its epoch (the start of a full replay of
+    /// its changelog). Fenced unless the stored epoch is `epoch`.
+    pub fn reset(&self, partition: PartitionId, epoch: Epoch) -> Result<(), StoreError> {
+        let (inner, p) = (&self.inner, partition);
+        let _guard = inner.lock(p);
+        let stored = inner.meta(p)?;
+        if stored.epoch != epoch {
+            return Err(StoreError::Fenced { partition: p, epoch, current: stored.epoch });
+        }
+        let mut batch = WriteBatch::default();
+        batch.delete_range(state_key(p, b""), state_key(PartitionId(p.0 + 1), b""));
+        batch.delete(position_key(p));
+        batch.put(meta_key(p), encode_meta(&PartitionMeta { applied_offset: None, epoch }));
+        inner.db.write_opt(batch, &inner.write_opts()).map_err(unavailable)
+    }
+
+    /// Apply changes replayed from the changelog, in one atomic batch: the states, the applied
+    /// offset (when the chunk holds one) and the new changelog position. Compare-and-set twice:
+    /// the stored epoch must be `epoch` (a claim on this node since then stops a standby's replay)
+    /// and the stored position must be `after` (the chunk continues exactly what is stored).
+    /// Unlike a write, the applied offset may move back (a claim's replay replaces what a zombie
+    /// held), and no epoch is claimed.
+    pub fn apply_changelog(
         &self,
         partition: PartitionId,
         epoch: Epoch,
-        applied: Option<Offset>,
-        entries: Vec<(Vec<u8>, StateValue)>,
+        after: Option<i64>,
+        chunk: &ChangelogChunk,
     ) -> Result<(), StoreError> {
-        self.blocking(move |inner| {
-            let p = partition;
-            let _guard = inner.lock(p);
-            let stored = inner.meta(p)?;
-            if stored.epoch != epoch {
-                return Err(StoreError::Fenced { partition: p, epoch, current: stored.epoch });
-            }
-            let mut batch = WriteBatch::default();
-            batch.delete_range(state_key(p, b""), state_key(PartitionId(p.0 + 1), b""));
-            for (k, v) in &entries {
-                batch.put(state_key(p, k), v.encode());
-            }
-            batch.put(meta_key(p), encode_meta(&PartitionMeta { applied_offset: applied, epoch }));
-            inner.db.write_opt(batch, &inner.write_opts()).map_err(unavailable)
-        })
-        .await
+        let (inner, p) = (&self.inner, partition);
+        let _guard = inner.lock(p);
+        let stored = inner.meta(p)?;
+        if stored.epoch != epoch {
+            return Err(StoreError::Fenced { partition: p, epoch, current: stored.epoch });
+        }
+        let position = inner.position(p)?;
+        if position != after {
+            return Err(StoreError::Unavailable {
+                detail: format!(
+                    "partition {p}: changelog replay continues after {after:?} but the store holds {position:?}"
+                ),
+            });
+        }
+        let mut batch = WriteBatch::default();
+        for (k, v) in &chunk.entries {
+            batch.put(state_key(p, k), v.encode());
+        }
+        let applied = chunk.applied.or(stored.applied_offset);
+        batch.put(meta_key(p), encode_meta(&PartitionMeta { applied_offset: applied, epoch }));
+        batch.put(position_key(p), chunk.position.to_be_bytes());
+        inner.db.write_opt(batch, &inner.write_opts()).map_err(unavailable)
+    }
+
+    /// A state write that came through the changelog at `position`: the write and the position in
+    /// one batch, checked like [`StateStore::write`].
+    pub async fn write_logged(&self, write: StateWrite, position: i64) -> Result<(), StoreError> {
+        self.blocking(move |inner| inner.write(&write, Some(position))).await
     }
 
     async fn blocking<T: Send + 'static>(
@@ -142,6 +184,21 @@ fn state_key(p: PartitionId, key: &[u8]) -> Vec<u8> {
 fn meta_key(p: PartitionId) -> [u8; 5] {
     let b = p.0.to_be_bytes();
     [META, b[0], b[1], b[2], b[3]]
+}
+
+fn position_key(p: PartitionId) -> [u8; 5] {
+    let b = p.0.to_be_bytes();
+    [POSITION, b[0], b[1], b[2], b[3]]
+}
+
+/// Consecutive changes of one partition's changelog, ending at offset `position`.
+#[derive(Debug, Default)]
+pub struct ChangelogChunk {
+    /// The latest state of each key changed.
+    pub entries: Vec<(Vec<u8>, StateValue)>,
+    /// The last applied offset recorded in the chunk.
+    pub applied: Option<Offset>,
+    pub position: i64,
 }
 
 fn encode_meta(m: &PartitionMeta) -> [u8; 17] {
@@ -173,6 +230,38 @@ impl Inner {
             Some(b) => decode_meta(&b),
             None => Ok(PartitionMeta::default()),
         }
+    }
+
+    fn position(&self, p: PartitionId) -> Result<Option<i64>, StoreError> {
+        match self.db.get_pinned(position_key(p)).map_err(unavailable)? {
+            Some(b) => {
+                let b: [u8; 8] = b[..].try_into().map_err(|_| StoreError::Corrupt {
+                    detail: format!("partition {p}: changelog position of {} bytes", b.len()),
+                })?;
+                Ok(Some(i64::from_be_bytes(b)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn write(&self, write: &StateWrite, position: Option<i64>) -> Result<(), StoreError> {
+        let p = write.partition;
+        let _guard = self.lock(p);
+        let stored = self.meta(p)?;
+        Inner::check_write(p, write, &stored)?;
+        let mut batch = WriteBatch::default();
+        for (k, v) in &write.entries {
+            batch.put(state_key(p, k), v.encode());
+        }
+        let meta = PartitionMeta { applied_offset: Some(write.applied_offset), epoch: write.epoch };
+        batch.put(meta_key(p), encode_meta(&meta));
+        match position {
+            Some(position) => batch.put(position_key(p), position.to_be_bytes()),
+            // Written without the changelog: a position kept from an earlier run with one no
+            // longer describes this copy (a later claim replays the whole changelog).
+            None => batch.delete(position_key(p)),
+        }
+        self.db.write_opt(batch, &self.write_opts()).map_err(unavailable)
     }
 
     fn write_opts(&self) -> WriteOptions {
@@ -223,20 +312,7 @@ impl StateStore for RocksStore {
     }
 
     async fn write(&self, write: StateWrite) -> Result<(), StoreError> {
-        self.blocking(move |inner| {
-            let p = write.partition;
-            let _guard = inner.lock(p);
-            let stored = inner.meta(p)?;
-            Inner::check_write(p, &write, &stored)?;
-            let mut batch = WriteBatch::default();
-            for (k, v) in &write.entries {
-                batch.put(state_key(p, k), v.encode());
-            }
-            let meta = PartitionMeta { applied_offset: Some(write.applied_offset), epoch: write.epoch };
-            batch.put(meta_key(p), encode_meta(&meta));
-            inner.db.write_opt(batch, &inner.write_opts()).map_err(unavailable)
-        })
-        .await
+        self.blocking(move |inner| inner.write(&write, None)).await
     }
 
     async fn meta(&self, partition: PartitionId) -> Result<PartitionMeta, StoreError> {
@@ -285,5 +361,6 @@ mod tests {
             !state_key(PartitionId(1), b"").starts_with(&state_key(PartitionId(0), b"\x00\x00\x00")[..5])
         );
         assert_ne!(meta_key(PartitionId(1)), meta_key(PartitionId(256)));
+        assert_ne!(&meta_key(PartitionId(1))[..], &position_key(PartitionId(1))[..]);
     }
 }
