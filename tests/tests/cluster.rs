@@ -330,7 +330,7 @@ async fn a_node_killed_resumes_its_partitions_from_standby_copies_without_a_full
     std::thread::sleep(Duration::from_secs(10));
     for i in 1..3 {
         let log = cluster.node(i).log_text();
-        let kept = log.lines().filter(|l| l.contains("standby copies")).next_back();
+        let kept = log.lines().rfind(|l| l.contains("standby copies"));
         eprintln!("node-{i}: {}", kept.unwrap_or("no standby copies"));
     }
     let moved = cluster.kill9(0);
