@@ -225,7 +225,8 @@ fn failover_ms(seen: &ReaderResult, moved: &BTreeSet<i32>, since: i64) -> Vec<(i
 }
 
 /// p99 (ms) of event time → score produced, over the partitions not in `moved`, for the scores
-/// produced in the 10 s after `since`: what the failover cost the partitions it did not move.
+/// produced in the 10 s from `since`: what the failover cost the partitions it did not move (and,
+/// from 10 s before it, what they took before).
 fn unaffected_p99_ms(seen: &ReaderResult, moved: &BTreeSet<i32>, since: i64) -> Option<i64> {
     let mut ms: Vec<i64> = seen
         .outputs
@@ -255,8 +256,9 @@ fn print_b5(what: &str, seen: &ReaderResult, moved: &BTreeSet<i32>, since: i64) 
     );
     assert_eq!(ms.len(), b5.len(), "a moved partition never answered again: {b5:?}");
     eprintln!(
-        "  unaffected partitions: p99 event -> score {:?} ms in the 10 s after it; worst per second {:?}",
+        "  unaffected partitions: p99 event -> score {:?} ms in the 10 s after it ({:?} ms in the 10 s before); worst per second after {:?}",
         unaffected_p99_ms(seen, moved, since),
+        unaffected_p99_ms(seen, moved, since - 10_000),
         unaffected_worst_per_second_ms(seen, moved, since)
     );
 }

@@ -703,6 +703,47 @@ async fn partitions_paused_when_revoked_are_resumed_when_assigned_back() {
     check(&recs, &landed, &seen, &state).await;
 }
 
+/// Claims run beside the poll loop: a partition revoked while its claim still runs (each claim
+/// takes 4 s here) is given up only once the claim finished, and a partition whose claim is slow
+/// does not hold up the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_revoked_while_its_claim_runs_is_given_up_after_it_and_nothing_is_lost() {
+    let (broker, _dir, state, reader) = setup(Backend::Rocksdb).await;
+    let node = NodeProcess::start_with_env(
+        &broker.bootstrap,
+        &state,
+        &[],
+        &[("FAILPOINTS", &format!("claim-delay={PARTITIONS}*return(4000)"))],
+    );
+    let recs = records(300, 30, 0.0, 37);
+    let landed = tokio::task::block_in_place(|| produce_tracked(&broker.bootstrap, &recs));
+    // A second member joins while the first claims run, takes partitions, and leaves.
+    let bootstrap = broker.bootstrap.clone();
+    tokio::task::block_in_place(|| {
+        let member: BaseConsumer = partita_runtime::kafka::client_config(&bootstrap)
+            .set("group.id", "partita")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("enable.auto.commit", "false")
+            .set("session.timeout.ms", "6000")
+            .create()
+            .unwrap();
+        member.subscribe(&[INPUT]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while member.assignment().map_or(0, |a| a.count()) == 0 {
+            assert!(Instant::now() < deadline, "the second member got no partition");
+            let _ = member.poll(Duration::from_millis(100));
+        }
+        member.unsubscribe();
+        let _ = member.poll(Duration::from_millis(500));
+    });
+    let seen = tokio::task::block_in_place(|| {
+        wait_answered(reader, recs.len() as u64, Duration::from_secs(120), || node.log_text())
+    });
+    let log = stop_cleanly(node);
+    assert!(log.contains("partition revoked"), "the second member took partitions:\n{log}");
+    check(&recs, &landed, &seen, &state).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_partition_is_restarted_and_loses_nothing() {
     let (broker, _dir, state, reader) = setup(Backend::Rocksdb).await;

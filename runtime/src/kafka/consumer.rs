@@ -194,8 +194,12 @@ async fn claim<S: StateStore>(
         StoreError::Fenced { .. } => StartError::Fenced(e.to_string()),
         StoreError::Corrupt { .. } => StartError::Fatal(e.to_string()),
     };
-    // Crash tests: `claim=3*return` makes three claims meet an unavailable store.
+    // Crash tests: `claim=3*return` makes three claims meet an unavailable store;
+    // `claim-delay=N*return(MS)` makes N claims take MS ms longer (a slow restore).
     fail::fail_point!("claim", |_| Err(StartError::Retry("fail point claim".into())));
+    if let Some(ms) = claim_delay() {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
     let meta = store.meta(partition).await.map_err(to_start)?;
     if let Some(mine) = expected
         && meta.epoch != mine
@@ -210,6 +214,12 @@ async fn claim<S: StateStore>(
     // `meta`) or is fenced now; cached states of the partition may predate it.
     cache.invalidate_partition(partition);
     Ok(meta)
+}
+
+/// The fail point `claim-delay`'s milliseconds, when it fires.
+fn claim_delay() -> Option<u64> {
+    fail::fail_point!("claim-delay", |ms| ms.and_then(|m| m.parse().ok()));
+    None
 }
 
 /// Why a partition could not be (re)started now.
@@ -393,8 +403,9 @@ impl<S: StateStore> NodeContext<S> {
             }
         };
         let started = result.and_then(|meta| {
-            // Records past the stored offset were dropped with an old actor's queue, or never
-            // fetched: read from there. Seeking a paused partition is allowed; it fetches once
+            // From the one after the stored applied offset (Kafka's committed offset is only a
+            // lower bound: the store is the truth); records past it were dropped with an old
+            // actor's queue, or never fetched. Seeking a paused partition is allowed; it fetches once
             // resumed.
             let from = resume_from(meta);
             consumer
@@ -442,7 +453,10 @@ impl<S: StateStore> NodeContext<S> {
             return;
         }
         let (timeout, n) = (self.wiring.drain_timeout, tasks.len());
-        let finished = self.handle.block_on(tokio::time::timeout(timeout, futures::future::join_all(tasks)));
+        // The timer is made inside the runtime (its constructor needs the runtime's clock).
+        let finished = self
+            .handle
+            .block_on(async move { tokio::time::timeout(timeout, futures::future::join_all(tasks)).await });
         if finished.is_err() {
             tracing::error!(
                 claims = n,

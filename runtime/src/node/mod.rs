@@ -444,6 +444,13 @@ impl Node {
                 partitions: Box::new(move || {
                     partitions.partition_states().into_iter().map(|(p, s, n)| (p, s.as_str(), n)).collect()
                 }),
+                standby: match &standby {
+                    Some(s) => {
+                        let copies = s.copies.clone();
+                        Box::new(move || copies.lock().unwrap().iter().map(|(p, at)| (*p, *at)).collect())
+                    }
+                    None => Box::new(Vec::new),
+                },
                 workers: Default::default(),
             },
             pool.status_probe(),

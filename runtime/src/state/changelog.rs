@@ -307,6 +307,11 @@ impl Replayer {
         self.tails.keys().map(|p| PartitionId(*p as u32))
     }
 
+    /// Each partition's position applied so far (`None`: nothing yet since a full replay began).
+    pub(crate) fn positions(&self) -> impl Iterator<Item = (i32, Option<i64>)> + '_ {
+        self.tails.iter().map(|(p, t)| (*p, t.after))
+    }
+
     /// Start replaying `p` into the local copy held at `epoch`: after the stored changelog
     /// position when the changelog still holds what follows it, else from the beginning, after
     /// forgetting the local copy. Returns the position it continues after.

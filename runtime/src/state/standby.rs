@@ -19,7 +19,7 @@
 //! compare-and-set on the partition's stored epoch and changelog position, so a claim of the
 //! partition on this node (which bumps the epoch first) stops the standby's writes at once.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -166,8 +166,8 @@ fn assigned(assignment: &[u8], topic: &str) -> Vec<i32> {
 pub struct Standby {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
-    /// The partitions kept now.
-    pub partitions: Arc<std::sync::Mutex<BTreeSet<i32>>>,
+    /// The partitions kept now, with the changelog position each copy reached (-1: none yet).
+    pub copies: Arc<std::sync::Mutex<BTreeMap<i32, i64>>>,
 }
 
 /// What the standby needs to know about this node.
@@ -183,17 +183,17 @@ pub struct StandbySettings {
 impl Standby {
     pub fn start(store: ChangelogStore, settings: StandbySettings) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
-        let partitions = Arc::new(std::sync::Mutex::new(BTreeSet::new()));
+        let copies = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
         let describer: BaseConsumer = store.tier().client_config(&[]).create()?;
         let thread = {
-            let (stop, partitions) = (stop.clone(), partitions.clone());
+            let (stop, copies) = (stop.clone(), copies.clone());
             std::thread::Builder::new().name("partita-standby".into()).spawn(move || {
-                if let Err(e) = run(&store, &settings, &describer, &stop, &partitions) {
+                if let Err(e) = run(&store, &settings, &describer, &stop, &copies) {
                     tracing::error!(error = %e, "standby replicas stopped; failovers to this node restore whole partitions");
                 }
             })?
         };
-        Ok(Self { stop, thread: Some(thread), partitions })
+        Ok(Self { stop, thread: Some(thread), copies })
     }
 }
 
@@ -211,7 +211,7 @@ fn run(
     settings: &StandbySettings,
     describer: &BaseConsumer,
     stop: &AtomicBool,
-    kept: &std::sync::Mutex<BTreeSet<i32>>,
+    copies: &std::sync::Mutex<BTreeMap<i32, i64>>,
 ) -> anyhow::Result<()> {
     let mut replayer = store.replayer()?;
     let mut described = Instant::now() - REFRESH;
@@ -251,10 +251,8 @@ fn run(
                         }
                     }
                     let held: BTreeSet<i32> = replayer.partitions().map(|p| p.0 as i32).collect();
-                    let mut kept = kept.lock().unwrap();
-                    if *kept != held {
+                    if copies.lock().unwrap().keys().ne(held.iter()) {
                         tracing::info!(partitions = ?held, "standby copies");
-                        *kept = held;
                     }
                 }
                 Err(e) => warn(format!("describing group {}: {e}", settings.group)),
@@ -274,7 +272,9 @@ fn run(
                 warn(e.to_string());
             }
         }
+        *copies.lock().unwrap() = replayer.positions().map(|(p, at)| (p, at.unwrap_or(-1))).collect();
     }
+    copies.lock().unwrap().clear();
     Ok(())
 }
 

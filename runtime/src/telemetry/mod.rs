@@ -66,6 +66,8 @@ pub struct Sources {
     /// Each assigned partition: its supervision state (`running`, `starting`, `fenced`) and
     /// its actor's restarts.
     pub partitions: Box<dyn Fn() -> Vec<(i32, &'static str, u64)> + Send + Sync>,
+    /// Standby copies this node keeps: the changelog position each reached.
+    pub standby: Box<dyn Fn() -> Vec<(i32, i64)> + Send + Sync>,
     pub workers: Mutex<Vec<WorkerStatus>>,
 }
 
@@ -177,6 +179,12 @@ impl Collector for NodeCollector {
             "partita_fetch_broker",
             "Broker id each owned partition is fetched from: a broker in this node's zone when rack-aware fetching works (client.rack = zone, brokers with RackAwareReplicaSelector)",
             (s.fetched_from)().into_iter().map(|(p, b)| (i64::from(p), b)),
+        )?;
+        per_partition(
+            &mut enc,
+            "partita_standby_position",
+            "Changelog offset each standby copy this node keeps has applied (-1: none yet); [state] standby_replicas",
+            (s.standby)().into_iter().map(|(p, at)| (i64::from(p), at)),
         )?;
         let partitions = (s.partitions)();
         {
