@@ -330,11 +330,20 @@ async fn a_node_killed_resumes_its_partitions_from_standby_copies_without_a_full
     let (n, producer) = (6000, steady(&cluster, 6000, 150.0, 503));
     // Copies start within a group description (2 s) and keep up from there.
     std::thread::sleep(Duration::from_secs(10));
-    for i in 1..3 {
-        let log = cluster.node(i).log_text();
-        let kept = log.lines().rfind(|l| l.contains("standby copies"));
-        eprintln!("node-{i}: {}", kept.unwrap_or("no standby copies"));
-    }
+    // What each survivor keeps a copy of when node-0 dies.
+    let kept: Vec<BTreeSet<i32>> = (0..3)
+        .map(|i| {
+            let log = cluster.node(i).log_text();
+            let line = log.lines().rfind(|l| l.contains("standby copies")).unwrap_or_default().to_owned();
+            eprintln!("node-{i}: {line}");
+            line.split_once("partitions={")
+                .map(|(_, rest)| rest.split('}').next().unwrap_or_default())
+                .unwrap_or_default()
+                .split(", ")
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
+        .collect();
     let moved = cluster.kill9(0);
     let since = now_ms();
     eprintln!("killed node-0 (zone a) owning {moved:?}");
@@ -344,20 +353,21 @@ async fn a_node_killed_resumes_its_partitions_from_standby_copies_without_a_full
     for i in 1..3 {
         for line in cluster.node(i).log_text().lines().filter(|l| l.contains("restored from the changelog")) {
             eprintln!("node-{i}: {}", line.split_once("INFO ").map_or(line, |(_, l)| l));
-            restores.push(line.to_owned());
+            restores.push((i, line.to_owned()));
         }
     }
     cluster.stop_all();
     print_b5("kill -9 of one node (RocksDB, 2 standby copies)", &seen, &moved, since);
     // Each moved partition's restore on its new owner continued its copy.
     for p in &moved {
-        let restore = restores
+        let (owner, restore) = restores
             .iter()
-            .rfind(|l| l.contains(&format!(" partition={p} ")))
+            .rfind(|(_, l)| l.contains(&format!(" partition={p} ")))
             .unwrap_or_else(|| panic!("partition {p} was not restored: {restores:#?}"));
+        assert!(kept[*owner].contains(p), "node-{owner} took partition {p} without a copy: {kept:?}");
         assert!(
             restore.contains("after_position=Some("),
-            "partition {p} was restored whole, not from a standby copy: {restore}"
+            "partition {p} was restored whole, not from node-{owner}'s standby copy: {restore}"
         );
     }
     let dups = pipeline::check(&recs, &landed, &seen, &cluster.state, PARTITIONS).await;

@@ -125,6 +125,9 @@ struct Slot {
     dead: bool,
     /// The epoch this node claimed; `None` until a claim succeeded.
     epoch: Option<Epoch>,
+    /// The newest epoch a failed claim of this node tried: the store may hold it (a claim can
+    /// fail after taking the epoch, e.g. during a changelog restore), and it is still this node's.
+    attempted: Option<Epoch>,
     state: SlotState,
     budget: RestartBudget,
     /// When to try (re)starting the actor.
@@ -149,6 +152,15 @@ struct Claimed {
     p: i32,
     token: u64,
     result: Result<PartitionMeta, StartError>,
+    /// The epoch it asked the store for, if it got that far.
+    attempted: Option<Epoch>,
+}
+
+/// The epochs of a partition that are this node's: the one it holds and the newest it tried.
+#[derive(Debug, Clone, Copy)]
+struct Mine {
+    held: Epoch,
+    attempted: Option<Epoch>,
 }
 
 impl Slot {
@@ -159,6 +171,7 @@ impl Slot {
             next_offset: 0,
             dead: false,
             epoch: None,
+            attempted: None,
             state: SlotState::Starting,
             budget: RestartBudget::new(policy.clone()),
             start_at: None,
@@ -174,18 +187,31 @@ impl Slot {
         self.dead = false;
         self.next_offset = meta.applied_offset.map_or(0, |o| o.0 + 1);
         self.epoch = Some(meta.epoch);
+        self.attempted = None;
         self.state = SlotState::Running;
         self.start_at = None;
         self.progress_at = Instant::now();
     }
 }
 
-/// Become the owner of `p` in the store. `expected`: the epoch this node holds (a restart): if
-/// the store has moved past it, a newer owner exists and the partition is not taken back.
+/// Become the owner of `p` in the store. `mine`: the epochs this node holds or tried (a restart):
+/// if the store holds another, a newer owner exists and the partition is not taken back. Also
+/// returns the epoch it asked the store for, if it got that far.
 async fn claim<S: StateStore>(
     cache: &StateCache<S>,
     p: i32,
-    expected: Option<Epoch>,
+    mine: Option<Mine>,
+) -> (Result<PartitionMeta, StartError>, Option<Epoch>) {
+    let mut attempted = None;
+    let result = claim_as(cache, p, mine, &mut attempted).await;
+    (result, attempted)
+}
+
+async fn claim_as<S: StateStore>(
+    cache: &StateCache<S>,
+    p: i32,
+    mine: Option<Mine>,
+    attempted: &mut Option<Epoch>,
 ) -> Result<PartitionMeta, StartError> {
     let partition = PartitionId(p as u32);
     let store = cache.store();
@@ -201,15 +227,18 @@ async fn claim<S: StateStore>(
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     let meta = store.meta(partition).await.map_err(to_start)?;
-    if let Some(mine) = expected
-        && meta.epoch != mine
+    if let Some(mine) = mine
+        && meta.epoch != mine.held
+        && Some(meta.epoch) != mine.attempted
     {
         return Err(StartError::Fenced(format!(
-            "partition {p} is held by epoch {}, this node had {mine}",
-            meta.epoch
+            "partition {p} is held by epoch {}, this node had {}",
+            meta.epoch, mine.held
         )));
     }
-    let meta = store.claim(partition, Epoch(meta.epoch.0 + 1)).await.map_err(to_start)?;
+    let epoch = Epoch(meta.epoch.0 + 1);
+    *attempted = Some(epoch);
+    let meta = store.claim(partition, epoch).await.map_err(to_start)?;
     // A write the previous actor had in flight either landed before the claim (and is in
     // `meta`) or is fenced now; cached states of the partition may predate it.
     cache.invalidate_partition(partition);
@@ -374,28 +403,29 @@ impl<S: StateStore> NodeContext<S> {
         parts.into_iter().map(|(_, p)| p).collect()
     }
 
-    /// Run the claim of `p` on the async runtime. `expected`: the epoch this node holds (a
-    /// restart).
-    fn start_claim(&self, p: i32, expected: Option<Epoch>) -> Claiming {
+    /// Run the claim of `p` on the async runtime. `mine`: the epochs this node holds or tried
+    /// (a restart).
+    fn start_claim(&self, p: i32, mine: Option<Mine>) -> Claiming {
         let token = self.claims.fetch_add(1, Ordering::SeqCst);
         let (cache, done) = (self.wiring.cache.clone(), self.claimed.0.clone());
         let task = self.handle.spawn(async move {
-            let result = claim(&cache, p, expected).await;
-            let _ = done.send(Claimed { p, token, result });
+            let (result, attempted) = claim(&cache, p, mine).await;
+            let _ = done.send(Claimed { p, token, result, attempted });
         });
-        Claiming { token, expected, task }
+        Claiming { token, expected: mine.map(|m| m.held), task }
     }
 
     /// A claim finished: seek the partition to its stored offset, start its actor and resume it;
     /// or retry after the backoff, give it up when a newer owner holds it, stop the node when the
     /// store is corrupt.
     fn on_claimed(&self, consumer: &BaseConsumer<Self>, claimed: Claimed) {
-        let Claimed { p, token, result } = claimed;
+        let Claimed { p, token, result, attempted } = claimed;
         let topic = &self.wiring.topic;
         let expected = {
             let mut slots = self.slots.lock().unwrap();
             match slots.get_mut(&p) {
                 Some(slot) if slot.claiming.as_ref().is_some_and(|c| c.token == token) => {
+                    slot.attempted = slot.attempted.max(attempted);
                     slot.claiming.take().and_then(|c| c.expected)
                 }
                 // Revoked since (the revoke waited for this claim), or assigned anew.
@@ -453,15 +483,19 @@ impl<S: StateStore> NodeContext<S> {
             return;
         }
         let (timeout, n) = (self.wiring.drain_timeout, tasks.len());
+        let aborts: Vec<_> = tasks.iter().map(tokio::task::JoinHandle::abort_handle).collect();
         // The timer is made inside the runtime (its constructor needs the runtime's clock).
         let finished = self
             .handle
             .block_on(async move { tokio::time::timeout(timeout, futures::future::join_all(tasks)).await });
         if finished.is_err() {
+            // Cancelled at their next await; a claim that still finishes finds its partition
+            // released and keeps nothing (`ChangelogStore::claim`).
+            aborts.iter().for_each(tokio::task::AbortHandle::abort);
             tracing::error!(
                 claims = n,
                 ?timeout,
-                "claims of partitions being given up did not finish in time"
+                "claims of partitions being given up did not finish in time; cancelled"
             );
         }
     }
@@ -529,10 +563,10 @@ impl<S: StateStore> NodeContext<S> {
             let mut all = self.slots.lock().unwrap();
             lost.iter().filter_map(|p| all.remove(p)).collect()
         };
-        self.await_claims(&mut slots);
-        for run in slots.into_iter().filter_map(|s| s.run) {
+        for run in slots.iter_mut().filter_map(|s| s.run.take()) {
             run.actor.stop(Some(supervisor::DRAINED.into()));
         }
+        self.await_claims(&mut slots);
         tracing::warn!(partitions = ?lost, "assignment lost: partitions stopped without draining or committing");
         self.forget(&lost);
     }
@@ -608,7 +642,8 @@ impl<S: StateStore> NodeContext<S> {
         for (&p, slot) in slots.iter_mut() {
             if slot.start_at.is_some_and(|t| t <= now) {
                 slot.start_at = None;
-                slot.claiming = Some(self.start_claim(p, slot.epoch));
+                let mine = slot.epoch.map(|held| Mine { held, attempted: slot.attempted });
+                slot.claiming = Some(self.start_claim(p, mine));
             }
             let Some(run) = &slot.run else { continue };
             let waiting = run.tx.len() + slot.held.len();

@@ -528,8 +528,12 @@ impl Node {
         tracing::info!(grace = ?self.grace, "draining");
         self.health.draining.store(true, Ordering::SeqCst);
         self.consumer.request_stop();
-        drop(self.standby);
         let result = self.consumer.join().await;
+        if let Some(standby) = self.standby {
+            // Its thread may be in a group description or a watermark query: joined off the
+            // async runtime.
+            let _ = tokio::task::spawn_blocking(move || drop(standby)).await;
+        }
         self.metrics.detach();
         self.pool.shutdown().await;
         result.map(|()| NodeSummary { counters: self.counters })

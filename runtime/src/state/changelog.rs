@@ -10,7 +10,7 @@
 //! open transaction is aborted. Restores read `read_committed`, so a zombie's unfinished writes
 //! are never restored, and compaction never keeps an aborted record.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -52,7 +52,10 @@ struct Inner {
     restores: Mutex<HashMap<PartitionId, Restore>>,
     /// Partitions this node claims or owns (until released): no standby copy is started for
     /// them.
-    owned: Mutex<std::collections::HashSet<PartitionId>>,
+    owned: Mutex<HashSet<PartitionId>>,
+    /// Releases of each partition: a claim still running when its partition was released must
+    /// not keep its producer (the next owner fenced it).
+    releases: Mutex<HashMap<PartitionId, u64>>,
 }
 
 impl std::fmt::Debug for ChangelogStore {
@@ -68,18 +71,23 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable { detail: format!("changelog: {e}") }
 }
 
-/// A fenced producer (librdkafka reports it as its own `Fenced`, or the broker's codes) or any
-/// fatal transactional error: this producer is done (another node took the transactional id, or
-/// the client cannot go on). Anything else is worth retrying.
-fn is_fenced(e: &KafkaError) -> bool {
+/// The codes of a fenced producer (librdkafka's own `Fenced`, or the broker's): another node took
+/// the transactional id.
+fn fence_code(code: RDKafkaErrorCode) -> bool {
     matches!(
-        e.rdkafka_error_code(),
-        Some(
-            RDKafkaErrorCode::Fenced
-                | RDKafkaErrorCode::ProducerFenced
-                | RDKafkaErrorCode::InvalidProducerEpoch
-        )
-    ) || matches!(e, KafkaError::Transaction(t) if t.is_fatal())
+        code,
+        RDKafkaErrorCode::Fenced | RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch
+    )
+}
+
+fn is_fenced(e: &KafkaError) -> bool {
+    e.rdkafka_error_code().is_some_and(fence_code)
+}
+
+/// A fatal error that is not a fence (an authorization failure, a broken sequence): the producer
+/// cannot go on, but no other owner exists.
+fn is_fatal(e: &KafkaError) -> bool {
+    matches!(e, KafkaError::Transaction(t) if t.is_fatal())
 }
 
 impl ChangelogStore {
@@ -92,7 +100,8 @@ impl ChangelogStore {
             group: group.to_owned(),
             producers: Mutex::new(HashMap::new()),
             restores: Mutex::new(HashMap::new()),
-            owned: Mutex::new(std::collections::HashSet::new()),
+            owned: Mutex::new(HashSet::new()),
+            releases: Mutex::new(HashMap::new()),
         };
         Self { local, inner: Arc::new(inner) }
     }
@@ -167,6 +176,10 @@ impl ChangelogStore {
         Ok(true)
     }
 
+    fn releases(&self, p: PartitionId) -> u64 {
+        self.inner.releases.lock().unwrap().get(&p).copied().unwrap_or_default()
+    }
+
     /// What the last claim of `p` on this node replayed.
     pub fn last_restore(&self, p: PartitionId) -> Option<Restore> {
         self.inner.restores.lock().unwrap().get(&p).copied()
@@ -220,8 +233,8 @@ impl ChangelogStore {
     /// forgetting the local copy. `epoch` is the claim's (fenced if another claim on this node
     /// overtakes it).
     fn restore(&self, p: PartitionId, epoch: Epoch) -> Result<Restore, StoreError> {
-        let mut replayer = Replayer::new(&self.inner.tier, &self.inner.topic, self.local.clone())?;
-        let after = replayer.add(p, epoch)?;
+        let mut replayer = self.replayer()?;
+        replayer.add(p, epoch)?;
         // A restore takes as long as the partition is large; it fails only when nothing arrives
         // for TIMEOUT.
         let mut deadline = std::time::Instant::now() + TIMEOUT;
@@ -239,7 +252,7 @@ impl ChangelogStore {
             }
         }
         let tail = replayer.tails.remove(&(p.0 as i32)).expect("added above");
-        Ok(Restore { after, records: tail.records, bytes: tail.bytes })
+        Ok(Restore { after: tail.from, records: tail.records, bytes: tail.bytes })
     }
 }
 
@@ -258,10 +271,36 @@ struct Tail {
     epoch: Epoch,
     /// The stored position the pending chunk continues.
     after: Option<i64>,
+    /// Where this replay started: after this position, or (`None`) from the beginning.
+    from: Option<i64>,
+    /// Before the replay continues after a stored position, the record at it must be the `m`
+    /// record it names with the local applied offset: the changelog is still the log this copy
+    /// came from (not a recreated or truncated one that grew past the position).
+    verify: Option<(i64, Option<Offset>)>,
     chunk: ChangelogChunk,
     pending: usize,
+    pending_bytes: usize,
+    /// The last record read ends a transaction (an `m` record): the chunk may be applied.
+    at_boundary: bool,
     records: u64,
     bytes: u64,
+}
+
+impl Tail {
+    fn new(epoch: Epoch, after: Option<i64>, verify: Option<(i64, Option<Offset>)>) -> Self {
+        Self {
+            epoch,
+            after,
+            from: after,
+            verify,
+            chunk: ChangelogChunk::default(),
+            pending: 0,
+            pending_bytes: 0,
+            at_boundary: true,
+            records: 0,
+            bytes: 0,
+        }
+    }
 }
 
 /// What one poll of a [`Replayer`] brought.
@@ -273,12 +312,15 @@ pub(crate) enum Polled {
     End(PartitionId),
 }
 
-/// Records applied per RocksDB batch: a replay holds at most this many in memory.
+/// A chunk is applied (one RocksDB batch) at the first transaction end past this many records or
+/// bytes: a replay holds about this much in memory (plus one transaction).
 const CHUNK: usize = 4096;
+const CHUNK_BYTES: usize = 8 << 20;
 
 /// Replays changelog partitions into the local RocksDB: a claim's restore (one partition, to its
-/// end) and a standby's tailing (several, for good). Each chunk is applied with a compare-and-set
-/// on the stored epoch and changelog position ([`RocksStore::apply_changelog`]).
+/// end) and a standby's tailing (several, for good). Each chunk ends at a transaction's end and is
+/// applied with a compare-and-set on the stored epoch and changelog position
+/// ([`RocksStore::apply_changelog`]), so a copy always holds whole transactions.
 pub(crate) struct Replayer {
     consumer: BaseConsumer,
     topic: String,
@@ -295,6 +337,8 @@ impl Replayer {
             .set("group.id", format!("partita-restore-{}", std::process::id()))
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
+            // A start outside the log is an error, never a silent jump to its end.
+            .set("auto.offset.reset", "error")
             // The end is reached when a fetch comes back empty: don't let the broker hold it for
             // the default 500 ms.
             .set("fetch.wait.max.ms", "10")
@@ -313,8 +357,9 @@ impl Replayer {
     }
 
     /// Start replaying `p` into the local copy held at `epoch`: after the stored changelog
-    /// position when the changelog still holds what follows it, else from the beginning, after
-    /// forgetting the local copy. Returns the position it continues after.
+    /// position when the changelog still holds it (and it proves to be the record this copy
+    /// stopped at, see [`Tail::verify`]), else from the beginning, after forgetting the local copy.
+    /// Returns the position it continues after.
     pub(crate) fn add(&mut self, p: PartitionId, epoch: Epoch) -> Result<Option<i64>, StoreError> {
         let partition = p.0 as i32;
         let (low, high) = self
@@ -322,11 +367,12 @@ impl Replayer {
             .fetch_watermarks(&self.topic, partition, Duration::from_secs(10))
             .map_err(unavailable)?;
         let position = self.local.changelog_position(p)?;
+        let applied = self.local.meta_blocking(p)?.applied_offset;
         let after = match position {
-            Some(at) if at + 1 >= low && at < high => Some(at),
+            Some(at) if at >= low && at < high => Some(at),
             _ => {
                 if high <= low
-                    && let Some(mine) = self.local.meta_blocking(p)?.applied_offset
+                    && let Some(mine) = applied
                 {
                     // Recreated, mistyped, or switched on after this node applied records:
                     // replacing the partition by nothing would lose its state.
@@ -343,20 +389,23 @@ impl Replayer {
                         position = at,
                         low,
                         high,
-                        "the changelog no longer holds what follows this node's copy; replaying it whole"
+                        "the changelog no longer holds the position of this node's copy; replaying it whole"
                     );
                 }
                 self.local.reset(p, epoch)?;
                 None
             }
         };
-        let start = after.map_or(KOffset::Beginning, |at| KOffset::Offset(at + 1));
+        // From the position's own record (verified, then skipped), or from the beginning.
+        self.assign(partition, after.map_or(KOffset::Beginning, KOffset::Offset))?;
+        self.tails.insert(partition, Tail::new(epoch, after, after.map(|at| (at, applied))));
+        Ok(after)
+    }
+
+    fn assign(&self, partition: i32, start: KOffset) -> Result<(), StoreError> {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.topic, partition, start).map_err(unavailable)?;
-        self.consumer.incremental_assign(&tpl).map_err(unavailable)?;
-        let tail = Tail { epoch, after, chunk: ChangelogChunk::default(), pending: 0, records: 0, bytes: 0 };
-        self.tails.insert(partition, tail);
-        Ok(after)
+        self.consumer.incremental_assign(&tpl).map_err(unavailable)
     }
 
     /// Stop replaying `p` (what was read but not applied is dropped: the stored position says
@@ -371,12 +420,17 @@ impl Replayer {
         }
     }
 
-    /// Read one record (or the end of a partition) and apply a full chunk.
+    /// Read one record (or the end of a partition); apply a full chunk at a transaction's end.
     pub(crate) fn poll(&mut self, timeout: Duration) -> Result<Polled, StoreError> {
         match self.consumer.poll(timeout) {
             None => Ok(Polled::Nothing),
             Some(Err(KafkaError::PartitionEOF(p))) => {
                 let p = PartitionId(p as u32);
+                if self.tails.get(&(p.0 as i32)).is_some_and(|t| t.verify.is_some()) {
+                    // Nothing at the stored position: it cannot be checked, so it is not trusted.
+                    self.replay_whole(p, "the stored position's record is gone")?;
+                    return Ok(Polled::Record);
+                }
                 self.flush(p)?;
                 Ok(Polled::End(p))
             }
@@ -387,11 +441,29 @@ impl Replayer {
                     return Ok(Polled::Nothing); // removed meanwhile
                 };
                 let (key, value) = (m.key().unwrap_or_default(), m.payload().unwrap_or_default());
+                if let Some((at, applied)) = tail.verify.take() {
+                    let same = m.offset() == at
+                        && key == [APPLIED]
+                        && decode_applied(value).ok().map(Some) == Some(applied);
+                    if !same {
+                        let why = format!(
+                            "the record at the stored position {at} is not the one this copy stopped at (found offset {})",
+                            m.offset()
+                        );
+                        self.replay_whole(p, &why)?;
+                    }
+                    return Ok(Polled::Record);
+                }
                 tail.records += 1;
                 tail.bytes += (key.len() + value.len()) as u64;
+                tail.pending_bytes += key.len() + value.len();
+                tail.at_boundary = false;
                 match key.split_first() {
                     Some((&STATE, k)) => tail.chunk.entries.push((k.to_vec(), StateValue::decode(value)?)),
-                    Some((&APPLIED, _)) => tail.chunk.applied = Some(decode_applied(value)?),
+                    Some((&APPLIED, _)) => {
+                        tail.chunk.applied = Some(decode_applied(value)?);
+                        tail.at_boundary = true;
+                    }
                     _ => {
                         return Err(StoreError::Corrupt {
                             detail: format!("changelog record with key tag {:?}", key.first()),
@@ -400,7 +472,7 @@ impl Replayer {
                 }
                 tail.chunk.position = m.offset();
                 tail.pending += 1;
-                if tail.pending >= CHUNK {
+                if tail.at_boundary && (tail.pending >= CHUNK || tail.pending_bytes >= CHUNK_BYTES) {
                     self.flush(p)?;
                 }
                 Ok(Polled::Record)
@@ -408,14 +480,28 @@ impl Replayer {
         }
     }
 
-    /// Apply what was read of `p` (nothing when nothing was).
+    /// The stored position cannot be trusted: forget the copy and replay `p` from the beginning.
+    fn replay_whole(&mut self, p: PartitionId, why: &str) -> Result<(), StoreError> {
+        let partition = p.0 as i32;
+        let Some(tail) = self.tails.get(&partition) else { return Ok(()) };
+        let epoch = tail.epoch;
+        tracing::warn!(partition = p.0, reason = why, "changelog replay: replaying the partition whole");
+        self.remove(p);
+        self.local.reset(p, epoch)?;
+        self.assign(partition, KOffset::Beginning)?;
+        self.tails.insert(partition, Tail::new(epoch, None, None));
+        Ok(())
+    }
+
+    /// Apply what was read of `p` up to its last complete transaction (nothing when nothing was,
+    /// or while a transaction is half read).
     pub(crate) fn flush(&mut self, p: PartitionId) -> Result<(), StoreError> {
         let Some(tail) = self.tails.get_mut(&(p.0 as i32)) else { return Ok(()) };
-        if tail.pending == 0 {
+        if tail.pending == 0 || !tail.at_boundary {
             return Ok(());
         }
         let chunk = std::mem::take(&mut tail.chunk);
-        tail.pending = 0;
+        (tail.pending, tail.pending_bytes) = (0, 0);
         match self.local.apply_changelog(p, tail.epoch, tail.after, &chunk) {
             Ok(()) => {
                 tail.after = Some(chunk.position);
@@ -499,7 +585,7 @@ impl StateStore for ChangelogStore {
             let abortable = match &result {
                 Err(KafkaError::Transaction(t)) => t.txn_requires_abort(),
                 // A failed delivery: the transaction cannot commit.
-                Err(e) => !is_fenced(e),
+                Err(e) => !is_fenced(e) && !is_fatal(e),
                 Ok(()) => false,
             };
             if abortable {
@@ -509,14 +595,24 @@ impl StateStore for ChangelogStore {
         })
         .await
         .map_err(unavailable)?;
+        // A fenced producer's queued records fail as purged: its fatal error tells why.
+        let fatal = producer.client().fatal_error();
         match sent {
             Ok(position) => self.local.write_logged(write, position).await,
-            // A fenced producer's queued records fail as purged: its fatal error tells why.
-            Err(e) if is_fenced(&e) || producer.client().fatal_error().is_some() => {
-                // Another node holds the transactional id (or the producer is unusable): this
-                // partition's writes from this claim are over.
+            Err(e) if is_fenced(&e) || fatal.as_ref().is_some_and(|(code, _)| fence_code(*code)) => {
+                // Another node holds the transactional id: this partition's writes from this
+                // claim are over.
                 self.forget_producer(p, epoch);
                 Err(StoreError::Fenced { partition: p, epoch, current: Epoch(epoch.0 + 1) })
+            }
+            Err(e) if is_fatal(&e) || fatal.is_some() => {
+                // Unusable, but nobody else owns the partition: the actor fails and its restart
+                // claims it again with a new producer (or the node stops once that keeps failing).
+                self.forget_producer(p, epoch);
+                let why = fatal.map_or_else(|| e.to_string(), |(code, reason)| format!("{code:?}: {reason}"));
+                Err(StoreError::Corrupt {
+                    detail: format!("changelog producer of partition {} failed fatally: {why}", p.0),
+                })
             }
             Err(e) => Err(unavailable(e)),
         }
@@ -528,7 +624,9 @@ impl StateStore for ChangelogStore {
 
     /// Revoked or lost: the next claim of the partition takes the transactional id anew.
     fn release(&self, partition: PartitionId) {
-        self.inner.producers.lock().unwrap().remove(&partition);
+        let mut producers = self.inner.producers.lock().unwrap();
+        producers.remove(&partition);
+        *self.inner.releases.lock().unwrap().entry(partition).or_default() += 1;
         self.inner.owned.lock().unwrap().remove(&partition);
     }
 
@@ -540,6 +638,7 @@ impl StateStore for ChangelogStore {
     /// or kept a standby copy), else the whole partition, replacing whatever this node held.
     async fn claim(&self, partition: PartitionId, epoch: Epoch) -> Result<PartitionMeta, StoreError> {
         let p = partition;
+        let releases = self.releases(p);
         self.inner.owned.lock().unwrap().insert(p);
         self.local.claim(p, epoch).await?;
         let held = self.inner.producers.lock().unwrap().get(&p).map(|(_, producer)| producer.clone());
@@ -564,7 +663,16 @@ impl StateStore for ChangelogStore {
             records_per_second = (records as f64 / secs.max(1e-6)) as u64,
             "partition restored from the changelog"
         );
-        self.inner.producers.lock().unwrap().insert(p, (epoch, producer));
+        {
+            let mut producers = self.inner.producers.lock().unwrap();
+            if self.releases(p) != releases {
+                return Err(unavailable(format!(
+                    "partition {} was released while it was being claimed",
+                    p.0
+                )));
+            }
+            producers.insert(p, (epoch, producer));
+        }
         self.inner.restores.lock().unwrap().insert(p, restore);
         Ok(meta)
     }

@@ -70,19 +70,24 @@ fn rank(p: i32, client_id: &str) -> u64 {
         .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }
 
-/// The members of `group` and their partitions of `topic`.
-fn describe(client: &BaseConsumer, group: &str, topic: &str) -> anyhow::Result<Vec<Member>> {
+/// The members of `group` and their partitions of `topic`; `None` while the group rebalances
+/// (its assignments are not known then).
+fn describe(client: &BaseConsumer, group: &str, topic: &str) -> anyhow::Result<Option<Vec<Member>>> {
     let list = client.fetch_group_list(Some(group), Duration::from_secs(5))?;
-    let Some(info) = list.groups().iter().find(|g| g.name() == group) else { return Ok(Vec::new()) };
-    Ok(info
-        .members()
-        .iter()
-        .map(|m| Member {
-            client_id: m.client_id().to_owned(),
-            zone: m.metadata().and_then(subscription_rack),
-            partitions: m.assignment().map(|a| assigned(a, topic)).unwrap_or_default(),
-        })
-        .collect())
+    let Some(info) = list.groups().iter().find(|g| g.name() == group) else { return Ok(Some(Vec::new())) };
+    if info.state() != "Stable" {
+        return Ok(None);
+    }
+    Ok(Some(
+        info.members()
+            .iter()
+            .map(|m| Member {
+                client_id: m.client_id().to_owned(),
+                zone: m.metadata().and_then(subscription_rack),
+                partitions: m.assignment().map(|a| assigned(a, topic)).unwrap_or_default(),
+            })
+            .collect(),
+    ))
 }
 
 /// Reads the consumer protocol's big-endian fields.
@@ -227,7 +232,9 @@ fn run(
         if described.elapsed() >= REFRESH {
             described = Instant::now();
             match describe(describer, &settings.group, &settings.input_topic) {
-                Ok(members) => {
+                // Rebalancing: keep the copies as they are until the group settles.
+                Ok(None) => {}
+                Ok(Some(members)) => {
                     let me = members.iter().filter(|m| m.client_id == settings.client_id).count();
                     let wanted = if me == 1 {
                         standby_for(&members, &settings.client_id, settings.replicas)
