@@ -2,11 +2,16 @@
 //!
 //! Rules, in order, each time [`Batcher::pop_ready`] is asked at `now`:
 //!
+//! Sizes count rows: a request may carry several ([`Pending::rows`], a partition's wave), and a
+//! batch takes whole requests in arrival order, never more rows than the size it aims for, but
+//! always at least one request (a request larger than `max_batch_size` runs alone; the router
+//! never sends one).
+//!
 //! 1. Requests whose caller has gone away ([`Pending::is_cancelled`]) leave the queue and are
 //!    handed back as cancelled; they never reach the model.
-//! 2. If `max_batch_size` requests wait, run exactly that many.
+//! 2. If `max_batch_size` rows wait, run up to that many.
 //! 3. If the largest preferred batch size (or `max_batch_size` when none is set) can be formed,
-//!    run the largest preferred size that fits.
+//!    run up to the largest preferred size that fits.
 //! 4. If the oldest request has waited `max_queue_delay`, run everything queued (up to
 //!    `max_batch_size`): no request waits longer than the delay before its batch starts.
 //! 5. Otherwise wait until [`Batcher::deadline`] or the next arrival.
@@ -25,17 +30,23 @@ pub trait Pending {
     fn enqueued_at(&self) -> Instant;
     /// True when nobody waits for the answer any more.
     fn is_cancelled(&self) -> bool;
+    /// Rows it carries.
+    fn rows(&self) -> usize {
+        1
+    }
 }
 
 #[derive(Debug)]
 pub struct Batcher<T> {
     policy: BatchPolicy,
     queue: VecDeque<T>,
+    /// Rows queued.
+    rows: usize,
 }
 
 impl<T: Pending> Batcher<T> {
     pub fn new(policy: BatchPolicy) -> Self {
-        Self { policy, queue: VecDeque::new() }
+        Self { policy, queue: VecDeque::new(), rows: 0 }
     }
 
     pub fn policy(&self) -> &BatchPolicy {
@@ -43,11 +54,18 @@ impl<T: Pending> Batcher<T> {
     }
 
     pub fn push(&mut self, item: T) {
+        self.rows += item.rows();
         self.queue.push_back(item);
     }
 
+    /// Requests queued.
     pub fn len(&self) -> usize {
         self.queue.len()
+    }
+
+    /// Rows queued.
+    pub fn rows(&self) -> usize {
+        self.rows
     }
 
     pub fn is_empty(&self) -> bool {
@@ -65,10 +83,11 @@ impl<T: Pending> Batcher<T> {
         if self.queue.iter().any(Pending::is_cancelled) {
             let (gone, live): (VecDeque<T>, VecDeque<T>) =
                 std::mem::take(&mut self.queue).into_iter().partition(Pending::is_cancelled);
+            self.rows -= gone.iter().map(Pending::rows).sum::<usize>();
             cancelled.extend(gone);
             self.queue = live;
         }
-        let len = self.queue.len();
+        let len = self.rows;
         let max = self.policy.max_batch_size;
         let n = if len >= max {
             max
@@ -79,11 +98,22 @@ impl<T: Pending> Batcher<T> {
         } else {
             return None;
         };
-        Some(self.queue.drain(..n).collect())
+        // Whole requests up to `n` rows, at least one.
+        let (mut take, mut rows) = (0, 0);
+        for item in &self.queue {
+            if take > 0 && rows + item.rows() > n {
+                break;
+            }
+            rows += item.rows();
+            take += 1;
+        }
+        self.rows -= rows;
+        Some(self.queue.drain(..take).collect())
     }
 
     /// Everything still queued, in arrival order (used when a worker shuts down).
     pub fn drain_all(&mut self) -> impl Iterator<Item = T> + '_ {
+        self.rows = 0;
         self.queue.drain(..)
     }
 }
@@ -104,6 +134,7 @@ mod tests {
         id: usize,
         at: Instant,
         cancelled: Rc<Cell<bool>>,
+        rows: usize,
     }
 
     impl Pending for Req {
@@ -112,6 +143,9 @@ mod tests {
         }
         fn is_cancelled(&self) -> bool {
             self.cancelled.get()
+        }
+        fn rows(&self) -> usize {
+            self.rows
         }
     }
 
@@ -124,7 +158,7 @@ mod tests {
     }
 
     fn req(id: usize, at: Instant) -> Req {
-        Req { id, at, cancelled: Rc::new(Cell::new(false)) }
+        Req { id, at, cancelled: Rc::new(Cell::new(false)), rows: 1 }
     }
 
     fn ids(batch: &[Req]) -> Vec<usize> {
@@ -191,8 +225,8 @@ mod tests {
 
     #[derive(Debug, Clone)]
     enum Op {
-        /// A request arrives after `dt` µs.
-        Push(u64),
+        /// A request of `rows` rows (at most `max_batch_size`) arrives after `dt` µs.
+        Push(u64, usize),
         /// Time passes without arrivals.
         Advance(u64),
         /// The caller of the n-th request (modulo count) goes away.
@@ -201,14 +235,15 @@ mod tests {
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            6 => (0u64..300).prop_map(Op::Push),
+            6 => (0u64..300, prop_oneof![3 => Just(1usize), 1 => 1usize..40]).prop_map(|(dt, rows)| Op::Push(dt, rows)),
             2 => (0u64..3_000).prop_map(Op::Advance),
             1 => any::<usize>().prop_map(Op::Cancel),
         ]
     }
 
     proptest! {
-        /// Whatever arrives, whenever: no batch exceeds `max_batch_size`, batches keep arrival order,
+        /// Whatever arrives, whenever, of one row or several: no batch exceeds `max_batch_size` rows,
+        /// a full batch never waits, batches keep arrival order,
         /// nothing overdue is left waiting after a poll, and every request comes out exactly once
         /// (in a batch, or as cancelled if its caller left before its batch formed).
         #[test]
@@ -234,7 +269,8 @@ mod tests {
             let mut cancelled_before_batch = HashSet::new();
             let poll = |b: &mut Batcher<Req>, now: Instant, batched: &mut Vec<usize>, cancelled: &mut Vec<Req>| {
                 while let Some(batch) = b.pop_ready(now, cancelled) {
-                    prop_assert!(!batch.is_empty() && batch.len() <= max, "batch of {}", batch.len());
+                    let rows: usize = batch.iter().map(|r| r.rows).sum();
+                    prop_assert!(!batch.is_empty() && rows <= max, "batch of {} rows", rows);
                     let got = ids(&batch);
                     prop_assert!(got.windows(2).all(|w| w[0] < w[1]), "order {:?}", got);
                     for r in &batch {
@@ -245,13 +281,14 @@ mod tests {
                 if let Some(d) = b.deadline() {
                     prop_assert!(d > now, "request overdue by {:?} after a poll", now - d);
                 }
+                prop_assert!(b.rows() < max, "{} rows wait after a poll: a full batch was due", b.rows());
                 Ok(())
             };
             for op in ops {
                 match op {
-                    Op::Push(dt) => {
+                    Op::Push(dt, rows) => {
                         now += Duration::from_micros(dt);
-                        let r = req(flags.len(), now);
+                        let r = Req { rows: rows.min(max), ..req(flags.len(), now) };
                         flags.push(r.cancelled.clone());
                         b.push(r);
                     }
@@ -268,7 +305,7 @@ mod tests {
                 poll(&mut b, now, &mut batched, &mut cancelled)?;
             }
             poll(&mut b, now + pol.max_queue_delay + Duration::from_secs(1), &mut batched, &mut cancelled)?;
-            prop_assert!(b.is_empty());
+            prop_assert!(b.is_empty() && b.rows() == 0);
             let mut all: Vec<usize> = batched.clone();
             all.extend(cancelled.iter().map(|r| r.id));
             all.sort_unstable();

@@ -3,7 +3,10 @@
 //! 1. **bare**: a `forward` loop on one thread at the batch size the pool formed under load (tensor
 //!    in, tensors out, the same conversions the adapter does): the limit.
 //! 2. **pool, saturated**: the worker pool with the model's dynamic batching, kept full by many
-//!    concurrent callers: throughput, mean batch size. `ratio_vs_bare` = pool / bare.
+//!    concurrent callers, each sending waves of `--wave` rows (`Router::infer_many_within`, what a
+//!    partition actor sends): throughput, mean batch size. `ratio_vs_bare` = pool / bare. The
+//!    same with one row per request (`Router::infer`) is printed beside it
+//!    (`ratio_vs_bare_per_row`).
 //! 3. **unbatched, saturated**: the same pool with batching off. `gain_vs_unbatched` = pool / unbatched.
 //! 4. **open loop** at several offered rates, for both: latency measured from the *scheduled* send
 //!    time (no coordinated omission), p50/p99/p99.9, and whether the rate was sustained.
@@ -45,6 +48,9 @@ struct Args {
     /// libtorch intra-op threads, for the bare loop and the pool alike (0 = all cores).
     #[arg(long, default_value_t = 0)]
     intra_op_threads: usize,
+    /// Rows per request in the saturated wave measurement (a partition's wave).
+    #[arg(long, default_value_t = 32)]
+    wave: usize,
 }
 
 /// Random rows, generated once; requests clone them (as a caller building requests would).
@@ -172,6 +178,47 @@ async fn saturate(
     (n as f64 / start.elapsed().as_secs_f64(), batch_sum as f64 / n.max(1) as f64)
 }
 
+/// Keep `callers` waves of `wave` rows in flight for `seconds`, each one
+/// `Router::infer_many_within` call; returns (rows/s, mean batch size).
+async fn saturate_waves(
+    router: &Router,
+    rows: &Arc<Rows>,
+    spec: &ModelSpec,
+    callers: usize,
+    wave: usize,
+    seconds: f64,
+) -> (f64, f64) {
+    let model: Arc<str> = spec.name.as_str().into();
+    let stop = Instant::now() + Duration::from_secs_f64(seconds);
+    let tasks: Vec<_> = (0..callers)
+        .map(|c| {
+            let (router, rows, model, stateful) =
+                (router.clone(), rows.clone(), model.clone(), spec.is_stateful());
+            tokio::spawn(async move {
+                let (mut n, mut batch_sum, mut i) = (0usize, 0usize, c * wave);
+                while Instant::now() < stop {
+                    let reqs: Vec<InferRequest> =
+                        (0..wave).map(|k| rows.request(&model, stateful, i + k)).collect();
+                    for out in router.infer_many_within(&reqs, Duration::from_secs(60)).await {
+                        batch_sum += out.expect("answered in time").unwrap().batch_size;
+                        n += 1;
+                    }
+                    i += callers * wave;
+                }
+                (n, batch_sum)
+            })
+        })
+        .collect();
+    let start = Instant::now();
+    let (mut n, mut batch_sum) = (0, 0);
+    for t in tasks {
+        let (a, b) = t.await.unwrap();
+        n += a;
+        batch_sum += b;
+    }
+    (n as f64 / start.elapsed().as_secs_f64(), batch_sum as f64 / n.max(1) as f64)
+}
+
 /// Offer `rate` requests/s for `seconds`, open loop; latencies from the scheduled send time.
 ///
 /// The schedule runs on its own OS thread with sub-100 µs precision (tokio's timer wheel ticks
@@ -255,30 +302,36 @@ async fn main() -> anyhow::Result<()> {
     let device = partita_runtime::inference::tch::tch_device(opts(false).devices()?[0]);
     let (pool, _) = opts(false).start().await?;
     let concurrency = 2 * spec.batch.max_batch_size;
+    let wave = args.wave.max(1);
+    let wave_callers = concurrency.div_ceil(wave);
     println!(
-        "B1 {} v{} on {:?} ({device:?}): {concurrency} concurrent callers",
+        "B1 {} v{} on {:?} ({device:?}): {concurrency} concurrent callers of one row; {wave_callers} of waves of {wave} rows",
         spec.name, spec.version, args.device
     );
 
     // The pool forms its own batch sizes under load; the bare loop then runs at the same size.
     let mut bare = Vec::new();
     let mut batched = Vec::new();
+    let mut per_row = Vec::new();
     let mut batch_sizes = Vec::new();
     for _ in 0..args.runs {
-        let (tput, mean_batch) = saturate(&pool.router(), &rows, &spec, concurrency, args.seconds).await;
+        let (tput, mean_batch) =
+            saturate_waves(&pool.router(), &rows, &spec, wave_callers, wave, args.seconds).await;
         batched.push(tput);
         batch_sizes.push(mean_batch);
+        per_row.push(saturate(&pool.router(), &rows, &spec, concurrency, args.seconds).await.0);
         let b = args.batch.unwrap_or(mean_batch.round() as usize).max(1);
         let (path, s, r, secs) = (entry.path.clone(), spec.clone(), rows.clone(), args.seconds);
         bare.push(tokio::task::spawn_blocking(move || bare_loop(&path, &s, &r, b, secs, device)).await?);
     }
-    let (bare, batched, mean_batch) = (stat(bare), stat(batched), stat(batch_sizes));
+    let (bare, batched, per_row, mean_batch) = (stat(bare), stat(batched), stat(per_row), stat(batch_sizes));
     let b = args.batch.unwrap_or(mean_batch.median.round() as usize);
     println!("{}", json!({"name": "bare_forward", "batch": b, "rows_per_s": sjson(bare)}));
     println!(
         "{}",
-        json!({"name": "pool_batched_saturated", "rows_per_s": sjson(batched), "mean_batch": sjson(mean_batch)})
+        json!({"name": "pool_batched_saturated", "wave": wave, "rows_per_s": sjson(batched), "mean_batch": sjson(mean_batch)})
     );
+    println!("{}", json!({"name": "pool_batched_saturated_per_row", "rows_per_s": sjson(per_row)}));
 
     let (unpool, _) = opts(true).start().await?;
     let mut unbatched = Vec::new();
@@ -316,14 +369,20 @@ async fn main() -> anyhow::Result<()> {
     let near = rates.iter().position(|r| (*r - 0.9 * u).abs() < 1.0);
     let (p99_b, p99_u) = near.map_or((None, None), |i| (p99_at("batched", i), p99_at("unbatched", i)));
     let ratio_vs_bare = batched.median / bare.median;
+    let ratio_per_row = per_row.median / bare.median;
     let gain_vs_unbatched = batched.median / unbatched.median;
     let added_us = (1.0 / batched.median - 1.0 / bare.median) * 1e6;
+    let added_us_per_row = (1.0 / per_row.median - 1.0 / bare.median) * 1e6;
 
     println!();
     println!("{:<34} {:>14} {:>14} {:>14}", "measurement (rows/s)", "median", "min", "max");
-    for (name, s) in
-        [("bare forward loop", bare), ("pool, batched", batched), ("pool, batching off", unbatched)]
-    {
+    let waves = format!("pool, batched, waves of {wave}");
+    for (name, s) in [
+        ("bare forward loop", bare),
+        (waves.as_str(), batched),
+        ("pool, batched, one row each", per_row),
+        ("pool, batching off", unbatched),
+    ] {
         println!("{name:<34} {:>14.0} {:>14.0} {:>14.0}", s.median, s.min, s.max);
     }
     println!("mean batch size (batched, saturated): {:.1}", mean_batch.median);
@@ -349,7 +408,7 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     println!(
-        "ratio vs bare: {ratio_vs_bare:.3} (target >= 0.9); gain vs unbatched: {gain_vs_unbatched:.2}x (target >= 5)"
+        "ratio vs bare: {ratio_vs_bare:.3} with waves (target >= 0.9; {added_us:.3} us added per row), {ratio_per_row:.3} one row each ({added_us_per_row:.3} us); gain vs unbatched: {gain_vs_unbatched:.2}x (target >= 5)"
     );
     println!(
         "RESULT {}",
@@ -363,7 +422,11 @@ async fn main() -> anyhow::Result<()> {
             "batched_rows_per_s": batched.median,
             "unbatched_rows_per_s": unbatched.median,
             "mean_batch": mean_batch.median,
+            "wave": wave,
+            "per_row_rows_per_s": per_row.median,
             "ratio_vs_bare": ratio_vs_bare,
+            "ratio_vs_bare_per_row": ratio_per_row,
+            "added_us_per_row_one_row_each": added_us_per_row,
             "gain_vs_unbatched": gain_vs_unbatched,
             "added_us_per_row_saturated": added_us,
             "p99_ms_at_0_9_unbatched_limit": {"batched": p99_b, "unbatched": p99_u},

@@ -8,15 +8,27 @@ use crossbeam_channel::{Receiver, Sender};
 use tokio::sync::oneshot;
 
 use crate::batcher::Pending;
-use crate::inference::{Device, InferError, InferOutput, InferRequest, ModelReady};
+use crate::inference::{Device, InferError, ModelReady};
 
-/// One queued request, as it travels from the router to the worker thread.
+/// The rows of one job, row-major and validated: one request or a partition's wave.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRows {
+    pub rows: usize,
+    /// `rows × feature_count` values.
+    pub features: Vec<f32>,
+    /// `rows × state_size` values for a stateful model (zeros for a key without state), else
+    /// empty.
+    pub state: Vec<f32>,
+}
+
+/// One queued job (one or more rows of one model), as it travels from the router to the worker
+/// thread. The batcher packs whole jobs; the worker answers each job once.
 #[derive(Debug)]
 pub struct Job {
     /// Index of the model in the pool's spec table.
     pub model: usize,
     /// Shared with the router, which keeps it to retry on another worker if this one dies.
-    pub request: Arc<InferRequest>,
+    pub rows: Arc<JobRows>,
     pub enqueued_at: Instant,
     /// Run in a batch of its own: set on retries, so a request that kills its worker cannot take
     /// innocent batch-mates down with it again.
@@ -31,7 +43,26 @@ pub struct Job {
 }
 
 /// What the worker thread answers a job with.
-pub type JobReply = Result<InferOutput, JobFailure>;
+pub type JobReply = Result<JobOutput, JobFailure>;
+
+/// The answer for a job's rows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobOutput {
+    /// One per row (NaN for a failed row).
+    pub scores: Vec<f32>,
+    /// `rows × state_size` values for a stateful model (zeros for a failed row), else empty.
+    pub new_state: Vec<f32>,
+    /// Rows that failed when run alone, with why; their batch-mates have their scores.
+    pub failed: Vec<(usize, InferError)>,
+    pub model_version: u32,
+    /// Rows in the `forward` call that served the job (the first, if it was split).
+    pub batch_size: usize,
+    pub device: Device,
+    /// From the router's send to the start of the batch.
+    pub queue_time: Duration,
+    /// The `forward` call(s), tensor building and copying out included.
+    pub compute_time: Duration,
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobFailure {
@@ -46,6 +77,10 @@ pub enum JobFailure {
 impl Pending for Job {
     fn enqueued_at(&self) -> Instant {
         self.enqueued_at
+    }
+
+    fn rows(&self) -> usize {
+        self.rows.rows
     }
 
     fn is_cancelled(&self) -> bool {
@@ -70,7 +105,7 @@ pub struct WorkerLink {
 /// Load and health of one worker, written by its thread and read by the router.
 #[derive(Debug)]
 pub struct WorkerShared {
-    /// Requests sent and not yet answered or cancelled: the router's least-loaded measure.
+    /// Rows sent and not yet answered or cancelled: the router's least-loaded measure.
     inflight: AtomicUsize,
     /// True between "models warmed up" and "thread stopped taking work".
     healthy: AtomicBool,
@@ -109,9 +144,10 @@ impl WorkerLink {
 
     /// Queue a job without blocking; the job comes back if the queue is full or the thread gone.
     pub fn try_send(&self, job: Job) -> Result<(), Job> {
-        self.shared.inflight.fetch_add(1, Ordering::Relaxed);
+        let rows = job.rows.rows;
+        self.shared.inflight.fetch_add(rows, Ordering::Relaxed);
         self.tx.try_send(job).map_err(|e| {
-            self.shared.inflight.fetch_sub(1, Ordering::Relaxed);
+            self.shared.inflight.fetch_sub(rows, Ordering::Relaxed);
             e.into_inner()
         })
     }
@@ -130,6 +166,7 @@ impl WorkerLink {
 }
 
 impl WorkerShared {
+    /// `n` rows were answered or cancelled.
     pub(crate) fn finished(&self, n: usize) {
         self.inflight.fetch_sub(n, Ordering::Relaxed);
     }

@@ -1,22 +1,22 @@
 //! The worker's OS thread: batches queued jobs per model and runs the backend.
 //!
-//! Never runs on the async runtime. A backend error or panic fails only the row that fails when
-//! run alone (a failed batch is split in halves until the culprit is found); a
+//! Never runs on the async runtime. A job carries one row or many (a partition's wave) and gets
+//! one answer. A backend error or panic fails only the row that fails when run alone (a failed
+//! batch is split in halves by rows, across job boundaries, until the culprit is found); a
 //! [`BackendError::Fatal`] ends the thread, and every job still queued is answered "worker lost"
 //! so the router retries it elsewhere.
 
 use std::any::Any;
+use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
-use super::link::{Job, JobFailure, WorkerShared};
+use super::link::{Job, JobFailure, JobOutput, WorkerShared};
 use crate::batcher::{Batcher, Pending};
-use crate::inference::{
-    BackendError, BatchInput, BatchOutput, Device, InferError, InferOutput, InferenceBackend,
-};
+use crate::inference::{BackendError, BatchInput, BatchOutput, Device, InferError, InferenceBackend};
 use crate::model::ModelSpec;
 
 /// Why the thread stopped.
@@ -105,7 +105,7 @@ impl WorkerThread {
         let mut isolated = std::mem::take(&mut self.isolated).into_iter();
         while let Some(job) = isolated.next() {
             if job.is_cancelled() {
-                self.shared.finished(1);
+                self.shared.finished(job.rows.rows);
             } else if let Err(fatal) = self.execute(job.model, vec![job]) {
                 self.isolated.extend(isolated);
                 return Err(fatal);
@@ -155,23 +155,23 @@ impl WorkerThread {
 
     fn drop_cancelled(&mut self) {
         if !self.cancelled.is_empty() {
-            self.shared.finished(self.cancelled.len());
+            self.shared.finished(self.cancelled.iter().map(|j| j.rows.rows).sum());
             self.cancelled.clear();
         }
     }
 
     fn fail(&self, jobs: Vec<Job>, err: &JobFailure) {
-        self.shared.finished(jobs.len());
+        self.shared.finished(jobs.iter().map(|j| j.rows.rows).sum());
         for job in jobs {
             let _ = job.reply.send(Err(err.clone()));
         }
     }
 
-    /// Run one batch and answer each of its jobs. `Err` only when the device is gone.
+    /// Run one batch of jobs and answer each job once. `Err` only when the device is gone.
     ///
-    /// A batch that fails (error or panic) is run again as two halves, down to single rows: one
-    /// poison row costs about 2·log2(rows) extra calls, and only a row that fails **alone** is
-    /// answered with the error; its batch-mates get their scores.
+    /// A batch that fails (error or panic) is run again as two halves by rows, down to single
+    /// rows: one poison row costs about 2·log2(rows) extra calls, and only a row that fails
+    /// **alone** is answered with the error; every other row of its job and batch gets its score.
     fn execute(&mut self, m: usize, mut batch: Vec<Job>) -> Result<(), String> {
         for job in &mut batch {
             if let Some(started) = job.started.take() {
@@ -179,66 +179,118 @@ impl WorkerThread {
             }
         }
         let started = Instant::now();
-        let rows = batch.len();
-        let result = self.forward(m, &batch);
+        let h = self.specs[m].state_size;
+        let mut answers: Vec<Answer> = batch
+            .iter()
+            .map(|j| Answer {
+                scores: vec![f32::NAN; j.rows.rows],
+                new_state: vec![0.0; j.rows.rows * h],
+                failed: Vec::new(),
+                batch_size: 0,
+                done: 0,
+            })
+            .collect();
+        let segments: Vec<Segment> = batch.iter().enumerate().map(|(j, job)| (j, 0..job.rows.rows)).collect();
+        let fatal = self.run_segments(m, &batch, segments, &mut answers).err();
         let compute_time = started.elapsed();
         let spec = &self.specs[m];
-        match result {
+        self.shared.finished(batch.iter().map(|j| j.rows.rows).sum());
+        if fatal.is_some() {
+            // Unhealthy before anyone hears back, so no caller sees this worker as usable.
+            self.shared.set_healthy(false);
+        }
+        for (j, (job, a)) in batch.into_iter().zip(answers).enumerate() {
+            // The device died: a job answered in full before that keeps its answer; the others
+            // are retried elsewhere (counted against their retries if they were in the fatal call).
+            if let Some(Fatal { ran, .. }) = &fatal
+                && (ran.contains(&j) || a.done < job.rows.rows)
+            {
+                let _ = job.reply.send(Err(JobFailure::Lost { ran: ran.contains(&j) }));
+                continue;
+            }
+            let output = JobOutput {
+                scores: a.scores,
+                new_state: a.new_state,
+                failed: a.failed,
+                model_version: spec.version,
+                batch_size: a.batch_size,
+                device: self.device,
+                queue_time: started.saturating_duration_since(job.enqueued_at),
+                compute_time,
+            };
+            let _ = job.reply.send(Ok(output));
+        }
+        fatal.map_or(Ok(()), |f| Err(f.reason))
+    }
+
+    /// Run `segments` (rows of `jobs`) as one `forward`, writing each row's result into
+    /// `answers`; on a batch failure, run the halves, down to single rows.
+    fn run_segments(
+        &mut self,
+        m: usize,
+        jobs: &[Job],
+        segments: Vec<Segment>,
+        answers: &mut [Answer],
+    ) -> Result<(), Fatal> {
+        let rows: usize = segments.iter().map(|(_, r)| r.len()).sum();
+        let h = self.specs[m].state_size;
+        match self.forward(m, jobs, &segments, rows) {
             Ok(out) => {
-                self.shared.finished(rows);
-                let h = spec.state_size;
-                for (i, job) in batch.into_iter().enumerate() {
-                    let output = InferOutput {
-                        score: out.scores[i],
-                        new_state: out.new_state[i * h..(i + 1) * h].to_vec(),
-                        model_version: spec.version,
-                        batch_size: rows,
-                        device: self.device,
-                        queue_time: started.saturating_duration_since(job.enqueued_at),
-                        compute_time,
-                    };
-                    let _ = job.reply.send(Ok(output));
+                let mut at = 0;
+                for (j, range) in &segments {
+                    let a = &mut answers[*j];
+                    if a.batch_size == 0 {
+                        a.batch_size = rows;
+                    }
+                    let n = range.len();
+                    a.done += n;
+                    a.scores[range.clone()].copy_from_slice(&out.scores[at..at + n]);
+                    a.new_state[range.start * h..range.end * h]
+                        .copy_from_slice(&out.new_state[at * h..(at + n) * h]);
+                    at += n;
                 }
                 Ok(())
             }
             Err(Failed::Fatal(reason)) => {
-                // Unhealthy before anyone hears back, so no caller sees this worker as usable.
-                self.shared.set_healthy(false);
-                self.fail(batch, &JobFailure::Lost { ran: true });
-                Err(reason)
+                Err(Fatal { reason, ran: segments.iter().map(|(j, _)| *j).collect() })
             }
             Err(Failed::Batch(err)) if rows > 1 => {
+                let spec = &self.specs[m];
                 tracing::warn!(model = %spec.name, rows, error = %err, "batch failed; running its halves apart");
-                let second = batch.split_off(rows / 2);
-                if let Err(fatal) = self.execute(m, batch) {
-                    self.fail(second, &JobFailure::Lost { ran: false });
-                    return Err(fatal);
-                }
-                self.execute(m, second)
+                let (first, second) = halves(segments, rows / 2);
+                self.run_segments(m, jobs, first, answers)?;
+                self.run_segments(m, jobs, second, answers)
             }
             Err(Failed::Batch(err)) => {
-                tracing::warn!(model = %spec.name, error = %err, "row failed alone");
-                self.fail(batch, &JobFailure::Error(err));
+                tracing::warn!(model = %self.specs[m].name, error = %err, "row failed alone");
+                for (j, range) in segments {
+                    answers[j].failed.push((range.start, err.clone()));
+                    answers[j].done += 1;
+                }
                 Ok(())
             }
         }
     }
 
-    /// One `forward` over `batch`, panics caught, output shapes checked.
-    fn forward(&mut self, m: usize, batch: &[Job]) -> Result<BatchOutput, Failed> {
+    /// One `forward` over the rows of `segments`, panics caught, output shapes checked.
+    fn forward(
+        &mut self,
+        m: usize,
+        jobs: &[Job],
+        segments: &[Segment],
+        rows: usize,
+    ) -> Result<BatchOutput, Failed> {
         // Tests: `forward=1*sleep(60000)` makes one model call take a minute (a stuck device).
         fail::fail_point!("forward");
         let spec = &self.specs[m];
-        let rows = batch.len();
+        let (f, h) = (spec.feature_count, spec.state_size);
         self.features.clear();
         self.state.clear();
-        for job in batch {
-            self.features.extend_from_slice(&job.request.features);
+        for (j, range) in segments {
+            let job = &jobs[*j].rows;
+            self.features.extend_from_slice(&job.features[range.start * f..range.end * f]);
             if spec.is_stateful() {
-                match &job.request.state {
-                    Some(s) => self.state.extend_from_slice(s),
-                    None => self.state.resize(self.state.len() + spec.state_size, 0.0),
-                }
+                self.state.extend_from_slice(&job.state[range.start * h..range.end * h]);
             }
         }
         let input = BatchInput { rows, features: &self.features, state: &self.state };
@@ -263,6 +315,44 @@ impl WorkerThread {
     }
 }
 
+/// Rows `range` of job `j` of a batch.
+type Segment = (usize, Range<usize>);
+
+/// The first `n` rows of `segments` and the rest (a segment may be cut in two).
+fn halves(segments: Vec<Segment>, n: usize) -> (Vec<Segment>, Vec<Segment>) {
+    let (mut first, mut second, mut left) = (Vec::new(), Vec::new(), n);
+    for (j, range) in segments {
+        if left >= range.len() {
+            left -= range.len();
+            first.push((j, range));
+        } else if left > 0 {
+            first.push((j, range.start..range.start + left));
+            second.push((j, range.start + left..range.end));
+            left = 0;
+        } else {
+            second.push((j, range));
+        }
+    }
+    (first, second)
+}
+
+/// A job's answer as its rows come out of the batch.
+struct Answer {
+    scores: Vec<f32>,
+    new_state: Vec<f32>,
+    failed: Vec<(usize, InferError)>,
+    /// Rows of the first `forward` that served it.
+    batch_size: usize,
+    /// Rows answered (scored or failed alone).
+    done: usize,
+}
+
+/// The device died during a batch: the jobs in the `forward` that failed (`ran`).
+struct Fatal {
+    reason: String,
+    ran: Vec<usize>,
+}
+
 /// Why a `forward` produced nothing.
 enum Failed {
     /// This batch only: the worker keeps serving.
@@ -271,11 +361,21 @@ enum Failed {
     Fatal(String),
 }
 
-fn chunks(mut jobs: Vec<Job>, size: usize) -> Vec<Vec<Job>> {
-    let mut out = Vec::new();
-    while !jobs.is_empty() {
-        let rest = jobs.split_off(size.min(jobs.len()));
-        out.push(std::mem::replace(&mut jobs, rest));
+/// Whole jobs in order, at most `size` rows per chunk (a larger job alone).
+fn chunks(jobs: Vec<Job>, size: usize) -> Vec<Vec<Job>> {
+    let mut out: Vec<Vec<Job>> = Vec::new();
+    let mut rows = 0;
+    for job in jobs {
+        match out.last_mut() {
+            Some(chunk) if rows + job.rows.rows <= size => {
+                rows += job.rows.rows;
+                chunk.push(job);
+            }
+            _ => {
+                rows = job.rows.rows;
+                out.push(vec![job]);
+            }
+        }
     }
     out
 }

@@ -407,7 +407,7 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
             self.load(missing, &mut keys).await?;
             let load_us = micros(load_started.elapsed());
 
-            let mut runs = Vec::with_capacity(wave.len());
+            let (mut idx, mut reqs) = (Vec::with_capacity(wave.len()), Vec::with_capacity(wave.len()));
             for &g in &wave {
                 let (i, v) = &good[g];
                 let ks = &keys[&v.event.key].seq;
@@ -418,15 +418,14 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
                     outputs.push((fresh[*i].offset, dead_out(*i, reason, &detail, 1)));
                     continue;
                 }
-                let req = InferRequest {
+                idx.push(g);
+                reqs.push(InferRequest {
                     model: v.model.clone(),
                     features: v.event.features.clone(),
                     state: (!ks.state.is_empty()).then(|| ks.state.clone()),
-                };
-                runs.push((g, infer(router, req, &a.config)));
+                });
             }
-            let (idx, futs): (Vec<usize>, Vec<_>) = runs.into_iter().unzip();
-            for (g, outcome) in idx.into_iter().zip(futures::future::join_all(futs).await) {
+            for (g, outcome) in idx.into_iter().zip(infer_wave(router, &reqs, &a.config).await) {
                 let (i, v) = &good[g];
                 let rec = fresh[*i];
                 match outcome {
@@ -499,42 +498,83 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
     }
 }
 
-/// One record's inference: deadline per attempt, bounded attempts, bad requests dead-lettered.
-async fn infer(router: &Router, req: InferRequest, config: &PartitionConfig) -> Outcome {
-    let mut last = (DeadLetterReason::InferenceFailed, String::new());
-    for _ in 0..config.max_attempts {
-        // Waiting (for room in the pool, in a worker's queue) is backpressure, not part of the
-        // deadline: a backlog or a catch-up must not turn valid events into TIMEOUT dead letters.
-        match router.infer_within(req.clone(), config.infer_deadline).await.ok_or(()) {
-            Ok(Ok(out)) => {
-                // A model defect, not bad input: storing it would poison the key (every later
-                // event VALUE_RANGE). Deterministic, so not retried.
-                if let Some(bad) = non_finite(&out) {
-                    return Outcome::Dead(DeadLetterReason::OutputRange, bad, 1);
-                }
-                return Outcome::Scored(Box::new(out));
-            }
-            Ok(Err(e)) => match e {
-                InferError::UnknownModel { .. } => {
-                    return Outcome::Dead(DeadLetterReason::UnknownModel, e.to_string(), 1);
-                }
-                InferError::Shape { .. } => return Outcome::Dead(DeadLetterReason::Shape, e.to_string(), 1),
-                InferError::ValueRange { .. } => {
-                    return Outcome::Dead(DeadLetterReason::ValueRange, e.to_string(), 1);
-                }
-                InferError::Backend(_) | InferError::Panicked(_) => {
-                    last = (DeadLetterReason::InferenceFailed, e.to_string());
-                }
-                InferError::Overloaded { .. } | InferError::WorkerLost { .. } | InferError::ShuttingDown => {
-                    return Outcome::Retry(e);
-                }
-            },
-            Err(_) => {
-                last = (DeadLetterReason::Timeout, format!("no answer within {:?}", config.infer_deadline));
+/// A wave's inference: every row in one call to the pool (one job per model, not one per row),
+/// then each row that failed or timed out alone, for the rest of its attempts. Per row: deadline
+/// per attempt, bounded attempts, bad requests dead-lettered.
+async fn infer_wave(router: &Router, reqs: &[InferRequest], config: &PartitionConfig) -> Vec<Outcome> {
+    // Waiting (for room in the pool, in a worker's queue) is backpressure, not part of the
+    // deadline: a backlog or a catch-up must not turn valid events into TIMEOUT dead letters.
+    let first = router.infer_many_within(reqs, config.infer_deadline).await;
+    let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(reqs.len());
+    let mut again = Vec::new();
+    for (i, answer) in first.into_iter().enumerate() {
+        match judge(answer, config) {
+            Ok(outcome) => outcomes.push(Some(outcome)),
+            Err(last) => {
+                outcomes.push(None);
+                again.push((i, last));
             }
         }
     }
+    let retried = futures::future::join_all(
+        again.into_iter().map(|(i, last)| async move { (i, retry(router, &reqs[i], config, last).await) }),
+    )
+    .await;
+    for (i, outcome) in retried {
+        outcomes[i] = Some(outcome);
+    }
+    outcomes.into_iter().map(|o| o.expect("every row is judged")).collect()
+}
+
+/// The attempts after the first, one row alone.
+async fn retry(
+    router: &Router,
+    req: &InferRequest,
+    config: &PartitionConfig,
+    mut last: (DeadLetterReason, String),
+) -> Outcome {
+    for _ in 1..config.max_attempts {
+        match judge(router.infer_within(req.clone(), config.infer_deadline).await, config) {
+            Ok(outcome) => return outcome,
+            Err(failed) => last = failed,
+        }
+    }
     Outcome::Dead(last.0, last.1, config.max_attempts)
+}
+
+/// One attempt's answer: final (scored, dead-lettered, or the pool unable to serve: `Retry`
+/// halts the batch), or `Err` with why, when another attempt may help (the model failed on the
+/// row, or no answer within the deadline).
+fn judge(
+    answer: Option<Result<InferOutput, InferError>>,
+    config: &PartitionConfig,
+) -> Result<Outcome, (DeadLetterReason, String)> {
+    match answer {
+        Some(Ok(out)) => {
+            // A model defect, not bad input: storing it would poison the key (every later
+            // event VALUE_RANGE). Deterministic, so not retried.
+            if let Some(bad) = non_finite(&out) {
+                return Ok(Outcome::Dead(DeadLetterReason::OutputRange, bad, 1));
+            }
+            Ok(Outcome::Scored(Box::new(out)))
+        }
+        Some(Err(e)) => match e {
+            InferError::UnknownModel { .. } => {
+                Ok(Outcome::Dead(DeadLetterReason::UnknownModel, e.to_string(), 1))
+            }
+            InferError::Shape { .. } => Ok(Outcome::Dead(DeadLetterReason::Shape, e.to_string(), 1)),
+            InferError::ValueRange { .. } => {
+                Ok(Outcome::Dead(DeadLetterReason::ValueRange, e.to_string(), 1))
+            }
+            InferError::Backend(_) | InferError::Panicked(_) => {
+                Err((DeadLetterReason::InferenceFailed, e.to_string()))
+            }
+            InferError::Overloaded { .. } | InferError::WorkerLost { .. } | InferError::ShuttingDown => {
+                Ok(Outcome::Retry(e))
+            }
+        },
+        None => Err((DeadLetterReason::Timeout, format!("no answer within {:?}", config.infer_deadline))),
+    }
 }
 
 /// The fail point `partition-batch-delay`'s milliseconds, when it fires.

@@ -27,7 +27,7 @@ use crate::supervision::{RestartBudget, child_stopped};
 pub struct PoolConfig {
     /// One worker per entry (one per GPU, or several CPU workers).
     pub devices: Vec<Device>,
-    /// Requests in flight across the pool; past it callers wait or get `Overloaded`.
+    /// Rows in flight across the pool; past it callers wait or get `Overloaded`.
     pub max_inflight: usize,
     /// Tries on another worker when the one holding a request dies.
     pub max_retries: usize,

@@ -463,3 +463,77 @@ where
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wave_is_answered_row_by_row_in_order_and_invalid_rows_fail_alone() {
+    let h = start(1, 64, batched(), None).await;
+    let router = h.pool.router();
+    let mut reqs: Vec<InferRequest> =
+        (0..20).map(|i| req(i as f32, (i % 2 == 0).then(|| vec![0.5, i as f32]))).collect();
+    reqs.insert(5, InferRequest { features: vec![1.0], ..req(1.0, None) });
+    reqs.insert(9, InferRequest { model: "nope".into(), ..req(1.0, None) });
+    let answers = router.infer_many_within(&reqs, Duration::from_secs(10)).await;
+    assert_eq!(answers.len(), reqs.len());
+    for (r, a) in reqs.iter().zip(&answers) {
+        let a = a.as_ref().expect("answered in time");
+        if &*r.model == "nope" {
+            assert!(matches!(a, Err(InferError::UnknownModel { .. })), "{a:?}");
+        } else if r.features.len() != F {
+            assert!(matches!(a, Err(InferError::Shape { .. })), "{a:?}");
+        } else {
+            let out = a.as_ref().unwrap();
+            let (x, s) = (r.features[0], r.state.clone().unwrap_or(vec![0.0; H]));
+            assert_eq!(out.score, x + 3.0 + s.iter().sum::<f32>(), "row {x}");
+            assert_eq!(out.new_state, s.iter().map(|v| v + x).collect::<Vec<_>>(), "row {x}");
+            assert_eq!(out.model_version, 7);
+        }
+    }
+    let sizes = h.record.batch_sizes.lock().unwrap().clone();
+    assert_eq!(sizes.iter().sum::<usize>(), 20, "each valid row ran once: {sizes:?}");
+    assert!(sizes.iter().all(|&s| s <= 8), "{sizes:?}");
+    assert_eq!(router.load().0, 0);
+    h.pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_that_fails_in_a_wave_fails_alone_and_its_wave_mates_are_scored() {
+    let h = start(1, 64, batched(), None).await;
+    let router = h.pool.router();
+    let firsts = [1.0, 2.0, PANIC, 3.0, 4.0, 5.0, FAIL, 6.0];
+    let reqs: Vec<InferRequest> = firsts.iter().map(|&f| req(f, None)).collect();
+    let answers = router.infer_many_within(&reqs, Duration::from_secs(10)).await;
+    for (f, answer) in firsts.iter().zip(answers) {
+        let answer = answer.expect("answered in time");
+        match *f {
+            PANIC => assert!(matches!(answer, Err(InferError::Panicked(_))), "{answer:?}"),
+            FAIL => assert!(matches!(answer, Err(InferError::Backend(_))), "{answer:?}"),
+            x => assert_eq!(answer.unwrap().score, x + 3.0, "wave-mate {x} is scored"),
+        }
+    }
+    let sizes = h.record.batch_sizes.lock().unwrap().clone();
+    assert_eq!(sizes[0], 8, "the wave ran as one batch first: {sizes:?}");
+    assert!(sizes.len() <= 1 + 2 + 4 + 4, "found by halves, not row by row: {sizes:?}");
+    assert_eq!(router.load().0, 0);
+    h.pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wave_whose_row_kills_the_worker_goes_on_row_by_row_and_only_that_row_is_lost() {
+    let h = start(1, 64, batched(), None).await;
+    let router = h.pool.router();
+    let firsts = [1.0, 2.0, DEVICE_LOST, 3.0, 4.0];
+    let reqs: Vec<InferRequest> = firsts.iter().map(|&f| req(f, None)).collect();
+    let answers = router.infer_many_within(&reqs, Duration::from_secs(10)).await;
+    for (f, answer) in firsts.iter().zip(answers) {
+        let answer = answer.expect("answered in time");
+        if *f == DEVICE_LOST {
+            assert!(matches!(answer, Err(InferError::WorkerLost { attempts: 4 })), "{answer:?}");
+        } else {
+            assert_eq!(answer.unwrap().score, f + 3.0, "wave-mate {f} is scored on the restarted worker");
+        }
+    }
+    let status = wait_for(|| async { h.pool.status().await }, |s| s[0].healthy && s[0].restarts >= 1).await;
+    assert!(status[0].restarts <= 5, "one restart per run of the poison row: {}", status[0].restarts);
+    assert_eq!(router.load().0, 0);
+    h.pool.shutdown().await;
+}

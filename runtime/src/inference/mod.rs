@@ -38,7 +38,7 @@ pub struct InferenceOptions {
     /// libtorch intra-op threads (process-wide); 0 = the number of CPU cores.
     #[arg(long, default_value_t = 0)]
     pub intra_op_threads: usize,
-    /// Requests in flight across the pool before callers wait (backpressure).
+    /// Rows in flight across the pool before callers wait (backpressure); a wave of n rows takes n.
     #[arg(long, default_value_t = 4096)]
     pub max_inflight: usize,
     /// Ignore the models' dynamic batching and run one request per forward (for comparison).
