@@ -9,7 +9,8 @@
 //!
 //! 1. Requests whose caller has gone away ([`Pending::is_cancelled`]) leave the queue and are
 //!    handed back as cancelled; they never reach the model.
-//! 2. If `max_batch_size` rows wait, run up to that many.
+//! 2. If `max_batch_size` rows wait, run up to that many (and if that batch left short a request
+//!    that did not fit, run that one next without waiting for its own batch to fill).
 //! 3. If the largest preferred batch size (or `max_batch_size` when none is set) can be formed,
 //!    run up to the largest preferred size that fits.
 //! 4. If the oldest request has waited `max_queue_delay`, run everything queued (up to
@@ -42,11 +43,14 @@ pub struct Batcher<T> {
     queue: VecDeque<T>,
     /// Rows queued.
     rows: usize,
+    /// A full batch left its next request behind (it did not fit): that one runs next, at once,
+    /// instead of waiting for a batch of its own to fill.
+    spilled: bool,
 }
 
 impl<T: Pending> Batcher<T> {
     pub fn new(policy: BatchPolicy) -> Self {
-        Self { policy, queue: VecDeque::new(), rows: 0 }
+        Self { policy, queue: VecDeque::new(), rows: 0, spilled: false }
     }
 
     pub fn policy(&self) -> &BatchPolicy {
@@ -89,7 +93,7 @@ impl<T: Pending> Batcher<T> {
         }
         let len = self.rows;
         let max = self.policy.max_batch_size;
-        let n = if len >= max {
+        let n = if len >= max || (self.spilled && len > 0) {
             max
         } else if len >= self.policy.target() && len > 0 {
             self.policy.preferred_batch_sizes.iter().rev().copied().find(|&p| p <= len).unwrap_or(len)
@@ -108,12 +112,14 @@ impl<T: Pending> Batcher<T> {
             take += 1;
         }
         self.rows -= rows;
+        self.spilled = n == max && rows < n && take < self.queue.len();
         Some(self.queue.drain(..take).collect())
     }
 
     /// Everything still queued, in arrival order (used when a worker shuts down).
     pub fn drain_all(&mut self) -> impl Iterator<Item = T> + '_ {
         self.rows = 0;
+        self.spilled = false;
         self.queue.drain(..)
     }
 }
@@ -221,6 +227,24 @@ mod tests {
         let mut gone = Vec::new();
         assert_eq!(ids(&b.pop_ready(t0, &mut gone).unwrap()), vec![1]);
         assert_eq!(ids(&gone), vec![0]);
+    }
+
+    #[test]
+    fn a_request_left_out_of_a_full_batch_runs_next_without_waiting() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(policy(512, &[], 1_000_000));
+        b.push(Req { rows: 20, ..req(0, t0) });
+        b.push(Req { rows: 500, ..req(1, t0) });
+        let mut gone = Vec::new();
+        assert_eq!(ids(&b.pop_ready(t0, &mut gone).unwrap()), vec![0], "520 rows: the first 20 alone fit");
+        assert_eq!(ids(&b.pop_ready(t0, &mut gone).unwrap()), vec![1], "the 500 left out run at once");
+        assert!(b.is_empty() && b.rows() == 0);
+        // One-row requests past a full batch wait for their own, as before.
+        for i in 0..515 {
+            b.push(req(i, t0));
+        }
+        assert_eq!(b.pop_ready(t0, &mut gone).unwrap().len(), 512);
+        assert!(b.pop_ready(t0, &mut gone).is_none(), "3 rows wait for the delay");
     }
 
     #[derive(Debug, Clone)]

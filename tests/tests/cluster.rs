@@ -378,9 +378,19 @@ async fn a_node_killed_resumes_its_partitions_from_standby_copies_without_a_full
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_whole_zone_lost_resumes_in_the_other_zones_and_loses_nothing() {
+async fn a_whole_zone_lost_resumes_in_the_other_zones_and_loses_nothing_cql() {
+    a_whole_zone_lost_resumes_in_the_other_zones_and_loses_nothing(Backend::Cql).await;
+}
+
+/// RocksDB: the changelog (replication 3) and the transaction coordinator lose a broker too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_zone_lost_resumes_in_the_other_zones_and_loses_nothing_rocksdb() {
+    a_whole_zone_lost_resumes_in_the_other_zones_and_loses_nothing(Backend::Rocksdb).await;
+}
+
+async fn a_whole_zone_lost_resumes_in_the_other_zones_and_loses_nothing(backend: Backend) {
     // Four nodes: zone a holds node-0 and node-3, and broker 0.
-    let mut cluster = Cluster::start(4, Backend::Cql, &["--session-timeout", "3s"], false).await;
+    let mut cluster = Cluster::start(4, backend, &["--session-timeout", "3s"], false).await;
     let reader = pipeline::reader(&cluster.kafka.bootstrap);
     let (n, producer) = (5000, steady(&cluster, 5000, 150.0, 502));
     std::thread::sleep(Duration::from_secs(10));
@@ -392,7 +402,7 @@ async fn a_whole_zone_lost_resumes_in_the_other_zones_and_loses_nothing() {
     tokio::task::block_in_place(|| cluster.wait_owned(Duration::from_secs(90)));
     let (recs, landed, seen) = cluster.answered(reader, n, producer);
     cluster.stop_all();
-    print_b5("zone a lost (its nodes and its broker)", &seen, &moved, since);
+    print_b5(&format!("zone a lost (its nodes and its broker; {backend:?})"), &seen, &moved, since);
     let dups = pipeline::check(&recs, &landed, &seen, &cluster.state, PARTITIONS).await;
     eprintln!("zone lost: {} records, {dups} duplicate outputs, state == replay", recs.len());
 }

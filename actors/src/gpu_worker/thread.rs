@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
-use super::link::{Job, JobFailure, JobOutput, WorkerShared};
+use super::link::{Job, JobFailure, JobOutput, JobRows, WorkerShared};
 use crate::batcher::{Batcher, Pending};
 use crate::inference::{BackendError, BatchInput, BatchOutput, Device, InferError, InferenceBackend};
 use crate::model::ModelSpec;
@@ -172,65 +172,54 @@ impl WorkerThread {
     /// A batch that fails (error or panic) is run again as two halves by rows, down to single
     /// rows: one poison row costs about 2·log2(rows) extra calls, and only a row that fails
     /// **alone** is answered with the error; every other row of its job and batch gets its score.
-    fn execute(&mut self, m: usize, mut batch: Vec<Job>) -> Result<(), String> {
-        for job in &mut batch {
+    fn execute(&mut self, m: usize, batch: Vec<Job>) -> Result<(), String> {
+        let started = Instant::now();
+        let h = self.specs[m].state_size;
+        let (mut rows, mut answers) = (Vec::with_capacity(batch.len()), Vec::with_capacity(batch.len()));
+        for mut job in batch {
             if let Some(started) = job.started.take() {
                 let _ = started.send(());
             }
-        }
-        let started = Instant::now();
-        let h = self.specs[m].state_size;
-        let mut answers: Vec<Answer> = batch
-            .iter()
-            .map(|j| Answer {
-                scores: vec![f32::NAN; j.rows.rows],
-                new_state: vec![0.0; j.rows.rows * h],
+            let n = job.rows.rows;
+            answers.push(Answer {
+                scores: vec![f32::NAN; n],
+                new_state: vec![0.0; n * h],
                 failed: Vec::new(),
                 batch_size: 0,
                 done: 0,
-            })
-            .collect();
-        let segments: Vec<Segment> = batch.iter().enumerate().map(|(j, job)| (j, 0..job.rows.rows)).collect();
-        let fatal = self.run_segments(m, &batch, segments, &mut answers).err();
-        let compute_time = started.elapsed();
-        let spec = &self.specs[m];
-        self.shared.finished(batch.iter().map(|j| j.rows.rows).sum());
-        if fatal.is_some() {
-            // Unhealthy before anyone hears back, so no caller sees this worker as usable.
-            self.shared.set_healthy(false);
-        }
-        for (j, (job, a)) in batch.into_iter().zip(answers).enumerate() {
-            // The device died: a job answered in full before that keeps its answer; the others
-            // are retried elsewhere (counted against their retries if they were in the fatal call).
-            if let Some(Fatal { ran, .. }) = &fatal
-                && (ran.contains(&j) || a.done < job.rows.rows)
-            {
-                let _ = job.reply.send(Err(JobFailure::Lost { ran: ran.contains(&j) }));
-                continue;
-            }
-            let output = JobOutput {
-                scores: a.scores,
-                new_state: a.new_state,
-                failed: a.failed,
-                model_version: spec.version,
-                batch_size: a.batch_size,
-                device: self.device,
+                rows: n,
                 queue_time: started.saturating_duration_since(job.enqueued_at),
-                compute_time,
-            };
-            let _ = job.reply.send(Ok(output));
+                reply: Some(job.reply),
+            });
+            rows.push(job.rows);
         }
-        fatal.map_or(Ok(()), |f| Err(f.reason))
+        let segments: Vec<Segment> = rows.iter().enumerate().map(|(j, r)| (j, 0..r.rows)).collect();
+        let Err(Fatal { reason, ran }) = self.run_segments(m, &rows, segments, &mut answers, started) else {
+            return Ok(());
+        };
+        // Unhealthy before anyone hears back, so no caller sees this worker as usable. Jobs
+        // answered in full before the device died keep their answers; the others are retried
+        // elsewhere (counted against their retries if they were in the fatal call).
+        self.shared.set_healthy(false);
+        for (j, a) in answers.iter_mut().enumerate() {
+            if let Some(reply) = a.reply.take() {
+                self.shared.finished(a.rows);
+                let _ = reply.send(Err(JobFailure::Lost { ran: ran.contains(&j) }));
+            }
+        }
+        Err(reason)
     }
 
     /// Run `segments` (rows of `jobs`) as one `forward`, writing each row's result into
-    /// `answers`; on a batch failure, run the halves, down to single rows.
+    /// `answers`; on a batch failure, run the halves, down to single rows. A job is answered as
+    /// soon as all its rows are: its wave-mates do not wait for another row's halving.
     fn run_segments(
         &mut self,
         m: usize,
-        jobs: &[Job],
+        jobs: &[Arc<JobRows>],
         segments: Vec<Segment>,
         answers: &mut [Answer],
+        started: Instant,
     ) -> Result<(), Fatal> {
         let rows: usize = segments.iter().map(|(_, r)| r.len()).sum();
         let h = self.specs[m].state_size;
@@ -248,6 +237,7 @@ impl WorkerThread {
                     a.new_state[range.start * h..range.end * h]
                         .copy_from_slice(&out.new_state[at * h..(at + n) * h]);
                     at += n;
+                    self.answer_if_done(m, a, started);
                 }
                 Ok(())
             }
@@ -258,25 +248,49 @@ impl WorkerThread {
                 let spec = &self.specs[m];
                 tracing::warn!(model = %spec.name, rows, error = %err, "batch failed; running its halves apart");
                 let (first, second) = halves(segments, rows / 2);
-                self.run_segments(m, jobs, first, answers)?;
-                self.run_segments(m, jobs, second, answers)
+                self.run_segments(m, jobs, first, answers, started)?;
+                self.run_segments(m, jobs, second, answers, started)
             }
             Err(Failed::Batch(err)) => {
                 tracing::warn!(model = %self.specs[m].name, error = %err, "row failed alone");
                 for (j, range) in segments {
-                    answers[j].failed.push((range.start, err.clone()));
-                    answers[j].done += 1;
+                    let a = &mut answers[j];
+                    a.failed.push((range.start, err.clone()));
+                    a.done += 1;
+                    self.answer_if_done(m, a, started);
                 }
                 Ok(())
             }
         }
     }
 
+    /// Send `a`'s job its answer once every row of it is scored or failed alone.
+    fn answer_if_done(&self, m: usize, a: &mut Answer, started: Instant) {
+        if a.done < a.rows {
+            return;
+        }
+        let Some(reply) = a.reply.take() else { return };
+        self.shared.finished(a.rows);
+        let mut failed = std::mem::take(&mut a.failed);
+        failed.sort_unstable_by_key(|(row, _)| *row);
+        let output = JobOutput {
+            scores: std::mem::take(&mut a.scores),
+            new_state: std::mem::take(&mut a.new_state),
+            failed,
+            model_version: self.specs[m].version,
+            batch_size: a.batch_size,
+            device: self.device,
+            queue_time: a.queue_time,
+            compute_time: started.elapsed(),
+        };
+        let _ = reply.send(Ok(output));
+    }
+
     /// One `forward` over the rows of `segments`, panics caught, output shapes checked.
     fn forward(
         &mut self,
         m: usize,
-        jobs: &[Job],
+        jobs: &[Arc<JobRows>],
         segments: &[Segment],
         rows: usize,
     ) -> Result<BatchOutput, Failed> {
@@ -287,7 +301,7 @@ impl WorkerThread {
         self.features.clear();
         self.state.clear();
         for (j, range) in segments {
-            let job = &jobs[*j].rows;
+            let job = &jobs[*j];
             self.features.extend_from_slice(&job.features[range.start * f..range.end * f]);
             if spec.is_stateful() {
                 self.state.extend_from_slice(&job.state[range.start * h..range.end * h]);
@@ -336,15 +350,19 @@ fn halves(segments: Vec<Segment>, n: usize) -> (Vec<Segment>, Vec<Segment>) {
     (first, second)
 }
 
-/// A job's answer as its rows come out of the batch.
+/// A job's answer as its rows come out of the batch, and where it goes.
 struct Answer {
     scores: Vec<f32>,
     new_state: Vec<f32>,
     failed: Vec<(usize, InferError)>,
     /// Rows of the first `forward` that served it.
     batch_size: usize,
-    /// Rows answered (scored or failed alone).
+    /// Rows answered (scored or failed alone), of `rows`.
     done: usize,
+    rows: usize,
+    queue_time: std::time::Duration,
+    /// Taken when the answer is sent.
+    reply: Option<tokio::sync::oneshot::Sender<super::link::JobReply>>,
 }
 
 /// The device died during a batch: the jobs in the `forward` that failed (`ran`).

@@ -429,12 +429,13 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
                 let (i, v) = &good[g];
                 let rec = fresh[*i];
                 match outcome {
-                    Outcome::Scored(out) => {
+                    Outcome::Scored(mut out) => {
                         let ks = keys.get_mut(&v.event.key).expect("loaded above");
                         let s = &mut ks.seq;
                         s.window = sequence::advance(s.sequence, s.window, v.event.sequence);
                         s.sequence = v.event.sequence;
-                        s.state = out.new_state.clone();
+                        // The output's state is the key's now (nothing below reads it).
+                        s.state = std::mem::take(&mut out.new_state);
                         ks.dirty = true;
                         scored += 1;
                         // Any i64 is a valid event time (far-off ones are flagged): no overflow.
@@ -533,13 +534,14 @@ async fn retry(
     config: &PartitionConfig,
     mut last: (DeadLetterReason, String),
 ) -> Outcome {
-    for _ in 1..config.max_attempts {
+    let attempts = config.max_attempts.max(1);
+    for _ in 1..attempts {
         match judge(router.infer_within(req.clone(), config.infer_deadline).await, config) {
             Ok(outcome) => return outcome,
             Err(failed) => last = failed,
         }
     }
-    Outcome::Dead(last.0, last.1, config.max_attempts)
+    Outcome::Dead(last.0, last.1, attempts)
 }
 
 /// One attempt's answer: final (scored, dead-lettered, or the pool unable to serve: `Retry`

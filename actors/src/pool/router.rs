@@ -31,7 +31,7 @@ struct RouterInner {
     /// One slot per configured worker; `None` while it is down or restarting. The supervisor
     /// writes, callers read.
     workers: RwLock<Vec<Option<Arc<WorkerLink>>>>,
-    /// Bounds requests in flight across the pool (queued + running): backpressure to callers.
+    /// Bounds rows in flight across the pool (queued + running): backpressure to callers.
     permits: Arc<Semaphore>,
     capacity: usize,
     max_retries: usize,
@@ -68,7 +68,7 @@ impl Router {
         self.inner.by_name.get(name).map(|&i| &self.inner.specs[i])
     }
 
-    /// Requests in flight across the pool, and the limit.
+    /// Rows in flight across the pool, and the limit.
     pub fn load(&self) -> (usize, usize) {
         (self.inner.capacity - self.inner.permits.available_permits(), self.inner.capacity)
     }
@@ -78,7 +78,7 @@ impl Router {
         let model = self.check(&req)?;
         let _permit =
             self.inner.permits.clone().acquire_owned().await.map_err(|_| InferError::ShuttingDown)?;
-        self.one_row(model, &req, None, false).await.expect("without a deadline there is an answer")
+        self.one_row(model, &req, None, 1).await.expect("without a deadline there is an answer")
     }
 
     /// Run one request with a deadline on the work, not on the waiting: admission to a full pool
@@ -96,7 +96,7 @@ impl Router {
         let Ok(_permit) = self.inner.permits.clone().acquire_owned().await else {
             return Some(Err(InferError::ShuttingDown));
         };
-        self.one_row(model, &req, Some(deadline), false).await
+        self.one_row(model, &req, Some(deadline), 1).await
     }
 
     /// [`Router::infer_within`] for many requests at once (a partition's wave), answered in
@@ -154,14 +154,15 @@ impl Router {
         };
         let packed = self.pack(model, reqs.iter().copied());
         let answers: Vec<Option<Result<InferOutput, InferError>>> =
-            match self.dispatch(model, packed, Some(deadline), false, reqs.len() > 1).await {
+            match self.dispatch(model, packed, Some(deadline), 1, reqs.len() > 1).await {
                 Dispatched::Answered(Ok(out)) => {
                     (0..reqs.len()).map(|k| Some(self.row(model, &out, k))).collect()
                 }
                 Dispatched::Answered(Err(e)) => reqs.iter().map(|_| Some(Err(e.clone()))).collect(),
                 Dispatched::TimedOut => reqs.iter().map(|_| None).collect(),
-                Dispatched::LostRunning => {
-                    let alone = reqs.iter().map(|req| self.one_row(model, req, Some(deadline), true));
+                Dispatched::LostRunning { attempt } => {
+                    // Each row's retries go on from the attempt the wave used up.
+                    let alone = reqs.iter().map(|req| self.one_row(model, req, Some(deadline), attempt + 1));
                     futures::future::join_all(alone).await
                 }
             };
@@ -177,21 +178,22 @@ impl Router {
                 InferError::Overloaded { capacity: self.inner.capacity }
             }
         })?;
-        self.one_row(model, &req, None, false).await.expect("without a deadline there is an answer")
+        self.one_row(model, &req, None, 1).await.expect("without a deadline there is an answer")
     }
 
-    /// One validated request as a job of one row (the caller holds its permit).
+    /// One validated request as a job of one row, from attempt `attempt` (the caller holds its
+    /// permit).
     async fn one_row(
         &self,
         model: usize,
         req: &InferRequest,
         deadline: Option<Duration>,
-        isolate: bool,
+        attempt: usize,
     ) -> Option<Result<InferOutput, InferError>> {
-        match self.dispatch(model, self.pack(model, [req]), deadline, isolate, false).await {
+        match self.dispatch(model, self.pack(model, [req]), deadline, attempt, false).await {
             Dispatched::Answered(out) => Some(out.and_then(|out| self.row(model, &out, 0))),
             Dispatched::TimedOut => None,
-            Dispatched::LostRunning => unreachable!("a job of one row is retried whole"),
+            Dispatched::LostRunning { .. } => unreachable!("a job of one row is retried whole"),
         }
     }
 
@@ -218,8 +220,9 @@ impl Router {
 
     /// Row `k` of a job's answer.
     fn row(&self, model: usize, out: &JobOutput, k: usize) -> Result<InferOutput, InferError> {
-        if let Some((_, e)) = out.failed.iter().find(|(row, _)| *row == k) {
-            return Err(e.clone());
+        // `failed` is sorted by row.
+        if let Ok(i) = out.failed.binary_search_by_key(&k, |(row, _)| *row) {
+            return Err(out.failed[i].1.clone());
         }
         let h = self.inner.specs[model].state_size;
         Ok(InferOutput {
@@ -243,16 +246,17 @@ impl Router {
         Ok(model)
     }
 
-    /// Send to workers until one answers (retrying lost jobs; `isolate`: run alone from the first
-    /// try). With a `deadline`, an attempt that runs longer than it (from the moment its batch
-    /// starts) ends the job: `TimedOut`. With `split`, a job that was running when its worker
-    /// died is not retried whole: `LostRunning`. The caller holds the job's permits.
+    /// Send to workers until one answers (retrying lost jobs), counting attempts from `first`
+    /// (above 1: a retry, run alone). With a `deadline`, an attempt that runs longer than it
+    /// (from the moment its batch starts) ends the job: `TimedOut`. With `split`, a job that was
+    /// running when its worker died is not retried whole: `LostRunning`. The caller holds the
+    /// job's permits.
     async fn dispatch(
         &self,
         model: usize,
         rows: Arc<JobRows>,
         deadline: Option<Duration>,
-        isolate: bool,
+        first: usize,
         split: bool,
     ) -> Dispatched {
         let attempts = 1 + self.inner.max_retries;
@@ -260,7 +264,7 @@ impl Router {
         // restart budget bounds; this cap is a second fence. Each wait for a healthy worker (all
         // restarting) is bounded too.
         let (max_handbacks, max_waits) = (8 * attempts, 4 * attempts);
-        let (mut attempt, mut handbacks, mut waits) = (1, 0, 0);
+        let (mut attempt, mut handbacks, mut waits) = (first.min(attempts), 0, 0);
         loop {
             let Some(link) = self.pick() else {
                 if waits == max_waits {
@@ -271,7 +275,7 @@ impl Router {
                 continue;
             };
             let (reply, answer) = oneshot::channel();
-            let isolate = isolate || attempt > 1 || handbacks > 0;
+            let isolate = attempt > 1 || handbacks > 0;
             let (started_tx, started) = oneshot::channel();
             let job = Job {
                 model,
@@ -301,7 +305,9 @@ impl Router {
                     handbacks += 1;
                     tracing::debug!(worker = link.index, "worker handed back a request unrun; retrying");
                 }
-                Ok(Err(JobFailure::Lost { ran: true })) if split => return Dispatched::LostRunning,
+                Ok(Err(JobFailure::Lost { ran: true })) if split => {
+                    return Dispatched::LostRunning { attempt };
+                }
                 // Ran in the batch that killed the worker, or its queue vanished with it.
                 _ => {
                     if attempt == attempts {
@@ -341,8 +347,10 @@ enum Dispatched {
     Answered(Result<JobOutput, InferError>),
     /// Its deadline passed after its batch started.
     TimedOut,
-    /// It was running when its worker died (only with `split`).
-    LostRunning,
+    /// It was running when its worker died, at this attempt (only with `split`).
+    LostRunning {
+        attempt: usize,
+    },
 }
 
 /// One attempt's answer. A hung worker never answers: its supervisor abandons it, and the request
@@ -361,7 +369,8 @@ async fn wait_for_answer(
     let mut timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     loop {
         tokio::select! {
-            a = &mut answer => return Some(a),
+            // A reply channel dropped after the job started counts as lost while running.
+            a = &mut answer => return Some(Ok(a.unwrap_or(Err(JobFailure::Lost { ran })))),
             () = &mut abandoned => return Some(Ok(Err(JobFailure::Lost { ran }))),
             s = &mut started, if !ran => {
                 // Err: the job was dropped unrun (its worker went away); the answer says so.

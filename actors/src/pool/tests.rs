@@ -533,7 +533,8 @@ async fn a_wave_whose_row_kills_the_worker_goes_on_row_by_row_and_only_that_row_
         }
     }
     let status = wait_for(|| async { h.pool.status().await }, |s| s[0].healthy && s[0].restarts >= 1).await;
-    assert!(status[0].restarts <= 5, "one restart per run of the poison row: {}", status[0].restarts);
+    // The wave's run and the row's own retries share its attempts: 1 + max_retries deaths.
+    assert!(status[0].restarts <= 4, "one restart per run of the poison row: {}", status[0].restarts);
     assert_eq!(router.load().0, 0);
     h.pool.shutdown().await;
 }

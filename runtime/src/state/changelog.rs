@@ -434,7 +434,17 @@ impl Replayer {
                 self.flush(p)?;
                 Ok(Polled::End(p))
             }
-            Some(Err(e)) => Err(unavailable(e)),
+            // A start outside the log, or a fatal consumer error: this replay cannot go on.
+            Some(Err(e @ KafkaError::MessageConsumptionFatal(_))) => Err(unavailable(e)),
+            Some(Err(e)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::AutoOffsetReset) => {
+                Err(unavailable(e))
+            }
+            // Anything else (a broker down, a transport error) librdkafka recovers from itself:
+            // the replay goes on, bounded by its caller's no-progress timeout.
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "changelog replay: consumer error; going on");
+                Ok(Polled::Nothing)
+            }
             Some(Ok(m)) => {
                 let p = PartitionId(m.partition() as u32);
                 let Some(tail) = self.tails.get_mut(&(m.partition())) else {
