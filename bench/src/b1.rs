@@ -168,14 +168,7 @@ async fn saturate(
             })
         })
         .collect();
-    let start = Instant::now();
-    let (mut n, mut batch_sum) = (0, 0);
-    for t in tasks {
-        let (a, b) = t.await.unwrap();
-        n += a;
-        batch_sum += b;
-    }
-    (n as f64 / start.elapsed().as_secs_f64(), batch_sum as f64 / n.max(1) as f64)
+    rows_and_mean_batch(tasks).await
 }
 
 /// Keep `callers` waves of `wave` rows in flight for `seconds`, each one
@@ -209,6 +202,11 @@ async fn saturate_waves(
             })
         })
         .collect();
+    rows_and_mean_batch(tasks).await
+}
+
+/// The callers' (rows, summed batch sizes), awaited: (rows/s, mean batch size).
+async fn rows_and_mean_batch(tasks: Vec<tokio::task::JoinHandle<(usize, usize)>>) -> (f64, f64) {
     let start = Instant::now();
     let (mut n, mut batch_sum) = (0, 0);
     for t in tasks {

@@ -64,6 +64,26 @@ async fn setup(backend: Backend) -> (LocalKafka, tempfile::TempDir, TestStore, O
     (broker, dir, state, reader)
 }
 
+/// A second member joins the node's group, waits until it was given partitions (taking them from
+/// the node), then leaves (handing them back).
+fn join_and_leave(bootstrap: &str) {
+    let member: BaseConsumer = partita_runtime::kafka::client_config(bootstrap)
+        .set("group.id", "partita")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("enable.auto.commit", "false")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .unwrap();
+    member.subscribe(&[INPUT]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while member.assignment().map_or(0, |a| a.count()) == 0 {
+        assert!(Instant::now() < deadline, "the second member got no partition");
+        let _ = member.poll(Duration::from_millis(100));
+    }
+    member.unsubscribe();
+    let _ = member.poll(Duration::from_millis(500));
+}
+
 /// SIGTERM `node`, which must exit cleanly within 20 s; its log.
 fn stop_cleanly(node: NodeProcess) -> String {
     let (status, log) = node.terminate(Duration::from_secs(20));
@@ -675,26 +695,7 @@ async fn partitions_paused_when_revoked_are_resumed_when_assigned_back() {
     let landed = tokio::task::block_in_place(|| produce_tracked(&broker.bootstrap, &recs));
     // A second member joins the group (taking paused partitions) and leaves (handing them back)
     // while the queues are full.
-    for round in 0..1 {
-        let bootstrap = broker.bootstrap.clone();
-        tokio::task::block_in_place(|| {
-            let member: BaseConsumer = partita_runtime::kafka::client_config(&bootstrap)
-                .set("group.id", "partita")
-                .set("partition.assignment.strategy", "cooperative-sticky")
-                .set("enable.auto.commit", "false")
-                .set("session.timeout.ms", "6000")
-                .create()
-                .unwrap();
-            member.subscribe(&[INPUT]).unwrap();
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while member.assignment().map_or(0, |a| a.count()) == 0 {
-                assert!(Instant::now() < deadline, "round {round}: the second member got no partition");
-                let _ = member.poll(Duration::from_millis(100));
-            }
-            member.unsubscribe();
-            let _ = member.poll(Duration::from_millis(500));
-        });
-    }
+    tokio::task::block_in_place(|| join_and_leave(&broker.bootstrap));
     let seen = tokio::task::block_in_place(|| {
         wait_answered(reader, recs.len() as u64, Duration::from_secs(120), || node.log_text())
     });
@@ -718,24 +719,7 @@ async fn a_partition_revoked_while_its_claim_runs_is_given_up_after_it_and_nothi
     let recs = records(300, 30, 0.0, 37);
     let landed = tokio::task::block_in_place(|| produce_tracked(&broker.bootstrap, &recs));
     // A second member joins while the first claims run, takes partitions, and leaves.
-    let bootstrap = broker.bootstrap.clone();
-    tokio::task::block_in_place(|| {
-        let member: BaseConsumer = partita_runtime::kafka::client_config(&bootstrap)
-            .set("group.id", "partita")
-            .set("partition.assignment.strategy", "cooperative-sticky")
-            .set("enable.auto.commit", "false")
-            .set("session.timeout.ms", "6000")
-            .create()
-            .unwrap();
-        member.subscribe(&[INPUT]).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while member.assignment().map_or(0, |a| a.count()) == 0 {
-            assert!(Instant::now() < deadline, "the second member got no partition");
-            let _ = member.poll(Duration::from_millis(100));
-        }
-        member.unsubscribe();
-        let _ = member.poll(Duration::from_millis(500));
-    });
+    tokio::task::block_in_place(|| join_and_leave(&broker.bootstrap));
     let seen = tokio::task::block_in_place(|| {
         wait_answered(reader, recs.len() as u64, Duration::from_secs(120), || node.log_text())
     });
