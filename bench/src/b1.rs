@@ -327,7 +327,7 @@ async fn main() -> anyhow::Result<()> {
     println!("{}", json!({"name": "bare_forward", "batch": b, "rows_per_s": sjson(bare)}));
     println!(
         "{}",
-        json!({"name": "pool_batched_saturated", "wave": wave, "rows_per_s": sjson(batched), "mean_batch": sjson(mean_batch)})
+        json!({"name": "pool_batched_saturated", "rows_per_s": sjson(batched), "mean_batch": sjson(mean_batch)})
     );
     println!("{}", json!({"name": "pool_batched_saturated_per_row", "rows_per_s": sjson(per_row)}));
 
@@ -420,7 +420,6 @@ async fn main() -> anyhow::Result<()> {
             "batched_rows_per_s": batched.median,
             "unbatched_rows_per_s": unbatched.median,
             "mean_batch": mean_batch.median,
-            "wave": wave,
             "per_row_rows_per_s": per_row.median,
             "ratio_vs_bare": ratio_vs_bare,
             "ratio_vs_bare_per_row": ratio_per_row,
