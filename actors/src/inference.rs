@@ -36,6 +36,163 @@ pub struct InferOutput {
     pub compute_time: Duration,
 }
 
+/// Many rows of one model, row-major: a partition's wave (and, later, a gRPC request's
+/// tensors). [`crate::pool::Router::infer_rows_within`] sends them as one job per batch limit,
+/// with one answer each, so a row costs a copy of its values, not a request, a queue hop and a
+/// reply of its own.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct InferRows {
+    pub rows: usize,
+    /// `rows × feature_count` values.
+    pub features: Vec<f32>,
+    /// `rows × state_size` values for a stateful model (zeros for a key without state), else
+    /// empty.
+    pub state: Vec<f32>,
+}
+
+impl InferRows {
+    /// Room for `rows` rows of `spec`.
+    pub fn with_capacity(spec: &ModelSpec, rows: usize) -> Self {
+        Self {
+            rows: 0,
+            features: Vec::with_capacity(rows * spec.feature_count),
+            state: Vec::with_capacity(rows * spec.state_size),
+        }
+    }
+
+    /// Append one row of `spec`: its features and, for a stateful model, its key's state (`None`:
+    /// no state yet, zeros). A row of the wrong shape is refused and nothing is appended.
+    pub fn push(
+        &mut self,
+        spec: &ModelSpec,
+        features: &[f32],
+        state: Option<&[f32]>,
+    ) -> Result<(), InferError> {
+        let shape =
+            |input, expected, got| InferError::Shape { model: spec.name.clone(), input, expected, got };
+        if features.len() != spec.feature_count {
+            return Err(shape("features", spec.feature_count, features.len()));
+        }
+        match state {
+            Some(s) if s.len() != spec.state_size => return Err(shape("state", spec.state_size, s.len())),
+            Some(s) => self.state.extend_from_slice(s),
+            None => self.state.resize(self.state.len() + spec.state_size, 0.0),
+        }
+        self.features.extend_from_slice(features);
+        self.rows += 1;
+        Ok(())
+    }
+
+    /// A copy of rows `index`, in that order.
+    pub fn select(&self, spec: &ModelSpec, index: &[usize]) -> Self {
+        let mut out = Self::with_capacity(spec, index.len());
+        for &k in index {
+            let (features, state) = self.row(spec, k);
+            out.features.extend_from_slice(features);
+            out.state.extend_from_slice(state);
+        }
+        out.rows = index.len();
+        out
+    }
+
+    /// Row `k`'s features and state.
+    pub fn row(&self, spec: &ModelSpec, k: usize) -> (&[f32], &[f32]) {
+        let (f, h) = (spec.feature_count, spec.state_size);
+        (&self.features[k * f..(k + 1) * f], &self.state[k * h..(k + 1) * h])
+    }
+}
+
+/// How a row was served: the batch it ran in.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Served {
+    pub model_version: u32,
+    /// Rows in the `forward` call that served the row.
+    pub batch_size: usize,
+    pub device: Device,
+    /// From the router's send to the start of the batch.
+    pub queue_time: Duration,
+    /// The `forward` call(s), tensor building and copying out included.
+    pub compute_time: Duration,
+}
+
+/// What became of one row of an [`InferRows`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowAnswer {
+    /// Its score and new state are in the [`RowsOutput`].
+    Scored(Served),
+    /// Refused (bad input) or failed when run alone.
+    Failed(InferError),
+    /// No answer within the deadline (counted from the start of its batch).
+    TimedOut,
+}
+
+/// The answer to an [`InferRows`], row by row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowsOutput {
+    /// One per row; NaN where the row was not scored.
+    pub scores: Vec<f32>,
+    /// `rows × state_size` values (zeros where the row was not scored); empty for a stateless
+    /// model.
+    pub new_state: Vec<f32>,
+    pub answers: Vec<RowAnswer>,
+    pub state_size: usize,
+}
+
+impl RowsOutput {
+    /// Every row answered `answer`.
+    pub(crate) fn all(rows: usize, state_size: usize, answer: RowAnswer) -> Self {
+        Self {
+            scores: vec![f32::NAN; rows],
+            new_state: vec![0.0; rows * state_size],
+            answers: vec![answer; rows],
+            state_size,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.answers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.answers.is_empty()
+    }
+
+    /// Row `k`'s new state (empty for a stateless model).
+    pub fn new_state(&self, k: usize) -> &[f32] {
+        let h = self.state_size;
+        &self.new_state[k * h..(k + 1) * h]
+    }
+
+    /// Row `k` as [`crate::pool::Router::infer_within`] answers one request: `None` when its
+    /// deadline passed.
+    pub fn get(&self, k: usize) -> Option<Result<InferOutput, InferError>> {
+        match &self.answers[k] {
+            RowAnswer::Scored(s) => {
+                Some(Ok(InferOutput::new(self.scores[k], self.new_state(k).to_vec(), *s)))
+            }
+            RowAnswer::Failed(e) => Some(Err(e.clone())),
+            RowAnswer::TimedOut => None,
+        }
+    }
+}
+
+impl InferOutput {
+    pub fn new(score: f32, new_state: Vec<f32>, served: Served) -> Self {
+        let Served { model_version, batch_size, device, queue_time, compute_time } = served;
+        Self { score, new_state, model_version, batch_size, device, queue_time, compute_time }
+    }
+
+    pub fn served(&self) -> Served {
+        Served {
+            model_version: self.model_version,
+            batch_size: self.batch_size,
+            device: self.device,
+            queue_time: self.queue_time,
+            compute_time: self.compute_time,
+        }
+    }
+}
+
 /// Why a request got no score. The variant says what the caller should do.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum InferError {
@@ -93,7 +250,7 @@ pub fn validate(spec: &ModelSpec, req: &InferRequest) -> Result<(), InferError> 
     Ok(())
 }
 
-fn check_finite(input: &'static str, values: &[f32]) -> Result<(), InferError> {
+pub(crate) fn check_finite(input: &'static str, values: &[f32]) -> Result<(), InferError> {
     match values.iter().position(|v| !v.is_finite()) {
         Some(index) => Err(InferError::ValueRange { input, index, value: values[index] }),
         None => Ok(()),

@@ -8,18 +8,7 @@ use crossbeam_channel::{Receiver, Sender};
 use tokio::sync::oneshot;
 
 use crate::batcher::Pending;
-use crate::inference::{Device, InferError, ModelReady};
-
-/// The rows of one job, row-major and validated: one request or a partition's wave.
-#[derive(Debug, Clone, PartialEq)]
-pub struct JobRows {
-    pub rows: usize,
-    /// `rows × feature_count` values.
-    pub features: Vec<f32>,
-    /// `rows × state_size` values for a stateful model (zeros for a key without state), else
-    /// empty.
-    pub state: Vec<f32>,
-}
+use crate::inference::{Device, InferError, InferRows, ModelReady, Served};
 
 /// One queued job (one or more rows of one model), as it travels from the router to the worker
 /// thread. The batcher packs whole jobs; the worker answers each job once.
@@ -28,7 +17,7 @@ pub struct Job {
     /// Index of the model in the pool's spec table.
     pub model: usize,
     /// Shared with the router, which keeps it to retry on another worker if this one dies.
-    pub rows: Arc<JobRows>,
+    pub rows: Arc<InferRows>,
     pub enqueued_at: Instant,
     /// Run in a batch of its own: set on retries, so a request that kills its worker cannot take
     /// innocent batch-mates down with it again.
@@ -52,16 +41,11 @@ pub struct JobOutput {
     pub scores: Vec<f32>,
     /// `rows × state_size` values for a stateful model (zeros for a failed row), else empty.
     pub new_state: Vec<f32>,
-    /// Rows that failed when run alone, with why; their batch-mates have their scores.
+    /// Rows that failed when run alone, with why, sorted by row; their batch-mates have their
+    /// scores.
     pub failed: Vec<(usize, InferError)>,
-    pub model_version: u32,
-    /// Rows in the `forward` call that served the job (the first, if it was split).
-    pub batch_size: usize,
-    pub device: Device,
-    /// From the router's send to the start of the batch.
-    pub queue_time: Duration,
-    /// The `forward` call(s), tensor building and copying out included.
-    pub compute_time: Duration,
+    /// Of the first `forward` that served the job (if it was split).
+    pub served: Served,
 }
 
 #[derive(Debug, Clone, PartialEq)]

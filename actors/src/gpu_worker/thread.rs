@@ -14,9 +14,11 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
-use super::link::{Job, JobFailure, JobOutput, JobRows, WorkerShared};
+use super::link::{Job, JobFailure, JobOutput, WorkerShared};
 use crate::batcher::{Batcher, Pending};
-use crate::inference::{BackendError, BatchInput, BatchOutput, Device, InferError, InferenceBackend};
+use crate::inference::{
+    BackendError, BatchInput, BatchOutput, Device, InferError, InferRows, InferenceBackend, Served,
+};
 use crate::model::ModelSpec;
 
 /// Why the thread stopped.
@@ -216,7 +218,7 @@ impl WorkerThread {
     fn run_segments(
         &mut self,
         m: usize,
-        jobs: &[Arc<JobRows>],
+        jobs: &[Arc<InferRows>],
         segments: Vec<Segment>,
         answers: &mut [Answer],
         started: Instant,
@@ -277,11 +279,13 @@ impl WorkerThread {
             scores: std::mem::take(&mut a.scores),
             new_state: std::mem::take(&mut a.new_state),
             failed,
-            model_version: self.specs[m].version,
-            batch_size: a.batch_size,
-            device: self.device,
-            queue_time: a.queue_time,
-            compute_time: started.elapsed(),
+            served: Served {
+                model_version: self.specs[m].version,
+                batch_size: a.batch_size,
+                device: self.device,
+                queue_time: a.queue_time,
+                compute_time: started.elapsed(),
+            },
         };
         let _ = reply.send(Ok(output));
     }
@@ -290,7 +294,7 @@ impl WorkerThread {
     fn forward(
         &mut self,
         m: usize,
-        jobs: &[Arc<JobRows>],
+        jobs: &[Arc<InferRows>],
         segments: &[Segment],
         rows: usize,
     ) -> Result<BatchOutput, Failed> {

@@ -19,7 +19,7 @@ use super::{
     HEADER_TRACEPARENT, InputRecord, OutputRecord, PartitionConfig, PartitionSink, PipelineCounters,
     PipelineObserver, micros, sequence, supervisor, unix_micros, waves,
 };
-use crate::inference::{InferError, InferOutput, InferRequest};
+use crate::inference::{InferError, InferOutput, InferRequest, InferRows};
 use crate::pool::Router;
 use crate::state::{Epoch, Offset, PartitionId, Sequenced, StateCache, StateStore, StateValue, StoreError};
 
@@ -407,7 +407,9 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
             self.load(missing, &mut keys).await?;
             let load_us = micros(load_started.elapsed());
 
-            let (mut idx, mut reqs) = (Vec::with_capacity(wave.len()), Vec::with_capacity(wave.len()));
+            let mut idx = Vec::with_capacity(wave.len());
+            let mut by_model: Vec<ModelRows> = Vec::new();
+            let mut refused = Vec::new();
             for &g in &wave {
                 let (i, v) = &good[g];
                 let ks = &keys[&v.event.key].seq;
@@ -418,14 +420,30 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
                     outputs.push((fresh[*i].offset, dead_out(*i, reason, &detail, 1)));
                     continue;
                 }
+                let Some(spec) = router.model(&v.model) else {
+                    let e = InferError::UnknownModel { model: v.model.to_string() };
+                    refused.push((idx.len(), e));
+                    idx.push(g);
+                    continue;
+                };
+                let at = match by_model.iter().position(|w| w.model == v.model) {
+                    Some(at) => at,
+                    None => {
+                        let rows = InferRows::with_capacity(spec, wave.len());
+                        by_model.push(ModelRows { model: v.model.clone(), at: Vec::new(), rows });
+                        by_model.len() - 1
+                    }
+                };
+                let w = &mut by_model[at];
+                let state = (!ks.state.is_empty()).then_some(ks.state.as_slice());
+                match w.rows.push(spec, &v.event.features, state) {
+                    Ok(()) => w.at.push(idx.len()),
+                    Err(e) => refused.push((idx.len(), e)),
+                }
                 idx.push(g);
-                reqs.push(InferRequest {
-                    model: v.model.clone(),
-                    features: v.event.features.clone(),
-                    state: (!ks.state.is_empty()).then(|| ks.state.clone()),
-                });
             }
-            for (g, outcome) in idx.into_iter().zip(infer_wave(router, &reqs, &a.config).await) {
+            let outcomes = infer_wave(router, by_model, refused, idx.len(), &a.config).await;
+            for (g, outcome) in idx.into_iter().zip(outcomes) {
                 let (i, v) = &good[g];
                 let rec = fresh[*i];
                 match outcome {
@@ -499,27 +517,58 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
     }
 }
 
-/// A wave's inference: every row in one call to the pool (one job per model, not one per row),
-/// then each row that failed or timed out alone, for the rest of its attempts. Per row: deadline
-/// per attempt, bounded attempts, bad requests dead-lettered.
-async fn infer_wave(router: &Router, reqs: &[InferRequest], config: &PartitionConfig) -> Vec<Outcome> {
+/// The rows of one model in a wave, and the index of each in the wave's outcomes.
+struct ModelRows {
+    model: Arc<str>,
+    at: Vec<usize>,
+    rows: InferRows,
+}
+
+/// A wave's inference, `n` outcomes: the rows of each model in one call to the pool (one job
+/// per batch limit, not one per row; `refused` rows never reach it), then each row that failed
+/// or timed out alone, for the rest of its attempts. Per row: deadline per attempt, bounded
+/// attempts, bad requests dead-lettered.
+async fn infer_wave(
+    router: &Router,
+    by_model: Vec<ModelRows>,
+    refused: Vec<(usize, InferError)>,
+    n: usize,
+    config: &PartitionConfig,
+) -> Vec<Outcome> {
+    let mut outcomes: Vec<Option<Outcome>> = (0..n).map(|_| None).collect();
+    let mut again = Vec::new();
+    for (i, e) in refused {
+        // A refused row is bad input: dead-lettered at once, never retried.
+        outcomes[i] = Some(judge(Some(Err(e)), config).unwrap_or_else(|(r, d)| Outcome::Dead(r, d, 1)));
+    }
     // Waiting (for room in the pool, in a worker's queue) is backpressure, not part of the
     // deadline: a backlog or a catch-up must not turn valid events into TIMEOUT dead letters.
-    let first = router.infer_many_within(reqs, config.infer_deadline).await;
-    let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(reqs.len());
-    let mut again = Vec::new();
-    for (i, answer) in first.into_iter().enumerate() {
-        match judge(answer, config) {
-            Ok(outcome) => outcomes.push(Some(outcome)),
-            Err(last) => {
-                outcomes.push(None);
-                again.push((i, last));
+    let by_model: Vec<(Arc<str>, Vec<usize>, Arc<InferRows>)> =
+        by_model.into_iter().map(|w| (w.model, w.at, Arc::new(w.rows))).collect();
+    let answers = futures::future::join_all(
+        by_model
+            .iter()
+            .map(|(model, _, rows)| router.infer_rows_within(model, rows.clone(), config.infer_deadline)),
+    )
+    .await;
+    for ((model, at, rows), answer) in by_model.iter().zip(answers) {
+        for (k, &i) in at.iter().enumerate() {
+            match judge(answer.get(k), config) {
+                Ok(outcome) => outcomes[i] = Some(outcome),
+                Err(last) => again.push((i, model, rows, k, last)),
             }
         }
     }
-    let retried = futures::future::join_all(
-        again.into_iter().map(|(i, last)| async move { (i, retry(router, &reqs[i], config, last).await) }),
-    )
+    let retried = futures::future::join_all(again.into_iter().map(|(i, model, rows, k, last)| async move {
+        let spec = router.model(model).expect("known: its rows were sent");
+        let (features, state) = rows.row(spec, k);
+        let req = InferRequest {
+            model: model.clone(),
+            features: features.to_vec(),
+            state: spec.is_stateful().then(|| state.to_vec()),
+        };
+        (i, retry(router, &req, config, last).await)
+    }))
     .await;
     for (i, outcome) in retried {
         outcomes[i] = Some(outcome);

@@ -5,8 +5,8 @@
 //! [`Router::try_infer`]), sends to the least-loaded healthy worker, and retries on another worker
 //! when the one holding the request died. Every request ends in exactly one `Ok` or `Err`.
 //!
-//! [`Router::infer_many_within`] sends many rows (a partition's wave) as few jobs: one per model
-//! and up to `max_batch_size` rows, each with one permit count per row, one queue hop and one
+//! [`Router::infer_rows_within`] sends many rows of one model (a partition's wave) as few jobs:
+//! one per `max_batch_size` rows, each with one permit count per row, one queue hop and one
 //! answer, instead of one of each per row.
 
 use std::collections::HashMap;
@@ -15,8 +15,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, oneshot};
 
-use crate::gpu_worker::{Job, JobFailure, JobOutput, JobReply, JobRows, WorkerLink};
-use crate::inference::{InferError, InferOutput, InferRequest, validate};
+use crate::gpu_worker::{Job, JobFailure, JobOutput, JobReply, WorkerLink};
+use crate::inference::{
+    InferError, InferOutput, InferRequest, InferRows, RowAnswer, RowsOutput, check_finite, validate,
+};
 use crate::model::ModelSpec;
 
 #[derive(Clone, Debug)]
@@ -78,7 +80,9 @@ impl Router {
         let model = self.check(&req)?;
         let _permit =
             self.inner.permits.clone().acquire_owned().await.map_err(|_| InferError::ShuttingDown)?;
-        self.one_row(model, &req, None, 1).await.expect("without a deadline there is an answer")
+        self.one_row(model, self.one(model, &req), None, 1)
+            .await
+            .expect("without a deadline there is an answer")
     }
 
     /// Run one request with a deadline on the work, not on the waiting: admission to a full pool
@@ -96,77 +100,85 @@ impl Router {
         let Ok(_permit) = self.inner.permits.clone().acquire_owned().await else {
             return Some(Err(InferError::ShuttingDown));
         };
-        self.one_row(model, &req, Some(deadline), 1).await
+        self.one_row(model, self.one(model, &req), Some(deadline), 1).await
     }
 
-    /// [`Router::infer_within`] for many requests at once (a partition's wave), answered in
-    /// their order: the valid ones go as one job per model and up to `max_batch_size` rows (and
-    /// the pool's capacity), all in flight together; a request that is invalid, or whose row
-    /// failed when run alone, gets its own error; `None` for the rows of a job whose deadline
-    /// passed.
-    pub async fn infer_many_within(
+    /// [`Router::infer_within`] for many rows of one model at once (a partition's wave), answered
+    /// row by row: the valid rows go as one job per `max_batch_size` rows (and the pool's
+    /// capacity), all in flight together, each with one permit per row, one queue hop and one
+    /// answer; a row with a value that is not finite, or that failed when run alone, gets its own
+    /// error; [`RowAnswer::TimedOut`] for the rows of a job whose deadline passed. A wave that fits
+    /// one job and is all valid is sent without a copy (the caller keeps its handle, to run a row
+    /// again).
+    pub async fn infer_rows_within(
         &self,
-        reqs: &[InferRequest],
+        model: &str,
+        rows: Arc<InferRows>,
         deadline: Duration,
-    ) -> Vec<Option<Result<InferOutput, InferError>>> {
-        let n = reqs.len();
-        let mut answers: Vec<Option<Option<Result<InferOutput, InferError>>>> =
-            (0..n).map(|_| None).collect();
-        // Valid requests by model, in order.
-        let mut by_model: Vec<(usize, Vec<(usize, &InferRequest)>)> = Vec::new();
-        for (i, req) in reqs.iter().enumerate() {
-            match self.check(req) {
-                Err(e) => answers[i] = Some(Some(Err(e))),
-                Ok(m) => match by_model.iter_mut().find(|(model, _)| *model == m) {
-                    Some((_, rows)) => rows.push((i, req)),
-                    None => by_model.push((m, vec![(i, req)])),
-                },
-            }
-        }
-        let mut jobs = Vec::new();
-        for (model, rows) in by_model {
-            let size = self.inner.specs[model].batch.max_batch_size.min(self.inner.capacity).max(1);
-            let mut rows = rows.into_iter().peekable();
-            while rows.peek().is_some() {
-                let (index, chunk): (Vec<usize>, Vec<&InferRequest>) = rows.by_ref().take(size).unzip();
-                jobs.push(self.many_rows(model, index, chunk, deadline));
-            }
-        }
-        for (i, answer) in futures::future::join_all(jobs).await.into_iter().flatten() {
-            answers[i] = Some(answer);
-        }
-        answers.into_iter().map(|a| a.expect("every request is answered")).collect()
-    }
-
-    /// One job of `reqs` (validated, of `model`), answered per request index. A job that was
-    /// running when its worker died goes on as one job per row, each isolated: one of its rows
-    /// may have killed the worker, and the others must not share its fate again.
-    async fn many_rows(
-        &self,
-        model: usize,
-        index: Vec<usize>,
-        reqs: Vec<&InferRequest>,
-        deadline: Duration,
-    ) -> Vec<(usize, Option<Result<InferOutput, InferError>>)> {
-        let count = u32::try_from(reqs.len()).unwrap_or(u32::MAX);
-        let Ok(_permit) = self.inner.permits.clone().acquire_many_owned(count).await else {
-            return index.into_iter().map(|i| (i, Some(Err(InferError::ShuttingDown)))).collect();
+    ) -> RowsOutput {
+        let n = rows.rows;
+        let Some(&m) = self.inner.by_name.get(model) else {
+            return RowsOutput::all(
+                n,
+                0,
+                RowAnswer::Failed(InferError::UnknownModel { model: model.into() }),
+            );
         };
-        let packed = self.pack(model, reqs.iter().copied());
-        let answers: Vec<Option<Result<InferOutput, InferError>>> =
-            match self.dispatch(model, packed, Some(deadline), 1, reqs.len() > 1).await {
-                Dispatched::Answered(Ok(out)) => {
-                    (0..reqs.len()).map(|k| Some(self.row(model, &out, k))).collect()
-                }
-                Dispatched::Answered(Err(e)) => reqs.iter().map(|_| Some(Err(e.clone()))).collect(),
-                Dispatched::TimedOut => reqs.iter().map(|_| None).collect(),
-                Dispatched::LostRunning { attempt } => {
-                    // Each row's retries go on from the attempt the wave used up.
-                    let alone = reqs.iter().map(|req| self.one_row(model, req, Some(deadline), attempt + 1));
-                    futures::future::join_all(alone).await
-                }
-            };
-        index.into_iter().zip(answers).collect()
+        let spec = &self.inner.specs[m];
+        let (f, h) = (spec.feature_count, spec.state_size);
+        let mut out = RowsOutput::all(n, h, RowAnswer::TimedOut);
+        for (input, per_row, got) in [("features", f, rows.features.len()), ("state", h, rows.state.len())] {
+            if got != n * per_row {
+                let e = InferError::Shape { model: spec.name.clone(), input, expected: n * per_row, got };
+                out.answers.fill(RowAnswer::Failed(e));
+                return out;
+            }
+        }
+        // Rows by job, as indices into `rows`; a copy only when a row is refused or the wave
+        // is larger than a job.
+        let mut valid = Vec::with_capacity(n);
+        for k in 0..n {
+            let (features, state) = rows.row(spec, k);
+            match check_finite("features", features).and_then(|()| check_finite("state", state)) {
+                Ok(()) => valid.push(k),
+                Err(e) => out.answers[k] = RowAnswer::Failed(e),
+            }
+        }
+        let size = spec.batch.max_batch_size.min(self.inner.capacity).max(1);
+        let jobs: Vec<(Vec<usize>, Arc<InferRows>)> = if valid.len() == n && n <= size {
+            vec![(valid, rows)]
+        } else {
+            valid.chunks(size).map(|index| (index.to_vec(), Arc::new(rows.select(spec, index)))).collect()
+        };
+        let sent = jobs
+            .into_iter()
+            .map(|(index, job)| async move { (index, self.rows_job(m, job, deadline).await) });
+        for (index, answer) in futures::future::join_all(sent).await {
+            out.fill(&index, answer);
+        }
+        out
+    }
+
+    /// One job of validated rows of `model`. A job that was running when its worker died goes
+    /// on as one job per row, each isolated: one of its rows may have killed the worker, and the
+    /// others must not share its fate again.
+    async fn rows_job(&self, model: usize, rows: Arc<InferRows>, deadline: Duration) -> JobAnswer {
+        let count = u32::try_from(rows.rows).unwrap_or(u32::MAX);
+        let Ok(_permit) = self.inner.permits.clone().acquire_many_owned(count).await else {
+            return JobAnswer::Whole(Some(Err(InferError::ShuttingDown)));
+        };
+        match self.dispatch(model, rows.clone(), Some(deadline), 1, rows.rows > 1).await {
+            Dispatched::Answered(out) => JobAnswer::Whole(Some(out)),
+            Dispatched::TimedOut => JobAnswer::Whole(None),
+            Dispatched::LostRunning { attempt } => {
+                // Each row's retries go on from the attempt the job used up.
+                let spec = &self.inner.specs[model];
+                let alone = (0..rows.rows).map(|k| {
+                    self.one_row(model, Arc::new(rows.select(spec, &[k])), Some(deadline), attempt + 1)
+                });
+                JobAnswer::ByRow(futures::future::join_all(alone).await)
+            }
+        }
     }
 
     /// Run one request, or fail at once with [`InferError::Overloaded`] if the pool is full.
@@ -178,62 +190,37 @@ impl Router {
                 InferError::Overloaded { capacity: self.inner.capacity }
             }
         })?;
-        self.one_row(model, &req, None, 1).await.expect("without a deadline there is an answer")
+        self.one_row(model, self.one(model, &req), None, 1)
+            .await
+            .expect("without a deadline there is an answer")
     }
 
-    /// One validated request as a job of one row, from attempt `attempt` (the caller holds its
+    /// One validated row as a job of its own, from attempt `attempt` (the caller holds its
     /// permit).
     async fn one_row(
         &self,
         model: usize,
-        req: &InferRequest,
+        row: Arc<InferRows>,
         deadline: Option<Duration>,
         attempt: usize,
     ) -> Option<Result<InferOutput, InferError>> {
-        match self.dispatch(model, self.pack(model, [req]), deadline, attempt, false).await {
-            Dispatched::Answered(out) => Some(out.and_then(|out| self.row(model, &out, 0))),
+        match self.dispatch(model, row, deadline, attempt, false).await {
+            Dispatched::Answered(Ok(out)) => Some(match out.failed.into_iter().next() {
+                Some((_, e)) => Err(e),
+                None => Ok(InferOutput::new(out.scores[0], out.new_state, out.served)),
+            }),
+            Dispatched::Answered(Err(e)) => Some(Err(e)),
             Dispatched::TimedOut => None,
             Dispatched::LostRunning { .. } => unreachable!("a job of one row is retried whole"),
         }
     }
 
-    /// Validated requests of `model` as one job's rows (a key without state gets zeros).
-    fn pack<'a>(&self, model: usize, reqs: impl IntoIterator<Item = &'a InferRequest>) -> Arc<JobRows> {
+    /// A request as a job's row (checked first).
+    fn one(&self, model: usize, req: &InferRequest) -> Arc<InferRows> {
         let spec = &self.inner.specs[model];
-        let (f, h) = (spec.feature_count, spec.state_size);
-        let reqs = reqs.into_iter();
-        let hint = reqs.size_hint().0;
-        let mut rows =
-            JobRows { rows: 0, features: Vec::with_capacity(hint * f), state: Vec::with_capacity(hint * h) };
-        for req in reqs {
-            rows.rows += 1;
-            rows.features.extend_from_slice(&req.features);
-            if h > 0 {
-                match &req.state {
-                    Some(s) => rows.state.extend_from_slice(s),
-                    None => rows.state.resize(rows.state.len() + h, 0.0),
-                }
-            }
-        }
-        Arc::new(rows)
-    }
-
-    /// Row `k` of a job's answer.
-    fn row(&self, model: usize, out: &JobOutput, k: usize) -> Result<InferOutput, InferError> {
-        // `failed` is sorted by row.
-        if let Ok(i) = out.failed.binary_search_by_key(&k, |(row, _)| *row) {
-            return Err(out.failed[i].1.clone());
-        }
-        let h = self.inner.specs[model].state_size;
-        Ok(InferOutput {
-            score: out.scores[k],
-            new_state: out.new_state[k * h..(k + 1) * h].to_vec(),
-            model_version: out.model_version,
-            batch_size: out.batch_size,
-            device: out.device,
-            queue_time: out.queue_time,
-            compute_time: out.compute_time,
-        })
+        let mut row = InferRows::with_capacity(spec, 1);
+        row.push(spec, &req.features, req.state.as_deref()).expect("checked before");
+        Arc::new(row)
     }
 
     fn check(&self, req: &InferRequest) -> Result<usize, InferError> {
@@ -254,7 +241,7 @@ impl Router {
     async fn dispatch(
         &self,
         model: usize,
-        rows: Arc<JobRows>,
+        rows: Arc<InferRows>,
         deadline: Option<Duration>,
         first: usize,
         split: bool,
@@ -339,6 +326,65 @@ impl Router {
     /// Refuse new requests; those already admitted finish.
     pub(crate) fn close(&self) {
         self.inner.permits.close();
+    }
+}
+
+/// How one job of [`Router::infer_rows_within`] ended: for all its rows (`None`: the deadline
+/// passed), or row by row after its worker died running it.
+enum JobAnswer {
+    Whole(Option<Result<JobOutput, InferError>>),
+    ByRow(Vec<Option<Result<InferOutput, InferError>>>),
+}
+
+impl RowsOutput {
+    /// Write the answer of the job made of rows `index`.
+    fn fill(&mut self, index: &[usize], answer: JobAnswer) {
+        let h = self.state_size;
+        match answer {
+            JobAnswer::Whole(Some(Ok(job))) => {
+                if index.len() == self.len() {
+                    // The whole wave in one job: its buffers are the answer's.
+                    self.scores = job.scores;
+                    self.new_state = job.new_state;
+                } else {
+                    for (j, &k) in index.iter().enumerate() {
+                        self.scores[k] = job.scores[j];
+                        self.new_state[k * h..(k + 1) * h]
+                            .copy_from_slice(&job.new_state[j * h..(j + 1) * h]);
+                    }
+                }
+                for &k in index {
+                    self.answers[k] = RowAnswer::Scored(job.served);
+                }
+                // `failed` is by row of the job.
+                for (j, e) in job.failed {
+                    self.answers[index[j]] = RowAnswer::Failed(e);
+                }
+            }
+            JobAnswer::Whole(Some(Err(e))) => {
+                for &k in index {
+                    self.answers[k] = RowAnswer::Failed(e.clone());
+                }
+            }
+            JobAnswer::Whole(None) => {
+                for &k in index {
+                    self.answers[k] = RowAnswer::TimedOut;
+                }
+            }
+            JobAnswer::ByRow(rows) => {
+                for (&k, row) in index.iter().zip(rows) {
+                    self.answers[k] = match row {
+                        Some(Ok(o)) => {
+                            self.scores[k] = o.score;
+                            self.new_state[k * h..(k + 1) * h].copy_from_slice(&o.new_state);
+                            RowAnswer::Scored(o.served())
+                        }
+                        Some(Err(e)) => RowAnswer::Failed(e),
+                        None => RowAnswer::TimedOut,
+                    };
+                }
+            }
+        }
     }
 }
 

@@ -8,7 +8,8 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::*;
 use crate::inference::{
-    BackendError, BatchInput, BatchOutput, InferError, InferOutput, InferRequest, InferenceBackend,
+    BackendError, BatchInput, BatchOutput, InferError, InferOutput, InferRequest, InferRows,
+    InferenceBackend, RowAnswer,
 };
 use crate::model::BatchPolicy;
 
@@ -464,33 +465,61 @@ where
     }
 }
 
+/// `firsts` as the rows of one wave (features `[x, 1, 2]`, no state).
+fn wave(firsts: &[f32]) -> Arc<InferRows> {
+    let spec = spec(batched());
+    let mut rows = InferRows::with_capacity(&spec, firsts.len());
+    for &x in firsts {
+        rows.push(&spec, &[x, 1.0, 2.0], None).unwrap();
+    }
+    Arc::new(rows)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wave_is_answered_row_by_row_in_order_and_invalid_rows_fail_alone() {
     let h = start(1, 64, batched(), None).await;
     let router = h.pool.router();
-    let mut reqs: Vec<InferRequest> =
-        (0..20).map(|i| req(i as f32, (i % 2 == 0).then(|| vec![0.5, i as f32]))).collect();
-    reqs.insert(5, InferRequest { features: vec![1.0], ..req(1.0, None) });
-    reqs.insert(9, InferRequest { model: "nope".into(), ..req(1.0, None) });
-    let answers = router.infer_many_within(&reqs, Duration::from_secs(10)).await;
-    assert_eq!(answers.len(), reqs.len());
-    for (r, a) in reqs.iter().zip(&answers) {
-        let a = a.as_ref().expect("answered in time");
-        if &*r.model == "nope" {
-            assert!(matches!(a, Err(InferError::UnknownModel { .. })), "{a:?}");
-        } else if r.features.len() != F {
-            assert!(matches!(a, Err(InferError::Shape { .. })), "{a:?}");
-        } else {
-            let out = a.as_ref().unwrap();
-            let (x, s) = (r.features[0], r.state.clone().unwrap_or(vec![0.0; H]));
-            assert_eq!(out.score, x + 3.0 + s.iter().sum::<f32>(), "row {x}");
-            assert_eq!(out.new_state, s.iter().map(|v| v + x).collect::<Vec<_>>(), "row {x}");
-            assert_eq!(out.model_version, 7);
+    let spec = spec(batched());
+    let mut rows = InferRows::with_capacity(&spec, 21);
+    for i in 0..21 {
+        let x = if i == 5 { f32::NAN } else { i as f32 };
+        rows.push(&spec, &[x, 1.0, 2.0], (i % 2 == 0).then_some(&[0.5, i as f32][..])).unwrap();
+    }
+    let wrong = InferError::Shape { model: "m".into(), input: "features", expected: 3, got: 1 };
+    assert_eq!(rows.push(&spec, &[1.0], None), Err(wrong), "a row of the wrong shape is refused");
+    assert_eq!(rows.rows, 21, "and not appended");
+    let rows = Arc::new(rows);
+    let out = router.infer_rows_within("m", rows.clone(), Duration::from_secs(10)).await;
+    assert_eq!(out.len(), 21);
+    for k in 0..21 {
+        let (x, s) = (k as f32, if k % 2 == 0 { vec![0.5, k as f32] } else { vec![0.0; H] });
+        match out.get(k).expect("answered in time") {
+            Err(e) => {
+                assert_eq!(k, 5, "only the NaN row fails: {e}");
+                assert!(matches!(e, InferError::ValueRange { input: "features", index: 0, .. }), "{e:?}");
+            }
+            Ok(o) => {
+                assert_eq!(o.score, x + 3.0 + s.iter().sum::<f32>(), "row {k}");
+                assert_eq!(o.new_state, s.iter().map(|v| v + x).collect::<Vec<_>>(), "row {k}");
+                assert_eq!(o.model_version, 7);
+                assert!(o.batch_size <= 8, "{o:?}");
+            }
         }
     }
     let sizes = h.record.batch_sizes.lock().unwrap().clone();
     assert_eq!(sizes.iter().sum::<usize>(), 20, "each valid row ran once: {sizes:?}");
     assert!(sizes.iter().all(|&s| s <= 8), "{sizes:?}");
+
+    // A wave of an unknown model, or whose values do not add up to its rows, is refused whole.
+    let out = router.infer_rows_within("nope", rows.clone(), Duration::from_secs(10)).await;
+    assert!(out.answers.iter().all(|a| matches!(a, RowAnswer::Failed(InferError::UnknownModel { .. }))));
+    let short = InferRows { state: vec![0.0; 3], ..(*rows).clone() };
+    let out = router.infer_rows_within("m", Arc::new(short), Duration::from_secs(10)).await;
+    assert_eq!(out.len(), 21);
+    assert!(
+        out.answers.iter().all(|a| matches!(a, RowAnswer::Failed(InferError::Shape { input: "state", .. })))
+    );
+    assert_eq!(h.record.batch_sizes.lock().unwrap().len(), sizes.len(), "nothing more reached the backend");
     assert_eq!(router.load().0, 0);
     h.pool.shutdown().await;
 }
@@ -500,10 +529,9 @@ async fn a_row_that_fails_in_a_wave_fails_alone_and_its_wave_mates_are_scored() 
     let h = start(1, 64, batched(), None).await;
     let router = h.pool.router();
     let firsts = [1.0, 2.0, PANIC, 3.0, 4.0, 5.0, FAIL, 6.0];
-    let reqs: Vec<InferRequest> = firsts.iter().map(|&f| req(f, None)).collect();
-    let answers = router.infer_many_within(&reqs, Duration::from_secs(10)).await;
-    for (f, answer) in firsts.iter().zip(answers) {
-        let answer = answer.expect("answered in time");
+    let out = router.infer_rows_within("m", wave(&firsts), Duration::from_secs(10)).await;
+    for (k, f) in firsts.iter().enumerate() {
+        let answer = out.get(k).expect("answered in time");
         match *f {
             PANIC => assert!(matches!(answer, Err(InferError::Panicked(_))), "{answer:?}"),
             FAIL => assert!(matches!(answer, Err(InferError::Backend(_))), "{answer:?}"),
@@ -522,10 +550,9 @@ async fn a_wave_whose_row_kills_the_worker_goes_on_row_by_row_and_only_that_row_
     let h = start(1, 64, batched(), None).await;
     let router = h.pool.router();
     let firsts = [1.0, 2.0, DEVICE_LOST, 3.0, 4.0];
-    let reqs: Vec<InferRequest> = firsts.iter().map(|&f| req(f, None)).collect();
-    let answers = router.infer_many_within(&reqs, Duration::from_secs(10)).await;
-    for (f, answer) in firsts.iter().zip(answers) {
-        let answer = answer.expect("answered in time");
+    let out = router.infer_rows_within("m", wave(&firsts), Duration::from_secs(10)).await;
+    for (k, f) in firsts.iter().enumerate() {
+        let answer = out.get(k).expect("answered in time");
         if *f == DEVICE_LOST {
             assert!(matches!(answer, Err(InferError::WorkerLost { attempts: 4 })), "{answer:?}");
         } else {
