@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent setup for partita: Debian packages, LibTorch (PyPI torch in a cached virtualenv),
 # the Apache Kafka and Apache Cassandra server jars from Maven Central (pinned in
-# scripts/jars/*/pom.xml), and a shared cargo target directory.
+# scripts/jars/*/pom.xml), the Helm chart's validation tools (scripts/chart/tools.sh), and a
+# shared cargo target directory.
 #
 # Everything lives in $PARTITA_CACHE (default ~/.cache/partita), outside the checkout, so a fresh
 # clone on the same machine reuses it. A second run takes seconds.
@@ -105,6 +106,11 @@ if [ "$(cat "$JARS/launcher/.stamp" 2>/dev/null)" != "$stamp" ]; then
     echo "$stamp" > "$JARS/launcher/.stamp"
 fi
 rm -rf "$TOOLS/bin/nisshi" "$CACHE/nisshi-build" # the Kafka-protocol stand-in used before
+
+# 4. The Helm chart's offline checks: helm (built from its Go module), kubernetes-validate and
+#    checkov (PyPI), the operators' CRDs (Go modules, Maven Central).
+need_java mvn
+PARTITA_CACHE="$CACHE" bash "$HERE/chart/tools.sh"
 
 print_env > "$CACHE/env.sh"
 log "ready in $(( $(date +%s) - start ))s; environment in $CACHE/env.sh"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The README's test command: set up what is missing, then format check, lints, and every test.
+# The README's test command: set up what is missing, then format check, lints, every test, and
+# the Helm chart's offline validation.
 # Prints each phase's duration. The tests start their own Apache Kafka and Cassandra processes
 # (jars fetched by setup); a server that cannot start fails its tests, nothing is skipped.
 set -euo pipefail
@@ -24,4 +25,6 @@ features=(--features partita-runtime/failpoints)
 phase clippy cargo clippy --workspace --all-targets --locked "${features[@]}" -- -D warnings
 phase build cargo test --workspace --locked "${features[@]}" --no-run
 phase tests cargo test --workspace --locked "${features[@]}"
+# The Helm chart rendered and validated offline; check-config runs the binary built above.
+phase chart bash scripts/chart/check.sh
 echo "[test] total: $(( $(date +%s) - total )) s" >&2

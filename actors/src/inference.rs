@@ -251,6 +251,10 @@ pub fn validate(spec: &ModelSpec, req: &InferRequest) -> Result<(), InferError> 
 }
 
 pub(crate) fn check_finite(input: &'static str, values: &[f32]) -> Result<(), InferError> {
+    // The common case in one pass without an early exit (vectorised), then where it failed.
+    if values.iter().fold(true, |ok, v| ok & v.is_finite()) {
+        return Ok(());
+    }
     match values.iter().position(|v| !v.is_finite()) {
         Some(index) => Err(InferError::ValueRange { input, index, value: values[index] }),
         None => Ok(()),

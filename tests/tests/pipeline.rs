@@ -383,7 +383,7 @@ async fn metrics_match_what_was_processed_and_readiness_follows_the_node() {
     }
     // Every series the shipped Grafana dashboard queries is served.
     let dashboard =
-        std::fs::read_to_string(partita_tests::repo_root().join("deploy/grafana/partita-dashboard.json"))
+        std::fs::read_to_string(partita_tests::repo_root().join("deploy/partita/dashboards/partita.json"))
             .expect("the dashboard");
     let queried = dashboard_series(&dashboard);
     assert!(queried.len() >= 10, "too few series found in the dashboard: {queried:?}");

@@ -18,6 +18,11 @@ pub struct SchemaArgs {
     /// datacenter.
     #[arg(long = "replication", value_parser = Replication::parse, default_value = "datacenter1=3")]
     pub replication: Vec<Replication>,
+    /// CQL user (with `--password`), as the nodes' `[state] cql_username`.
+    #[arg(long, env = "PARTITA_STATE__CQL_USERNAME", requires = "password")]
+    pub username: Option<String>,
+    #[arg(long, env = "PARTITA_STATE__CQL_PASSWORD", hide_env_values = true, requires = "username")]
+    pub password: Option<String>,
     /// Connect and create the keyspace and tables (idempotent).
     #[arg(long, requires = "uri")]
     pub apply: bool,
@@ -29,6 +34,8 @@ impl SchemaArgs {
         c.keyspace = self.keyspace.clone();
         c.replication = self.replication.iter().flat_map(|r| r.0.clone()).collect::<BTreeMap<_, _>>();
         c.request_timeout = Duration::from_secs(10);
+        c.username = self.username.clone();
+        c.password = self.password.clone();
         c
     }
 }

@@ -67,6 +67,8 @@ const SETTINGS: &[Setting] = &[
     s("state", "cql_datacenter", "--cql-datacenter"),
     s("state", "cql_replication", "--cql-replication"),
     s("state", "cql_consistency", "--cql-consistency"),
+    s("state", "cql_username", "--cql-username"),
+    s("state", "cql_password", "--cql-password"),
     s("partition", "max_batch", "--max-batch"),
     s("partition", "max_waves", "--max-waves"),
     s("partition", "max_pending_batches", "--max-pending-batches"),
@@ -322,6 +324,10 @@ pub fn cross_check(o: &NodeOptions) -> Vec<String> {
                 .to_owned(),
         );
     }
+    if o.cql_username.is_some() != o.cql_password.is_some() {
+        problems
+            .push("[state] cql_username and cql_password go together (password authentication)".to_owned());
+    }
     if o.state_backend == crate::state::Backend::Cql {
         match o.cql_datacenter.as_deref() {
             Some("") => {
@@ -435,6 +441,19 @@ mod tests {
         assert!(problems[0].contains("\"ap-south\" is not in cql_replication"), "{problems:?}");
         local.cql_datacenter = Some(String::new());
         assert!(cross_check(&local)[0].contains("cql_datacenter is empty"));
+    }
+
+    #[test]
+    fn cql_credentials_come_in_pairs_reach_the_driver_and_are_never_printed() {
+        let f = file("[state]\nbackend = \"cql\"\ncql_username = \"partita\"\n");
+        let secret = [("PARTITA_STATE__CQL_PASSWORD".to_owned(), "hunter2".to_owned())];
+        let o = parse(&layer(Some(f.path()), secret, &[]));
+        assert!(cross_check(&o).is_empty(), "{:?}", cross_check(&o));
+        let c = o.cql();
+        assert_eq!((c.username.as_deref(), c.password.as_deref()), (Some("partita"), Some("hunter2")));
+        assert!(!format!("{o:?}").contains("hunter2"), "check-config prints the options");
+        let alone = parse(&layer(Some(f.path()), [], &[]));
+        assert!(cross_check(&alone)[0].contains("cql_username and cql_password go together"));
     }
 
     #[test]

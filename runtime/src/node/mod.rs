@@ -141,6 +141,13 @@ pub struct NodeOptions {
     /// Consistency of state reads and writes (the epoch fence uses the matching serial level).
     #[arg(long, value_enum, default_value = "local_quorum")]
     pub cql_consistency: CqlConsistency,
+    /// CQL user (password authentication; with `cql_password`). Unset: no authentication.
+    #[arg(long)]
+    pub cql_username: Option<String>,
+    /// CQL password: better from the environment (PARTITA_STATE__CQL_PASSWORD, e.g. from a
+    /// Kubernetes Secret) than from a file. Never printed.
+    #[arg(long)]
+    pub cql_password: Option<Redacted>,
     /// Byte budget of the state cache (e.g. 256MiB).
     #[arg(long, default_value = "256MiB")]
     pub cache_size: bytesize::ByteSize,
@@ -271,6 +278,8 @@ impl NodeOptions {
             datacenter: self.cql_datacenter.clone(),
             zone: self.cql_datacenter.as_ref().map(|_| self.zone.clone()),
             consistency: self.cql_consistency,
+            username: self.cql_username.clone(),
+            password: self.cql_password.as_ref().map(|p| p.0.clone()),
             ..ScyllaConfig::new(&self.cql_uri)
         }
     }
@@ -537,5 +546,23 @@ impl Node {
         self.metrics.detach();
         self.pool.shutdown().await;
         result.map(|()| NodeSummary { counters: self.counters })
+    }
+}
+
+/// A secret setting: parsed like a string, shown as `"***"` (check-config prints the options).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Redacted(pub String);
+
+impl std::str::FromStr for Redacted {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"***\"")
     }
 }
