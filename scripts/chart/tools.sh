@@ -2,7 +2,7 @@
 # The chart's offline validation tools, in $PARTITA_CACHE (called by scripts/setup.sh):
 #   - helm (Go module helm.sh/helm/v3, built once; `helm template` defaults to Kubernetes 1.33),
 #   - a virtualenv with kubernetes-validate (Kubernetes' OpenAPI schemas per version) and checkov,
-#   - the operators' CRDs: KEDA, Prometheus Operator, cert-manager, Scylla Operator from their Go
+#   - the operators' CRDs: KEDA, Prometheus Operator, Scylla Operator from their Go
 #     modules; Strimzi's generated from its API jars (Maven Central).
 # Each part is redone only when its pinned versions (the stamp) change.
 set -euo pipefail
@@ -16,7 +16,6 @@ CHECKOV_VERSION=3.3.30
 CRD_MODULES=(
     "github.com/kedacore/keda/v2@v2.21.0 config/crd/bases/keda.sh_scaledobjects.yaml config/crd/bases/keda.sh_triggerauthentications.yaml"
     "github.com/prometheus-operator/prometheus-operator@v0.85.0 example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml"
-    "github.com/cert-manager/cert-manager@v1.21.2 deploy/crds/cert-manager.io_certificates.yaml"
     "github.com/scylladb/scylla-operator@v1.14.0 pkg/api/scylla/v1/scylla.scylladb.com_scyllaclusters.yaml"
 )
 log() { printf '[setup] %s\n' "$*" >&2; }
