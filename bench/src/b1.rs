@@ -429,7 +429,7 @@ async fn main() -> anyhow::Result<()> {
             "bench": "B1",
             "git": git_rev(),
             "model": spec.name,
-            "device": format!("{:?}", args.device),
+            "device": format!("{device:?}"),
             "batch": b,
             "bare_rows_per_s": bare.median,
             "batched_rows_per_s": batched.median,
