@@ -288,7 +288,7 @@ pub struct BatchInput<'a> {
 }
 
 /// What the backend returns for a batch.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 pub struct BatchOutput {
     /// One score per row.
     pub scores: Vec<f32>,

@@ -5,7 +5,8 @@
 //! 2. **pool, saturated**: the worker pool with the model's dynamic batching, kept full by many
 //!    concurrent callers, each sending waves of `--wave` rows (`Router::infer_rows_within`, what a
 //!    partition actor sends): throughput, mean batch size. `ratio_vs_bare` = pool / bare, the
-//!    median of the runs' ratios (each run measures both back to back). The same with one row
+//!    median of the runs' ratios (each run takes `--slices` turns between the two, so a change
+//!    in the machine's speed weighs on both alike). The same with one row
 //!    per request (`Router::infer`) is printed beside it (`ratio_vs_bare_per_row`).
 //! 3. **unbatched, saturated**: the same pool with batching off. `gain_vs_unbatched` = pool / unbatched.
 //! 4. **open loop** at several offered rates, for both: latency measured from the *scheduled* send
@@ -51,6 +52,9 @@ struct Args {
     /// Rows per request in the saturated wave measurement (a partition's wave).
     #[arg(long, default_value_t = 32)]
     wave: usize,
+    /// Turns per run between the pool and the bare loop (each `seconds / slices` long).
+    #[arg(long, default_value_t = 6)]
+    slices: usize,
 }
 
 /// Random rows, generated once; requests clone them (as a caller building requests would).
@@ -101,17 +105,45 @@ fn sjson(s: Stat) -> serde_json::Value {
     json!({"median": s.median, "min": s.min, "max": s.max})
 }
 
-/// Rows per second of a bare forward loop at batch size `b` on `device` (the pool's): inputs
-/// copied to the device, outputs copied back, as the pool does.
+/// A bare forward loop on a thread of its own, holding the model on `device` (the pool's): asked
+/// to run at batch size `b` for a while, it answers the rows it ran and the seconds it took.
+/// Inputs are copied to the device and outputs back, as the pool does.
+struct BareLoop {
+    tx: std::sync::mpsc::Sender<BareTurn>,
+}
+
+/// Batch size, seconds, and where to send (rows, seconds).
+type BareTurn = (usize, f64, std::sync::mpsc::Sender<(usize, f64)>);
+
+impl BareLoop {
+    fn start(path: &std::path::Path, spec: &ModelSpec, rows: &Arc<Rows>, device: tch::Device) -> Self {
+        let module = CModule::load_on_device(path, device).unwrap();
+        let (spec, rows) = (spec.clone(), rows.clone());
+        let (tx, rx) = std::sync::mpsc::channel::<BareTurn>();
+        std::thread::spawn(move || {
+            for (b, seconds, reply) in rx {
+                let _ = reply.send(bare_loop(&module, &spec, &rows, b, seconds, device));
+            }
+        });
+        Self { tx }
+    }
+
+    /// (rows, seconds) of `seconds` of the loop at batch size `b`.
+    async fn run(&self, b: usize, seconds: f64) -> (usize, f64) {
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.tx.send((b, seconds, reply)).unwrap();
+        tokio::task::spawn_blocking(move || answer.recv().unwrap()).await.unwrap()
+    }
+}
+
 fn bare_loop(
-    path: &std::path::Path,
+    module: &CModule,
     spec: &ModelSpec,
     rows: &Rows,
     b: usize,
     seconds: f64,
     device: tch::Device,
-) -> f64 {
-    let module = CModule::load_on_device(path, device).unwrap();
+) -> (usize, f64) {
     let cpu = |t: &Tensor| t.to_device(tch::Device::Cpu);
     let _g = tch::no_grad_guard();
     let features: Vec<f32> = rows.features.iter().cycle().take(b).flatten().copied().collect();
@@ -136,7 +168,7 @@ fn bare_loop(
             }
         }
     };
-    for _ in 0..20 {
+    for _ in 0..3 {
         step();
     }
     let start = Instant::now();
@@ -145,7 +177,7 @@ fn bare_loop(
         std::hint::black_box(step());
         done += b;
     }
-    done as f64 / start.elapsed().as_secs_f64()
+    (done, start.elapsed().as_secs_f64())
 }
 
 /// Keep `concurrency` requests in flight for `seconds`; returns (rows/s, mean batch size).
@@ -155,7 +187,7 @@ async fn saturate(
     spec: &ModelSpec,
     concurrency: usize,
     seconds: f64,
-) -> (f64, f64) {
+) -> Saturated {
     let model: Arc<str> = spec.name.as_str().into();
     let stop = Instant::now() + Duration::from_secs_f64(seconds);
     let tasks: Vec<_> = (0..concurrency)
@@ -179,7 +211,7 @@ async fn saturate(
 
 /// Keep `callers` waves of `wave` rows in flight for `seconds`, each one
 /// `Router::infer_rows_within` call built and read as a partition actor does (rows appended to
-/// one buffer, each row's answer taken with its own new state); returns (rows/s, mean batch size).
+/// one buffer, each row's answer taken with its own new state).
 async fn saturate_waves(
     router: &Router,
     rows: &Arc<Rows>,
@@ -187,7 +219,7 @@ async fn saturate_waves(
     callers: usize,
     wave: usize,
     seconds: f64,
-) -> (f64, f64) {
+) -> Saturated {
     let stop = Instant::now() + Duration::from_secs_f64(seconds);
     let tasks: Vec<_> = (0..callers)
         .map(|c| {
@@ -215,16 +247,41 @@ async fn saturate_waves(
     rows_and_mean_batch(tasks).await
 }
 
-/// The callers' (rows, summed batch sizes), awaited: (rows/s, mean batch size).
-async fn rows_and_mean_batch(tasks: Vec<tokio::task::JoinHandle<(usize, usize)>>) -> (f64, f64) {
-    let start = Instant::now();
-    let (mut n, mut batch_sum) = (0, 0);
-    for t in tasks {
-        let (a, b) = t.await.unwrap();
-        n += a;
-        batch_sum += b;
+/// Rows answered in a saturated measurement, the seconds it took and the rows' summed batch sizes.
+#[derive(Debug, Default, Clone, Copy)]
+struct Saturated {
+    rows: usize,
+    seconds: f64,
+    batch_sum: usize,
+}
+
+impl Saturated {
+    fn rows_per_s(&self) -> f64 {
+        self.rows as f64 / self.seconds
     }
-    (n as f64 / start.elapsed().as_secs_f64(), batch_sum as f64 / n.max(1) as f64)
+
+    fn mean_batch(&self) -> f64 {
+        self.batch_sum as f64 / self.rows.max(1) as f64
+    }
+
+    fn add(&mut self, other: Self) {
+        self.rows += other.rows;
+        self.seconds += other.seconds;
+        self.batch_sum += other.batch_sum;
+    }
+}
+
+/// The callers' (rows, summed batch sizes), awaited.
+async fn rows_and_mean_batch(tasks: Vec<tokio::task::JoinHandle<(usize, usize)>>) -> Saturated {
+    let start = Instant::now();
+    let mut out = Saturated::default();
+    for t in tasks {
+        let (rows, batch_sum) = t.await.unwrap();
+        out.rows += rows;
+        out.batch_sum += batch_sum;
+    }
+    out.seconds = start.elapsed().as_secs_f64();
+    out
 }
 
 /// Offer `rate` requests/s for `seconds`, open loop; latencies from the scheduled send time.
@@ -317,23 +374,31 @@ async fn main() -> anyhow::Result<()> {
         spec.name, spec.version, args.device
     );
 
-    // The pool forms its own batch sizes under load; the bare loop then runs at the same size.
+    // The pool forms its own batch sizes under load; the bare loop then runs at the same size. A
+    // run takes turns, `--slices` times, between the pool (waves) and the bare loop, so a change in
+    // the machine's speed (other load, clock) weighs on both alike; its ratio is their rows/s, each
+    // summed over its slices. The one-row-per-request figure follows each run.
+    let limit = BareLoop::start(&entry.path, &spec, &rows, device);
+    let slice = args.seconds / args.slices.max(1) as f64;
     let mut bare = Vec::new();
     let mut batched = Vec::new();
     let mut per_row = Vec::new();
     let mut batch_sizes = Vec::new();
     for _ in 0..args.runs {
-        let (tput, mean_batch) =
-            saturate_waves(&pool.router(), &rows, &spec, wave_callers, wave, args.seconds).await;
-        batched.push(tput);
-        batch_sizes.push(mean_batch);
-        per_row.push(saturate(&pool.router(), &rows, &spec, concurrency, args.seconds).await.0);
-        let b = args.batch.unwrap_or(mean_batch.round() as usize).max(1);
-        let (path, s, r, secs) = (entry.path.clone(), spec.clone(), rows.clone(), args.seconds);
-        bare.push(tokio::task::spawn_blocking(move || bare_loop(&path, &s, &r, b, secs, device)).await?);
+        let (mut pool_run, mut bare_run) = (Saturated::default(), Saturated::default());
+        for _ in 0..args.slices.max(1) {
+            pool_run.add(saturate_waves(&pool.router(), &rows, &spec, wave_callers, wave, slice).await);
+            let b = args.batch.unwrap_or(pool_run.mean_batch().round() as usize).max(1);
+            let (rows, seconds) = limit.run(b, slice).await;
+            bare_run.add(Saturated { rows, seconds, batch_sum: rows * b });
+        }
+        batched.push(pool_run.rows_per_s());
+        batch_sizes.push(pool_run.mean_batch());
+        bare.push(bare_run.rows_per_s());
+        per_row.push(saturate(&pool.router(), &rows, &spec, concurrency, args.seconds).await.rows_per_s());
     }
-    // Each run's pool and bare loop ran back to back: their ratio is less exposed to the machine's
-    // drift between runs than the ratio of two medians.
+    // Each run's pool and bare loop ran interleaved: their ratio is less exposed to the machine's
+    // drift than the ratio of two medians.
     let ratios = stat(batched.iter().zip(&bare).map(|(p, b)| p / b).collect());
     let ratios_per_row = stat(per_row.iter().zip(&bare).map(|(p, b)| p / b).collect());
     let (bare, batched, per_row, mean_batch) = (stat(bare), stat(batched), stat(per_row), stat(batch_sizes));
@@ -348,7 +413,8 @@ async fn main() -> anyhow::Result<()> {
     let (unpool, _) = opts(true).start().await?;
     let mut unbatched = Vec::new();
     for _ in 0..args.runs {
-        unbatched.push(saturate(&unpool.router(), &rows, &spec, concurrency, args.seconds).await.0);
+        unbatched
+            .push(saturate(&unpool.router(), &rows, &spec, concurrency, args.seconds).await.rows_per_s());
     }
     let unbatched = stat(unbatched);
     println!("{}", json!({"name": "pool_unbatched_saturated", "rows_per_s": sjson(unbatched)}));

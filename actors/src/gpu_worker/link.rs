@@ -8,7 +8,7 @@ use crossbeam_channel::{Receiver, Sender};
 use tokio::sync::oneshot;
 
 use crate::batcher::Pending;
-use crate::inference::{Device, InferError, InferRows, ModelReady, Served};
+use crate::inference::{BatchOutput, Device, InferError, InferRows, ModelReady, Served};
 
 /// One queued job (one or more rows of one model), as it travels from the router to the worker
 /// thread. The batcher packs whole jobs; the worker answers each job once.
@@ -25,10 +25,29 @@ pub struct Job {
     /// Answered exactly once, by the worker thread (or dropped with the queue if the thread died,
     /// which the router reads as "worker lost" and retries).
     pub reply: oneshot::Sender<JobReply>,
-    /// Told by the worker thread when the job enters a `forward`: its deadline starts then (the
-    /// wait in the queue is not timed), and if the worker is then abandoned as hung, the job ran
-    /// (it counts against its retries); if not, it only waited.
-    pub started: Option<oneshot::Sender<()>>,
+    /// Written by the worker thread when the job enters a `forward`: its deadline starts then (the
+    /// wait in the queue is not timed), and if the worker is then lost or abandoned as hung, the
+    /// job ran (it counts against its retries); if not, it only waited. Read, not signalled: the
+    /// waiting caller is woken once per job, by its answer.
+    pub started: Arc<JobStart>,
+}
+
+/// When a job entered a `forward` (µs since [`EPOCH`] + 1; 0 until then).
+#[derive(Debug, Default)]
+pub struct JobStart(AtomicU64);
+
+impl JobStart {
+    pub(crate) fn mark(&self, at: Instant) {
+        self.0.store(micros_since_epoch(at), Ordering::Release);
+    }
+
+    /// When the job's first `forward` started; `None` while it waits in the queue.
+    pub fn at(&self) -> Option<Instant> {
+        match self.0.load(Ordering::Acquire) {
+            0 => None,
+            m => Some(*EPOCH + Duration::from_micros(m - 1)),
+        }
+    }
 }
 
 /// What the worker thread answers a job with.
@@ -37,15 +56,42 @@ pub type JobReply = Result<JobOutput, JobFailure>;
 /// The answer for a job's rows.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobOutput {
-    /// One per row (NaN for a failed row).
-    pub scores: Vec<f32>,
-    /// `rows × state_size` values for a stateful model (zeros for a failed row), else empty.
-    pub new_state: Vec<f32>,
+    pub values: JobValues,
     /// Rows that failed when run alone, with why, sorted by row; their batch-mates have their
     /// scores.
     pub failed: Vec<(usize, InferError)>,
     /// Of the first `forward` that served the job (if it was split).
     pub served: Served,
+}
+
+/// A job's scores and new states: one per row (NaN for a failed row), and `rows × state_size`
+/// values for a stateful model (zeros for a failed row), else none.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobValues {
+    /// Rows `start..start + rows` of the output of the one `forward` that ran the whole job
+    /// (the common case): the worker thread, which feeds the device, neither allocates nor copies
+    /// per job; the caller copies what it keeps.
+    Shared { batch: Arc<BatchOutput>, start: usize, rows: usize, state_size: usize },
+    /// Assembled row by row (a job that was split when its batch failed).
+    Owned { scores: Vec<f32>, new_state: Vec<f32> },
+}
+
+impl JobValues {
+    pub fn scores(&self) -> &[f32] {
+        match self {
+            Self::Shared { batch, start, rows, .. } => &batch.scores[*start..start + rows],
+            Self::Owned { scores, .. } => scores,
+        }
+    }
+
+    pub fn new_state(&self) -> &[f32] {
+        match self {
+            Self::Shared { batch, start, rows, state_size } => {
+                &batch.new_state[start * state_size..(start + rows) * state_size]
+            }
+            Self::Owned { new_state, .. } => new_state,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use crossbeam_channel::Receiver;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
-pub use link::{Job, JobFailure, JobOutput, JobReply, WorkerLink, WorkerShared};
+pub use link::{Job, JobFailure, JobOutput, JobReply, JobStart, JobValues, WorkerLink, WorkerShared};
 pub use thread::ThreadExit;
 use thread::{WorkerThread, panic_message};
 

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
-use super::link::{Job, JobFailure, JobOutput, WorkerShared};
+use super::link::{Job, JobFailure, JobOutput, JobValues, WorkerShared};
 use crate::batcher::{Batcher, Pending};
 use crate::inference::{
     BackendError, BatchInput, BatchOutput, Device, InferError, InferRows, InferenceBackend, Served,
@@ -176,16 +176,12 @@ impl WorkerThread {
     /// **alone** is answered with the error; every other row of its job and batch gets its score.
     fn execute(&mut self, m: usize, batch: Vec<Job>) -> Result<(), String> {
         let started = Instant::now();
-        let h = self.specs[m].state_size;
         let (mut rows, mut answers) = (Vec::with_capacity(batch.len()), Vec::with_capacity(batch.len()));
-        for mut job in batch {
-            if let Some(started) = job.started.take() {
-                let _ = started.send(());
-            }
+        for job in batch {
+            job.started.mark(started);
             let n = job.rows.rows;
             answers.push(Answer {
-                scores: vec![f32::NAN; n],
-                new_state: vec![0.0; n * h],
+                values: None,
                 failed: Vec::new(),
                 batch_size: 0,
                 done: 0,
@@ -227,6 +223,7 @@ impl WorkerThread {
         let h = self.specs[m].state_size;
         match self.forward(m, jobs, &segments, rows) {
             Ok(out) => {
+                let out = Arc::new(out);
                 let mut at = 0;
                 for (j, range) in &segments {
                     let a = &mut answers[*j];
@@ -235,9 +232,16 @@ impl WorkerThread {
                     }
                     let n = range.len();
                     a.done += n;
-                    a.scores[range.clone()].copy_from_slice(&out.scores[at..at + n]);
-                    a.new_state[range.start * h..range.end * h]
-                        .copy_from_slice(&out.new_state[at * h..(at + n) * h]);
+                    if n == a.rows {
+                        // The whole job in this `forward`: its answer is a view of the output.
+                        a.values =
+                            Some(JobValues::Shared { batch: out.clone(), start: at, rows: n, state_size: h });
+                    } else {
+                        let (scores, new_state) = a.owned(h);
+                        scores[range.clone()].copy_from_slice(&out.scores[at..at + n]);
+                        new_state[range.start * h..range.end * h]
+                            .copy_from_slice(&out.new_state[at * h..(at + n) * h]);
+                    }
                     at += n;
                     self.answer_if_done(m, a, started);
                 }
@@ -257,6 +261,7 @@ impl WorkerThread {
                 tracing::warn!(model = %self.specs[m].name, error = %err, "row failed alone");
                 for (j, range) in segments {
                     let a = &mut answers[j];
+                    a.owned(self.specs[m].state_size);
                     a.failed.push((range.start, err.clone()));
                     a.done += 1;
                     self.answer_if_done(m, a, started);
@@ -276,8 +281,7 @@ impl WorkerThread {
         let mut failed = std::mem::take(&mut a.failed);
         failed.sort_unstable_by_key(|(row, _)| *row);
         let output = JobOutput {
-            scores: std::mem::take(&mut a.scores),
-            new_state: std::mem::take(&mut a.new_state),
+            values: a.values.take().expect("every row answered"),
             failed,
             served: Served {
                 model_version: self.specs[m].version,
@@ -302,16 +306,24 @@ impl WorkerThread {
         fail::fail_point!("forward");
         let spec = &self.specs[m];
         let (f, h) = (spec.feature_count, spec.state_size);
-        self.features.clear();
-        self.state.clear();
-        for (j, range) in segments {
-            let job = &jobs[*j];
-            self.features.extend_from_slice(&job.features[range.start * f..range.end * f]);
-            if spec.is_stateful() {
-                self.state.extend_from_slice(&job.state[range.start * h..range.end * h]);
+        let input = match segments {
+            // One job's rows are contiguous already.
+            [(j, range)] => BatchInput {
+                rows,
+                features: &jobs[*j].features[range.start * f..range.end * f],
+                state: &jobs[*j].state[range.start * h..range.end * h],
+            },
+            _ => {
+                self.features.clear();
+                self.state.clear();
+                for (j, range) in segments {
+                    let job = &jobs[*j];
+                    self.features.extend_from_slice(&job.features[range.start * f..range.end * f]);
+                    self.state.extend_from_slice(&job.state[range.start * h..range.end * h]);
+                }
+                BatchInput { rows, features: &self.features, state: &self.state }
             }
-        }
-        let input = BatchInput { rows, features: &self.features, state: &self.state };
+        };
         let backend = &mut self.backend;
         self.shared.set_busy(Some(Instant::now()));
         let result = catch_unwind(AssertUnwindSafe(|| backend.run(m, &input)));
@@ -356,8 +368,9 @@ fn halves(segments: Vec<Segment>, n: usize) -> (Vec<Segment>, Vec<Segment>) {
 
 /// A job's answer as its rows come out of the batch, and where it goes.
 struct Answer {
-    scores: Vec<f32>,
-    new_state: Vec<f32>,
+    /// Set when its rows come out: a view of the one `forward` that ran them all, or buffers
+    /// filled piece by piece when its batch was split.
+    values: Option<JobValues>,
     failed: Vec<(usize, InferError)>,
     /// Rows of the first `forward` that served it.
     batch_size: usize,
@@ -367,6 +380,21 @@ struct Answer {
     queue_time: std::time::Duration,
     /// Taken when the answer is sent.
     reply: Option<tokio::sync::oneshot::Sender<super::link::JobReply>>,
+}
+
+impl Answer {
+    /// Buffers for its rows, to fill piece by piece (NaN and zeros until then).
+    fn owned(&mut self, state_size: usize) -> (&mut Vec<f32>, &mut Vec<f32>) {
+        let rows = self.rows;
+        let values = self.values.get_or_insert_with(|| JobValues::Owned {
+            scores: vec![f32::NAN; rows],
+            new_state: vec![0.0; rows * state_size],
+        });
+        match values {
+            JobValues::Owned { scores, new_state } => (scores, new_state),
+            JobValues::Shared { .. } => unreachable!("a job run whole is answered at once"),
+        }
+    }
 }
 
 /// The device died during a batch: the jobs in the `forward` that failed (`ran`).

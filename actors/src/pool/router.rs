@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, oneshot};
 
-use crate::gpu_worker::{Job, JobFailure, JobOutput, JobReply, WorkerLink};
+use crate::gpu_worker::{Job, JobFailure, JobOutput, JobReply, JobStart, JobValues, WorkerLink};
 use crate::inference::{
     InferError, InferOutput, InferRequest, InferRows, RowAnswer, RowsOutput, check_finite, validate,
 };
@@ -207,7 +207,9 @@ impl Router {
         match self.dispatch(model, row, deadline, attempt, false).await {
             Dispatched::Answered(Ok(out)) => Some(match out.failed.into_iter().next() {
                 Some((_, e)) => Err(e),
-                None => Ok(InferOutput::new(out.scores[0], out.new_state, out.served)),
+                None => {
+                    Ok(InferOutput::new(out.values.scores()[0], out.values.new_state().to_vec(), out.served))
+                }
             }),
             Dispatched::Answered(Err(e)) => Some(Err(e)),
             Dispatched::TimedOut => None,
@@ -263,14 +265,14 @@ impl Router {
             };
             let (reply, answer) = oneshot::channel();
             let isolate = attempt > 1 || handbacks > 0;
-            let (started_tx, started) = oneshot::channel();
+            let started = Arc::new(JobStart::default());
             let job = Job {
                 model,
                 rows: rows.clone(),
                 enqueued_at: Instant::now(),
                 isolate,
                 reply,
-                started: Some(started_tx),
+                started: started.clone(),
             };
             if link.try_send(job).is_err() {
                 // Its thread is gone: wait for the supervisor like when no worker is healthy.
@@ -282,17 +284,17 @@ impl Router {
                 continue;
             }
             waits = 0;
-            let Some(answer) = wait_for_answer(answer, started, &link, deadline).await else {
+            let Some(answer) = wait_for_answer(answer, &started, &link, deadline).await else {
                 return Dispatched::TimedOut;
             };
             match answer {
-                Ok(Ok(output)) => return Dispatched::Answered(Ok(output)),
-                Ok(Err(JobFailure::Error(e))) => return Dispatched::Answered(Err(e)),
-                Ok(Err(JobFailure::Lost { ran: false })) if handbacks < max_handbacks => {
+                Ok(output) => return Dispatched::Answered(Ok(output)),
+                Err(JobFailure::Error(e)) => return Dispatched::Answered(Err(e)),
+                Err(JobFailure::Lost { ran: false }) if handbacks < max_handbacks => {
                     handbacks += 1;
                     tracing::debug!(worker = link.index, "worker handed back a request unrun; retrying");
                 }
-                Ok(Err(JobFailure::Lost { ran: true })) if split => {
+                Err(JobFailure::Lost { ran: true }) if split => {
                     return Dispatched::LostRunning { attempt };
                 }
                 // Ran in the batch that killed the worker, or its queue vanished with it.
@@ -342,15 +344,24 @@ impl RowsOutput {
         let h = self.state_size;
         match answer {
             JobAnswer::Whole(Some(Ok(job))) => {
-                if index.len() == self.len() {
-                    // The whole wave in one job: its buffers are the answer's.
-                    self.scores = job.scores;
-                    self.new_state = job.new_state;
-                } else {
-                    for (j, &k) in index.iter().enumerate() {
-                        self.scores[k] = job.scores[j];
-                        self.new_state[k * h..(k + 1) * h]
-                            .copy_from_slice(&job.new_state[j * h..(j + 1) * h]);
+                match job.values {
+                    // The whole wave in one job, assembled for it: its buffers are the answer's.
+                    JobValues::Owned { scores, new_state } if index.len() == self.len() => {
+                        self.scores = scores;
+                        self.new_state = new_state;
+                    }
+                    // The whole wave in one job: rows in the same order.
+                    values if index.len() == self.len() => {
+                        self.scores.copy_from_slice(values.scores());
+                        self.new_state.copy_from_slice(values.new_state());
+                    }
+                    values => {
+                        let (scores, new_state) = (values.scores(), values.new_state());
+                        for (j, &k) in index.iter().enumerate() {
+                            self.scores[k] = scores[j];
+                            self.new_state[k * h..(k + 1) * h]
+                                .copy_from_slice(&new_state[j * h..(j + 1) * h]);
+                        }
                     }
                 }
                 for &k in index {
@@ -399,36 +410,42 @@ enum Dispatched {
     },
 }
 
-/// One attempt's answer. A hung worker never answers: its supervisor abandons it, and the request
-/// goes on as if the worker had died with it (`ran` when its batch had started). With a
-/// `deadline`, the clock starts when the job's batch starts (queueing is not timed); `None` once
-/// it has passed.
+/// One attempt's answer. A hung worker never answers: its supervisor abandons it, and the job
+/// goes on as if the worker had died with it; so does a job whose reply was dropped (its worker
+/// went away). Either way it `ran` if its batch had started. With a `deadline`, the clock starts
+/// when the job's batch starts (queueing is not timed); `None` once it has passed. The start is
+/// read from `started` when a timer fires that cannot fire late (armed for `deadline` after the
+/// latest possible start), so the worker thread wakes this task only to answer it.
 async fn wait_for_answer(
     mut answer: oneshot::Receiver<JobReply>,
-    mut started: oneshot::Receiver<()>,
+    started: &JobStart,
     link: &WorkerLink,
     deadline: Option<Duration>,
-) -> Option<Result<JobReply, oneshot::error::RecvError>> {
+) -> Option<JobReply> {
     let abandoned = link.shared.abandoned();
     tokio::pin!(abandoned);
-    let mut ran = false;
-    let mut timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    let lost = || JobFailure::Lost { ran: started.at().is_some() };
+    // The earliest the deadline can pass: `d` after the start; while the job is queued, `d` after
+    // now (at least a timer tick, so a zero deadline does not spin).
+    let due = |d: Duration| match started.at() {
+        Some(start) => start.checked_add(d),
+        None => Instant::now().checked_add(d.max(Duration::from_millis(1))),
+    };
+    let mut armed = deadline.and_then(due);
+    let timer = tokio::time::sleep_until(armed.unwrap_or_else(Instant::now).into());
+    tokio::pin!(timer);
     loop {
         tokio::select! {
-            // A reply channel dropped after the job started counts as lost while running.
-            a = &mut answer => return Some(Ok(a.unwrap_or(Err(JobFailure::Lost { ran })))),
-            () = &mut abandoned => return Some(Ok(Err(JobFailure::Lost { ran }))),
-            s = &mut started, if !ran => {
-                // Err: the job was dropped unrun (its worker went away); the answer says so.
-                ran = s.is_ok();
-                if ran && let Some(d) = deadline {
-                    timer = Some(Box::pin(tokio::time::sleep(d)));
-                }
-                if !ran {
-                    return Some(answer.await);
+            a = &mut answer => return Some(a.unwrap_or_else(|_| Err(lost()))),
+            () = &mut abandoned => return Some(Err(lost())),
+            () = &mut timer, if armed.is_some() => {
+                armed = deadline.and_then(due);
+                match armed {
+                    Some(at) if started.at().is_some() && at <= Instant::now() => return None,
+                    Some(at) => timer.as_mut().reset(at.into()),
+                    None => {}
                 }
             }
-            () = async { timer.as_mut().expect("guarded").await }, if timer.is_some() => return None,
         }
     }
 }

@@ -275,6 +275,33 @@ async fn only_the_rows_that_fail_alone_get_the_error_their_batch_mates_are_score
     h.pool.shutdown().await;
 }
 
+/// A deadline counts from the start of the request's batch: the request whose `forward` runs past
+/// it times out, the one queued behind it all that time does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_counts_from_the_batch_start_and_the_wait_in_the_queue_is_not_timed() {
+    let (open, gate) = crossbeam_channel::unbounded::<()>();
+    let h = start(1, 16, BatchPolicy::unbatched(), Some(gate)).await;
+    let router = h.pool.router();
+    let deadline = Duration::from_millis(100);
+    let running = tokio::spawn({
+        let r = router.clone();
+        async move { r.infer_within(req(1.0, None), deadline).await }
+    });
+    wait_for(|| async { h.record.entered.load(Ordering::SeqCst) }, |&n| n == 1).await;
+    let queued = tokio::spawn({
+        let r = router.clone();
+        async move { r.infer_within(req(2.0, None), deadline).await }
+    });
+    // Three deadlines long: the running one's passes, the queued one's has not started.
+    tokio::time::sleep(3 * deadline).await;
+    assert!(running.is_finished(), "the running request's deadline passed and nothing said so");
+    assert_eq!(running.await.unwrap(), None);
+    assert!(!queued.is_finished(), "the queued request timed out while it waited: {:?}", queued.await);
+    release_forever(open);
+    assert_eq!(queued.await.unwrap().expect("answered within its deadline").unwrap().score, 5.0);
+    h.pool.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_worker_is_abandoned_and_replaced_and_the_requests_behind_it_go_on() {
     let config = PoolConfig { hang_after: Some(Duration::from_millis(200)), ..config_with_retries(1, 64, 1) };
