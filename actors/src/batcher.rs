@@ -84,6 +84,18 @@ impl<T: Pending> Batcher<T> {
     /// The next batch to run at `now`, if the rules above say one should run. Cancelled requests
     /// found on the way are moved to `cancelled`.
     pub fn pop_ready(&mut self, now: Instant, cancelled: &mut Vec<T>) -> Option<Vec<T>> {
+        self.pop(Some(now), cancelled)
+    }
+
+    /// The next batch only if `max_batch_size` rows wait (rules 1 and 2): what a worker hands
+    /// its device while the device still runs the previous batch. The other rules wait for the
+    /// device to be free, so that the rows arriving meanwhile join the batch (as Triton forms a
+    /// batch when a model instance is free).
+    pub fn pop_full(&mut self, cancelled: &mut Vec<T>) -> Option<Vec<T>> {
+        self.pop(None, cancelled)
+    }
+
+    fn pop(&mut self, now: Option<Instant>, cancelled: &mut Vec<T>) -> Option<Vec<T>> {
         if self.queue.iter().any(Pending::is_cancelled) {
             let (gone, live): (VecDeque<T>, VecDeque<T>) =
                 std::mem::take(&mut self.queue).into_iter().partition(Pending::is_cancelled);
@@ -93,14 +105,15 @@ impl<T: Pending> Batcher<T> {
         }
         let len = self.rows;
         let max = self.policy.max_batch_size;
-        let n = if len >= max || (self.spilled && len > 0) {
-            max
-        } else if len >= self.policy.target() && len > 0 {
-            self.policy.preferred_batch_sizes.iter().rev().copied().find(|&p| p <= len).unwrap_or(len)
-        } else if self.deadline().is_some_and(|d| now >= d) {
-            len
-        } else {
-            return None;
+        let n = match now {
+            _ if len >= max => max,
+            None => return None,
+            Some(_) if self.spilled && len > 0 => max,
+            Some(_) if len >= self.policy.target() && len > 0 => {
+                self.policy.preferred_batch_sizes.iter().rev().copied().find(|&p| p <= len).unwrap_or(len)
+            }
+            Some(now) if self.deadline().is_some_and(|d| now >= d) => len,
+            Some(_) => return None,
         };
         // Whole requests up to `n` rows, at least one.
         let (mut take, mut rows) = (0, 0);
@@ -227,6 +240,25 @@ mod tests {
         let mut gone = Vec::new();
         assert_eq!(ids(&b.pop_ready(t0, &mut gone).unwrap()), vec![1]);
         assert_eq!(ids(&gone), vec![0]);
+    }
+
+    #[test]
+    fn while_the_device_is_busy_only_a_full_batch_is_taken() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(policy(8, &[4], 0));
+        let mut gone = Vec::new();
+        for i in 0..3 {
+            b.push(req(i, t0));
+        }
+        assert!(b.pop_full(&mut gone).is_none(), "3 rows are due (no delay) but fill no batch");
+        b.push(req(3, t0));
+        assert!(b.pop_full(&mut gone).is_none(), "a preferred size grows on while the device is busy");
+        for i in 4..9 {
+            b.push(req(i, t0));
+        }
+        assert_eq!(ids(&b.pop_full(&mut gone).unwrap()), (0..8).collect::<Vec<_>>(), "max_batch_size");
+        assert!(b.pop_full(&mut gone).is_none());
+        assert_eq!(ids(&b.pop_ready(t0, &mut gone).unwrap()), vec![8], "due once the device is free");
     }
 
     #[test]

@@ -1,8 +1,10 @@
-//! The GPU-worker actor: owns one device and the OS thread that runs the model on it.
+//! The GPU-worker actor: owns one device and the two OS threads that feed it and run the model
+//! on it (`thread.rs`).
 //!
-//! The actor is the thread's lifecycle: `pre_start` spawns the thread, which loads and warms up
-//! every model before the actor counts as started; the thread reports its exit back as a message,
-//! and a fatal exit fails the actor so its supervisor ([`crate::pool::WorkerPool`]) restarts it.
+//! The actor is the threads' lifecycle: `pre_start` spawns the device thread, which loads and
+//! warms up every model and starts the feeder before the actor counts as started; the feeder
+//! reports the exit back as a message, and a fatal exit fails the actor so its supervisor
+//! ([`crate::pool::WorkerPool`]) restarts it.
 //! Requests do not pass through the actor's mailbox: the router sends them straight into the
 //! thread's bounded queue ([`WorkerLink`]), so the hot path is one channel hop.
 
@@ -17,7 +19,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 pub use link::{Job, JobFailure, JobOutput, JobReply, JobStart, JobValues, WorkerLink, WorkerShared};
 pub use thread::ThreadExit;
-use thread::{WorkerThread, panic_message};
+use thread::{WorkerThread, panic_message, run_device};
 
 use crate::inference::{BackendError, BackendFactory};
 use crate::model::ModelSpec;
@@ -37,7 +39,8 @@ pub struct GpuWorkerArgs {
 pub struct GpuWorkerState {
     /// Our copy of the queue's sender; dropped in `post_stop` so the thread can drain and exit.
     link: Option<Arc<WorkerLink>>,
-    /// Joined in `post_stop` (off the async runtime) so a stopped worker has finished its queue.
+    /// The device thread, joined in `post_stop` (off the async runtime) so a stopped worker has
+    /// finished its queue (it joins the feeder).
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -72,15 +75,16 @@ impl Actor for GpuWorker {
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let shared = link.shared.clone();
         let device = link.device;
+        let index = link.index;
+        // The device thread creates the backend (which need not be `Send`) and runs every
+        // `forward`; the feeder thread it starts batches and answers. The feeder reports the exit.
         let thread =
-            std::thread::Builder::new().name(format!("partita-worker-{}", link.index)).spawn(move || {
+            std::thread::Builder::new().name(format!("partita-worker-{index}")).spawn(move || {
                 let created = catch_unwind(AssertUnwindSafe(|| factory.create(device, &specs)))
                     .unwrap_or_else(|p| Err(BackendError::Fatal(format!("panic: {}", panic_message(&*p)))));
                 let backend = match created {
                     Ok((backend, ready)) => {
                         shared.set_ready(ready);
-                        shared.set_healthy(true);
-                        let _ = ready_tx.send(Ok(()));
                         backend
                     }
                     Err(e) => {
@@ -88,9 +92,35 @@ impl Actor for GpuWorker {
                         return;
                     }
                 };
-                let exit = WorkerThread::new(backend, specs, shared.clone(), device).run(queue);
-                shared.set_healthy(false);
-                let _ = myself.send_message(GpuWorkerMsg::ThreadExited(exit));
+                let (forwards_tx, forwards) = crossbeam_channel::unbounded();
+                let (done, done_rx) = crossbeam_channel::unbounded();
+                let feeder = std::thread::Builder::new().name(format!("partita-feeder-{index}")).spawn({
+                    let (specs, shared, myself) = (specs.clone(), shared.clone(), myself.clone());
+                    move || {
+                        let exit =
+                            WorkerThread::new(specs, shared.clone(), device, forwards_tx, done_rx).run(queue);
+                        shared.set_healthy(false);
+                        let _ = myself.send_message(GpuWorkerMsg::ThreadExited(exit));
+                    }
+                });
+                let feeder = match feeder {
+                    Ok(feeder) => feeder,
+                    Err(e) => {
+                        let _ = ready_tx
+                            .send(Err(BackendError::Fatal(format!("starting the feeder thread: {e}"))));
+                        return;
+                    }
+                };
+                shared.set_healthy(true);
+                let _ = ready_tx.send(Ok(()));
+                // Until the feeder is gone (its end drops the queue of forwards).
+                run_device(backend, specs, shared.clone(), forwards, done);
+                if let Err(panic) = feeder.join() {
+                    // A defect, not the device: fail the actor so its supervisor restarts it.
+                    shared.set_healthy(false);
+                    let reason = format!("the feeder thread panicked: {}", panic_message(&*panic));
+                    let _ = myself.send_message(GpuWorkerMsg::ThreadExited(ThreadExit::Fatal(reason)));
+                }
             })?;
         let start_error =
             |source| WorkerError::Start { index: link.index, device: link.device.to_string(), source };

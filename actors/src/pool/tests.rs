@@ -302,6 +302,49 @@ async fn a_deadline_counts_from_the_batch_start_and_the_wait_in_the_queue_is_not
     h.pool.shutdown().await;
 }
 
+/// While the device runs a batch, the next full one waits on the device, not in the feeder: it runs
+/// as soon as the device is free, before the halves of a batch that failed ahead of it, and every
+/// row of both gets its own answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_batch_waits_on_the_device_and_runs_before_the_halves_of_a_failed_one() {
+    let (open, gate) = crossbeam_channel::unbounded::<()>();
+    let h = start(1, 64, batched(), Some(gate)).await;
+    let router = h.pool.router();
+    let first = hold_worker(&h).await;
+    let spawn = |firsts: &[f32]| -> Vec<_> {
+        firsts
+            .iter()
+            .map(|&f| {
+                let r = router.clone();
+                tokio::spawn(async move { (f, r.infer(req(f, None)).await) })
+            })
+            .collect()
+    };
+    // A full batch with a failing row, handed to the device behind the held one; then another
+    // full batch, which waits in the feeder (two batches are on the device already).
+    let failing = spawn(&[1.0, 2.0, 3.0, FAIL, 4.0, 5.0, 6.0, 7.0]);
+    wait_for(|| async { router.load().0 }, |&n| n == 9).await;
+    let clean = spawn(&[11.0, 12.0, 13.0, 14.0, 15.0, 16.0, 17.0, 18.0]);
+    wait_for(|| async { router.load().0 }, |&n| n == 17).await;
+    release_forever(open);
+    first.await.unwrap().unwrap();
+    for t in failing.into_iter().chain(clean) {
+        match t.await.unwrap() {
+            (FAIL, answer) => assert!(matches!(answer, Err(InferError::Backend(_))), "{answer:?}"),
+            (x, answer) => assert_eq!(answer.unwrap().score, x + 3.0, "row {x} is scored"),
+        }
+    }
+    let sizes = h.record.batch_sizes.lock().unwrap().clone();
+    assert_eq!(sizes[..3], [1, 8, 8], "the clean batch ran right after the failed one: {sizes:?}");
+    assert_eq!(
+        sizes.iter().skip(3).filter(|&&s| s == 1).count(),
+        2,
+        "halves down to the failing row: {sizes:?}"
+    );
+    assert_eq!(router.load().0, 0);
+    h.pool.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_worker_is_abandoned_and_replaced_and_the_requests_behind_it_go_on() {
     let config = PoolConfig { hang_after: Some(Duration::from_millis(200)), ..config_with_retries(1, 64, 1) };
@@ -388,7 +431,8 @@ async fn cancelled_requests_are_skipped_and_release_their_slot() {
     let (open, gate) = crossbeam_channel::unbounded::<()>();
     let h = start(1, 64, batched(), Some(gate)).await;
     let router = h.pool.router();
-    // The first batch blocks the worker on the gate; the rest queue behind it.
+    // The first batch blocks the worker on the gate; the rest queue behind it: the first 8 as a
+    // full batch handed to the device (formed: it runs whoever cancels), 12 in the feeder.
     let first = hold_worker(&h).await;
     let mut tasks = Vec::new();
     for i in 0..20 {
@@ -411,7 +455,8 @@ async fn cancelled_requests_are_skipped_and_release_their_slot() {
     wait_for(|| async { router.load().0 }, |&n| n == 0).await;
     let slot = h.pool.status().await[0].inflight;
     assert_eq!(slot, 0, "cancelled requests released their worker slot");
-    assert_eq!(h.record.rows.load(Ordering::SeqCst), 11, "cancelled requests never reached the model");
+    let sizes = h.record.batch_sizes.lock().unwrap().clone();
+    assert_eq!(sizes, [1, 8, 6], "the 6 requests cancelled in the queue never reached the model");
     h.pool.shutdown().await;
 }
 
