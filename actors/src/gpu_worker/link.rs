@@ -22,10 +22,10 @@ pub struct Job {
     /// Run in a batch of its own: set on retries, so a request that kills its worker cannot take
     /// innocent batch-mates down with it again.
     pub isolate: bool,
-    /// Answered exactly once, by the worker thread (or dropped with the queue if the thread died,
-    /// which the router reads as "worker lost" and retries).
+    /// Answered exactly once, by the worker's feeder thread (or dropped with the queue if the
+    /// thread died, which the router reads as "worker lost" and retries).
     pub reply: oneshot::Sender<JobReply>,
-    /// Written by the worker thread when the job enters a `forward`: its deadline starts then (the
+    /// Written by the worker's device thread when the job's first `forward` starts: its deadline starts then (the
     /// wait in the queue is not timed), and if the worker is then lost or abandoned as hung, the
     /// job ran (it counts against its retries); if not, it only waited. Read, not signalled: the
     /// waiting caller is woken once per job, by its answer.

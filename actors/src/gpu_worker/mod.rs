@@ -46,7 +46,8 @@ pub struct GpuWorkerState {
 
 #[derive(Debug)]
 pub enum GpuWorkerMsg {
-    /// Sent by the worker thread as its last act.
+    /// Sent by the feeder thread as its last act (or by the device thread when the feeder
+    /// panicked).
     ThreadExited(ThreadExit),
 }
 

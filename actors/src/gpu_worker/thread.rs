@@ -74,18 +74,20 @@ pub(crate) fn run_device(
     forwards: Receiver<Forward>,
     done: Sender<Forwarded>,
 ) {
-    let mut gone = false;
+    let mut gone: Option<String> = None;
     for f in forwards {
         let started = Instant::now();
-        let result = if gone {
-            Err(Failed::Fatal("the device failed earlier".into()))
+        let result = if let Some(reason) = &gone {
+            Err(Failed::NotRun(reason.clone()))
         } else {
             for s in &f.starts {
                 s.mark(started);
             }
             forward(&mut *backend, &specs[f.model], f.model, f.rows, &f.input, &shared)
         };
-        gone |= matches!(result, Err(Failed::Fatal(_)));
+        if let Err(Failed::Fatal(reason)) = &result {
+            gone = Some(reason.clone());
+        }
         if done.send(Forwarded { id: f.id, result, started, input: f.input }).is_err() {
             return;
         }
@@ -260,12 +262,22 @@ impl WorkerThread {
             }
         }
         while self.launched.len() < IN_FLIGHT {
+            let now = Instant::now();
             let busy = !self.launched.is_empty();
-            let next = (0..self.batchers.len()).find_map(|m| {
-                let batch = if busy {
-                    self.batchers[m].pop_full(&mut self.cancelled)
+            // Models by their oldest request (then by index), so that none waits behind another's
+            // stream of full batches; and behind a running batch no full batch of one model jumps
+            // ahead of another model's overdue one.
+            let oldest: Vec<Option<Instant>> = self.batchers.iter().map(Batcher::deadline).collect();
+            let overdue = |m: usize| oldest[m].is_some_and(|d| d <= now);
+            let mut order: Vec<usize> = (0..self.batchers.len()).collect();
+            order.sort_by_key(|&m| (oldest[m].is_none(), oldest[m]));
+            let next = order.into_iter().find_map(|m| {
+                let batch = if !busy {
+                    self.batchers[m].pop_ready(now, &mut self.cancelled)
+                } else if (0..oldest.len()).any(|o| o != m && overdue(o)) {
+                    None
                 } else {
-                    self.batchers[m].pop_ready(Instant::now(), &mut self.cancelled)
+                    self.batchers[m].pop_full(&mut self.cancelled)
                 };
                 batch.map(|b| (m, b))
             });
@@ -331,8 +343,9 @@ impl WorkerThread {
         id
     }
 
-    /// The result of `forward` `id`: from the stash, or received (others that come first are
-    /// stashed).
+    /// The result of `forward` `id`: from the stash, or received. A result that comes first is
+    /// answered at once when it is the oldest launched batch's and clean (its callers' deadlines
+    /// run while a failed batch's halves do), else stashed.
     fn wait_for(&mut self, id: u64) -> Result<Forwarded, String> {
         if let Some(i) = self.stash.iter().position(|f| f.id == id) {
             return Ok(self.stash.swap_remove(i));
@@ -342,7 +355,13 @@ impl WorkerThread {
             if f.id == id {
                 return Ok(f);
             }
-            self.stash.push(f);
+            if f.result.is_ok() && self.launched.front().is_some_and(|l| l.id == f.id) {
+                let l = self.launched.pop_front().expect("checked");
+                // A clean result settles without the device: no nested wait.
+                let _ = self.complete(l, f);
+            } else {
+                self.stash.push(f);
+            }
         }
     }
 
@@ -364,6 +383,8 @@ impl WorkerThread {
                 Ok(done) => self.complete(l, done)?,
                 Err(reason) => {
                     self.lose(vec![l], true);
+                    let rest: Vec<Launched> = self.launched.drain(..).collect();
+                    self.lose(rest, false);
                     return Err(reason);
                 }
             }
@@ -405,7 +426,9 @@ impl WorkerThread {
                     let _ = self.complete(l, done);
                 }
                 None => {
-                    let ran = self.stash.iter().any(|f| f.id == l.id);
+                    // Only the `forward` that killed the device counts against its rows' retries.
+                    let ran =
+                        self.stash.iter().any(|f| f.id == l.id && matches!(f.result, Err(Failed::Fatal(_))));
                     self.lose(vec![l], ran);
                 }
             }
@@ -472,6 +495,8 @@ impl WorkerThread {
                 Ok(())
             }
             Err(Failed::Fatal(reason)) => Err(Fatal { reason, ran: ran(&segments) }),
+            // The device died in another batch's `forward`: these rows did not run.
+            Err(Failed::NotRun(reason)) => Err(Fatal { reason, ran: Vec::new() }),
             Err(Failed::Batch(err)) if rows > 1 => {
                 let spec = &self.specs[m];
                 tracing::warn!(model = %spec.name, rows, error = %err, "batch failed; running its halves apart");
@@ -646,6 +671,8 @@ pub(crate) enum Failed {
     Batch(InferError),
     /// The device is gone: the worker stops.
     Fatal(String),
+    /// Not run: the device died earlier (in another batch's `forward`, for this reason).
+    NotRun(String),
 }
 
 /// Whole jobs in order, at most `size` rows per chunk (a larger job alone).

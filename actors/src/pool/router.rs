@@ -414,8 +414,10 @@ enum Dispatched {
 /// goes on as if the worker had died with it; so does a job whose reply was dropped (its worker
 /// went away). Either way it `ran` if its batch had started. With a `deadline`, the clock starts
 /// when the job's batch starts (queueing is not timed); `None` once it has passed. The start is
-/// read from `started` when a timer fires that cannot fire late (armed for `deadline` after the
-/// latest possible start), so the worker thread wakes this task only to answer it.
+/// read from `started` when a timer fires, armed for the earliest moment the deadline can pass
+/// (`deadline` after the start, or after now while the job is queued), so the worker wakes this
+/// task only to answer it. (`started` is wall-clock `Instant`s: under tokio's paused test clock a
+/// started job's timer would fire again at once until real time catches up.)
 async fn wait_for_answer(
     mut answer: oneshot::Receiver<JobReply>,
     started: &JobStart,

@@ -303,8 +303,8 @@ async fn a_deadline_counts_from_the_batch_start_and_the_wait_in_the_queue_is_not
 }
 
 /// While the device runs a batch, the next full one waits on the device, not in the feeder: it runs
-/// as soon as the device is free, before the halves of a batch that failed ahead of it, and every
-/// row of both gets its own answer.
+/// as soon as the device is free, before the halves of a batch that failed ahead of it, and is
+/// answered while those run; every row of both gets its own answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_batch_waits_on_the_device_and_runs_before_the_halves_of_a_failed_one() {
     let (open, gate) = crossbeam_channel::unbounded::<()>();
@@ -326,6 +326,13 @@ async fn a_full_batch_waits_on_the_device_and_runs_before_the_halves_of_a_failed
     wait_for(|| async { router.load().0 }, |&n| n == 9).await;
     let clean = spawn(&[11.0, 12.0, 13.0, 14.0, 15.0, 16.0, 17.0, 18.0]);
     wait_for(|| async { router.load().0 }, |&n| n == 17).await;
+    // Three batches through the gate: the held one, the failing one, the clean one. The failed
+    // batch's first half then waits at the gate, and the clean batch is answered meanwhile.
+    for _ in 0..3 {
+        open.send(()).unwrap();
+    }
+    wait_for(|| async { clean.iter().all(|t| t.is_finished()) }, |&done| done).await;
+    assert!(failing.iter().all(|t| !t.is_finished()), "the failed batch's halves have not run yet");
     release_forever(open);
     first.await.unwrap().unwrap();
     for t in failing.into_iter().chain(clean) {
@@ -342,6 +349,89 @@ async fn a_full_batch_waits_on_the_device_and_runs_before_the_halves_of_a_failed
         "halves down to the failing row: {sizes:?}"
     );
     assert_eq!(router.load().0, 0);
+    h.pool.shutdown().await;
+}
+
+/// Two models on one worker: a stream of full batches of one does not hold back the other's
+/// overdue batch (batches are formed oldest request first, and no full batch is handed to a busy
+/// device past another model's overdue one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_of_full_batches_of_one_model_does_not_starve_another() {
+    let (open, gate) = crossbeam_channel::unbounded::<()>();
+    let record = Arc::new(Record::default());
+    let factory = FakeFactory { record: record.clone(), gate: Some(gate), fail_start: None };
+    let other = ModelSpec { name: "n".into(), ..spec(batched()) };
+    let pool =
+        InferencePool::start(config(1, 64), vec![spec(batched()), other], Arc::new(factory)).await.unwrap();
+    let h = Harness { pool, record };
+    let router = h.pool.router();
+    let first = hold_worker(&h).await;
+    let spawn = |model: &'static str, firsts: &[f32]| -> Vec<_> {
+        firsts
+            .iter()
+            .map(|&f| {
+                let r = router.clone();
+                tokio::spawn(
+                    async move { r.infer(InferRequest { model: model.into(), ..req(f, None) }).await },
+                )
+            })
+            .collect()
+    };
+    // Model m: a full batch (handed to the device), then model n's lone request, then another
+    // full batch of m, all while the device is held.
+    let mut tasks = spawn("m", &[1.0; 8]);
+    wait_for(|| async { router.load().0 }, |&n| n == 9).await;
+    tasks.extend(spawn("n", &[2.0]));
+    wait_for(|| async { router.load().0 }, |&n| n == 10).await;
+    tasks.extend(spawn("m", &[3.0; 8]));
+    wait_for(|| async { router.load().0 }, |&n| n == 18).await;
+    release_forever(open);
+    first.await.unwrap().unwrap();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let sizes = h.record.batch_sizes.lock().unwrap().clone();
+    assert_eq!(sizes, [1, 8, 1, 8], "model n's request ran before the second full batch of m");
+    h.pool.shutdown().await;
+}
+
+/// The device dies in the batch that waited on it while a failed batch's half queued behind:
+/// only the killing batch's rows count the death against their retries; the half's rows never
+/// ran and are handed back (with no retries left, they are still scored on the restarted worker).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_that_never_ran_when_the_device_died_keep_their_retries() {
+    let (open, gate) = crossbeam_channel::unbounded::<()>();
+    let h = start_with(config_with_retries(1, 64, 0), batched(), Some(gate)).await;
+    let router = h.pool.router();
+    let first = hold_worker(&h).await;
+    let spawn = |firsts: &[f32]| -> Vec<_> {
+        firsts
+            .iter()
+            .map(|&f| {
+                let r = router.clone();
+                tokio::spawn(async move { (f, r.infer(req(f, None)).await) })
+            })
+            .collect()
+    };
+    // A batch that fails (FAIL), then one that kills the device, handed over behind it.
+    let failing = spawn(&[1.0, 2.0, 3.0, FAIL, 4.0, 5.0, 6.0, 7.0]);
+    wait_for(|| async { router.load().0 }, |&n| n == 9).await;
+    let killing = spawn(&[DEVICE_LOST, 12.0, 13.0, 14.0, 15.0, 16.0, 17.0, 18.0]);
+    wait_for(|| async { router.load().0 }, |&n| n == 17).await;
+    release_forever(open);
+    first.await.unwrap().unwrap();
+    for t in failing {
+        match t.await.unwrap() {
+            (FAIL, answer) => assert!(matches!(answer, Err(InferError::Backend(_))), "{answer:?}"),
+            (x, answer) => {
+                assert_eq!(answer.unwrap().score, x + 3.0, "row {x} never ran when the device died")
+            }
+        }
+    }
+    for t in killing {
+        let (x, answer) = t.await.unwrap();
+        assert_eq!(answer, Err(InferError::WorkerLost { attempts: 1 }), "row {x} ran in the killing batch");
+    }
     h.pool.shutdown().await;
 }
 
