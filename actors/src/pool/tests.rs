@@ -164,6 +164,30 @@ async fn hold_worker(h: &Harness) -> tokio::task::JoinHandle<Result<InferOutput,
     first
 }
 
+/// A request per row (its first feature `f`), each answered as `(f, answer)`.
+type Row = tokio::task::JoinHandle<(f32, Result<InferOutput, InferError>)>;
+
+/// With a gated pool (8 rows per batch) whose worker is held on the gate: queue the 8 rows of `a`,
+/// a full batch handed to the device behind the held one, then the 8 of `b`, which wait in the
+/// feeder (two batches are on the device already).
+async fn queue_two_batches(h: &Harness, a: &[f32], b: &[f32]) -> (Vec<Row>, Vec<Row>) {
+    let router = h.pool.router();
+    let spawn = |firsts: &[f32]| -> Vec<Row> {
+        firsts
+            .iter()
+            .map(|&f| {
+                let r = router.clone();
+                tokio::spawn(async move { (f, r.infer(req(f, None)).await) })
+            })
+            .collect()
+    };
+    let first = spawn(a);
+    wait_for(|| async { router.load().0 }, |&n| n == 9).await;
+    let second = spawn(b);
+    wait_for(|| async { router.load().0 }, |&n| n == 17).await;
+    (first, second)
+}
+
 fn req(first: f32, state: Option<Vec<f32>>) -> InferRequest {
     InferRequest { model: "m".into(), features: vec![first, 1.0, 2.0], state }
 }
@@ -311,21 +335,13 @@ async fn a_full_batch_waits_on_the_device_and_runs_before_the_halves_of_a_failed
     let h = start(1, 64, batched(), Some(gate)).await;
     let router = h.pool.router();
     let first = hold_worker(&h).await;
-    let spawn = |firsts: &[f32]| -> Vec<_> {
-        firsts
-            .iter()
-            .map(|&f| {
-                let r = router.clone();
-                tokio::spawn(async move { (f, r.infer(req(f, None)).await) })
-            })
-            .collect()
-    };
-    // A full batch with a failing row, handed to the device behind the held one; then another
-    // full batch, which waits in the feeder (two batches are on the device already).
-    let failing = spawn(&[1.0, 2.0, 3.0, FAIL, 4.0, 5.0, 6.0, 7.0]);
-    wait_for(|| async { router.load().0 }, |&n| n == 9).await;
-    let clean = spawn(&[11.0, 12.0, 13.0, 14.0, 15.0, 16.0, 17.0, 18.0]);
-    wait_for(|| async { router.load().0 }, |&n| n == 17).await;
+    // A full batch with a failing row, then a clean one.
+    let (failing, clean) = queue_two_batches(
+        &h,
+        &[1.0, 2.0, 3.0, FAIL, 4.0, 5.0, 6.0, 7.0],
+        &[11.0, 12.0, 13.0, 14.0, 15.0, 16.0, 17.0, 18.0],
+    )
+    .await;
     // Three batches through the gate: the held one, the failing one, the clean one. The failed
     // batch's first half then waits at the gate, and the clean batch is answered meanwhile.
     for _ in 0..3 {
@@ -402,22 +418,14 @@ async fn a_stream_of_full_batches_of_one_model_does_not_starve_another() {
 async fn rows_that_never_ran_when_the_device_died_keep_their_retries() {
     let (open, gate) = crossbeam_channel::unbounded::<()>();
     let h = start_with(config_with_retries(1, 64, 0), batched(), Some(gate)).await;
-    let router = h.pool.router();
     let first = hold_worker(&h).await;
-    let spawn = |firsts: &[f32]| -> Vec<_> {
-        firsts
-            .iter()
-            .map(|&f| {
-                let r = router.clone();
-                tokio::spawn(async move { (f, r.infer(req(f, None)).await) })
-            })
-            .collect()
-    };
-    // A batch that fails (FAIL), then one that kills the device, handed over behind it.
-    let failing = spawn(&[1.0, 2.0, 3.0, FAIL, 4.0, 5.0, 6.0, 7.0]);
-    wait_for(|| async { router.load().0 }, |&n| n == 9).await;
-    let killing = spawn(&[DEVICE_LOST, 12.0, 13.0, 14.0, 15.0, 16.0, 17.0, 18.0]);
-    wait_for(|| async { router.load().0 }, |&n| n == 17).await;
+    // A batch that fails (FAIL), then one that kills the device.
+    let (failing, killing) = queue_two_batches(
+        &h,
+        &[1.0, 2.0, 3.0, FAIL, 4.0, 5.0, 6.0, 7.0],
+        &[DEVICE_LOST, 12.0, 13.0, 14.0, 15.0, 16.0, 17.0, 18.0],
+    )
+    .await;
     release_forever(open);
     first.await.unwrap().unwrap();
     for t in failing {
