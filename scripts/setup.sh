@@ -62,12 +62,18 @@ if [ "${#missing[@]}" -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# 2. LibTorch from the PyPI torch wheel, in a virtualenv kept in the cache.
+# 2. LibTorch from the PyPI torch wheel, in a virtualenv kept in the cache (and tritonclient).
 if ! "$VENV/bin/python" -c "import torch,sys; sys.exit(0 if torch.__version__.split('+')[0]=='$TORCH_VERSION' else 1)" 2>/dev/null; then
     log "installing torch==$TORCH_VERSION into $VENV (large download, once)"
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q --upgrade pip
     "$VENV/bin/pip" install -q "torch==$TORCH_VERSION" numpy
+fi
+# Triton's gRPC client: the Open Inference Protocol tests call partita's endpoint with it.
+TRITONCLIENT_VERSION="2.73.0"
+if ! "$VENV/bin/python" -c "import importlib.metadata as m,sys; import tritonclient.grpc; sys.exit(0 if m.version('tritonclient')=='$TRITONCLIENT_VERSION' else 1)" 2>/dev/null; then
+    log "installing tritonclient[grpc]==$TRITONCLIENT_VERSION into $VENV"
+    "$VENV/bin/pip" install -q "tritonclient[grpc]==$TRITONCLIENT_VERSION"
 fi
 
 # 3. The Kafka and Cassandra servers as plain jars (Maven Central), and the small launcher that

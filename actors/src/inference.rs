@@ -250,7 +250,8 @@ pub fn validate(spec: &ModelSpec, req: &InferRequest) -> Result<(), InferError> 
     Ok(())
 }
 
-pub(crate) fn check_finite(input: &'static str, values: &[f32]) -> Result<(), InferError> {
+/// `Ok` when every value is finite, else the first that is not, as [`InferError::ValueRange`].
+pub fn check_finite(input: &'static str, values: &[f32]) -> Result<(), InferError> {
     // The common case in one pass without an early exit (vectorised), then where it failed.
     if values.iter().fold(true, |ok, v| ok & v.is_finite()) {
         return Ok(());

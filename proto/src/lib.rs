@@ -6,6 +6,12 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/partita.v1.rs"));
 }
 
+/// `inference`: the Open Inference Protocol (KServe V2) over gRPC, which a worker node serves:
+/// messages, `grpc_inference_service_server` and `grpc_inference_service_client`.
+pub mod inference {
+    include!(concat!(env!("OUT_DIR"), "/inference.rs"));
+}
+
 #[cfg(test)]
 mod tests {
     use prost::Message;

@@ -1,6 +1,7 @@
 //! Wiring of the inference half: options, device selection, and starting the worker pool on the
 //! model repository with the LibTorch adapter.
 
+pub mod oip;
 pub mod repository;
 pub mod tch;
 

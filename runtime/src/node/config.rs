@@ -92,6 +92,8 @@ const SETTINGS: &[Setting] = &[
     s("node", "grace", "--grace"),
     s("node", "http_listen", "--http-listen"),
     s("node", "grpc_listen", "--grpc-listen"),
+    s("node", "grpc_max_message_size", "--grpc-max-message-size"),
+    s("node", "role", "--role"),
     s("traces", "otlp_endpoint", "--otlp-endpoint"),
     s("traces", "sample_ratio", "--trace-sample-ratio"),
 ];

@@ -16,13 +16,14 @@ use partita_actors::supervision::RestartPolicy;
 use std::sync::atomic::Ordering;
 
 use crate::inference::InferenceOptions;
+use crate::inference::oip::Oip;
 use crate::kafka::{ConsumerSettings, KafkaSink, KafkaTier, Wiring, parse_property, start_consumer};
 use crate::state::changelog::ChangelogStore;
 use crate::state::rocks::{RocksConfig, RocksStore};
 use crate::state::scylla::{CqlConsistency, Replication, ScyllaConfig, ScyllaStore};
 use crate::state::{Backend, NodeStore};
 use crate::telemetry::traces::{OtelTracer, Otlp};
-use crate::telemetry::{Health, Metrics, Sources, serve, serve_grpc_health};
+use crate::telemetry::{Health, Metrics, Sources, serve, serve_grpc};
 
 fn parse_cql_uri(s: &str) -> Result<String, String> {
     for node in s.split(',').map(str::trim) {
@@ -69,6 +70,15 @@ fn parse_ratio(s: &str) -> Result<f64, String> {
         Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
         _ => Err(format!("expected a number from 0 to 1, got {s:?}")),
     }
+}
+
+/// What a node runs (`[node] role`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// Partition actors and the inference workers they use, in one process.
+    Both,
+    /// Inference workers only, served over the Open Inference Protocol.
+    Worker,
 }
 
 /// Flags of `partita node` (and the node inside `partita demo`).
@@ -206,9 +216,17 @@ pub struct NodeOptions {
     /// Where `/metrics`, `/livez` and `/readyz` are served.
     #[arg(long, default_value = "0.0.0.0:9464")]
     pub http_listen: std::net::SocketAddr,
-    /// Where the gRPC health service (grpc.health.v1) is served.
+    /// Where the gRPC health service (grpc.health.v1) is served, and with role worker or both the
+    /// Open Inference Protocol (inference.GRPCInferenceService) over this node's workers.
     #[arg(long, default_value = "0.0.0.0:50051")]
     pub grpc_listen: std::net::SocketAddr,
+    /// Largest gRPC message received or sent (an inference request or answer).
+    #[arg(long, default_value = "4MiB")]
+    pub grpc_max_message_size: bytesize::ByteSize,
+    /// What this node runs: both (partitions and inference workers in one process) or worker
+    /// (inference workers only, served over gRPC; no Kafka, no state).
+    #[arg(long, value_enum, default_value_t = Role::Both)]
+    pub role: Role,
     /// Export spans over OTLP/gRPC to this collector (e.g. http://otel-collector:4317); unset: off.
     #[arg(long)]
     pub otlp_endpoint: Option<String>,
@@ -328,21 +346,29 @@ pub struct NodeSummary {
     pub counters: Arc<PipelineCounters>,
 }
 
-/// A started node: warm models, open store, consumer thread running.
+/// A started node: warm models and, with role both, an open store and a running consumer thread.
 pub struct Node {
     pool: partita_actors::pool::InferencePool,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     /// Where the HTTP endpoints listen.
     pub http: std::net::SocketAddr,
-    /// Where the gRPC health service listens.
+    /// Where the gRPC services listen (health, and the Open Inference Protocol).
     pub grpc: std::net::SocketAddr,
-    consumer: crate::kafka::ConsumerHandle<NodeStore>,
-    /// Warm copies of other nodes' partitions (`standby_replicas`), stopped when dropped.
-    standby: Option<crate::state::standby::Standby>,
+    oip: Oip,
+    /// The partitions' half (role both); `None` on a worker node.
+    scoring: Option<Scoring>,
     counters: Arc<PipelineCounters>,
     pub devices: Vec<String>,
     grace: Duration,
+}
+
+/// The consumer group's side of a node: the consumer thread with its partition actors, and the
+/// standby copies.
+struct Scoring {
+    consumer: crate::kafka::ConsumerHandle<NodeStore>,
+    /// Warm copies of other nodes' partitions (`standby_replicas`), stopped when dropped.
+    standby: Option<crate::state::standby::Standby>,
 }
 
 impl Node {
@@ -351,10 +377,119 @@ impl Node {
         let metrics = Arc::new(Metrics::new(&opts.zone));
         let health = Arc::new(Health::default());
         let http = serve(opts.http_listen, metrics.clone(), health.clone()).await?;
-        let grpc = serve_grpc_health(opts.grpc_listen, health.clone()).await?;
+        let oip = Oip::new(health.clone(), metrics.clone(), opts.infer_deadline);
+        let max_message = usize::try_from(opts.grpc_max_message_size.as_u64()).unwrap_or(usize::MAX);
+        let grpc = serve_grpc(opts.grpc_listen, health.clone(), Some(oip.clone()), max_message).await?;
         let (pool, _repo) = opts.inference.start().await.context("starting the inference pool")?;
+        oip.set_router(pool.router());
         health.models_ready.store(true, Ordering::SeqCst);
         let devices = pool.status().await.iter().map(|w| w.device.to_string()).collect();
+        let counters = Arc::new(PipelineCounters::default());
+        let (scoring, sources) = match opts.role {
+            Role::Worker => {
+                // A worker node joins no consumer group: ready once a worker is.
+                health.joined.store(true, Ordering::SeqCst);
+                (None, Sources::without_partitions(counters.clone()))
+            }
+            Role::Both => {
+                let (scoring, sources) =
+                    Scoring::start(opts, &metrics, &health, pool.router(), counters.clone()).await?;
+                (Some(scoring), sources)
+            }
+        };
+        metrics.attach(sources, pool.status_probe());
+        tracing::info!(role = ?opts.role, "node started");
+        Ok(Self { pool, metrics, health, http, grpc, oip, scoring, counters, devices, grace: opts.grace })
+    }
+
+    pub fn counters(&self) -> &Arc<PipelineCounters> {
+        &self.counters
+    }
+
+    /// Partitions this node owns now (none on a worker node).
+    pub fn assigned(&self) -> i64 {
+        self.scoring.as_ref().map_or(0, |s| s.consumer.context.assigned.load(Ordering::SeqCst))
+    }
+
+    /// Total consumer lag over the owned partitions (librdkafka statistics, refreshed each second).
+    pub fn lag(&self) -> i64 {
+        self.scoring.as_ref().map_or(0, |s| s.consumer.context.lag.lock().unwrap().values().sum())
+    }
+
+    /// Run until `shutdown` resolves or the consumer fails, then drain: stop intake, finish
+    /// in-flight batches, write state, commit, leave the group, answer the inference calls under
+    /// way (new ones are refused `UNAVAILABLE`), stop the workers.
+    pub async fn run_until(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<NodeSummary> {
+        tokio::pin!(shutdown);
+        let workers = self.pool.status_probe();
+        let mut checked = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                () = tokio::time::sleep(Duration::from_millis(100)) => {
+                    if self.scoring.as_ref().is_some_and(|s| s.consumer.is_finished()) {
+                        break;
+                    }
+                    if checked.elapsed() >= Duration::from_secs(1) {
+                        checked = tokio::time::Instant::now();
+                        let healthy = workers.get().await.iter().any(|w| w.healthy);
+                        if self.health.workers_healthy.swap(healthy, Ordering::SeqCst) != healthy {
+                            tracing::warn!(healthy, "inference workers' health changed");
+                        }
+                    }
+                }
+            }
+        }
+        self.stop().await
+    }
+
+    /// Drain in order, within `--grace` plus 10 s for leaving the group and stopping the workers;
+    /// past that the node gives up on an orderly stop (nothing past the stored offsets was
+    /// committed, so a forced exit loses nothing).
+    pub async fn stop(self) -> anyhow::Result<NodeSummary> {
+        let bound = self.grace + Duration::from_secs(10);
+        tokio::time::timeout(bound, self.stop_in_order()).await.unwrap_or_else(|_| {
+            Err(anyhow::anyhow!(
+                "the orderly stop took longer than {bound:?} (--grace + 10 s); exiting without finishing it"
+            ))
+        })
+    }
+
+    async fn stop_in_order(self) -> anyhow::Result<NodeSummary> {
+        tracing::info!(grace = ?self.grace, "draining");
+        let started = tokio::time::Instant::now();
+        self.health.draining.store(true, Ordering::SeqCst);
+        let mut result = Ok(());
+        if let Some(Scoring { consumer, standby }) = self.scoring {
+            consumer.request_stop();
+            result = consumer.join().await;
+            if let Some(standby) = standby {
+                // Its thread may be in a group description or a watermark query: joined off the
+                // async runtime.
+                let _ = tokio::task::spawn_blocking(move || drop(standby)).await;
+            }
+        }
+        while self.oip.in_flight() > 0 && started.elapsed() < self.grace {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.metrics.detach();
+        self.pool.shutdown().await;
+        result.map(|()| NodeSummary { counters: self.counters })
+    }
+}
+
+impl Scoring {
+    /// Open the store, start the consumer (and the standby copies): the node's partitions.
+    async fn start(
+        opts: &NodeOptions,
+        metrics: &Arc<Metrics>,
+        health: &Arc<Health>,
+        router: partita_actors::pool::Router,
+        counters: Arc<PipelineCounters>,
+    ) -> anyhow::Result<(Self, Sources)> {
         let store = opts.open_store().await?;
         let store_for_standby = match &store {
             NodeStore::Changelog(changelog) => {
@@ -377,11 +512,10 @@ impl Node {
             opts.dlq_topic.clone(),
             commits.0.clone(),
         )?);
-        let counters = Arc::new(PipelineCounters::default());
         let wiring = Wiring {
             topic: Arc::from(opts.input_topic.as_str()),
             cache: cache.clone(),
-            router: pool.router(),
+            router,
             sink,
             limits: Arc::new(opts.limits()),
             config: PartitionConfig {
@@ -442,110 +576,26 @@ impl Node {
         let context = consumer.context.clone();
         let partitions = consumer.context.clone();
         let fetch = consumer.context.clone();
-        metrics.attach(
-            Sources {
-                counters: counters.clone(),
-                cache: Box::new(move || cache.stats()),
-                lag: Box::new(move || context.lag.lock().unwrap().iter().map(|(p, l)| (*p, *l)).collect()),
-                fetched_from: Box::new(move || {
-                    fetch.fetched_from.lock().unwrap().iter().map(|(p, b)| (*p, i64::from(*b))).collect()
-                }),
-                partitions: Box::new(move || {
-                    partitions.partition_states().into_iter().map(|(p, s, n)| (p, s.as_str(), n)).collect()
-                }),
-                standby: match &standby {
-                    Some(s) => {
-                        let copies = s.copies.clone();
-                        Box::new(move || copies.lock().unwrap().iter().map(|(p, at)| (*p, *at)).collect())
-                    }
-                    None => Box::new(Vec::new),
-                },
-                workers: Default::default(),
-            },
-            pool.status_probe(),
-        );
-        Ok(Self {
-            pool,
-            metrics,
-            health,
-            http,
-            grpc,
-            consumer,
-            standby,
+        let sources = Sources {
             counters,
-            devices,
-            grace: opts.grace,
-        })
-    }
-
-    pub fn counters(&self) -> &Arc<PipelineCounters> {
-        &self.counters
-    }
-
-    /// Partitions this node owns now.
-    pub fn assigned(&self) -> i64 {
-        self.consumer.context.assigned.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    /// Total consumer lag over the owned partitions (librdkafka statistics, refreshed each second).
-    pub fn lag(&self) -> i64 {
-        self.consumer.context.lag.lock().unwrap().values().sum()
-    }
-
-    /// Run until `shutdown` resolves or the consumer fails, then drain: stop intake, finish
-    /// in-flight batches, write state, commit, leave the group, stop the workers.
-    pub async fn run_until(
-        self,
-        shutdown: impl std::future::Future<Output = ()>,
-    ) -> anyhow::Result<NodeSummary> {
-        tokio::pin!(shutdown);
-        let workers = self.pool.status_probe();
-        let mut checked = tokio::time::Instant::now();
-        loop {
-            tokio::select! {
-                () = &mut shutdown => break,
-                () = tokio::time::sleep(Duration::from_millis(100)) => {
-                    if self.consumer.is_finished() {
-                        break;
-                    }
-                    if checked.elapsed() >= Duration::from_secs(1) {
-                        checked = tokio::time::Instant::now();
-                        let healthy = workers.get().await.iter().any(|w| w.healthy);
-                        if self.health.workers_healthy.swap(healthy, Ordering::SeqCst) != healthy {
-                            tracing::warn!(healthy, "inference workers' health changed");
-                        }
-                    }
+            cache: Box::new(move || cache.stats()),
+            lag: Box::new(move || context.lag.lock().unwrap().iter().map(|(p, l)| (*p, *l)).collect()),
+            fetched_from: Box::new(move || {
+                fetch.fetched_from.lock().unwrap().iter().map(|(p, b)| (*p, i64::from(*b))).collect()
+            }),
+            partitions: Box::new(move || {
+                partitions.partition_states().into_iter().map(|(p, s, n)| (p, s.as_str(), n)).collect()
+            }),
+            standby: match &standby {
+                Some(s) => {
+                    let copies = s.copies.clone();
+                    Box::new(move || copies.lock().unwrap().iter().map(|(p, at)| (*p, *at)).collect())
                 }
-            }
-        }
-        self.stop().await
-    }
-
-    /// Drain in order, within `--grace` plus 10 s for leaving the group and stopping the workers;
-    /// past that the node gives up on an orderly stop (nothing past the stored offsets was
-    /// committed, so a forced exit loses nothing).
-    pub async fn stop(self) -> anyhow::Result<NodeSummary> {
-        let bound = self.grace + Duration::from_secs(10);
-        tokio::time::timeout(bound, self.stop_in_order()).await.unwrap_or_else(|_| {
-            Err(anyhow::anyhow!(
-                "the orderly stop took longer than {bound:?} (--grace + 10 s); exiting without finishing it"
-            ))
-        })
-    }
-
-    async fn stop_in_order(self) -> anyhow::Result<NodeSummary> {
-        tracing::info!(grace = ?self.grace, "draining");
-        self.health.draining.store(true, Ordering::SeqCst);
-        self.consumer.request_stop();
-        let result = self.consumer.join().await;
-        if let Some(standby) = self.standby {
-            // Its thread may be in a group description or a watermark query: joined off the
-            // async runtime.
-            let _ = tokio::task::spawn_blocking(move || drop(standby)).await;
-        }
-        self.metrics.detach();
-        self.pool.shutdown().await;
-        result.map(|()| NodeSummary { counters: self.counters })
+                None => Box::new(Vec::new),
+            },
+            workers: Default::default(),
+        };
+        Ok((Self { consumer, standby }, sources))
     }
 }
 

@@ -10,6 +10,7 @@ use anyhow::Context as _;
 
 use super::Metrics;
 
+/// Readiness: models warm, consumer in its group, a healthy inference worker, not draining, and
 /// nothing that stops the node (a partition's spent restart budget, a fatal consumer error).
 #[derive(Debug)]
 pub struct Health {
@@ -112,9 +113,16 @@ pub async fn serve(
     Ok(bound)
 }
 
-/// Serve the standard gRPC health service (`grpc.health.v1.Health`) on `addr`: the overall
-/// status (service `""`) is SERVING exactly when [`Health::ready`] holds. Returns the bound address.
-pub async fn serve_grpc_health(addr: SocketAddr, health: Arc<Health>) -> anyhow::Result<SocketAddr> {
+/// Serve the standard gRPC health service (`grpc.health.v1.Health`) on `addr`, and beside it
+/// `inference` (the Open Inference Protocol, on a node with workers; messages up to
+/// `max_message_size`): the overall status (service
+/// `""`) is SERVING exactly when [`Health::ready`] holds. Returns the bound address.
+pub async fn serve_grpc(
+    addr: SocketAddr,
+    health: Arc<Health>,
+    inference: Option<crate::inference::oip::Oip>,
+    max_message_size: usize,
+) -> anyhow::Result<SocketAddr> {
     use tonic_health::ServingStatus;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
     let bound = listener.local_addr()?;
@@ -133,14 +141,22 @@ pub async fn serve_grpc_health(addr: SocketAddr, health: Arc<Health>) -> anyhow:
         }
     });
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    let served = match inference {
+        Some(_) => "grpc.health.v1.Health and inference.GRPCInferenceService",
+        None => "grpc.health.v1.Health",
+    };
+    let inference = inference.map(|oip| oip.service(max_message_size));
     tokio::spawn(async move {
-        if let Err(e) =
-            tonic::transport::Server::builder().add_service(service).serve_with_incoming(incoming).await
+        if let Err(e) = tonic::transport::Server::builder()
+            .add_service(service)
+            .add_optional_service(inference)
+            .serve_with_incoming(incoming)
+            .await
         {
-            tracing::error!(error = %e, "the gRPC health endpoint stopped");
+            tracing::error!(error = %e, "the gRPC endpoint stopped");
         }
     });
-    tracing::info!(%bound, "serving grpc.health.v1.Health");
+    tracing::info!(%bound, "serving {served}");
     Ok(bound)
 }
 

@@ -16,8 +16,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-pub use health::{Health, serve, serve_grpc_health};
-use partita_actors::inference::InferOutput;
+pub use health::{Health, serve, serve_grpc};
+use partita_actors::inference::{InferOutput, Served};
 use partita_actors::partition::{PipelineCounters, PipelineObserver};
 use partita_actors::pool::{StatusProbe, WorkerStatus};
 use partita_actors::state::{CacheObserver, CacheStats, PartitionId};
@@ -45,13 +45,19 @@ fn batch_histogram() -> Histogram {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    model: String,
+    /// The gRPC status code's name, as go-grpc-prometheus writes it (`OK`, `InvalidArgument`).
+    grpc_code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModelLabels {
     model: String,
     version: String,
     device: String,
 }
 
-/// Readiness: models warm, consumer in its group, a healthy inference worker, not draining, and
 /// The values of `partita_partition_state`'s `state` label.
 pub const PARTITION_STATES: [&str; 3] = ["running", "starting", "fenced"];
 
@@ -69,6 +75,21 @@ pub struct Sources {
     /// Standby copies this node keeps: the changelog position each reached.
     pub standby: Box<dyn Fn() -> Vec<(i32, i64)> + Send + Sync>,
     pub workers: Mutex<Vec<WorkerStatus>>,
+}
+
+impl Sources {
+    /// A node without partitions (role worker): its counters, nothing else.
+    pub fn without_partitions(counters: Arc<PipelineCounters>) -> Self {
+        Self {
+            counters,
+            cache: Box::new(CacheStats::default),
+            lag: Box::new(Vec::new),
+            fetched_from: Box::new(Vec::new),
+            partitions: Box::new(Vec::new),
+            standby: Box::new(Vec::new),
+            workers: Mutex::default(),
+        }
+    }
 }
 
 struct NodeCollector(Arc<Mutex<Option<Sources>>>);
@@ -265,6 +286,8 @@ pub struct Metrics {
     queue: Family<ModelLabels, Histogram, fn() -> Histogram>,
     compute: Family<ModelLabels, Histogram, fn() -> Histogram>,
     batch_size: Family<ModelLabels, Histogram, fn() -> Histogram>,
+    oip_requests: Family<CallLabels, Counter>,
+    oip_duration: Family<CallLabels, Histogram, fn() -> Histogram>,
     in_node: Histogram,
     event_latency: Histogram,
     state_write: Histogram,
@@ -287,6 +310,8 @@ impl Metrics {
         let queue = Family::new_with_constructor(seconds_histogram as fn() -> Histogram);
         let compute = Family::new_with_constructor(seconds_histogram as fn() -> Histogram);
         let batch_size = Family::new_with_constructor(batch_histogram as fn() -> Histogram);
+        let oip_requests = Family::<CallLabels, Counter>::default();
+        let oip_duration = Family::new_with_constructor(seconds_histogram as fn() -> Histogram);
         let in_node = seconds_histogram();
         let event_latency = seconds_histogram();
         let state_write = seconds_histogram();
@@ -317,6 +342,17 @@ impl Metrics {
             "partita_inference_batch_size",
             "Rows in the batch each request ran in",
             batch_size.clone(),
+        );
+        registry.register(
+            "partita_oip_requests",
+            "ModelInfer calls served over the Open Inference Protocol, by model and gRPC status",
+            oip_requests.clone(),
+        );
+        registry.register_with_unit(
+            "partita_oip_request_duration",
+            "ModelInfer calls from receipt to answer, by model and gRPC status",
+            Unit::Seconds,
+            oip_duration.clone(),
         );
         registry.register_with_unit(
             "partita_event_in_node",
@@ -351,6 +387,8 @@ impl Metrics {
             queue,
             compute,
             batch_size,
+            oip_requests,
+            oip_duration,
             in_node,
             event_latency,
             state_write,
@@ -388,21 +426,37 @@ impl Metrics {
         }
         out
     }
+
+    /// One row served by the pool (the `partita_inference_*` families).
+    pub fn inferred(&self, model: &str, served: &Served) {
+        let labels = ModelLabels {
+            model: model.to_owned(),
+            version: served.model_version.to_string(),
+            device: served.device.to_string(),
+        };
+        self.requests.get_or_create(&labels).inc();
+        // Each row of a batch of n adds 1/n: the batch adds up to one execution.
+        self.executions.get_or_create(&labels).inc_by(1.0 / served.batch_size.max(1) as f64);
+        self.queue.get_or_create(&labels).observe(served.queue_time.as_secs_f64());
+        self.compute.get_or_create(&labels).observe(served.compute_time.as_secs_f64());
+        self.batch_size.get_or_create(&labels).observe(served.batch_size as f64);
+    }
+
+    /// One `ModelInfer` call answered with `code` after `elapsed`.
+    pub fn oip_request(&self, model: &str, code: tonic::Code, elapsed: Duration) {
+        let grpc_code = match code {
+            tonic::Code::Ok => "OK".to_owned(),
+            other => format!("{other:?}"),
+        };
+        let labels = CallLabels { model: model.to_owned(), grpc_code };
+        self.oip_requests.get_or_create(&labels).inc();
+        self.oip_duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
+    }
 }
 
 impl PipelineObserver for Metrics {
     fn scored(&self, model: &str, out: &InferOutput, in_node: Duration, since_event: Option<Duration>) {
-        let labels = ModelLabels {
-            model: model.to_owned(),
-            version: out.model_version.to_string(),
-            device: out.device.to_string(),
-        };
-        self.requests.get_or_create(&labels).inc();
-        // Each row of a batch of n adds 1/n: the batch adds up to one execution.
-        self.executions.get_or_create(&labels).inc_by(1.0 / out.batch_size.max(1) as f64);
-        self.queue.get_or_create(&labels).observe(out.queue_time.as_secs_f64());
-        self.compute.get_or_create(&labels).observe(out.compute_time.as_secs_f64());
-        self.batch_size.get_or_create(&labels).observe(out.batch_size as f64);
+        self.inferred(model, &out.served());
         self.in_node.observe(in_node.as_secs_f64());
         if let Some(d) = since_event {
             self.event_latency.observe(d.as_secs_f64());
