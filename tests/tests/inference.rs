@@ -172,6 +172,7 @@ async fn a_worker_panic_does_not_take_the_pool_down() {
         retry_backoff: std::time::Duration::from_millis(20),
         restart: RestartPolicy::default(),
         hang_after: None,
+        remote: None,
     };
     let pool = InferencePool::start(config, repo.specs(), Arc::new(factory)).await.unwrap();
     let router = pool.router();

@@ -146,6 +146,7 @@ impl Harness {
             retry_backoff: Duration::from_millis(5),
             restart: RestartPolicy::default(),
             hang_after: None,
+            remote: None,
         };
         let pool = InferencePool::start(pool_config, vec![spec], Arc::new(ScriptedFactory)).await.unwrap();
         store.claim(P, Epoch(1)).await.unwrap();

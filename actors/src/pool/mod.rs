@@ -7,6 +7,7 @@
 //! pool keeps serving on the rest. A worker that stops normally is restarted too, unless the pool
 //! itself is stopping.
 
+pub mod remote;
 mod router;
 #[cfg(test)]
 mod tests;
@@ -36,6 +37,9 @@ pub struct PoolConfig {
     /// A worker whose `forward` runs longer than this is hung: it is abandoned (its callers retry
     /// elsewhere) and replaced. `None`: never.
     pub hang_after: Option<Duration>,
+    /// Workers in other processes, used while none of `devices` is healthy (with no devices:
+    /// always).
+    pub remote: Option<Arc<dyn remote::RemoteWorkers>>,
 }
 
 /// What `partita models` and health checks show of one worker.
@@ -284,7 +288,7 @@ impl InferencePool {
         specs: Vec<ModelSpec>,
         factory: Arc<dyn BackendFactory>,
     ) -> Result<Self, PoolError> {
-        if config.devices.is_empty() {
+        if config.devices.is_empty() && config.remote.is_none() {
             return Err(PoolError::NoWorkers);
         }
         let specs: Arc<[ModelSpec]> = specs.into();
@@ -294,6 +298,7 @@ impl InferencePool {
             config.max_inflight,
             config.max_retries,
             config.retry_backoff,
+            config.remote.clone(),
         );
         let args = WorkerPoolArgs { config, factory, specs, router: router.clone() };
         let (actor, join) = Actor::spawn(None, WorkerPool, args).await.map_err(|e| match e {

@@ -20,6 +20,7 @@ use crate::inference::{
     InferError, InferOutput, InferRequest, InferRows, RowAnswer, RowsOutput, check_finite, validate,
 };
 use crate::model::ModelSpec;
+use crate::pool::remote::{RemoteAnswer, RemoteWorkers};
 
 #[derive(Clone, Debug)]
 pub struct Router {
@@ -38,6 +39,8 @@ struct RouterInner {
     capacity: usize,
     max_retries: usize,
     retry_backoff: Duration,
+    /// Workers in other processes, used while none of this pool's is healthy.
+    remote: Option<Arc<dyn RemoteWorkers>>,
 }
 
 impl Router {
@@ -47,6 +50,7 @@ impl Router {
         capacity: usize,
         max_retries: usize,
         retry_backoff: Duration,
+        remote: Option<Arc<dyn RemoteWorkers>>,
     ) -> Self {
         let by_name = specs.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
         Self {
@@ -58,6 +62,7 @@ impl Router {
                 capacity,
                 max_retries,
                 retry_backoff,
+                remote,
             }),
         }
     }
@@ -256,6 +261,19 @@ impl Router {
         let (mut attempt, mut handbacks, mut waits) = (first.min(attempts), 0, 0);
         loop {
             let Some(link) = self.pick() else {
+                match self.remote(model, &rows, deadline, split.then_some(attempt)).await {
+                    Some(Remote::Done(answer)) => return answer,
+                    Some(Remote::Lost) if attempt < attempts => {
+                        tracing::debug!(attempt, "a remote worker lost a request; retrying");
+                        attempt += 1;
+                        tokio::time::sleep(self.inner.retry_backoff).await;
+                        continue;
+                    }
+                    Some(Remote::Lost) => {
+                        return Dispatched::Answered(Err(InferError::WorkerLost { attempts }));
+                    }
+                    None => {}
+                }
                 if waits == max_waits {
                     return Dispatched::Answered(Err(InferError::WorkerLost { attempts: attempt }));
                 }
@@ -308,6 +326,44 @@ impl Router {
                 }
             }
         }
+    }
+
+    /// One try on the remote workers, when there are some and one may take a call: `None` when
+    /// none can (wait as for a local worker). `split`: the attempt, when a job of several rows
+    /// that broke goes on row by row (as when a local worker dies running it).
+    async fn remote(
+        &self,
+        model: usize,
+        rows: &Arc<InferRows>,
+        deadline: Option<Duration>,
+        split: Option<usize>,
+    ) -> Option<Remote> {
+        let remote = self.inner.remote.as_ref().filter(|r| r.available())?;
+        let spec = &self.inner.specs[model];
+        Some(match remote.infer(spec, rows.clone(), deadline).await {
+            RemoteAnswer::Scored { scores, new_state, served } => {
+                Remote::Done(Dispatched::Answered(Ok(JobOutput {
+                    values: JobValues::Owned { scores, new_state },
+                    failed: Vec::new(),
+                    served,
+                })))
+            }
+            RemoteAnswer::Failed(e) => Remote::Done(Dispatched::Answered(Err(e))),
+            RemoteAnswer::TimedOut => Remote::Done(Dispatched::TimedOut),
+            RemoteAnswer::RowFailed | RemoteAnswer::Lost if split.is_some() => {
+                Remote::Done(Dispatched::LostRunning { attempt: split.unwrap_or(1) })
+            }
+            RemoteAnswer::RowFailed => Remote::Done(Dispatched::Answered(Err(InferError::Backend(
+                "a remote worker failed on the row".into(),
+            )))),
+            RemoteAnswer::Lost => Remote::Lost,
+            RemoteAnswer::Unavailable => return None,
+        })
+    }
+
+    /// Whether a call can be served now: a healthy worker here, or a remote one available.
+    pub fn can_serve(&self) -> bool {
+        self.pick().is_some() || self.inner.remote.as_ref().is_some_and(|r| r.available())
     }
 
     /// The healthy worker with the fewest requests in flight.
@@ -397,6 +453,12 @@ impl RowsOutput {
             }
         }
     }
+}
+
+/// A remote try: ended the dispatch, or lost the call (retry).
+enum Remote {
+    Done(Dispatched),
+    Lost,
 }
 
 /// How a job's dispatch ended.

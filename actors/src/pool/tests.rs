@@ -130,6 +130,7 @@ fn config_with_retries(workers: usize, max_inflight: usize, max_retries: usize) 
             max_backoff: Duration::from_millis(10),
         },
         hang_after: None,
+        remote: None,
     }
 }
 
@@ -734,4 +735,107 @@ async fn a_wave_whose_row_kills_the_worker_goes_on_row_by_row_and_only_that_row_
     assert!(status[0].restarts <= 4, "one restart per run of the poison row: {}", status[0].restarts);
     assert_eq!(router.load().0, 0);
     h.pool.shutdown().await;
+}
+
+/// Remote workers for the router's tests: each call answers by the rows' first features, as
+/// the fake backend scores: `DEVICE_LOST` in a call breaks it (`Lost`: the remote worker died),
+/// `FAIL` fails the lone row it is in. Records each call's row count.
+#[derive(Debug, Default)]
+struct FakeRemote {
+    calls: Mutex<Vec<usize>>,
+    down: std::sync::atomic::AtomicBool,
+}
+
+impl remote::RemoteWorkers for FakeRemote {
+    fn available(&self) -> bool {
+        !self.down.load(Ordering::SeqCst)
+    }
+
+    fn infer(
+        &self,
+        spec: &ModelSpec,
+        rows: Arc<InferRows>,
+        _deadline: Option<Duration>,
+    ) -> futures::future::BoxFuture<'static, remote::RemoteAnswer> {
+        use remote::RemoteAnswer;
+        self.calls.lock().unwrap().push(rows.rows);
+        let firsts: Vec<f32> = (0..rows.rows).map(|k| rows.row(spec, k).0[0]).collect();
+        let answer = if firsts.contains(&DEVICE_LOST) {
+            RemoteAnswer::Lost
+        } else if firsts.contains(&FAIL) {
+            if rows.rows > 1 {
+                RemoteAnswer::RowFailed
+            } else {
+                RemoteAnswer::Failed(InferError::Backend("kernel failed".into()))
+            }
+        } else {
+            let (scores, new_state) = (0..rows.rows)
+                .map(|k| {
+                    let (f, s) = rows.row(spec, k);
+                    (
+                        f.iter().sum::<f32>() + s.iter().sum::<f32>(),
+                        s.iter().map(|v| v + f[0]).collect::<Vec<_>>(),
+                    )
+                })
+                .unzip::<_, _, Vec<f32>, Vec<Vec<f32>>>();
+            RemoteAnswer::Scored {
+                scores,
+                new_state: new_state.concat(),
+                served: crate::inference::Served {
+                    model_version: 7,
+                    batch_size: rows.rows,
+                    device: Device::Cuda(0),
+                    queue_time: Duration::ZERO,
+                    compute_time: Duration::ZERO,
+                },
+            }
+        };
+        Box::pin(async move { answer })
+    }
+}
+
+/// A pool with no workers of its own and `remote`.
+async fn remote_only(remote: Arc<FakeRemote>) -> InferencePool {
+    let config = PoolConfig { devices: vec![], remote: Some(remote), ..config_with_retries(0, 64, 2) };
+    let factory = FakeFactory { record: Arc::default(), gate: None, fail_start: None };
+    InferencePool::start(config, vec![spec(batched())], Arc::new(factory)).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_workers_of_its_own_the_router_sends_waves_to_the_remote_workers() {
+    let remote = Arc::new(FakeRemote::default());
+    let pool = remote_only(remote.clone()).await;
+    let router = pool.router();
+    assert!(router.can_serve());
+    let out = router.infer_rows_within("m", wave(&[1.0, 2.0, 3.0]), Duration::from_secs(10)).await;
+    for (k, x) in [1.0, 2.0, 3.0].into_iter().enumerate() {
+        let o = out.get(k).unwrap().unwrap();
+        assert_eq!((o.score, o.device, o.batch_size), (x + 3.0, Device::Cuda(0), 3), "row {k}");
+    }
+    assert_eq!(*remote.calls.lock().unwrap(), [3], "one call for the wave");
+
+    // A call that broke goes on row by row (one of them may have killed the worker), and so does
+    // one whose model failed on a row: only that row fails.
+    remote.calls.lock().unwrap().clear();
+    let out = router.infer_rows_within("m", wave(&[1.0, DEVICE_LOST, 2.0]), Duration::from_secs(10)).await;
+    assert_eq!(out.get(0).unwrap().unwrap().score, 4.0);
+    assert!(matches!(out.get(1), Some(Err(InferError::WorkerLost { attempts: 3 }))), "{:?}", out.get(1));
+    assert_eq!(out.get(2).unwrap().unwrap().score, 5.0);
+    let calls = remote.calls.lock().unwrap().clone();
+    assert_eq!(calls[0], 3, "{calls:?}");
+    assert!(calls[1..].iter().all(|&n| n == 1), "then each row alone: {calls:?}");
+    let out = router.infer_rows_within("m", wave(&[1.0, FAIL, 2.0]), Duration::from_secs(10)).await;
+    assert_eq!(out.get(0).unwrap().unwrap().score, 4.0);
+    assert!(matches!(out.get(1), Some(Err(InferError::Backend(_)))), "{:?}", out.get(1));
+    assert_eq!(out.get(2).unwrap().unwrap().score, 5.0);
+
+    // No remote worker available and none here: the request waits, then fails WorkerLost.
+    remote.down.store(true, Ordering::SeqCst);
+    assert!(!router.can_serve());
+    remote.calls.lock().unwrap().clear();
+    let out = router.infer_rows_within("m", wave(&[1.0]), Duration::from_secs(10)).await;
+    assert!(matches!(out.get(0), Some(Err(InferError::WorkerLost { .. }))), "{:?}", out.get(0));
+    assert!(remote.calls.lock().unwrap().is_empty());
+    assert_eq!(router.load().0, 0);
+    pool.shutdown().await;
 }

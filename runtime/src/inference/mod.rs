@@ -2,6 +2,7 @@
 //! model repository with the LibTorch adapter.
 
 pub mod oip;
+pub mod remote;
 pub mod repository;
 pub mod tch;
 
@@ -12,6 +13,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use partita_actors::inference::Device;
 use partita_actors::model::BatchPolicy;
+use partita_actors::pool::remote::RemoteWorkers;
 use partita_actors::pool::{InferencePool, PoolConfig, RestartPolicy};
 
 use repository::ModelRepository;
@@ -49,6 +51,21 @@ pub struct InferenceOptions {
     /// worker and a new worker replaces it.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     pub worker_hang_after: Duration,
+    /// Inference workers on other nodes (role worker), ZONE=HOST:PORT[,...]: used while no
+    /// worker of this node is healthy (a scorer node has none), this zone's first. A host name
+    /// may resolve to several addresses (a headless service): each is an endpoint.
+    #[arg(long, value_delimiter = ',')]
+    pub worker_endpoints: Vec<remote::WorkerEndpoint>,
+    /// Consecutive failures (refused, broken or timed-out calls) that open a remote worker's
+    /// circuit breaker.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub breaker_failures: u32,
+    /// How long an open breaker keeps calls away from its worker before one probe call.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    pub breaker_open_for: Duration,
+    /// Rows in flight to one remote worker; past it calls go to the next one.
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..))]
+    pub endpoint_max_inflight: u64,
 }
 
 impl Default for InferenceOptions {
@@ -90,8 +107,18 @@ impl InferenceOptions {
 
     /// Load and validate the repository, then start one warmed-up worker per device.
     pub async fn start(&self) -> Result<(InferencePool, ModelRepository), StartError> {
+        self.start_with(true, None).await
+    }
+
+    /// [`InferenceOptions::start`] with `remote` workers beside this node's; `local: false`
+    /// starts none here (a scorer node: the repository's configs give the models' shapes).
+    pub async fn start_with(
+        &self,
+        local: bool,
+        remote: Option<Arc<dyn RemoteWorkers>>,
+    ) -> Result<(InferencePool, ModelRepository), StartError> {
         let repo = ModelRepository::load(&self.repository)?;
-        let devices = self.devices()?;
+        let devices = if local { self.devices()? } else { Vec::new() };
         let threads = if self.intra_op_threads == 0 {
             std::thread::available_parallelism().map_or(1, usize::from)
         } else {
@@ -112,6 +139,7 @@ impl InferenceOptions {
             retry_backoff: Duration::from_millis(100),
             restart: RestartPolicy::default(),
             hang_after: Some(self.worker_hang_after),
+            remote,
         };
         let pool = InferencePool::start(config, specs, Arc::new(factory)).await?;
         Ok((pool, repo))

@@ -124,10 +124,15 @@ impl Oip {
             }
         }
         check_rows(&answer, self.inner.deadline)?;
+        let first = answer.answers.iter().find_map(|a| match a {
+            RowAnswer::Scored(served) => Some(served),
+            _ => None,
+        });
         let mut response = ModelInferResponse {
             model_name: spec.name.clone(),
             model_version: spec.version.to_string(),
             id: req.id,
+            parameters: first.map(crate::inference::remote::served_parameters).unwrap_or_default(),
             ..Default::default()
         };
         for name in outputs {

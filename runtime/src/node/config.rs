@@ -88,6 +88,10 @@ const SETTINGS: &[Setting] = &[
     s("inference", "max_inflight", "--max-inflight"),
     s("inference", "default_model", "--default-model"),
     s("inference", "worker_hang_after", "--worker-hang-after"),
+    s("inference", "worker_endpoints", "--worker-endpoints"),
+    s("inference", "breaker_failures", "--breaker-failures"),
+    s("inference", "breaker_open_for", "--breaker-open-for"),
+    s("inference", "endpoint_max_inflight", "--endpoint-max-inflight"),
     Setting { section: "inference", key: "no_batching", flag: "--no-batching", kind: Kind::Switch },
     s("node", "grace", "--grace"),
     s("node", "http_listen", "--http-listen"),
@@ -325,6 +329,17 @@ pub fn cross_check(o: &NodeOptions) -> Vec<String> {
             "[state] standby_replicas keeps copies from the changelog: it needs backend rocksdb with a changelog_topic"
                 .to_owned(),
         );
+    }
+    match o.role {
+        crate::node::Role::Scorer if o.inference.worker_endpoints.is_empty() => problems.push(
+            "[node] role scorer runs no inference workers: set [inference] worker_endpoints (ZONE=HOST:PORT of worker nodes)"
+                .to_owned(),
+        ),
+        crate::node::Role::Worker if !o.inference.worker_endpoints.is_empty() => problems.push(
+            "[inference] worker_endpoints is for roles scorer and both: a worker node serves its own workers"
+                .to_owned(),
+        ),
+        _ => {}
     }
     if o.cql_username.is_some() != o.cql_password.is_some() {
         problems

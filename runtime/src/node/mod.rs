@@ -17,6 +17,7 @@ use std::sync::atomic::Ordering;
 
 use crate::inference::InferenceOptions;
 use crate::inference::oip::Oip;
+use crate::inference::remote::{RemotePool, RemoteSettings};
 use crate::kafka::{ConsumerSettings, KafkaSink, KafkaTier, Wiring, parse_property, start_consumer};
 use crate::state::changelog::ChangelogStore;
 use crate::state::rocks::{RocksConfig, RocksStore};
@@ -24,6 +25,7 @@ use crate::state::scylla::{CqlConsistency, Replication, ScyllaConfig, ScyllaStor
 use crate::state::{Backend, NodeStore};
 use crate::telemetry::traces::{OtelTracer, Otlp};
 use crate::telemetry::{Health, Metrics, Sources, serve, serve_grpc};
+use partita_actors::pool::remote::RemoteWorkers;
 
 fn parse_cql_uri(s: &str) -> Result<String, String> {
     for node in s.split(',').map(str::trim) {
@@ -77,6 +79,8 @@ fn parse_ratio(s: &str) -> Result<f64, String> {
 pub enum Role {
     /// Partition actors and the inference workers they use, in one process.
     Both,
+    /// Partition actors; inference on the worker nodes of `[inference] worker_endpoints`.
+    Scorer,
     /// Inference workers only, served over the Open Inference Protocol.
     Worker,
 }
@@ -223,8 +227,9 @@ pub struct NodeOptions {
     /// Largest gRPC message received or sent (an inference request or answer).
     #[arg(long, default_value = "4MiB")]
     pub grpc_max_message_size: bytesize::ByteSize,
-    /// What this node runs: both (partitions and inference workers in one process) or worker
-    /// (inference workers only, served over gRPC; no Kafka, no state).
+    /// What this node runs: both (partitions and inference workers in one process), scorer
+    /// (partitions; inference on `[inference] worker_endpoints`) or worker (inference workers
+    /// only, served over gRPC; no Kafka, no state).
     #[arg(long, value_enum, default_value_t = Role::Both)]
     pub role: Role,
     /// Export spans over OTLP/gRPC to this collector (e.g. http://otel-collector:4317); unset: off.
@@ -379,8 +384,29 @@ impl Node {
         let http = serve(opts.http_listen, metrics.clone(), health.clone()).await?;
         let oip = Oip::new(health.clone(), metrics.clone(), opts.infer_deadline);
         let max_message = usize::try_from(opts.grpc_max_message_size.as_u64()).unwrap_or(usize::MAX);
-        let grpc = serve_grpc(opts.grpc_listen, health.clone(), Some(oip.clone()), max_message).await?;
-        let (pool, _repo) = opts.inference.start().await.context("starting the inference pool")?;
+        let local_workers = opts.role != Role::Scorer;
+        let grpc =
+            serve_grpc(opts.grpc_listen, health.clone(), local_workers.then(|| oip.clone()), max_message)
+                .await?;
+        let remote = match &opts.inference.worker_endpoints[..] {
+            [] => None,
+            endpoints => {
+                let settings = RemoteSettings {
+                    endpoints: endpoints.to_vec(),
+                    zone: opts.zone.clone(),
+                    breaker_failures: opts.inference.breaker_failures,
+                    breaker_open_for: opts.inference.breaker_open_for,
+                    max_inflight: usize::try_from(opts.inference.endpoint_max_inflight).unwrap_or(usize::MAX),
+                    connect_timeout: Duration::from_secs(1),
+                    max_message_size: max_message,
+                };
+                let remote: Arc<dyn RemoteWorkers> =
+                    Arc::new(RemotePool::start(settings, metrics.clone()).await);
+                Some(remote)
+            }
+        };
+        let (pool, _repo) =
+            opts.inference.start_with(local_workers, remote).await.context("starting the inference pool")?;
         oip.set_router(pool.router());
         health.models_ready.store(true, Ordering::SeqCst);
         let devices = pool.status().await.iter().map(|w| w.device.to_string()).collect();
@@ -391,7 +417,7 @@ impl Node {
                 health.joined.store(true, Ordering::SeqCst);
                 (None, Sources::without_partitions(counters.clone()))
             }
-            Role::Both => {
+            Role::Both | Role::Scorer => {
                 let (scoring, sources) =
                     Scoring::start(opts, &metrics, &health, pool.router(), counters.clone()).await?;
                 (Some(scoring), sources)
@@ -424,7 +450,7 @@ impl Node {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> anyhow::Result<NodeSummary> {
         tokio::pin!(shutdown);
-        let workers = self.pool.status_probe();
+        let router = self.pool.router();
         let mut checked = tokio::time::Instant::now();
         loop {
             tokio::select! {
@@ -435,7 +461,7 @@ impl Node {
                     }
                     if checked.elapsed() >= Duration::from_secs(1) {
                         checked = tokio::time::Instant::now();
-                        let healthy = workers.get().await.iter().any(|w| w.healthy);
+                        let healthy = router.can_serve();
                         if self.health.workers_healthy.swap(healthy, Ordering::SeqCst) != healthy {
                             tracing::warn!(healthy, "inference workers' health changed");
                         }

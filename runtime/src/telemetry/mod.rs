@@ -27,7 +27,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetri
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
@@ -48,6 +48,20 @@ fn batch_histogram() -> Histogram {
 struct CallLabels {
     model: String,
     /// The gRPC status code's name, as go-grpc-prometheus writes it (`OK`, `InvalidArgument`).
+    grpc_code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    /// `HOST:PORT (ADDRESS)` of a remote worker.
+    endpoint: String,
+    worker_zone: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RemoteCallLabels {
+    endpoint: String,
+    worker_zone: String,
     grpc_code: String,
 }
 
@@ -288,6 +302,10 @@ pub struct Metrics {
     batch_size: Family<ModelLabels, Histogram, fn() -> Histogram>,
     oip_requests: Family<CallLabels, Counter>,
     oip_duration: Family<CallLabels, Histogram, fn() -> Histogram>,
+    remote_calls: Family<RemoteCallLabels, Counter>,
+    remote_duration: Family<EndpointLabels, Histogram, fn() -> Histogram>,
+    remote_healthy: Family<EndpointLabels, Gauge>,
+    remote_breaker: Family<EndpointLabels, Gauge>,
     in_node: Histogram,
     event_latency: Histogram,
     state_write: Histogram,
@@ -312,6 +330,10 @@ impl Metrics {
         let batch_size = Family::new_with_constructor(batch_histogram as fn() -> Histogram);
         let oip_requests = Family::<CallLabels, Counter>::default();
         let oip_duration = Family::new_with_constructor(seconds_histogram as fn() -> Histogram);
+        let remote_calls = Family::<RemoteCallLabels, Counter>::default();
+        let remote_duration = Family::new_with_constructor(seconds_histogram as fn() -> Histogram);
+        let remote_healthy = Family::<EndpointLabels, Gauge>::default();
+        let remote_breaker = Family::<EndpointLabels, Gauge>::default();
         let in_node = seconds_histogram();
         let event_latency = seconds_histogram();
         let state_write = seconds_histogram();
@@ -354,6 +376,27 @@ impl Metrics {
             Unit::Seconds,
             oip_duration.clone(),
         );
+        registry.register(
+            "partita_remote_requests",
+            "Calls to remote inference workers, by endpoint, its zone and the gRPC status",
+            remote_calls.clone(),
+        );
+        registry.register_with_unit(
+            "partita_remote_request_duration",
+            "Calls to remote inference workers, from send to answer",
+            Unit::Seconds,
+            remote_duration.clone(),
+        );
+        registry.register(
+            "partita_remote_endpoint_healthy",
+            "1 while a remote worker's health check says SERVING",
+            remote_healthy.clone(),
+        );
+        registry.register(
+            "partita_remote_breaker_state",
+            "A remote worker's circuit breaker: 0 closed, 1 half-open, 2 open",
+            remote_breaker.clone(),
+        );
         registry.register_with_unit(
             "partita_event_in_node",
             "From the node receiving a record to its score being ready",
@@ -389,6 +432,10 @@ impl Metrics {
             batch_size,
             oip_requests,
             oip_duration,
+            remote_calls,
+            remote_duration,
+            remote_healthy,
+            remote_breaker,
             in_node,
             event_latency,
             state_write,
@@ -444,13 +491,51 @@ impl Metrics {
 
     /// One `ModelInfer` call answered with `code` after `elapsed`.
     pub fn oip_request(&self, model: &str, code: tonic::Code, elapsed: Duration) {
-        let grpc_code = match code {
-            tonic::Code::Ok => "OK".to_owned(),
-            other => format!("{other:?}"),
-        };
-        let labels = CallLabels { model: model.to_owned(), grpc_code };
+        let labels = CallLabels { model: model.to_owned(), grpc_code: code_name(code) };
         self.oip_requests.get_or_create(&labels).inc();
         self.oip_duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
+    }
+}
+
+impl Metrics {
+    /// One call to a remote worker, answered with `code` (`DeadlineExceeded` when it timed out
+    /// here) after `elapsed`.
+    pub fn remote_call(&self, endpoint: &str, zone: &str, code: tonic::Code, elapsed: Duration) {
+        let labels = EndpointLabels { endpoint: endpoint.to_owned(), worker_zone: zone.to_owned() };
+        let call = RemoteCallLabels {
+            endpoint: labels.endpoint.clone(),
+            worker_zone: labels.worker_zone.clone(),
+            grpc_code: code_name(code),
+        };
+        self.remote_calls.get_or_create(&call).inc();
+        self.remote_duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
+    }
+
+    /// A remote worker's health and breaker state (each health check).
+    pub fn remote_endpoint(
+        &self,
+        endpoint: &str,
+        zone: &str,
+        healthy: bool,
+        breaker: crate::inference::remote::BreakerState,
+    ) {
+        use crate::inference::remote::BreakerState;
+        let labels = EndpointLabels { endpoint: endpoint.to_owned(), worker_zone: zone.to_owned() };
+        self.remote_healthy.get_or_create(&labels).set(i64::from(healthy));
+        let state = match breaker {
+            BreakerState::Closed => 0,
+            BreakerState::HalfOpen { .. } => 1,
+            BreakerState::Open { .. } => 2,
+        };
+        self.remote_breaker.get_or_create(&labels).set(state);
+    }
+}
+
+/// A gRPC status code's name as go-grpc-prometheus writes it (`OK`, `InvalidArgument`).
+fn code_name(code: tonic::Code) -> String {
+    match code {
+        tonic::Code::Ok => "OK".to_owned(),
+        other => format!("{other:?}"),
     }
 }
 

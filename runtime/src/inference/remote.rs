@@ -1,0 +1,642 @@
+//! Remote inference workers: the router's [`RemoteWorkers`] over the Open Inference Protocol
+//! (gRPC) of worker nodes.
+//!
+//! **Endpoints** come from `[inference] worker_endpoints` as `ZONE=HOST:PORT`; a host name
+//! (a Kubernetes headless service) is resolved again every [`RESOLVE_EVERY`], each address an
+//! endpoint of its own.
+//!
+//! **Routing order**: the router uses its own workers first (none on a scorer node); then among
+//! the endpoints that are healthy, whose breaker is not open and that have room (`max_inflight`
+//! rows), those in this node's zone before the others, the least loaded first. An endpoint that
+//! refuses without running anything (connection refused, draining, overloaded) is skipped for
+//! the next within the same call.
+//!
+//! **Health**: each endpoint's `grpc.health.v1` status (`""`), or OIP `ServerReady` where the
+//! server has no health service, polled every [`HEALTH_EVERY`] with that as the timeout.
+//!
+//! **Circuit breaker** per endpoint ([`Breaker`]): `failures` consecutive failures (a refused
+//! connection, a call that broke or timed out, an answer that does not fit the model) open it
+//! for `open_for`; then one call goes through as a probe (half-open): success closes it, failure
+//! opens it again.
+//!
+//! **Deadlines** travel as the gRPC deadline (`grpc-timeout`); the call is also cancelled here
+//! when it passes. A call that broke after it was sent is `Lost` (the rows may have run: the
+//! router goes on row by row, the poison-row rule of a local worker's death); the model failing
+//! on one of several rows is `RowFailed` (row by row too).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use partita_actors::inference::{Device, InferError, InferRows, Served};
+use partita_actors::model::ModelSpec;
+use partita_actors::pool::remote::{RemoteAnswer, RemoteWorkers};
+use partita_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use partita_proto::inference::model_infer_request::InferInputTensor;
+use partita_proto::inference::{
+    InferParameter, ModelInferRequest, ModelInferResponse, ServerReadyRequest, infer_parameter,
+};
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::telemetry::Metrics;
+
+/// How often each endpoint's health is checked (and the check's timeout).
+pub const HEALTH_EVERY: Duration = Duration::from_secs(1);
+/// How often endpoint host names are resolved again.
+pub const RESOLVE_EVERY: Duration = Duration::from_secs(10);
+
+/// One configured worker address: `ZONE=HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerEndpoint {
+    pub zone: String,
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::str::FromStr for WorkerEndpoint {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parsed = s.trim().split_once('=').and_then(|(zone, addr)| {
+            let (host, port) = addr.rsplit_once(':')?;
+            let port = port.parse::<u16>().ok()?;
+            (!zone.is_empty() && !host.is_empty()).then(|| Self {
+                zone: zone.to_owned(),
+                host: host.trim_start_matches('[').trim_end_matches(']').to_owned(),
+                port,
+            })
+        });
+        parsed.ok_or_else(|| format!("expected ZONE=HOST:PORT, got {s:?}"))
+    }
+}
+
+/// The remote workers' settings.
+#[derive(Debug, Clone)]
+pub struct RemoteSettings {
+    pub endpoints: Vec<WorkerEndpoint>,
+    /// This node's zone: its endpoints come first.
+    pub zone: String,
+    /// Consecutive failures that open an endpoint's breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker stays open before a probe.
+    pub breaker_open_for: Duration,
+    /// Rows in flight per endpoint; a call that would pass it goes elsewhere (a call alone on
+    /// an endpoint always may).
+    pub max_inflight: usize,
+    pub connect_timeout: Duration,
+    pub max_message_size: usize,
+}
+
+/// A circuit breaker's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    /// Calls are not sent until the instant; then one probe.
+    Open {
+        until: Instant,
+    },
+    /// One probe is under way (`true`) or may go (`false`).
+    HalfOpen {
+        probing: bool,
+    },
+}
+
+/// Opens after `threshold` consecutive failures for `open_for`, then lets one probe through.
+#[derive(Debug, Clone)]
+pub struct Breaker {
+    threshold: u32,
+    open_for: Duration,
+    failures: u32,
+    state: BreakerState,
+}
+
+impl Breaker {
+    pub fn new(threshold: u32, open_for: Duration) -> Self {
+        Self { threshold: threshold.max(1), open_for, failures: 0, state: BreakerState::Closed }
+    }
+
+    /// The state as of `now` (an open breaker whose time is up is half-open).
+    pub fn state(&self, now: Instant) -> BreakerState {
+        match self.state {
+            BreakerState::Open { until } if now >= until => BreakerState::HalfOpen { probing: false },
+            s => s,
+        }
+    }
+
+    /// Whether a call may be sent now; a half-open breaker lets one through and counts it as
+    /// its probe.
+    pub fn try_pass(&mut self, now: Instant) -> bool {
+        match self.state(now) {
+            BreakerState::Closed => true,
+            BreakerState::Open { .. } | BreakerState::HalfOpen { probing: true } => false,
+            BreakerState::HalfOpen { probing: false } => {
+                self.state = BreakerState::HalfOpen { probing: true };
+                true
+            }
+        }
+    }
+
+    /// Whether a call could be sent now (without taking the probe).
+    pub fn would_pass(&self, now: Instant) -> bool {
+        matches!(self.state(now), BreakerState::Closed | BreakerState::HalfOpen { probing: false })
+    }
+
+    pub fn success(&mut self) {
+        self.failures = 0;
+        self.state = BreakerState::Closed;
+    }
+
+    /// A failed call. The count is kept until a success, so a failed probe opens it again.
+    pub fn failure(&mut self, now: Instant) {
+        self.failures = self.failures.saturating_add(1);
+        if self.failures >= self.threshold {
+            self.state = BreakerState::Open { until: now + self.open_for };
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Endpoint {
+    addr: SocketAddr,
+    zone: String,
+    /// `HOST:PORT (ADDRESS)` for logs and metrics.
+    label: String,
+    client: GrpcInferenceServiceClient<Channel>,
+    health: HealthClient<Channel>,
+    healthy: AtomicBool,
+    breaker: Mutex<Breaker>,
+    in_flight: AtomicUsize,
+}
+
+/// The remote workers; cheap to clone. Background health checks and name resolution run while
+/// a clone lives.
+#[derive(Debug, Clone)]
+pub struct RemotePool {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    settings: RemoteSettings,
+    endpoints: RwLock<Vec<Arc<Endpoint>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl RemotePool {
+    /// Resolve the endpoints and check their health once, then keep both up to date in the
+    /// background.
+    pub async fn start(settings: RemoteSettings, metrics: Arc<Metrics>) -> Self {
+        let inner = Arc::new(Inner { settings, endpoints: RwLock::default(), metrics });
+        inner.resolve().await;
+        inner.check_health().await;
+        let weak = Arc::downgrade(&inner);
+        tokio::spawn(background(weak));
+        Self { inner }
+    }
+
+    /// Each endpoint: its label, zone, health and breaker state, rows in flight.
+    pub fn status(&self) -> Vec<(String, String, bool, BreakerState, usize)> {
+        let now = Instant::now();
+        self.inner
+            .endpoints()
+            .iter()
+            .map(|e| {
+                (
+                    e.label.clone(),
+                    e.zone.clone(),
+                    e.healthy.load(Ordering::SeqCst),
+                    e.breaker.lock().unwrap().state(now),
+                    e.in_flight.load(Ordering::SeqCst),
+                )
+            })
+            .collect()
+    }
+}
+
+async fn background(inner: Weak<Inner>) {
+    let mut resolved = Instant::now();
+    loop {
+        tokio::time::sleep(HEALTH_EVERY).await;
+        let Some(inner) = inner.upgrade() else { return };
+        if resolved.elapsed() >= RESOLVE_EVERY {
+            inner.resolve().await;
+            resolved = Instant::now();
+        }
+        inner.check_health().await;
+    }
+}
+
+impl RemoteWorkers for RemotePool {
+    fn available(&self) -> bool {
+        let now = Instant::now();
+        self.inner
+            .endpoints()
+            .iter()
+            .any(|e| e.healthy.load(Ordering::SeqCst) && e.breaker.lock().unwrap().would_pass(now))
+    }
+
+    fn infer(
+        &self,
+        spec: &ModelSpec,
+        rows: Arc<InferRows>,
+        deadline: Option<Duration>,
+    ) -> BoxFuture<'static, RemoteAnswer> {
+        let inner = self.inner.clone();
+        let spec = spec.clone();
+        Box::pin(async move { inner.infer(&spec, &rows, deadline).await })
+    }
+}
+
+/// How one call to one endpoint went.
+enum Outcome {
+    Answered(RemoteAnswer),
+    /// Nothing ran there (connection refused, the node refused): try the next endpoint.
+    Refused,
+    /// The endpoint answered what does not fit the model (a scorer and worker configured with
+    /// different models): a failure of the endpoint; try the next.
+    Mismatch(String),
+}
+
+impl Inner {
+    fn endpoints(&self) -> Vec<Arc<Endpoint>> {
+        self.endpoints.read().unwrap().clone()
+    }
+
+    /// Resolve every configured name; keep the endpoints whose address stays.
+    async fn resolve(&self) {
+        let mut wanted: Vec<(String, SocketAddr, String)> = Vec::new();
+        for e in &self.settings.endpoints {
+            match tokio::net::lookup_host((e.host.as_str(), e.port)).await {
+                Ok(addrs) => {
+                    for addr in addrs {
+                        if !wanted.iter().any(|(z, a, _)| *a == addr && *z == e.zone) {
+                            wanted.push((e.zone.clone(), addr, format!("{}:{} ({addr})", e.host, e.port)));
+                        }
+                    }
+                }
+                Err(err) => tracing::warn!(host = %e.host, error = %err, "resolving a worker endpoint"),
+            }
+        }
+        let old: HashMap<(String, SocketAddr), Arc<Endpoint>> =
+            self.endpoints().into_iter().map(|e| ((e.zone.clone(), e.addr), e)).collect();
+        let mut next = Vec::with_capacity(wanted.len());
+        for (zone, addr, label) in wanted {
+            match old.get(&(zone.clone(), addr)) {
+                Some(e) => next.push(e.clone()),
+                None => match self.endpoint(zone, addr, label) {
+                    Ok(e) => {
+                        tracing::info!(endpoint = %e.label, zone = %e.zone, "worker endpoint added");
+                        next.push(Arc::new(e));
+                    }
+                    Err(err) => tracing::warn!(%addr, error = %err, "a worker endpoint"),
+                },
+            }
+        }
+        for e in old.values() {
+            if !next.iter().any(|n| Arc::ptr_eq(n, e)) {
+                tracing::info!(endpoint = %e.label, zone = %e.zone, "worker endpoint gone");
+            }
+        }
+        *self.endpoints.write().unwrap() = next;
+    }
+
+    fn endpoint(
+        &self,
+        zone: String,
+        addr: SocketAddr,
+        label: String,
+    ) -> Result<Endpoint, tonic::transport::Error> {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(self.settings.connect_timeout)
+            .tcp_nodelay(true)
+            .connect_lazy();
+        let size = self.settings.max_message_size;
+        Ok(Endpoint {
+            addr,
+            zone,
+            label,
+            client: GrpcInferenceServiceClient::new(channel.clone())
+                .max_decoding_message_size(size)
+                .max_encoding_message_size(size),
+            health: HealthClient::new(channel),
+            healthy: AtomicBool::new(false),
+            breaker: Mutex::new(Breaker::new(self.settings.breaker_failures, self.settings.breaker_open_for)),
+            in_flight: AtomicUsize::new(0),
+        })
+    }
+
+    async fn check_health(&self) {
+        let endpoints = self.endpoints();
+        let checks = endpoints.iter().map(|e| async move {
+            let ready = tokio::time::timeout(HEALTH_EVERY, serving(e)).await.unwrap_or(false);
+            if e.healthy.swap(ready, Ordering::SeqCst) != ready {
+                tracing::info!(endpoint = %e.label, zone = %e.zone, healthy = ready, "worker endpoint health changed");
+            }
+            let state = e.breaker.lock().unwrap().state(Instant::now());
+            self.metrics.remote_endpoint(&e.label, &e.zone, ready, state);
+        });
+        futures::future::join_all(checks).await;
+    }
+
+    /// Endpoints that may take `rows` rows now, this zone's first, then the least loaded;
+    /// `tried` excluded.
+    fn candidates(&self, rows: usize, tried: &[SocketAddr]) -> Vec<Arc<Endpoint>> {
+        let now = Instant::now();
+        let mut out: Vec<Arc<Endpoint>> = self
+            .endpoints()
+            .into_iter()
+            .filter(|e| {
+                let load = e.in_flight.load(Ordering::SeqCst);
+                !tried.contains(&e.addr)
+                    && e.healthy.load(Ordering::SeqCst)
+                    && e.breaker.lock().unwrap().would_pass(now)
+                    && (load == 0 || load + rows <= self.settings.max_inflight)
+            })
+            .collect();
+        out.sort_by_key(|e| (e.zone != self.settings.zone, e.in_flight.load(Ordering::SeqCst)));
+        out
+    }
+
+    async fn infer(&self, spec: &ModelSpec, rows: &InferRows, deadline: Option<Duration>) -> RemoteAnswer {
+        let mut tried = Vec::new();
+        loop {
+            let Some(e) = self
+                .candidates(rows.rows, &tried)
+                .into_iter()
+                .find(|e| e.breaker.lock().unwrap().try_pass(Instant::now()))
+            else {
+                return RemoteAnswer::Unavailable;
+            };
+            tried.push(e.addr);
+            e.in_flight.fetch_add(rows.rows, Ordering::SeqCst);
+            let started = Instant::now();
+            let (outcome, code) = call(&e, spec, rows, deadline).await;
+            e.in_flight.fetch_sub(rows.rows, Ordering::SeqCst);
+            self.metrics.remote_call(&e.label, &e.zone, code, started.elapsed());
+            let mut breaker = e.breaker.lock().unwrap();
+            match outcome {
+                Outcome::Answered(answer) => {
+                    match answer {
+                        RemoteAnswer::TimedOut | RemoteAnswer::Lost => breaker.failure(Instant::now()),
+                        _ => breaker.success(),
+                    }
+                    return answer;
+                }
+                Outcome::Refused => {
+                    breaker.failure(Instant::now());
+                    // Not ready for calls: wait for its health check to say it is again.
+                    e.healthy.store(false, Ordering::SeqCst);
+                }
+                Outcome::Mismatch(why) => {
+                    breaker.failure(Instant::now());
+                    tracing::error!(endpoint = %e.label, model = %spec.name, "{why}; is the worker serving the same model repository?");
+                }
+            }
+        }
+    }
+}
+
+/// Whether the endpoint is ready: its gRPC health status, or OIP `ServerReady` without one.
+async fn serving(e: &Endpoint) -> bool {
+    let check = tonic_health::pb::HealthCheckRequest { service: String::new() };
+    match e.health.clone().check(check).await {
+        Ok(r) => r.into_inner().status == ServingStatus::Serving as i32,
+        Err(s) if s.code() == tonic::Code::Unimplemented => {
+            e.client.clone().server_ready(ServerReadyRequest {}).await.is_ok_and(|r| r.into_inner().ready)
+        }
+        Err(_) => false,
+    }
+}
+
+fn tensor(name: &str, rows: usize, width: usize) -> InferInputTensor {
+    InferInputTensor {
+        name: name.into(),
+        datatype: "FP32".into(),
+        shape: vec![rows as i64, width as i64],
+        ..Default::default()
+    }
+}
+
+fn raw(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// One call: the rows as raw tensors, the deadline as the gRPC deadline. Returns the outcome
+/// and the gRPC code (for metrics).
+async fn call(
+    e: &Endpoint,
+    spec: &ModelSpec,
+    rows: &InferRows,
+    deadline: Option<Duration>,
+) -> (Outcome, tonic::Code) {
+    let mut request = ModelInferRequest {
+        model_name: spec.name.clone(),
+        inputs: vec![tensor("features", rows.rows, spec.feature_count)],
+        raw_input_contents: vec![raw(&rows.features)],
+        ..Default::default()
+    };
+    if spec.is_stateful() {
+        request.inputs.push(tensor("state", rows.rows, spec.state_size));
+        request.raw_input_contents.push(raw(&rows.state));
+    }
+    let mut request = tonic::Request::new(request);
+    if let Some(d) = deadline {
+        request.set_timeout(d);
+    }
+    let mut client = e.client.clone();
+    let sent = client.model_infer(request);
+    let result = match deadline {
+        Some(d) => match tokio::time::timeout(d, sent).await {
+            Ok(r) => r,
+            Err(_) => return (Outcome::Answered(RemoteAnswer::TimedOut), tonic::Code::DeadlineExceeded),
+        },
+        None => sent.await,
+    };
+    match result {
+        Ok(response) => match scored(spec, rows.rows, response.into_inner()) {
+            Ok(answer) => (Outcome::Answered(answer), tonic::Code::Ok),
+            Err(why) => (Outcome::Mismatch(why), tonic::Code::Ok),
+        },
+        Err(status) => (classify(&status, rows.rows), status.code()),
+    }
+}
+
+/// Whether a status was made here from a failed connection attempt (nothing was sent).
+fn connect_failed(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if e.is::<tonic::ConnectError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+fn classify(status: &tonic::Status, rows: usize) -> Outcome {
+    use tonic::Code;
+    // A status with a source was made by this client from a transport error; one without came
+    // from the server.
+    let local = std::error::Error::source(status).is_some();
+    match status.code() {
+        _ if connect_failed(status) => Outcome::Refused,
+        Code::Unavailable | Code::ResourceExhausted if !local => Outcome::Refused,
+        Code::DeadlineExceeded | Code::Cancelled => Outcome::Answered(RemoteAnswer::TimedOut),
+        Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition if !local => {
+            Outcome::Mismatch(format!("the worker refused rows this node validated: {}", status.message()))
+        }
+        Code::Internal if !local && rows > 1 => Outcome::Answered(RemoteAnswer::RowFailed),
+        Code::Internal if !local => {
+            let message = status.message().to_owned();
+            Outcome::Answered(RemoteAnswer::Failed(if message.contains("panicked") {
+                InferError::Panicked(message)
+            } else {
+                InferError::Backend(message)
+            }))
+        }
+        _ => Outcome::Answered(RemoteAnswer::Lost),
+    }
+}
+
+/// The answer's scores and new states, checked against the model.
+fn scored(spec: &ModelSpec, rows: usize, response: ModelInferResponse) -> Result<RemoteAnswer, String> {
+    let values = |name: &str, count: usize| -> Result<Vec<f32>, String> {
+        let k = response.outputs.iter().position(|o| o.name == name).ok_or(format!("no output {name:?}"))?;
+        let bytes =
+            response.raw_output_contents.get(k).ok_or(format!("output {name:?} has no raw contents"))?;
+        if bytes.len() != count * 4 {
+            return Err(format!("output {name:?} has {} bytes for {count} values", bytes.len()));
+        }
+        Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    };
+    let scores = values("score", rows)?;
+    let new_state =
+        if spec.is_stateful() { values("new_state", rows * spec.state_size)? } else { Vec::new() };
+    let int = |name: &str| match response.parameters.get(name).and_then(|p| p.parameter_choice.clone()) {
+        Some(infer_parameter::ParameterChoice::Int64Param(v)) => u64::try_from(v).unwrap_or(0),
+        _ => 0,
+    };
+    let device = match response.parameters.get(DEVICE).and_then(|p| p.parameter_choice.clone()) {
+        Some(infer_parameter::ParameterChoice::StringParam(d)) => parse_device(&d),
+        _ => Device::Cpu,
+    };
+    let served = Served {
+        model_version: response.model_version.parse().unwrap_or(spec.version),
+        batch_size: usize::try_from(int(BATCH_SIZE)).unwrap_or(1).max(1),
+        device,
+        queue_time: Duration::from_micros(int(QUEUE_US)),
+        compute_time: Duration::from_micros(int(COMPUTE_US)),
+    };
+    Ok(RemoteAnswer::Scored { scores, new_state, served })
+}
+
+fn parse_device(s: &str) -> Device {
+    s.strip_prefix("cuda:").and_then(|i| i.parse().ok()).map_or(Device::Cpu, Device::Cuda)
+}
+
+/// Response parameters a partita worker adds (other OIP clients ignore them): how the first row
+/// was served.
+pub const BATCH_SIZE: &str = "partita_batch_size";
+pub const QUEUE_US: &str = "partita_queue_time_us";
+pub const COMPUTE_US: &str = "partita_compute_time_us";
+pub const DEVICE: &str = "partita_device";
+
+/// The response parameters for `served`.
+pub fn served_parameters(served: &Served) -> HashMap<String, InferParameter> {
+    let int = |v: u64| InferParameter {
+        parameter_choice: Some(infer_parameter::ParameterChoice::Int64Param(
+            i64::try_from(v).unwrap_or(i64::MAX),
+        )),
+    };
+    let micros = |d: Duration| int(u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    HashMap::from([
+        (BATCH_SIZE.to_owned(), int(served.batch_size as u64)),
+        (QUEUE_US.to_owned(), micros(served.queue_time)),
+        (COMPUTE_US.to_owned(), micros(served.compute_time)),
+        (
+            DEVICE.to_owned(),
+            InferParameter {
+                parameter_choice: Some(infer_parameter::ParameterChoice::StringParam(
+                    served.device.to_string(),
+                )),
+            },
+        ),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_parse_as_zone_host_port() {
+        let e: WorkerEndpoint = "zone-a=workers.partita.svc:50051".parse().unwrap();
+        assert_eq!((e.zone.as_str(), e.host.as_str(), e.port), ("zone-a", "workers.partita.svc", 50051));
+        let v6: WorkerEndpoint = "b=[::1]:7".parse().unwrap();
+        assert_eq!(v6.host, "::1");
+        for bad in ["workers:50051", "=h:1", "a=:1", "a=h", "a=h:port", "a=h:70000"] {
+            assert!(bad.parse::<WorkerEndpoint>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_breaker_opens_after_consecutive_failures_then_lets_one_probe_through() {
+        let t0 = Instant::now();
+        let open_for = Duration::from_secs(5);
+        let mut b = Breaker::new(3, open_for);
+        b.failure(t0);
+        b.failure(t0);
+        b.success();
+        b.failure(t0);
+        b.failure(t0);
+        assert!(b.try_pass(t0), "a success in between: two in a row do not open it");
+        b.failure(t0);
+        assert_eq!(b.state(t0), BreakerState::Open { until: t0 + open_for });
+        assert!(!b.try_pass(t0 + Duration::from_secs(4)));
+        let later = t0 + open_for;
+        assert!(b.would_pass(later));
+        assert!(b.try_pass(later), "the probe");
+        assert!(!b.try_pass(later), "one probe at a time");
+        b.failure(later);
+        assert_eq!(
+            b.state(later),
+            BreakerState::Open { until: later + open_for },
+            "a failed probe opens it again"
+        );
+        let again = later + open_for;
+        assert!(b.try_pass(again));
+        b.success();
+        assert_eq!(b.state(again), BreakerState::Closed);
+        assert!(b.try_pass(again) && b.try_pass(again));
+    }
+
+    #[test]
+    fn statuses_are_classified_by_who_made_them() {
+        use tonic::{Code, Status};
+        let server = |code, msg: &str| Status::new(code, msg);
+        assert!(matches!(classify(&server(Code::Unavailable, "the node is draining"), 4), Outcome::Refused));
+        assert!(matches!(
+            classify(&server(Code::DeadlineExceeded, "late"), 4),
+            Outcome::Answered(RemoteAnswer::TimedOut)
+        ));
+        assert!(matches!(classify(&server(Code::NotFound, "unknown model"), 1), Outcome::Mismatch(_)));
+        assert!(matches!(
+            classify(&server(Code::Internal, "row 2: boom"), 4),
+            Outcome::Answered(RemoteAnswer::RowFailed)
+        ));
+        assert!(matches!(
+            classify(&server(Code::Internal, "model runtime panicked on this batch: x"), 1),
+            Outcome::Answered(RemoteAnswer::Failed(InferError::Panicked(_)))
+        ));
+        let broken = Status::from_error(Box::new(std::io::Error::other("connection reset")));
+        assert!(matches!(classify(&broken, 4), Outcome::Answered(RemoteAnswer::Lost)), "{broken:?}");
+        let refused =
+            Status::from_error(Box::new(tonic::ConnectError(Box::new(std::io::Error::other("refused")))));
+        assert!(matches!(classify(&refused, 4), Outcome::Refused), "{refused:?}");
+    }
+}
