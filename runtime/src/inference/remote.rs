@@ -151,12 +151,15 @@ impl Breaker {
         self.state = BreakerState::Closed;
     }
 
-    /// A failed call. The count is kept until a success, so a failed probe opens it again.
-    pub fn failure(&mut self, now: Instant) {
+    /// A failed call; `true` when it opened the breaker. The count is kept until a success, so
+    /// a failed probe opens it again.
+    pub fn failure(&mut self, now: Instant) -> bool {
         self.failures = self.failures.saturating_add(1);
+        let was_open = matches!(self.state, BreakerState::Open { until } if now < until);
         if self.failures >= self.threshold {
             self.state = BreakerState::Open { until: now + self.open_for };
         }
+        !was_open && self.failures >= self.threshold
     }
 }
 
@@ -378,22 +381,27 @@ impl Inner {
             let (outcome, code) = call(&e, spec, rows, deadline).await;
             e.in_flight.fetch_sub(rows.rows, Ordering::SeqCst);
             self.metrics.remote_call(&e.label, &e.zone, code, started.elapsed());
-            let mut breaker = e.breaker.lock().unwrap();
+            let failed = |e: &Endpoint| {
+                if e.breaker.lock().unwrap().failure(Instant::now()) {
+                    tracing::warn!(endpoint = %e.label, zone = %e.zone, "circuit breaker opened");
+                    self.metrics.remote_breaker_opened(&e.label, &e.zone);
+                }
+            };
             match outcome {
                 Outcome::Answered(answer) => {
                     match answer {
-                        RemoteAnswer::TimedOut | RemoteAnswer::Lost => breaker.failure(Instant::now()),
-                        _ => breaker.success(),
+                        RemoteAnswer::TimedOut | RemoteAnswer::Lost => failed(&e),
+                        _ => e.breaker.lock().unwrap().success(),
                     }
                     return answer;
                 }
                 Outcome::Refused => {
-                    breaker.failure(Instant::now());
+                    failed(&e);
                     // Not ready for calls: wait for its health check to say it is again.
                     e.healthy.store(false, Ordering::SeqCst);
                 }
                 Outcome::Mismatch(why) => {
-                    breaker.failure(Instant::now());
+                    failed(&e);
                     tracing::error!(endpoint = %e.label, model = %spec.name, "{why}; is the worker serving the same model repository?");
                 }
             }
@@ -595,7 +603,7 @@ mod tests {
         b.failure(t0);
         b.failure(t0);
         assert!(b.try_pass(t0), "a success in between: two in a row do not open it");
-        b.failure(t0);
+        assert!(b.failure(t0), "the third opens it");
         assert_eq!(b.state(t0), BreakerState::Open { until: t0 + open_for });
         assert!(!b.try_pass(t0 + Duration::from_secs(4)));
         let later = t0 + open_for;

@@ -306,6 +306,7 @@ pub struct Metrics {
     remote_duration: Family<EndpointLabels, Histogram, fn() -> Histogram>,
     remote_healthy: Family<EndpointLabels, Gauge>,
     remote_breaker: Family<EndpointLabels, Gauge>,
+    remote_opened: Family<EndpointLabels, Counter>,
     in_node: Histogram,
     event_latency: Histogram,
     state_write: Histogram,
@@ -334,6 +335,7 @@ impl Metrics {
         let remote_duration = Family::new_with_constructor(seconds_histogram as fn() -> Histogram);
         let remote_healthy = Family::<EndpointLabels, Gauge>::default();
         let remote_breaker = Family::<EndpointLabels, Gauge>::default();
+        let remote_opened = Family::<EndpointLabels, Counter>::default();
         let in_node = seconds_histogram();
         let event_latency = seconds_histogram();
         let state_write = seconds_histogram();
@@ -397,6 +399,11 @@ impl Metrics {
             "A remote worker's circuit breaker: 0 closed, 1 half-open, 2 open",
             remote_breaker.clone(),
         );
+        registry.register(
+            "partita_remote_breaker_opened",
+            "Times a remote worker's circuit breaker opened",
+            remote_opened.clone(),
+        );
         registry.register_with_unit(
             "partita_event_in_node",
             "From the node receiving a record to its score being ready",
@@ -436,6 +443,7 @@ impl Metrics {
             remote_duration,
             remote_healthy,
             remote_breaker,
+            remote_opened,
             in_node,
             event_latency,
             state_write,
@@ -509,6 +517,12 @@ impl Metrics {
         };
         self.remote_calls.get_or_create(&call).inc();
         self.remote_duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
+    }
+
+    /// A remote worker's circuit breaker opened.
+    pub fn remote_breaker_opened(&self, endpoint: &str, zone: &str) {
+        let labels = EndpointLabels { endpoint: endpoint.to_owned(), worker_zone: zone.to_owned() };
+        self.remote_opened.get_or_create(&labels).inc();
     }
 
     /// A remote worker's health and breaker state (each health check).
