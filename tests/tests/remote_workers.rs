@@ -5,12 +5,14 @@
 //! went, and the checker of `tests/pipeline.rs` runs on everything produced: every input answered
 //! by the right output (nothing dead-lettered that a retry could answer), every score equal to a
 //! one-by-one replay on the real model, per-key order, stored state and offsets equal to the replay.
+//! Every node exports its spans: a worker's inference span is a child of the scorer's batch span.
 
 use std::time::{Duration, Instant};
 
 use partita_runtime::local::kafka::{KafkaOptions, LocalKafka, create_topics};
 use partita_runtime::local::scrape::{http_get, label, series};
 use partita_runtime::state::Backend;
+use partita_tests::otlp::OtlpReceiver;
 use partita_tests::pipeline::{self, DLQ, INPUT, NodeProcess, SCORES, TestStore, produce_paced};
 
 const PARTITIONS: i32 = 3;
@@ -20,10 +22,23 @@ fn free_addr() -> String {
     format!("127.0.0.1:{}", partita_runtime::local::free_port().unwrap())
 }
 
-/// A worker node in `zone` serving on `grpc`.
-fn worker(bootstrap: &str, store: &TestStore, zone: &str, grpc: &str) -> NodeProcess {
+/// A worker node in `zone` serving on `grpc`, exporting every span to `otlp`.
+fn worker(bootstrap: &str, store: &TestStore, zone: &str, grpc: &str, otlp: &str) -> NodeProcess {
     let http = free_addr();
-    let args = ["--role", "worker", "--zone", zone, "--grpc-listen", grpc, "--http-listen", &http];
+    let args = [
+        "--role",
+        "worker",
+        "--zone",
+        zone,
+        "--grpc-listen",
+        grpc,
+        "--http-listen",
+        &http,
+        "--otlp-endpoint",
+        otlp,
+        "--trace-sample-ratio",
+        "1",
+    ];
     NodeProcess::start_named(bootstrap, store, &format!("worker-{zone}"), &args)
 }
 
@@ -95,8 +110,10 @@ async fn a_scorer_prefers_its_zones_worker_and_fails_over_when_it_dies_or_hangs(
     let (grpc_a, grpc_b) = (free_addr(), free_addr());
     let port_a = grpc_a.rsplit_once(':').unwrap().1.to_owned();
     let port_b = grpc_b.rsplit_once(':').unwrap().1.to_owned();
-    let mut worker_a = Some(worker(&bootstrap, &store, "a", &grpc_a));
-    let _worker_b = worker(&bootstrap, &store, "b", &grpc_b);
+    let collector = OtlpReceiver::start().await;
+    let otlp = collector.endpoint.clone();
+    let mut worker_a = Some(worker(&bootstrap, &store, "a", &grpc_a, &otlp));
+    let _worker_b = worker(&bootstrap, &store, "b", &grpc_b, &otlp);
     let scorer_http = free_addr();
     let endpoints = format!("a={grpc_a},b={grpc_b}");
     // The scorer keeps its state in the store's own directory, where the checker reads it.
@@ -118,6 +135,10 @@ async fn a_scorer_prefers_its_zones_worker_and_fails_over_when_it_dies_or_hangs(
             "1",
             "--breaker-open-for",
             "3s",
+            "--otlp-endpoint",
+            &otlp,
+            "--trace-sample-ratio",
+            "1",
         ],
     );
     let reader = pipeline::reader(&bootstrap);
@@ -160,7 +181,7 @@ async fn a_scorer_prefers_its_zones_worker_and_fails_over_when_it_dies_or_hangs(
     assert!(b_after_kill > 0.0, "zone b's worker took over:\n{m}");
 
     // Restarted, it gets the calls back (once its health check passes and its breaker closes).
-    worker_a = Some(worker(&bootstrap, &store, "a", &grpc_a));
+    worker_a = Some(worker(&bootstrap, &store, "a", &grpc_a, &otlp));
     let a_before = calls(&scrape(&scorer_http), &port_a, "OK");
     tokio::task::block_in_place(|| {
         let total = produce(500, 3, &mut || {});
@@ -200,6 +221,34 @@ async fn a_scorer_prefers_its_zones_worker_and_fails_over_when_it_dies_or_hangs(
         tokio::task::block_in_place(|| pipeline::wait_answered(reader, total, Duration::from_secs(60), log));
     let (_, scorer_log) = scorer.terminate(Duration::from_secs(30));
     assert!(!scorer_log.contains("panicked"), "{scorer_log}");
+
+    // One trace runs scorer -> worker: a worker's `partita.infer` span is the child of a scorer's
+    // `partita.batch` span (the call's traceparent metadata). Spans are exported every 5 s.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let spans = collector.spans();
+        let batches: std::collections::HashSet<(Vec<u8>, Vec<u8>)> = spans
+            .iter()
+            .filter(|r| r.span.name == "partita.batch")
+            .map(|r| (r.span.trace_id.clone(), r.span.span_id.clone()))
+            .collect();
+        let infers: Vec<_> = spans.iter().filter(|r| r.span.name == "partita.infer").collect();
+        let linked = infers
+            .iter()
+            .filter(|r| batches.contains(&(r.span.trace_id.clone(), r.span.parent_span_id.clone())))
+            .count();
+        if linked > 0 {
+            eprintln!("{linked} of {} worker spans are children of scorer batch spans", infers.len());
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no worker span is a child of a scorer batch span: {} batch spans, {} worker spans",
+            batches.len(),
+            infers.len()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let dups = pipeline::check(&records, &landed, &seen, &store, PARTITIONS).await;
     eprintln!("{} records checked, {dups} duplicate outputs", records.len());
 }

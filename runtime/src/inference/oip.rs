@@ -20,6 +20,8 @@
 //! | pool full, no healthy worker, models loading, node draining | `UNAVAILABLE` (retry elsewhere) |
 //! | not scored within the deadline counted from its batch's start | `DEADLINE_EXCEEDED` |
 //!
+//! A call's `traceparent` metadata parents its `partita.infer` span (a scorer's batch span).
+//!
 //! The caller's gRPC deadline (`grpc-timeout`) is enforced by the server: the call is dropped
 //! when it passes, and rows still queued are withdrawn.
 
@@ -38,6 +40,7 @@ use partita_proto::inference::model_infer_response::InferOutputTensor;
 use partita_proto::inference::model_metadata_response::TensorMetadata;
 use partita_proto::inference::*;
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
 use crate::telemetry::{Health, Metrics};
 
@@ -409,9 +412,16 @@ impl GrpcInferenceService for Oip {
     ) -> Result<Response<ModelInferResponse>, Status> {
         let _counted = InFlight::enter(&self.inner.in_flight);
         let started = Instant::now();
+        let traceparent = req.metadata().get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_owned);
         let req = req.into_inner();
         let model = req.model_name.clone();
-        let result = self.infer(req).await;
+        let rows = req.inputs.first().and_then(|i| i.shape.first()).copied().unwrap_or(0);
+        let span = crate::telemetry::traces::infer_span(
+            traceparent.as_deref(),
+            &model,
+            usize::try_from(rows).unwrap_or(0),
+        );
+        let result = self.infer(req).instrument(span).await;
         let code = match &result {
             Ok(_) => tonic::Code::Ok,
             Err(s) => s.code(),

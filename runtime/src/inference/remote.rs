@@ -19,6 +19,9 @@
 //! for `open_for`; then one call goes through as a probe (half-open): success closes it, failure
 //! opens it again.
 //!
+//! **Traces**: the call carries the `traceparent` of the span it runs in (a partition's batch
+//! span) as gRPC metadata; the worker's `partita.infer` span is its child.
+//!
 //! **Deadlines** travel as the gRPC deadline (`grpc-timeout`); the call is also cancelled here
 //! when it passes. A call that broke after it was sent is `Lost` (the rows may have run: the
 //! router goes on row by row, the poison-row rule of a local worker's death); the model failing
@@ -453,6 +456,9 @@ async fn call(
         request.raw_input_contents.push(raw(&rows.state));
     }
     let mut request = tonic::Request::new(request);
+    if let Some(tp) = crate::telemetry::traces::current_traceparent().and_then(|tp| tp.parse().ok()) {
+        request.metadata_mut().insert("traceparent", tp);
+    }
     if let Some(d) = deadline {
         request.set_timeout(d);
     }

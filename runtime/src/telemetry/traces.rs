@@ -12,6 +12,10 @@
 //!   record's score or dead letter carries a `traceparent` naming this span, so one trace runs
 //!   producer -> node -> consumer of the scores.
 //!
+//! - `partita.infer` (INFO): one Open Inference Protocol `ModelInfer` call served by a worker
+//!   node; `model`, `rows`. Its parent is the span named by the call's `traceparent` gRPC
+//!   metadata: a scorer node sends its batch span's, so one trace runs scorer -> worker.
+//!
 //! Record spans are DEBUG so that, with the exporter off and the default log filter, they are
 //! never built (a disabled callsite costs nothing); the exporter's layer takes `partita` spans
 //! and events at DEBUG whatever `RUST_LOG` says. `trace_id` is a span field, so JSON log lines
@@ -209,6 +213,33 @@ impl OtelTracer {
         let carrier = HashMap::from([(HEADER_TRACEPARENT.to_owned(), value.to_owned())]);
         self.propagator.extract(&carrier)
     }
+}
+
+/// The W3C `traceparent` naming the current span (the batch span around a partition's inference
+/// call), for a call to another node; `None` without an exported span.
+pub fn current_traceparent() -> Option<String> {
+    let cx = Span::current().context();
+    if !cx.span().span_context().is_valid() {
+        return None;
+    }
+    let mut carrier = HashMap::new();
+    TraceContextPropagator::new().inject_context(&cx, &mut carrier);
+    carrier.remove(HEADER_TRACEPARENT)
+}
+
+/// The span of one inference call served to another node, a child of the span its
+/// `traceparent` names (a root when it names none).
+pub fn infer_span(traceparent: Option<&str>, model: &str, rows: usize) -> Span {
+    let span = tracing::info_span!(parent: None, "partita.infer", model = %model, rows);
+    if let Some(tp) = traceparent {
+        let carrier = HashMap::from([(HEADER_TRACEPARENT.to_owned(), tp.to_owned())]);
+        let cx = TraceContextPropagator::new().extract(&carrier);
+        if cx.span().span_context().is_valid() {
+            // Fails only without the OpenTelemetry layer: then there is nothing to parent.
+            let _ = span.set_parent(cx);
+        }
+    }
+    span
 }
 
 /// The OpenTelemetry span context of `span`, when the exporter's layer built one.
