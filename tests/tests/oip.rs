@@ -5,10 +5,14 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use partita_actors::inference::InferRows;
+use partita_actors::model::ModelSpec;
+use partita_actors::pool::remote::{RemoteAnswer, RemoteWorkers};
 use partita_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use partita_proto::inference::model_infer_request::InferInputTensor;
 use partita_proto::inference::{InferTensorContents, ModelInferRequest, ServerReadyRequest};
 use partita_runtime::inference::DeviceChoice;
+use partita_runtime::inference::remote::{ClientTls, RemotePool, RemoteSettings};
 use partita_runtime::node::{Node, NodeOptions, Role};
 use partita_tests::{Lcg, models_dir, repo_root};
 
@@ -28,6 +32,11 @@ async fn worker_node() -> Node {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     node
+}
+
+/// The spec of `model` as the node loaded it.
+fn node_spec(node: &Node, model: &str) -> ModelSpec {
+    node.router().model(model).expect("a shipped model").clone()
 }
 
 /// The torch virtualenv's Python (scripts/setup.sh's environment sets `VIRTUAL_ENV`).
@@ -114,5 +123,152 @@ async fn typed_values_answer_as_raw_bytes_do_and_a_draining_node_refuses_new_cal
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     assert!(refused.message().contains("draining"), "{refused:?}");
     assert!(!client.server_ready(ServerReadyRequest {}).await.unwrap().into_inner().ready);
+    node.stop().await.unwrap();
+}
+
+/// A CA and the certificates it signs, as PEM files in a folder.
+struct Ca {
+    key: rcgen::KeyPair,
+    params: rcgen::CertificateParams,
+    pem: String,
+}
+
+impl Ca {
+    fn new() -> Self {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let pem = params.self_signed(&key).unwrap().pem();
+        Self { key, params, pem }
+    }
+
+    /// A certificate for `names` signed by this CA: (certificate PEM, key PEM).
+    fn sign(&self, names: &[&str]) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
+        (params.signed_by(&key, &issuer).unwrap().pem(), key.serialize_pem())
+    }
+}
+
+/// A client of `addr` over TLS trusting `ca`, presenting `identity` if given; `Err` when the
+/// connection fails.
+async fn tls_client(
+    addr: std::net::SocketAddr,
+    ca: &str,
+    identity: Option<&(String, String)>,
+) -> Result<GrpcInferenceServiceClient<tonic::transport::Channel>, tonic::transport::Error> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name("localhost");
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
+        .tls_config(tls)?
+        .connect()
+        .await?;
+    Ok(GrpcInferenceServiceClient::new(channel))
+}
+
+/// `ServerLive` through `client`: the status code (`Ok` when it answered live).
+async fn live(
+    client: Result<GrpcInferenceServiceClient<tonic::transport::Channel>, tonic::transport::Error>,
+) -> Result<tonic::Code, String> {
+    let mut client = client.map_err(|e| format!("connect: {e:?}"))?;
+    match client.server_live(partita_proto::inference::ServerLiveRequest {}).await {
+        Ok(r) => Ok(if r.into_inner().live { tonic::Code::Ok } else { tonic::Code::Unknown }),
+        Err(s) => Err(format!("{:?}: {}", s.code(), s.message())),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_refuses_clients_without_a_valid_certificate_and_picks_up_a_rotated_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, rogue) = (Ca::new(), Ca::new());
+    let server = ca.sign(&["localhost"]);
+    let client = ca.sign(&["scorer"]);
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let mut opts = NodeOptions::local("unused:9092", dir.path().join("state"));
+    opts.role = Role::Worker;
+    opts.inference.repository = models_dir();
+    opts.inference.device = DeviceChoice::Cpu;
+    opts.inference.intra_op_threads = 1;
+    opts.grpc_security = partita_runtime::node::grpc::Security::Mtls;
+    opts.grpc_tls_cert = Some(write("tls.crt", &server.0));
+    opts.grpc_tls_key = Some(write("tls.key", &server.1));
+    opts.grpc_tls_client_ca = Some(write("ca.crt", &ca.pem));
+    assert!(partita_runtime::node::config::cross_check(&opts).is_empty());
+    let node = Node::start(&opts).await.expect("a worker node with mutual TLS");
+    let addr = node.grpc;
+
+    assert_eq!(live(tls_client(addr, &ca.pem, Some(&client)).await).await, Ok(tonic::Code::Ok));
+    let none = live(tls_client(addr, &ca.pem, None).await).await.unwrap_err();
+    assert!(none.starts_with("Unauthenticated") && none.contains("mutual TLS"), "{none}");
+    let forged = rogue.sign(&["scorer"]);
+    let refused = live(tls_client(addr, &ca.pem, Some(&forged)).await).await.unwrap_err();
+    assert!(!refused.starts_with("Unauthenticated"), "refused in the handshake, not by a call: {refused}");
+    let plain = GrpcInferenceServiceClient::connect(format!("http://{addr}")).await;
+    assert!(live(plain).await.is_err(), "a plaintext client gets nothing");
+
+    // A scorer's remote workers over mutual TLS: with its certificate it is served; without, the
+    // worker refuses its health checks and calls, and no call goes through.
+    for (identity, served) in [(true, true), (false, false)] {
+        let tls = ClientTls {
+            ca: write("ca.crt", &ca.pem),
+            identity: identity.then(|| (write("client.crt", &client.0), write("client.key", &client.1))),
+            domain: Some("localhost".into()),
+        };
+        let settings = RemoteSettings {
+            endpoints: vec![format!("local=127.0.0.1:{}", addr.port()).parse().unwrap()],
+            zone: "local".into(),
+            breaker_failures: 5,
+            breaker_open_for: Duration::from_secs(5),
+            max_inflight: 64,
+            connect_timeout: Duration::from_secs(1),
+            max_message_size: 4 << 20,
+            tls: Some(tls),
+        };
+        let remote = RemotePool::start(settings, node.metrics.clone()).await;
+        // Health is checked each second; the node's status turns SERVING within 100 ms of ready.
+        let started = Instant::now();
+        while !remote.available() && started.elapsed() < Duration::from_secs(3) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(remote.available(), served, "its health check passes over mutual TLS, with a certificate");
+        let spec = node_spec(&node, "fraud_gru");
+        let mut rows = InferRows::with_capacity(&spec, 2);
+        for _ in 0..2 {
+            rows.push(&spec, &[0.5; 16], None).unwrap();
+        }
+        let answer = remote.infer(&spec, std::sync::Arc::new(rows), Some(Duration::from_secs(5))).await;
+        if served {
+            assert!(
+                matches!(&answer, RemoteAnswer::Scored { scores, .. } if scores.len() == 2),
+                "{answer:?}"
+            );
+        } else {
+            assert_eq!(answer, RemoteAnswer::Unavailable, "refused: no call went through");
+        }
+    }
+
+    // Rotation: a certificate from another CA replaces the files; new connections use it.
+    let rotated_ca = Ca::new();
+    let rotated = rotated_ca.sign(&["localhost"]);
+    write("tls.key", &rotated.1);
+    write("tls.crt", &rotated.0);
+    let started = Instant::now();
+    while live(tls_client(addr, &rotated_ca.pem, Some(&client)).await).await != Ok(tonic::Code::Ok) {
+        assert!(started.elapsed() < Duration::from_secs(15), "the rotated certificate was not picked up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        live(tls_client(addr, &ca.pem, Some(&client)).await).await.is_err(),
+        "the old certificate is gone"
+    );
     node.stop().await.unwrap();
 }

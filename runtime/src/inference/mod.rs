@@ -66,6 +66,22 @@ pub struct InferenceOptions {
     /// Rows in flight to one remote worker; past it calls go to the next one.
     #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..))]
     pub endpoint_max_inflight: u64,
+    /// Transport security of the calls to remote workers: plaintext, tls (worker_tls_ca) or mtls
+    /// (also this node's worker_tls_cert and _key).
+    #[arg(long, value_enum, default_value_t = crate::node::grpc::Security::Plaintext)]
+    pub worker_security: crate::node::grpc::Security,
+    /// PEM CA certificate(s) that sign the workers' certificates.
+    #[arg(long)]
+    pub worker_tls_ca: Option<PathBuf>,
+    /// PEM client certificate chain this node presents to workers (mtls).
+    #[arg(long)]
+    pub worker_tls_cert: Option<PathBuf>,
+    /// PEM private key of `worker_tls_cert`.
+    #[arg(long)]
+    pub worker_tls_key: Option<PathBuf>,
+    /// The name the workers' certificates are checked against (default: each endpoint's host).
+    #[arg(long)]
+    pub worker_tls_domain: Option<String>,
 }
 
 impl Default for InferenceOptions {
@@ -103,6 +119,21 @@ impl InferenceOptions {
             DeviceChoice::Auto if gpus > 0 => Ok((0..gpus).map(Device::Cuda).collect()),
             DeviceChoice::Auto | DeviceChoice::Cpu => cpu(),
         }
+    }
+
+    /// The remote workers' TLS settings (`None`: plaintext).
+    pub fn worker_tls(&self) -> Option<remote::ClientTls> {
+        let ca = self
+            .worker_tls_ca
+            .clone()
+            .filter(|_| self.worker_security != crate::node::grpc::Security::Plaintext)?;
+        let identity = match (&self.worker_tls_cert, &self.worker_tls_key) {
+            (Some(c), Some(k)) if self.worker_security == crate::node::grpc::Security::Mtls => {
+                Some((c.clone(), k.clone()))
+            }
+            _ => None,
+        };
+        Some(remote::ClientTls { ca, identity, domain: self.worker_tls_domain.clone() })
     }
 
     /// Load and validate the repository, then start one warmed-up worker per device.

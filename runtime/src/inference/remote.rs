@@ -22,6 +22,11 @@
 //! **Traces**: the call carries the `traceparent` of the span it runs in (a partition's batch
 //! span) as gRPC metadata; the worker's `partita.infer` span is its child.
 //!
+//! **Transport security** (`[inference] worker_security`): TLS checks each worker's
+//! certificate against `worker_tls_ca` for the endpoint's host name (or `worker_tls_domain`);
+//! mutual TLS also presents `worker_tls_cert`. The files are read again with each resolution:
+//! when they changed, every endpoint connects again with them.
+//!
 //! **Deadlines** travel as the gRPC deadline (`grpc-timeout`); the call is also cancelled here
 //! when it passes. A call that broke after it was sent is `Lost` (the rows may have run: the
 //! router goes on row by row, the poison-row rule of a local worker's death); the model failing
@@ -29,6 +34,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
@@ -93,7 +99,23 @@ pub struct RemoteSettings {
     pub max_inflight: usize,
     pub connect_timeout: Duration,
     pub max_message_size: usize,
+    /// TLS to the workers; plaintext when `None`.
+    pub tls: Option<ClientTls>,
 }
+
+/// TLS settings of the calls to workers (files read again when they change).
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    /// PEM CA certificate(s) the workers' certificates are checked against.
+    pub ca: PathBuf,
+    /// PEM certificate chain and key this node presents (mutual TLS).
+    pub identity: Option<(PathBuf, PathBuf)>,
+    /// The name the workers' certificates must hold; default: each endpoint's host.
+    pub domain: Option<String>,
+}
+
+/// The TLS files' contents: CA, and certificate and key.
+type TlsPem = (Vec<u8>, Option<(Vec<u8>, Vec<u8>)>);
 
 /// A circuit breaker's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,13 +213,16 @@ struct Inner {
     settings: RemoteSettings,
     endpoints: RwLock<Vec<Arc<Endpoint>>>,
     metrics: Arc<Metrics>,
+    /// The TLS files as last read (endpoints are made again when they change).
+    tls_pem: Mutex<Option<TlsPem>>,
 }
 
 impl RemotePool {
     /// Resolve the endpoints and check their health once, then keep both up to date in the
     /// background.
     pub async fn start(settings: RemoteSettings, metrics: Arc<Metrics>) -> Self {
-        let inner = Arc::new(Inner { settings, endpoints: RwLock::default(), metrics });
+        let inner =
+            Arc::new(Inner { settings, endpoints: RwLock::default(), metrics, tls_pem: Mutex::default() });
         inner.resolve().await;
         inner.check_health().await;
         let weak = Arc::downgrade(&inner);
@@ -264,7 +289,8 @@ enum Outcome {
     /// Nothing ran there (connection refused, the node refused): try the next endpoint.
     Refused,
     /// The endpoint answered what does not fit the model (a scorer and worker configured with
-    /// different models): a failure of the endpoint; try the next.
+    /// different models), or refused this node's credentials: a failure of the endpoint (it is
+    /// misconfigured); try the next.
     Mismatch(String),
 }
 
@@ -273,28 +299,61 @@ impl Inner {
         self.endpoints.read().unwrap().clone()
     }
 
-    /// Resolve every configured name; keep the endpoints whose address stays.
+    /// Read the TLS files; `true` when they changed since the last read (or could not be read:
+    /// the previous contents stay).
+    fn tls_changed(&self) -> bool {
+        let Some(tls) = &self.settings.tls else { return false };
+        let read = || -> std::io::Result<TlsPem> {
+            let identity = match &tls.identity {
+                Some((cert, key)) => Some((std::fs::read(cert)?, std::fs::read(key)?)),
+                None => None,
+            };
+            Ok((std::fs::read(&tls.ca)?, identity))
+        };
+        match read() {
+            Ok(pem) => {
+                let mut last = self.tls_pem.lock().unwrap();
+                let changed = last.as_ref() != Some(&pem);
+                if changed && last.is_some() {
+                    tracing::info!("worker TLS files changed: connecting again with them");
+                }
+                *last = Some(pem);
+                changed
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the worker TLS files; keeping the previous ones");
+                false
+            }
+        }
+    }
+
+    /// Resolve every configured name; keep the endpoints whose address stays (all are made
+    /// again when the TLS files changed).
     async fn resolve(&self) {
-        let mut wanted: Vec<(String, SocketAddr, String)> = Vec::new();
+        let mut wanted: Vec<(String, SocketAddr, String, String)> = Vec::new();
         for e in &self.settings.endpoints {
             match tokio::net::lookup_host((e.host.as_str(), e.port)).await {
                 Ok(addrs) => {
                     for addr in addrs {
-                        if !wanted.iter().any(|(z, a, _)| *a == addr && *z == e.zone) {
-                            wanted.push((e.zone.clone(), addr, format!("{}:{} ({addr})", e.host, e.port)));
+                        if !wanted.iter().any(|(z, a, _, _)| *a == addr && *z == e.zone) {
+                            let label = format!("{}:{} ({addr})", e.host, e.port);
+                            wanted.push((e.zone.clone(), addr, label, e.host.clone()));
                         }
                     }
                 }
                 Err(err) => tracing::warn!(host = %e.host, error = %err, "resolving a worker endpoint"),
             }
         }
-        let old: HashMap<(String, SocketAddr), Arc<Endpoint>> =
-            self.endpoints().into_iter().map(|e| ((e.zone.clone(), e.addr), e)).collect();
+        let old: HashMap<(String, SocketAddr), Arc<Endpoint>> = if self.tls_changed() {
+            HashMap::new()
+        } else {
+            self.endpoints().into_iter().map(|e| ((e.zone.clone(), e.addr), e)).collect()
+        };
         let mut next = Vec::with_capacity(wanted.len());
-        for (zone, addr, label) in wanted {
+        for (zone, addr, label, host) in wanted {
             match old.get(&(zone.clone(), addr)) {
                 Some(e) => next.push(e.clone()),
-                None => match self.endpoint(zone, addr, label) {
+                None => match self.endpoint(zone, addr, label, &host) {
                     Ok(e) => {
                         tracing::info!(endpoint = %e.label, zone = %e.zone, "worker endpoint added");
                         next.push(Arc::new(e));
@@ -308,6 +367,12 @@ impl Inner {
                 tracing::info!(endpoint = %e.label, zone = %e.zone, "worker endpoint gone");
             }
         }
+        // Made again (TLS files changed): keep the health the old ones had until checked.
+        for e in &next {
+            if let Some(prev) = self.endpoints().iter().find(|p| p.addr == e.addr && !Arc::ptr_eq(p, e)) {
+                e.healthy.store(prev.healthy.load(Ordering::SeqCst), Ordering::SeqCst);
+            }
+        }
         *self.endpoints.write().unwrap() = next;
     }
 
@@ -316,11 +381,24 @@ impl Inner {
         zone: String,
         addr: SocketAddr,
         label: String,
+        host: &str,
     ) -> Result<Endpoint, tonic::transport::Error> {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        let pem = self.tls_pem.lock().unwrap().clone();
+        let scheme = if pem.is_some() { "https" } else { "http" };
+        let mut channel = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))?
             .connect_timeout(self.settings.connect_timeout)
-            .tcp_nodelay(true)
-            .connect_lazy();
+            .tcp_nodelay(true);
+        if let (Some(tls), Some((ca, identity))) = (&self.settings.tls, pem) {
+            use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+            let mut config = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .domain_name(tls.domain.clone().unwrap_or_else(|| host.to_owned()));
+            if let Some((cert, key)) = identity {
+                config = config.identity(Identity::from_pem(cert, key));
+            }
+            channel = channel.tls_config(config)?;
+        }
+        let channel = channel.connect_lazy();
         let size = self.settings.max_message_size;
         Ok(Endpoint {
             addr,
@@ -405,7 +483,7 @@ impl Inner {
                 }
                 Outcome::Mismatch(why) => {
                     failed(&e);
-                    tracing::error!(endpoint = %e.label, model = %spec.name, "{why}; is the worker serving the same model repository?");
+                    tracing::error!(endpoint = %e.label, model = %spec.name, "{why}; is the worker configured like this node (models, TLS)?");
                 }
             }
         }
@@ -420,7 +498,10 @@ async fn serving(e: &Endpoint) -> bool {
         Err(s) if s.code() == tonic::Code::Unimplemented => {
             e.client.clone().server_ready(ServerReadyRequest {}).await.is_ok_and(|r| r.into_inner().ready)
         }
-        Err(_) => false,
+        Err(s) => {
+            tracing::debug!(endpoint = %e.label, status = ?s, "worker health check failed");
+            false
+        }
     }
 }
 
@@ -503,6 +584,9 @@ fn classify(status: &tonic::Status, rows: usize) -> Outcome {
         Code::DeadlineExceeded | Code::Cancelled => Outcome::Answered(RemoteAnswer::TimedOut),
         Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition if !local => {
             Outcome::Mismatch(format!("the worker refused rows this node validated: {}", status.message()))
+        }
+        Code::Unauthenticated | Code::PermissionDenied if !local => {
+            Outcome::Mismatch(format!("the worker refused this node: {}", status.message()))
         }
         Code::Internal if !local && rows > 1 => Outcome::Answered(RemoteAnswer::RowFailed),
         Code::Internal if !local => {

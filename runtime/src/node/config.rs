@@ -92,11 +92,21 @@ const SETTINGS: &[Setting] = &[
     s("inference", "breaker_failures", "--breaker-failures"),
     s("inference", "breaker_open_for", "--breaker-open-for"),
     s("inference", "endpoint_max_inflight", "--endpoint-max-inflight"),
+    s("inference", "worker_security", "--worker-security"),
+    s("inference", "worker_tls_ca", "--worker-tls-ca"),
+    s("inference", "worker_tls_cert", "--worker-tls-cert"),
+    s("inference", "worker_tls_key", "--worker-tls-key"),
+    s("inference", "worker_tls_domain", "--worker-tls-domain"),
     Setting { section: "inference", key: "no_batching", flag: "--no-batching", kind: Kind::Switch },
     s("node", "grace", "--grace"),
     s("node", "http_listen", "--http-listen"),
     s("node", "grpc_listen", "--grpc-listen"),
     s("node", "grpc_max_message_size", "--grpc-max-message-size"),
+    s("node", "grpc_max_concurrent_streams", "--grpc-max-concurrent-streams"),
+    s("node", "grpc_security", "--grpc-security"),
+    s("node", "grpc_tls_cert", "--grpc-tls-cert"),
+    s("node", "grpc_tls_key", "--grpc-tls-key"),
+    s("node", "grpc_tls_client_ca", "--grpc-tls-client-ca"),
     s("node", "role", "--role"),
     s("traces", "otlp_endpoint", "--otlp-endpoint"),
     s("traces", "sample_ratio", "--trace-sample-ratio"),
@@ -341,6 +351,28 @@ pub fn cross_check(o: &NodeOptions) -> Vec<String> {
         ),
         _ => {}
     }
+    problems.extend(security_problems(
+        "[node] grpc_security",
+        o.grpc_security,
+        [
+            ("grpc_tls_cert", o.grpc_tls_cert.is_some(), true),
+            ("grpc_tls_key", o.grpc_tls_key.is_some(), true),
+        ],
+        ("grpc_tls_client_ca", o.grpc_tls_client_ca.is_some()),
+    ));
+    let i = &o.inference;
+    problems.extend(security_problems(
+        "[inference] worker_security",
+        i.worker_security,
+        [
+            ("worker_tls_ca", i.worker_tls_ca.is_some(), true),
+            ("worker_tls_domain", i.worker_tls_domain.is_some(), false),
+        ],
+        ("worker_tls_cert and worker_tls_key", i.worker_tls_cert.is_some() && i.worker_tls_key.is_some()),
+    ));
+    if i.worker_tls_cert.is_some() != i.worker_tls_key.is_some() {
+        problems.push("[inference] worker_tls_cert and worker_tls_key go together".to_owned());
+    }
     if o.cql_username.is_some() != o.cql_password.is_some() {
         problems
             .push("[state] cql_username and cql_password go together (password authentication)".to_owned());
@@ -360,6 +392,35 @@ pub fn cross_check(o: &NodeOptions) -> Vec<String> {
                 ));
             }
             _ => {}
+        }
+    }
+    problems
+}
+
+/// What a transport security setting `name` lacks or has too much: `tls` settings (name, set,
+/// required by TLS), and the `mtls` one; plaintext with any of them set is a contradiction.
+fn security_problems(
+    name: &str,
+    security: crate::node::grpc::Security,
+    tls: [(&str, bool, bool); 2],
+    mtls: (&str, bool),
+) -> Vec<String> {
+    use crate::node::grpc::Security;
+    let mut problems = Vec::new();
+    let any_set = tls.iter().any(|(_, set, _)| *set) || mtls.1;
+    match security {
+        Security::Plaintext if any_set => problems
+            .push(format!("{name} is plaintext but TLS files are set: say tls or mtls (or unset them)")),
+        Security::Plaintext => {}
+        Security::Tls | Security::Mtls => {
+            for (key, set, required) in tls {
+                if required && !set {
+                    problems.push(format!("{name} {security:?} needs {key}"));
+                }
+            }
+            if security == Security::Mtls && !mtls.1 {
+                problems.push(format!("{name} Mtls needs {}", mtls.0));
+            }
         }
     }
     problems
@@ -471,6 +532,53 @@ mod tests {
         assert!(!format!("{o:?}").contains("hunter2"), "check-config prints the options");
         let alone = parse(&layer(Some(f.path()), [], &[]));
         assert!(cross_check(&alone)[0].contains("cql_username and cql_password go together"));
+    }
+
+    #[test]
+    fn roles_and_transport_security_are_checked_together() {
+        let problems = |text: &str| {
+            let f = file(text);
+            cross_check(&parse(&layer(Some(f.path()), [], &[])))
+        };
+        assert!(problems("[node]\nrole = \"scorer\"\n")[0].contains("set [inference] worker_endpoints"));
+        assert!(
+            problems("[node]\nrole = \"scorer\"\n[inference]\nworker_endpoints = \"a=w:50051\"\n").is_empty()
+        );
+        assert!(
+            problems("[node]\nrole = \"worker\"\n[inference]\nworker_endpoints = \"a=w:50051\"\n")[0]
+                .contains("a worker node serves its own workers")
+        );
+        let mtls = problems("[node]\ngrpc_security = \"mtls\"\ngrpc_tls_cert = \"c.pem\"\n");
+        assert_eq!(mtls.len(), 2, "{mtls:?}");
+        assert!(
+            mtls[0].contains("needs grpc_tls_key") && mtls[1].contains("needs grpc_tls_client_ca"),
+            "{mtls:?}"
+        );
+        assert!(
+            problems("[node]\ngrpc_tls_cert = \"c.pem\"\n")[0].contains("is plaintext but TLS files are set")
+        );
+        assert!(
+            problems("[node]\ngrpc_security = \"tls\"\ngrpc_tls_cert = \"c\"\ngrpc_tls_key = \"k\"\n")
+                .is_empty()
+        );
+        let client = problems(
+            "[inference]\nworker_security = \"mtls\"\nworker_tls_ca = \"ca\"\nworker_tls_cert = \"c\"\n",
+        );
+        assert!(client.iter().any(|p| p.contains("needs worker_tls_cert and worker_tls_key")), "{client:?}");
+        assert!(
+            client.iter().any(|p| p.contains("worker_tls_cert and worker_tls_key go together")),
+            "{client:?}"
+        );
+        assert_each_rejected(
+            "[node]\nrole = \"leader\"\ngrpc_security = \"maybe\"\n",
+            "node",
+            &["role", "grpc_security"],
+        );
+        assert_each_rejected(
+            "[inference]\nworker_endpoints = \"w:50051\"\n",
+            "inference",
+            &["worker_endpoints"],
+        );
     }
 
     #[test]

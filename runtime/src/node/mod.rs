@@ -2,6 +2,7 @@
 //! group, wired together; runs until a shutdown signal, then drains in order.
 
 pub mod config;
+pub mod grpc;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,7 +25,8 @@ use crate::state::rocks::{RocksConfig, RocksStore};
 use crate::state::scylla::{CqlConsistency, Replication, ScyllaConfig, ScyllaStore};
 use crate::state::{Backend, NodeStore};
 use crate::telemetry::traces::{OtelTracer, Otlp};
-use crate::telemetry::{Health, Metrics, Sources, serve, serve_grpc};
+use crate::telemetry::{Health, Metrics, Sources, serve};
+use grpc::{GrpcServing, Security, serve_grpc};
 use partita_actors::pool::remote::RemoteWorkers;
 
 fn parse_cql_uri(s: &str) -> Result<String, String> {
@@ -227,6 +229,22 @@ pub struct NodeOptions {
     /// Largest gRPC message received or sent (an inference request or answer).
     #[arg(long, default_value = "4MiB")]
     pub grpc_max_message_size: bytesize::ByteSize,
+    /// Concurrent calls per gRPC connection.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub grpc_max_concurrent_streams: u32,
+    /// Transport security of the gRPC endpoint: plaintext, tls (grpc_tls_cert and _key) or mtls
+    /// (also grpc_tls_client_ca: clients must present a certificate it signed).
+    #[arg(long, value_enum, default_value_t = Security::Plaintext)]
+    pub grpc_security: Security,
+    /// PEM certificate chain of the gRPC endpoint (read again when it changes).
+    #[arg(long)]
+    pub grpc_tls_cert: Option<PathBuf>,
+    /// PEM private key of `grpc_tls_cert`.
+    #[arg(long)]
+    pub grpc_tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s) that sign the clients' certificates (mtls).
+    #[arg(long)]
+    pub grpc_tls_client_ca: Option<PathBuf>,
     /// What this node runs: both (partitions and inference workers in one process), scorer
     /// (partitions; inference on `[inference] worker_endpoints`) or worker (inference workers
     /// only, served over gRPC; no Kafka, no state).
@@ -385,9 +403,18 @@ impl Node {
         let oip = Oip::new(health.clone(), metrics.clone(), opts.infer_deadline);
         let max_message = usize::try_from(opts.grpc_max_message_size.as_u64()).unwrap_or(usize::MAX);
         let local_workers = opts.role != Role::Scorer;
-        let grpc =
-            serve_grpc(opts.grpc_listen, health.clone(), local_workers.then(|| oip.clone()), max_message)
-                .await?;
+        let serving = GrpcServing {
+            addr: opts.grpc_listen,
+            security: opts.grpc_security,
+            cert: opts.grpc_tls_cert.clone(),
+            key: opts.grpc_tls_key.clone(),
+            client_ca: opts.grpc_tls_client_ca.clone(),
+            max_message_size: max_message,
+            max_concurrent_streams: opts.grpc_max_concurrent_streams,
+        };
+        let grpc = serve_grpc(&serving, health.clone(), local_workers.then(|| oip.clone()))
+            .await
+            .context("serving gRPC")?;
         let remote = match &opts.inference.worker_endpoints[..] {
             [] => None,
             endpoints => {
@@ -399,6 +426,7 @@ impl Node {
                     max_inflight: usize::try_from(opts.inference.endpoint_max_inflight).unwrap_or(usize::MAX),
                     connect_timeout: Duration::from_secs(1),
                     max_message_size: max_message,
+                    tls: opts.inference.worker_tls(),
                 };
                 let remote: Arc<dyn RemoteWorkers> =
                     Arc::new(RemotePool::start(settings, metrics.clone()).await);
@@ -426,6 +454,11 @@ impl Node {
         metrics.attach(sources, pool.status_probe());
         tracing::info!(role = ?opts.role, "node started");
         Ok(Self { pool, metrics, health, http, grpc, oip, scoring, counters, devices, grace: opts.grace })
+    }
+
+    /// The inference pool's router (this node's workers, then the remote ones).
+    pub fn router(&self) -> partita_actors::pool::Router {
+        self.pool.router()
     }
 
     pub fn counters(&self) -> &Arc<PipelineCounters> {

@@ -4,7 +4,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use anyhow::Context as _;
 
@@ -110,53 +109,6 @@ pub async fn serve(
         }
     });
     tracing::info!(%bound, "serving /metrics, /livez, /readyz");
-    Ok(bound)
-}
-
-/// Serve the standard gRPC health service (`grpc.health.v1.Health`) on `addr`, and beside it
-/// `inference` (the Open Inference Protocol, on a node with workers; messages up to
-/// `max_message_size`): the overall status (service
-/// `""`) is SERVING exactly when [`Health::ready`] holds. Returns the bound address.
-pub async fn serve_grpc(
-    addr: SocketAddr,
-    health: Arc<Health>,
-    inference: Option<crate::inference::oip::Oip>,
-    max_message_size: usize,
-) -> anyhow::Result<SocketAddr> {
-    use tonic_health::ServingStatus;
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
-    let bound = listener.local_addr()?;
-    let (reporter, service) = tonic_health::server::health_reporter();
-    reporter.set_service_status("", ServingStatus::NotServing).await;
-    tokio::spawn(async move {
-        let mut last = None;
-        loop {
-            let ready = health.ready();
-            if last != Some(ready) {
-                let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
-                reporter.set_service_status("", status).await;
-                last = Some(ready);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    });
-    let incoming = tonic::transport::server::TcpIncoming::from(listener);
-    let served = match inference {
-        Some(_) => "grpc.health.v1.Health and inference.GRPCInferenceService",
-        None => "grpc.health.v1.Health",
-    };
-    let inference = inference.map(|oip| oip.service(max_message_size));
-    tokio::spawn(async move {
-        if let Err(e) = tonic::transport::Server::builder()
-            .add_service(service)
-            .add_optional_service(inference)
-            .serve_with_incoming(incoming)
-            .await
-        {
-            tracing::error!(error = %e, "the gRPC endpoint stopped");
-        }
-    });
-    tracing::info!(%bound, "serving {served}");
     Ok(bound)
 }
 

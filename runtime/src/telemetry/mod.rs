@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-pub use health::{Health, serve, serve_grpc};
+pub use health::{Health, serve};
 use partita_actors::inference::{InferOutput, Served};
 use partita_actors::partition::{PipelineCounters, PipelineObserver};
 use partita_actors::pool::{StatusProbe, WorkerStatus};
