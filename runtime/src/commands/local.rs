@@ -1,7 +1,8 @@
 //! `partita local`: a whole cluster on loopback, started by one command and shown while it runs.
 //! Kafka brokers (`broker.rack` = zone), Cassandra nodes (one rack per zone) for the shared state,
 //! `partita node` processes spread over the zones (`client.rack`, the metrics' `zone`, the CQL
-//! driver's preferred rack), and the load generator. It prints what runs where, then a status
+//! driver's preferred rack), with `--workers-per-zone` inference worker nodes that the nodes
+//! (then scorers) send their inference to, and the load generator. It prints what runs where, then a status
 //! line per node (partitions, rate, p99, lag, from each node's `/metrics`) that a person can watch
 //! while killing a pid by hand. Ctrl-C stops everything it started.
 
@@ -19,13 +20,19 @@ use crate::local::cassandra::{CassandraOptions, DATACENTER, LocalCassandra};
 use crate::local::kafka::{CHANGELOG_CONFIG, KafkaOptions, LocalKafka, create_topics, create_topics_with};
 use crate::local::scrape::{http_get, label, series};
 use crate::local::{DataDir, free_port, log_tail};
+use crate::node::Role;
 use crate::state::Backend;
+use clap::ValueEnum as _;
 
 #[derive(Debug, clap::Args)]
 pub struct LocalArgs {
     /// partita nodes.
     #[arg(long, default_value_t = 3)]
     pub nodes: usize,
+    /// Inference worker nodes (role worker) per zone; with any, the nodes are scorers (role
+    /// scorer) that send their inference to them over gRPC, their own zone's first.
+    #[arg(long, default_value_t = 0)]
+    pub workers_per_zone: usize,
     /// Zones: nodes, brokers and Cassandra nodes are spread over them round-robin.
     #[arg(long, value_delimiter = ',', default_value = "a,b,c")]
     pub zones: Vec<String>,
@@ -74,6 +81,8 @@ pub struct LocalArgs {
 struct LocalNode {
     name: String,
     zone: String,
+    /// A worker node (role worker): it serves inference, owns no partitions.
+    worker: bool,
     http: String,
     grpc: String,
     log: PathBuf,
@@ -102,14 +111,20 @@ impl LocalNode {
         let ready =
             http_get(&self.http, "/readyz").map(|(_, body)| body.trim().to_owned()).unwrap_or_default();
         // The zone the node itself reports (its metrics' label), not the one it was given.
-        let zone = series(&text, "partita_worker_healthy").find_map(|(labels, _)| label(labels, "zone"));
+        let zone = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| label(l.split_once('{')?.1.split_once('}')?.0, "zone"));
         let head = format!("  {:<8} zone {:<4} pid {:<8}", self.name, zone.unwrap_or("?"), self.child.id());
         let mut partitions: Vec<u32> = series(&text, "partita_partition_state")
             .filter(|(labels, v)| *v > 0.0 && label(labels, "state") == Some("running"))
             .filter_map(|(labels, _)| label(labels, "partition")?.parse().ok())
             .collect();
         partitions.sort_unstable();
-        let received: f64 = series(&text, "partita_records_received_total").map(|(_, v)| v).sum();
+        // A worker's rate is the rows it scored for the scorers.
+        let counted =
+            if self.worker { "partita_inference_requests_total" } else { "partita_records_received_total" };
+        let received: f64 = series(&text, counted).map(|(_, v)| v).sum();
         let lag: f64 = series(&text, "partita_consumer_lag").map(|(_, v)| v).sum();
         let buckets: BTreeMap<String, f64> = series(&text, "partita_event_latency_seconds_bucket")
             .filter_map(|(labels, v)| Some((label(labels, "le")?.to_owned(), v)))
@@ -123,6 +138,9 @@ impl LocalNode {
             None => (0.0, "-".into()),
         };
         self.last = Some((now, received, buckets));
+        if self.worker {
+            return format!("{head} {ready:<10} worker                      {rate:>7.0} rows/s");
+        }
         format!(
             "{head} {ready:<10} partitions {:<16} {rate:>7.0} ev/s  p99 {p99:>9}  lag {}",
             format!("{partitions:?}"),
@@ -247,11 +265,27 @@ async fn with_servers(
         create_topics_with(&kafka.bootstrap, &[(topic, partitions)], kafka.replication(), CHANGELOG_CONFIG)
             .await?;
     }
-    let servers = Servers { kafka, cassandra, changelog };
+    let mut servers = Servers { kafka, cassandra, changelog, worker_endpoints: None };
     let exe = std::env::current_exe().context("the partita executable")?;
     let mut nodes = Vec::new();
+    for (w, zone) in zones.iter().flat_map(|z| std::iter::repeat_n(z, args.workers_per_zone)).enumerate() {
+        nodes.push(spawn_node(&exe, args, &format!("worker-{w}"), zone, Role::Worker, &servers, dir)?);
+    }
+    if !nodes.is_empty() {
+        let endpoints: Vec<String> = nodes.iter().map(|n| format!("{}={}", n.zone, n.grpc)).collect();
+        servers.worker_endpoints = Some(endpoints.join(","));
+    }
+    let role = if servers.worker_endpoints.is_some() { Role::Scorer } else { Role::Both };
     for i in 0..args.nodes {
-        nodes.push(spawn_node(&exe, args, i, &zones[i % zones.len()], &servers, dir)?);
+        nodes.push(spawn_node(
+            &exe,
+            args,
+            &format!("node-{i}"),
+            &zones[i % zones.len()],
+            role,
+            &servers,
+            dir,
+        )?);
     }
     eprintln!("starting {} partita nodes (loading and warming up the models) ...", nodes.len());
     wait_ready(&mut nodes, stop).await?;
@@ -354,18 +388,21 @@ struct Servers<'a> {
     cassandra: Option<&'a LocalCassandra>,
     /// The changelog topic (RocksDB state on several nodes).
     changelog: Option<String>,
+    /// `ZONE=HOST:PORT,...` of the worker nodes, for the scorers.
+    worker_endpoints: Option<String>,
 }
 
 fn spawn_node(
     exe: &Path,
     args: &LocalArgs,
-    i: usize,
+    name: &str,
     zone: &str,
+    role: Role,
     servers: &Servers<'_>,
     dir: &Path,
 ) -> anyhow::Result<LocalNode> {
     let (kafka, cassandra) = (servers.kafka, servers.cassandra);
-    let name = format!("node-{i}");
+    let name = name.to_owned();
     let http = format!("127.0.0.1:{}", free_port()?);
     let grpc = format!("127.0.0.1:{}", free_port()?);
     let log = dir.join(format!("{name}.log"));
@@ -378,7 +415,11 @@ fn spawn_node(
         .arg("--repository")
         .arg(&args.repository)
         .arg("--state-dir")
-        .arg(dir.join(&name));
+        .arg(dir.join(&name))
+        .args(["--role", role.to_possible_value().expect("a role has a name").get_name()]);
+    if let (Role::Scorer, Some(endpoints)) = (role, &servers.worker_endpoints) {
+        cmd.args(["--worker-endpoints", endpoints]);
+    }
     if let Some(c) = cassandra {
         let replication = c.describe().len().min(3);
         cmd.args(["--state-backend", "cql", "--cql-uri", &c.uri(), "--cql-keyspace", "partita"])
@@ -398,7 +439,8 @@ fn spawn_node(
         .spawn()
         .with_context(|| format!("starting {name}"))?;
     let stdin = child.stdin.take();
-    Ok(LocalNode { name, zone: zone.to_owned(), http, grpc, log, child, _stdin: stdin, last: None })
+    let worker = role == Role::Worker;
+    Ok(LocalNode { name, zone: zone.to_owned(), worker, http, grpc, log, child, _stdin: stdin, last: None })
 }
 
 /// Until every node answers `/readyz` with 200; fails with a node's log if it exits first.
