@@ -3,7 +3,7 @@
 #   helm lint --strict, then for the default values and each deploy/partita/ci/*-values.yaml:
 #   helm template (Kubernetes 1.33), scripts/chart/validate.py (strict schemas of every object,
 #   probes on the port the config serves, termination grace), `partita check-config` on each
-#   scorer StatefulSet's rendered configuration and environment; and checkov over all of it, with
+#   scorer and worker StatefulSet's rendered configuration and environment; and checkov over all of it, with
 #   the exceptions in scripts/chart/checkov-skips.txt.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -5,10 +5,10 @@
    version (unknown fields are errors); custom resources against JSON schemas converted from their
    operators' CRDs (openAPIV3Schema; unknown fields are errors there too), their metadata against
    the strict ObjectMeta. A kind with no schema is an error.
-2. partita's own rules: every scorer's probes hit /livez or /readyz on the port of the rendered
-   `[node] http_listen`; its termination grace exceeds `[node] grace` plus the node's own 10 s
-   bound on a stop.
-3. For `partita check-config`: writes each scorer StatefulSet's partita.toml and environment
+2. partita's own rules: every scorer's and worker's probes hit /livez or /readyz on the port of
+   the rendered `[node] http_listen`; its termination grace exceeds `[node] grace` plus the node's
+   own 10 s bound on a stop.
+3. For `partita check-config`: writes each scorer and worker StatefulSet's partita.toml and environment
    (literal values; secrets and field references as placeholders) into --out.
 
 usage: validate.py --k8s 1.33.0 --crds DIR --out DIR RENDERED.yaml
@@ -104,11 +104,11 @@ def partita_checks(docs, out):
     """The chart's rules about partita itself; returns error messages."""
     errors = []
     configs = {d["metadata"]["name"]: d["data"] for d in docs if d.get("kind") == "ConfigMap"}
-    scorers = [d for d in docs if d.get("kind") == "StatefulSet"
-               and d["metadata"]["labels"].get("app.kubernetes.io/component") == "scorer"]
-    if not scorers:
+    nodes = [d for d in docs if d.get("kind") == "StatefulSet"
+             and d["metadata"]["labels"].get("app.kubernetes.io/component") in ("scorer", "worker")]
+    if not any(d["metadata"]["labels"]["app.kubernetes.io/component"] == "scorer" for d in nodes):
         errors.append("no scorer StatefulSet rendered")
-    for s in scorers:
+    for s in nodes:
         name = s["metadata"]["name"]
         pod = s["spec"]["template"]["spec"]
         (c,) = [c for c in pod["containers"] if c["name"] == "partita"]

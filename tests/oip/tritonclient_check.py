@@ -65,6 +65,14 @@ check(
     and gru["versions"] == ["1"],
     str(gru),
 )
+config = client.get_model_config("fraud_gru", as_json=True)["config"]
+check(
+    "fraud_gru config (Triton's extension, for perf_analyzer): max batch, dims without the batch",
+    int(config["max_batch_size"]) == 512
+    and [(i["name"], [int(d) for d in i["dims"]]) for i in config["input"]] == [("features", [16]), ("state", [64])]
+    and config["dynamic_batching"]["preferred_batch_size"] == [64, 256],
+    str(config),
+)
 mlp = client.get_model_metadata("fraud_mlp", as_json=True)
 check("fraud_mlp metadata: stateless", [t["name"] for t in mlp["inputs"]] == ["features"], str(mlp))
 

@@ -74,13 +74,17 @@ app.kubernetes.io/component: scorer
 {{- end -}}
 {{- end -}}
 
-{{/* partita.toml: `config` with the addresses the chart knows. */}}
+{{/* partita.toml of a role: `config` with the addresses the chart knows.
+     (dict "root" $ "role" "scorer" | "worker"); scorers are role both without workers. */}}
 {{- define "partita.toml" -}}
-{{- $cfg := deepCopy .Values.config -}}
-{{- $_ := set $cfg.node "grace" (printf "%ds" (int .Values.scorer.graceSeconds)) -}}
+{{- $root := .root -}}
+{{- $v := $root.Values -}}
+{{- $full := include "partita.fullname" $root -}}
+{{- $cfg := deepCopy $v.config -}}
+{{- $_ := set $cfg.node "grace" (printf "%ds" (int $v.scorer.graceSeconds)) -}}
 {{- if eq $cfg.state.backend "cql" -}}
-{{- $_ := set $cfg.state "cql_uri" (include "partita.cqlUri" .) -}}
-{{- $_ := set $cfg.state "cql_datacenter" .Values.scylla.datacenter -}}
+{{- $_ := set $cfg.state "cql_uri" (include "partita.cqlUri" $root) -}}
+{{- $_ := set $cfg.state "cql_datacenter" $v.scylla.datacenter -}}
 {{- end -}}
 {{- if eq $cfg.state.backend "rocksdb" -}}
 {{- $_ := set $cfg.state "dir" "/var/lib/partita/state" -}}
@@ -88,18 +92,46 @@ app.kubernetes.io/component: scorer
 {{- if not $cfg.traces.otlp_endpoint -}}
 {{- $_ := unset $cfg.traces "otlp_endpoint" -}}
 {{- end -}}
+{{- $tls := and $v.workers.enabled $v.grpcTls.enabled -}}
+{{- if and $v.workers.enabled (eq .role "scorer") -}}
+{{- $_ := set $cfg.node "role" "scorer" -}}
+{{- $grpc := include "partita.port" $cfg.node.grpc_listen -}}
+{{- $endpoints := list -}}
+{{- range $v.zones -}}
+{{- $endpoints = append $endpoints (printf "%s=%s-worker-%s.%s.svc:%s" .name $full (include "partita.zoneSuffix" .name) $root.Release.Namespace $grpc) -}}
+{{- end -}}
+{{- $_ := set $cfg.inference "worker_endpoints" (join "," $endpoints) -}}
+{{- if $tls -}}
+{{- $_ := set $cfg.inference "worker_security" "mtls" -}}
+{{- $_ := set $cfg.inference "worker_tls_ca" "/etc/partita/tls/ca.crt" -}}
+{{- $_ := set $cfg.inference "worker_tls_cert" "/etc/partita/tls/tls.crt" -}}
+{{- $_ := set $cfg.inference "worker_tls_key" "/etc/partita/tls/tls.key" -}}
+{{- $_ := set $cfg.inference "worker_tls_domain" (include "partita.grpcServerName" $root) -}}
+{{- end -}}
+{{- end -}}
+{{- if eq .role "worker" -}}
+{{- $_ := set $cfg.node "role" "worker" -}}
+{{- $_ := set $cfg.node "grace" (printf "%ds" (int $v.workers.graceSeconds)) -}}
+{{- $_ := set $cfg.inference "device" $v.workers.device -}}
+{{- if $tls -}}
+{{- $_ := set $cfg.node "grpc_security" "mtls" -}}
+{{- $_ := set $cfg.node "grpc_tls_cert" "/etc/partita/tls/tls.crt" -}}
+{{- $_ := set $cfg.node "grpc_tls_key" "/etc/partita/tls/tls.key" -}}
+{{- $_ := set $cfg.node "grpc_tls_client_ca" "/etc/partita/tls/ca.crt" -}}
+{{- end -}}
+{{- end -}}
 # Rendered by the partita Helm chart from its values (keys: config/partita.toml).
 [ingestion]
-bootstrap = {{ include "partita.bootstrap" (dict "tier" .Values.kafka.ingestion "ns" .Release.Namespace) | toJson }}
+bootstrap = {{ include "partita.bootstrap" (dict "tier" $v.kafka.ingestion "ns" $root.Release.Namespace) | toJson }}
 
 [ingestion.properties]
-{{ include "partita.kafkaProperties" (dict "tier" .Values.kafka.ingestion "name" "ingestion") }}
+{{ include "partita.kafkaProperties" (dict "tier" $v.kafka.ingestion "name" "ingestion") }}
 
 [processing]
-bootstrap = {{ include "partita.bootstrap" (dict "tier" .Values.kafka.processing "ns" .Release.Namespace) | toJson }}
+bootstrap = {{ include "partita.bootstrap" (dict "tier" $v.kafka.processing "ns" $root.Release.Namespace) | toJson }}
 
 [processing.properties]
-{{ include "partita.kafkaProperties" (dict "tier" .Values.kafka.processing "name" "processing") }}
+{{ include "partita.kafkaProperties" (dict "tier" $v.kafka.processing "name" "processing") }}
 {{- range $section, $keys := $cfg }}
 
 [{{ $section }}]
@@ -107,6 +139,33 @@ bootstrap = {{ include "partita.bootstrap" (dict "tier" .Values.kafka.processing
 {{ $key }} = {{ $value | toJson }}
 {{- end }}
 {{- end }}
+{{- end -}}
+
+{{/* The name the workers' certificate holds (the scorers check it). */}}
+{{- define "partita.grpcServerName" -}}
+{{- .Values.grpcTls.serverName | default (printf "%s-worker" (include "partita.fullname" .)) -}}
+{{- end -}}
+
+{{/* The gRPC TLS Secret as a volume and its mount (workers and scorers, with grpcTls). */}}
+{{- define "partita.grpcTlsVolume" -}}
+{{- if and .Values.workers.enabled .Values.grpcTls.enabled }}
+- name: grpc-tls
+  secret:
+    secretName: {{ required "grpcTls.secretName is required with grpcTls.enabled" .Values.grpcTls.secretName }}
+    items: [{key: tls.crt, path: tls.crt}, {key: tls.key, path: tls.key}, {key: ca.crt, path: ca.crt}]
+{{- end }}
+{{- end -}}
+
+{{- define "partita.grpcTlsMount" -}}
+{{- if and .Values.workers.enabled .Values.grpcTls.enabled }}
+- {name: grpc-tls, mountPath: /etc/partita/tls, readOnly: true}
+{{- end }}
+{{- end -}}
+
+{{- define "partita.workerSelector" -}}
+app.kubernetes.io/name: partita
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: worker
 {{- end -}}
 
 {{/* Kafka password and CA volumes of a tier: (dict "tier" ... "name" "ingestion"). */}}

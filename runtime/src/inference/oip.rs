@@ -2,6 +2,9 @@
 //! the node's worker pool: what a worker node serves, so that Triton's `tritonclient` and
 //! `perf_analyzer`, KServe, and partita's scorer nodes call it alike.
 //!
+//! Triton's `ModelConfig` extension is answered too (name, max batch size, inputs, outputs,
+//! dynamic batching), because Triton's load tool `perf_analyzer` will not start without it.
+//!
 //! A model's inputs are `features` (FP32 `[-1, feature_count]`) and, for a stateful model,
 //! `state` (FP32 `[-1, state_size]`, the keys' states before their events: an ordinary input);
 //! its outputs are `score` (FP32 `[-1]`) and, for a stateful model, `new_state` (FP32
@@ -170,6 +173,32 @@ fn tensors(spec: &ModelSpec) -> (Vec<TensorMetadata>, Vec<TensorMetadata>) {
         outputs.push(t("new_state", vec![-1, h]));
     }
     (inputs, outputs)
+}
+
+/// Triton's `ModelConfig` of a model (what perf_analyzer reads): dims without the batch.
+fn model_config(spec: &ModelSpec) -> ModelConfig {
+    let (inputs, outputs) = tensors(spec);
+    let dims = |t: &TensorMetadata| t.shape[1..].to_vec();
+    let fp32 = DataType::TypeFp32 as i32;
+    ModelConfig {
+        name: spec.name.clone(),
+        platform: PLATFORM.into(),
+        backend: "pytorch".into(),
+        max_batch_size: i32::try_from(spec.batch.max_batch_size).unwrap_or(i32::MAX),
+        input: inputs
+            .iter()
+            .map(|t| ModelInput { name: t.name.clone(), data_type: fp32, dims: dims(t) })
+            .collect(),
+        output: outputs
+            .iter()
+            .map(|t| ModelOutput { name: t.name.clone(), data_type: fp32, dims: dims(t) })
+            .collect(),
+        dynamic_batching: Some(ModelDynamicBatching {
+            preferred_batch_size: spec.batch.preferred_batch_sizes.iter().map(|&b| b as i32).collect(),
+            max_queue_delay_microseconds: u64::try_from(spec.batch.max_queue_delay.as_micros())
+                .unwrap_or(u64::MAX),
+        }),
+    }
 }
 
 /// The outputs to answer, in the order asked (all of the model's when none is named).
@@ -406,6 +435,15 @@ impl GrpcInferenceService for Oip {
         }))
     }
 
+    async fn model_config(
+        &self,
+        req: Request<ModelConfigRequest>,
+    ) -> Result<Response<ModelConfigResponse>, Status> {
+        let req = req.into_inner();
+        let spec = Self::spec(self.router()?, &req.name, &req.version)?;
+        Ok(Response::new(ModelConfigResponse { config: Some(model_config(spec)) }))
+    }
+
     async fn model_infer(
         &self,
         req: Request<ModelInferRequest>,
@@ -553,6 +591,13 @@ mod tests {
         let (inputs, outputs) = tensors(&stateful);
         assert_eq!(inputs[1].shape, [-1, 2]);
         assert_eq!(outputs[0].shape, [-1]);
+        let config = model_config(&stateful);
+        assert_eq!(config.max_batch_size, 1);
+        assert_eq!(
+            config.input.iter().map(|i| (i.name.as_str(), i.dims.clone())).collect::<Vec<_>>(),
+            [("features", vec![3]), ("state", vec![2])]
+        );
+        assert_eq!(config.output[0].dims, Vec::<i64>::new(), "score: one value per row");
     }
 
     #[test]

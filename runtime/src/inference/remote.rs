@@ -368,8 +368,9 @@ impl Inner {
             }
         }
         // Made again (TLS files changed): keep the health the old ones had until checked.
+        let previous = self.endpoints();
         for e in &next {
-            if let Some(prev) = self.endpoints().iter().find(|p| p.addr == e.addr && !Arc::ptr_eq(p, e)) {
+            if let Some(prev) = previous.iter().find(|p| p.addr == e.addr && !Arc::ptr_eq(p, e)) {
                 e.healthy.store(prev.healthy.load(Ordering::SeqCst), Ordering::SeqCst);
             }
         }
