@@ -81,7 +81,8 @@ fn partita_worker(args: &Args, log: &Path) -> anyhow::Result<Server> {
     let grpc = free_addr()?;
     let file = std::fs::File::create(log)?;
     let child = Command::new(&exe)
-        .args(["node", "--role", "worker", "--device", "cpu", "--cpu-workers", "1"])
+        .args(["node", "--role", "worker", "--grpc-security", "plaintext"])
+        .args(["--device", "cpu", "--cpu-workers", "1"])
         .args(["--intra-op-threads", &args.intra_op_threads.to_string()])
         .arg("--repository")
         .arg(&args.repository)

@@ -332,13 +332,8 @@ pub fn records(n: usize, keys: usize, bad_ratio: f64, seed: u64) -> Vec<GenRecor
     (0..n).map(|_| g.record(now)).collect()
 }
 
-/// Read outputs until `n` distinct source records are answered.
-pub fn wait_answered(
-    reader: OutputReader,
-    n: u64,
-    within: Duration,
-    node_log: impl Fn() -> String,
-) -> ReaderResult {
+/// Wait until the reader has outputs for `n` distinct source records (the reader keeps reading).
+pub fn wait_unique(reader: &OutputReader, n: u64, within: Duration, node_log: impl Fn() -> String) {
     let deadline = Instant::now() + within;
     while reader.unique() < n {
         assert!(
@@ -349,6 +344,16 @@ pub fn wait_answered(
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Read outputs until `n` distinct source records are answered.
+pub fn wait_answered(
+    reader: OutputReader,
+    n: u64,
+    within: Duration,
+    node_log: impl Fn() -> String,
+) -> ReaderResult {
+    wait_unique(&reader, n, within, node_log);
     // Anything still in flight (a duplicate) shows up within a moment.
     std::thread::sleep(Duration::from_millis(500));
     reader.finish()

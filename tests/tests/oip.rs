@@ -21,6 +21,7 @@ use partita_tests::{Lcg, models_dir, repo_root};
 async fn worker_node() -> Node {
     let mut opts = NodeOptions::local("unused:9092", std::env::temp_dir().join("partita-oip-unused"));
     opts.role = Role::Worker;
+    opts.grpc_security = Some(partita_runtime::node::grpc::Security::Plaintext);
     opts.inference.repository = models_dir();
     opts.inference.device = DeviceChoice::Cpu;
     opts.inference.cpu_workers = 1;
@@ -198,7 +199,7 @@ async fn mutual_tls_refuses_clients_without_a_valid_certificate_and_picks_up_a_r
     opts.inference.repository = models_dir();
     opts.inference.device = DeviceChoice::Cpu;
     opts.inference.intra_op_threads = 1;
-    opts.grpc_security = partita_runtime::node::grpc::Security::Mtls;
+    opts.grpc_security = Some(partita_runtime::node::grpc::Security::Mtls);
     opts.grpc_tls_cert = Some(write("tls.crt", &server.0));
     opts.grpc_tls_key = Some(write("tls.key", &server.1));
     opts.grpc_tls_client_ca = Some(write("ca.crt", &ca.pem));

@@ -13,7 +13,7 @@ use partita_runtime::local::kafka::{KafkaOptions, LocalKafka, create_topics};
 use partita_runtime::local::scrape::{http_get, label, series};
 use partita_runtime::state::Backend;
 use partita_tests::otlp::OtlpReceiver;
-use partita_tests::pipeline::{self, DLQ, INPUT, NodeProcess, SCORES, TestStore, produce_paced};
+use partita_tests::pipeline::{self, DLQ, INPUT, NodeProcess, SCORES, TestStore, produce_paced, wait_unique};
 
 const PARTITIONS: i32 = 3;
 const KEYS: usize = 200;
@@ -28,6 +28,8 @@ fn worker(bootstrap: &str, store: &TestStore, zone: &str, grpc: &str, otlp: &str
     let args = [
         "--role",
         "worker",
+        "--grpc-security",
+        "plaintext",
         "--zone",
         zone,
         "--grpc-listen",
@@ -81,25 +83,6 @@ fn wait_metrics(http: &str, within: Duration, what: &str, done: impl Fn(&str) ->
     }
 }
 
-/// Wait until the reader has answers for `n` distinct records.
-fn wait_unique(
-    reader: &partita_runtime::loadgen::OutputReader,
-    n: u64,
-    within: Duration,
-    log: impl Fn() -> String,
-) {
-    let deadline = Instant::now() + within;
-    while reader.unique() < n {
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {n} answered within {within:?}:\n{}",
-            reader.unique(),
-            log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scorer_prefers_its_zones_worker_and_fails_over_when_it_dies_or_hangs() {
     let kafka = LocalKafka::start(KafkaOptions::default()).await.expect("a local Apache Kafka");
@@ -129,6 +112,8 @@ async fn a_scorer_prefers_its_zones_worker_and_fails_over_when_it_dies_or_hangs(
             &scorer_http,
             "--worker-endpoints",
             &endpoints,
+            "--worker-security",
+            "plaintext",
             "--infer-deadline",
             "1s",
             "--breaker-failures",

@@ -25,6 +25,8 @@ use crate::pool::remote::{RemoteAnswer, RemoteWorkers};
 #[derive(Clone, Debug)]
 pub struct Router {
     inner: Arc<RouterInner>,
+    /// Workers in other processes, used while none of this pool's is healthy.
+    remote: Option<Arc<dyn RemoteWorkers>>,
 }
 
 #[derive(Debug)]
@@ -39,8 +41,6 @@ struct RouterInner {
     capacity: usize,
     max_retries: usize,
     retry_backoff: Duration,
-    /// Workers in other processes, used while none of this pool's is healthy.
-    remote: Option<Arc<dyn RemoteWorkers>>,
 }
 
 impl Router {
@@ -62,9 +62,15 @@ impl Router {
                 capacity,
                 max_retries,
                 retry_backoff,
-                remote,
             }),
+            remote,
         }
+    }
+
+    /// This router without the remote workers: what a node serves to others (a call from
+    /// another node is never passed on to a third).
+    pub fn local_only(&self) -> Self {
+        Self { inner: self.inner.clone(), remote: None }
     }
 
     pub fn models(&self) -> &[ModelSpec] {
@@ -338,7 +344,7 @@ impl Router {
         deadline: Option<Duration>,
         split: Option<usize>,
     ) -> Option<Remote> {
-        let remote = self.inner.remote.as_ref().filter(|r| r.available())?;
+        let remote = self.remote.as_ref().filter(|r| r.available())?;
         let spec = &self.inner.specs[model];
         Some(match remote.infer(spec, rows.clone(), deadline).await {
             RemoteAnswer::Scored { scores, new_state, served } => {
@@ -363,7 +369,7 @@ impl Router {
 
     /// Whether a call can be served now: a healthy worker here, or a remote one available.
     pub fn can_serve(&self) -> bool {
-        self.pick().is_some() || self.inner.remote.as_ref().is_some_and(|r| r.available())
+        self.pick().is_some() || self.remote.as_ref().is_some_and(|r| r.available())
     }
 
     /// The healthy worker with the fewest requests in flight.

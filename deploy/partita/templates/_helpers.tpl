@@ -93,6 +93,9 @@ app.kubernetes.io/component: scorer
 {{- $_ := unset $cfg.traces "otlp_endpoint" -}}
 {{- end -}}
 {{- $tls := and $v.workers.enabled $v.grpcTls.enabled -}}
+{{- if and $v.workers.enabled (not $v.grpcTls.enabled) (not $v.grpcTls.allowPlaintext) -}}
+{{- fail "workers.enabled: scorers and workers talk over the network; set grpcTls (mutual TLS) or, on a network you trust, grpcTls.allowPlaintext: true" -}}
+{{- end -}}
 {{- if and $v.workers.enabled (eq .role "scorer") -}}
 {{- $_ := set $cfg.node "role" "scorer" -}}
 {{- $grpc := include "partita.port" $cfg.node.grpc_listen -}}
@@ -101,6 +104,7 @@ app.kubernetes.io/component: scorer
 {{- $endpoints = append $endpoints (printf "%s=%s-worker-%s.%s.svc:%s" .name $full (include "partita.zoneSuffix" .name) $root.Release.Namespace $grpc) -}}
 {{- end -}}
 {{- $_ := set $cfg.inference "worker_endpoints" (join "," $endpoints) -}}
+{{- $_ := set $cfg.inference "worker_security" "plaintext" -}}
 {{- if $tls -}}
 {{- $_ := set $cfg.inference "worker_security" "mtls" -}}
 {{- $_ := set $cfg.inference "worker_tls_ca" "/etc/partita/tls/ca.crt" -}}
@@ -113,6 +117,7 @@ app.kubernetes.io/component: scorer
 {{- $_ := set $cfg.node "role" "worker" -}}
 {{- $_ := set $cfg.node "grace" (printf "%ds" (int $v.workers.graceSeconds)) -}}
 {{- $_ := set $cfg.inference "device" $v.workers.device -}}
+{{- $_ := set $cfg.node "grpc_security" "plaintext" -}}
 {{- if $tls -}}
 {{- $_ := set $cfg.node "grpc_security" "mtls" -}}
 {{- $_ := set $cfg.node "grpc_tls_cert" "/etc/partita/tls/tls.crt" -}}

@@ -417,8 +417,12 @@ fn spawn_node(
         .arg("--state-dir")
         .arg(dir.join(&name))
         .args(["--role", role.to_possible_value().expect("a role has a name").get_name()]);
+    // Loopback only: plaintext, said explicitly (a worker node needs it said).
     if let (Role::Scorer, Some(endpoints)) = (role, &servers.worker_endpoints) {
-        cmd.args(["--worker-endpoints", endpoints]);
+        cmd.args(["--worker-endpoints", endpoints, "--worker-security", "plaintext"]);
+    }
+    if role == Role::Worker {
+        cmd.args(["--grpc-security", "plaintext"]);
     }
     if let Some(c) = cassandra {
         let replication = c.describe().len().min(3);

@@ -67,9 +67,10 @@ pub struct InferenceOptions {
     #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..))]
     pub endpoint_max_inflight: u64,
     /// Transport security of the calls to remote workers: plaintext, tls (worker_tls_ca) or mtls
-    /// (also this node's worker_tls_cert and _key).
-    #[arg(long, value_enum, default_value_t = crate::node::grpc::Security::Plaintext)]
-    pub worker_security: crate::node::grpc::Security,
+    /// (also this node's worker_tls_cert and _key). Needs saying (plaintext included) with
+    /// worker_endpoints.
+    #[arg(long, value_enum)]
+    pub worker_security: Option<crate::node::grpc::Security>,
     /// PEM CA certificate(s) that sign the workers' certificates.
     #[arg(long)]
     pub worker_tls_ca: Option<PathBuf>,
@@ -123,14 +124,11 @@ impl InferenceOptions {
 
     /// The remote workers' TLS settings (`None`: plaintext).
     pub fn worker_tls(&self) -> Option<remote::ClientTls> {
-        let ca = self
-            .worker_tls_ca
-            .clone()
-            .filter(|_| self.worker_security != crate::node::grpc::Security::Plaintext)?;
+        use crate::node::grpc::Security;
+        let security = self.worker_security.unwrap_or(Security::Plaintext);
+        let ca = self.worker_tls_ca.clone().filter(|_| security != Security::Plaintext)?;
         let identity = match (&self.worker_tls_cert, &self.worker_tls_key) {
-            (Some(c), Some(k)) if self.worker_security == crate::node::grpc::Security::Mtls => {
-                Some((c.clone(), k.clone()))
-            }
+            (Some(c), Some(k)) if security == Security::Mtls => Some((c.clone(), k.clone())),
             _ => None,
         };
         Some(remote::ClientTls { ca, identity, domain: self.worker_tls_domain.clone() })

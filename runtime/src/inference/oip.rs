@@ -20,7 +20,8 @@
 //! | unknown model, or a version that is not loaded | `NOT_FOUND` |
 //! | wrong inputs, datatype, shape or size; a value not finite | `INVALID_ARGUMENT` |
 //! | the model runtime failed or panicked on the row | `INTERNAL` |
-//! | pool full, no healthy worker, models loading, node draining | `UNAVAILABLE` (retry elsewhere) |
+//! | pool full, models loading, node draining: nothing ran | `UNAVAILABLE` (retry elsewhere) |
+//! | the row's worker died running it and its retries ran out | `ABORTED` |
 //! | not scored within the deadline counted from its batch's start | `DEADLINE_EXCEEDED` |
 //!
 //! A call's `traceparent` metadata parents its `partita.infer` span (a scorer's batch span).
@@ -123,13 +124,24 @@ impl Oip {
         let outputs = requested_outputs(spec, &req)?;
         let rows = Arc::new(rows_from(spec, &req)?);
         let n = rows.rows;
-        let answer = router.infer_rows_within(&spec.name, rows, self.inner.deadline).await;
+        // A partita scorer sends its partition's deadline; other clients get the node's.
+        let deadline = match req
+            .parameters
+            .get(crate::inference::remote::DEADLINE_US)
+            .and_then(|p| p.parameter_choice.clone())
+        {
+            Some(infer_parameter::ParameterChoice::Int64Param(us)) if us > 0 => {
+                Duration::from_micros(us.unsigned_abs())
+            }
+            _ => self.inner.deadline,
+        };
+        let answer = router.infer_rows_within(&spec.name, rows, deadline).await;
         for a in &answer.answers {
             if let RowAnswer::Scored(served) = a {
                 self.inner.metrics.inferred(&spec.name, served);
             }
         }
-        check_rows(&answer, self.inner.deadline)?;
+        check_rows(&answer, deadline)?;
         let first = answer.answers.iter().find_map(|a| match a {
             RowAnswer::Scored(served) => Some(served),
             _ => None,
@@ -265,7 +277,11 @@ fn rows_from(spec: &ModelSpec, req: &ModelInferRequest) -> Result<InferRows, Sta
             )));
         }
         rows = Some(n);
-        values.push(tensor_values(input, raw.then(|| req.raw_input_contents[k].as_slice()), n * width)?);
+        // A shape whose size does not fit a usize (or its bytes) is refused, not multiplied.
+        let count = n.checked_mul(width).filter(|c| c.checked_mul(4).is_some()).ok_or_else(|| {
+            bad(format!("input {name:?} has shape {:?}: more values than any request holds", input.shape))
+        })?;
+        values.push(tensor_values(input, raw.then(|| req.raw_input_contents[k].as_slice()), count)?);
     }
     let mut values = values.into_iter();
     let rows = InferRows {
@@ -360,9 +376,10 @@ pub fn status_of(e: &InferError, row: &str) -> Status {
         InferError::UnknownModel { .. } => Status::not_found(message),
         InferError::Shape { .. } | InferError::ValueRange { .. } => Status::invalid_argument(message),
         InferError::Backend(_) | InferError::Panicked(_) => Status::internal(message),
-        InferError::Overloaded { .. } | InferError::WorkerLost { .. } | InferError::ShuttingDown => {
-            Status::unavailable(message)
-        }
+        // The row ran and its worker died with it (maybe because of it): not "nothing ran", so a
+        // scorer goes on row by row instead of trying the same rows elsewhere.
+        InferError::WorkerLost { .. } => Status::aborted(message),
+        InferError::Overloaded { .. } | InferError::ShuttingDown => Status::unavailable(message),
     }
 }
 
@@ -537,6 +554,7 @@ mod tests {
             (request(vec![input("features", &[1, 4], &[0.0; 4]), s.clone()]), "has shape [1, 4]"),
             (request(vec![input("features", &[3], &[0.0; 3]), s.clone()]), "has shape [3]"),
             (request(vec![input("features", &[0, 3], &[]), s.clone()]), "rows >= 1"),
+            (request(vec![input("features", &[1 << 62, 3], &[]), s.clone()]), "more values than any request"),
             (request(vec![input("features", &[1, 3], &[0.0; 2]), s.clone()]), "has 2 values"),
             (request(vec![f.clone(), input("state", &[2, 2], &[0.0; 4])]), "has 2 rows"),
             (
@@ -613,7 +631,7 @@ mod tests {
             (InferError::Backend("boom".into()), Code::Internal),
             (InferError::Panicked("boom".into()), Code::Internal),
             (InferError::Overloaded { capacity: 4 }, Code::Unavailable),
-            (InferError::WorkerLost { attempts: 3 }, Code::Unavailable),
+            (InferError::WorkerLost { attempts: 3 }, Code::Aborted),
             (InferError::ShuttingDown, Code::Unavailable),
         ];
         for (e, code) in cases {

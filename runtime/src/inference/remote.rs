@@ -58,6 +58,8 @@ use crate::telemetry::Metrics;
 pub const HEALTH_EVERY: Duration = Duration::from_secs(1);
 /// How often endpoint host names are resolved again.
 pub const RESOLVE_EVERY: Duration = Duration::from_secs(10);
+/// How long one resolution may take before the previous addresses are kept.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// One configured worker address: `ZONE=HOST:PORT`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,6 +173,14 @@ impl Breaker {
         matches!(self.state(now), BreakerState::Closed | BreakerState::HalfOpen { probing: false })
     }
 
+    /// A call let through that ended without news (cancelled): a half-open breaker's probe may
+    /// go again.
+    pub fn abandon(&mut self) {
+        if self.state == (BreakerState::HalfOpen { probing: true }) {
+            self.state = BreakerState::HalfOpen { probing: false };
+        }
+    }
+
     pub fn success(&mut self) {
         self.failures = 0;
         self.state = BreakerState::Closed;
@@ -215,14 +225,21 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// The TLS files as last read (endpoints are made again when they change).
     tls_pem: Mutex<Option<TlsPem>>,
+    /// Notified when a call ends (room on its endpoint).
+    freed: tokio::sync::Notify,
 }
 
 impl RemotePool {
     /// Resolve the endpoints and check their health once, then keep both up to date in the
     /// background.
     pub async fn start(settings: RemoteSettings, metrics: Arc<Metrics>) -> Self {
-        let inner =
-            Arc::new(Inner { settings, endpoints: RwLock::default(), metrics, tls_pem: Mutex::default() });
+        let inner = Arc::new(Inner {
+            settings,
+            endpoints: RwLock::default(),
+            metrics,
+            tls_pem: Mutex::default(),
+            freed: tokio::sync::Notify::new(),
+        });
         inner.resolve().await;
         inner.check_health().await;
         let weak = Arc::downgrade(&inner);
@@ -310,7 +327,7 @@ impl Inner {
             };
             Ok((std::fs::read(&tls.ca)?, identity))
         };
-        match read() {
+        match read().and_then(|pem| check_pem(&pem).map(|()| pem)) {
             Ok(pem) => {
                 let mut last = self.tls_pem.lock().unwrap();
                 let changed = last.as_ref() != Some(&pem);
@@ -321,7 +338,7 @@ impl Inner {
                 changed
             }
             Err(e) => {
-                tracing::warn!(error = %e, "reading the worker TLS files; keeping the previous ones");
+                tracing::warn!(error = %e, "the worker TLS files do not load; keeping the previous ones");
                 false
             }
         }
@@ -331,17 +348,32 @@ impl Inner {
     /// again when the TLS files changed).
     async fn resolve(&self) {
         let mut wanted: Vec<(String, SocketAddr, String, String)> = Vec::new();
+        let current = self.endpoints();
         for e in &self.settings.endpoints {
-            match tokio::net::lookup_host((e.host.as_str(), e.port)).await {
-                Ok(addrs) => {
-                    for addr in addrs {
-                        if !wanted.iter().any(|(z, a, _, _)| *a == addr && *z == e.zone) {
-                            let label = format!("{}:{} ({addr})", e.host, e.port);
-                            wanted.push((e.zone.clone(), addr, label, e.host.clone()));
-                        }
-                    }
+            let lookup = tokio::net::lookup_host((e.host.as_str(), e.port));
+            let addrs: Vec<SocketAddr> = match tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await {
+                Ok(Ok(addrs)) => addrs.collect(),
+                failed => {
+                    let error = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => format!("no answer within {RESOLVE_TIMEOUT:?}"),
+                    };
+                    // Keep what the name resolved to before: a resolver's hiccup must not empty
+                    // a zone.
+                    tracing::warn!(host = %e.host, %error, "resolving a worker endpoint; keeping its previous addresses");
+                    let prefix = format!("{}:{} (", e.host, e.port);
+                    current
+                        .iter()
+                        .filter(|c| c.zone == e.zone && c.label.starts_with(&prefix))
+                        .map(|c| c.addr)
+                        .collect()
                 }
-                Err(err) => tracing::warn!(host = %e.host, error = %err, "resolving a worker endpoint"),
+            };
+            for addr in addrs {
+                if !wanted.iter().any(|(z, a, _, _)| *a == addr && *z == e.zone) {
+                    let label = format!("{}:{} ({addr})", e.host, e.port);
+                    wanted.push((e.zone.clone(), addr, label, e.host.clone()));
+                }
             }
         }
         let old: HashMap<(String, SocketAddr), Arc<Endpoint>> = if self.tls_changed() {
@@ -448,20 +480,40 @@ impl Inner {
     }
 
     async fn infer(&self, spec: &ModelSpec, rows: &InferRows, deadline: Option<Duration>) -> RemoteAnswer {
+        // One budget for the whole try, whichever endpoints it takes.
+        let until = deadline.map(|d| Instant::now() + outer_timeout(d));
         let mut tried = Vec::new();
         loop {
-            let Some(e) = self
-                .candidates(rows.rows, &tried)
-                .into_iter()
-                .find(|e| e.breaker.lock().unwrap().try_pass(Instant::now()))
-            else {
-                return RemoteAnswer::Unavailable;
+            // Made before looking, so room freed meanwhile is not missed.
+            let freed = self.freed.notified();
+            let now = Instant::now();
+            let candidates = self.candidates(rows.rows, &tried);
+            let Some(e) = candidates.into_iter().find(|e| e.breaker.lock().unwrap().try_pass(now)) else {
+                if !self.full(&tried) {
+                    return RemoteAnswer::Unavailable;
+                }
+                // Every endpoint that could take the rows is at its limit: wait for room
+                // (backpressure), within the budget.
+                match until {
+                    Some(until) if now >= until => return RemoteAnswer::TimedOut,
+                    Some(until) => {
+                        let _ = tokio::time::timeout(until - now, freed).await;
+                    }
+                    None => freed.await,
+                }
+                continue;
             };
             tried.push(e.addr);
-            e.in_flight.fetch_add(rows.rows, Ordering::SeqCst);
+            let remaining = until.map(|u| u.saturating_duration_since(Instant::now()));
+            if remaining.is_some_and(|r| r.is_zero()) {
+                e.breaker.lock().unwrap().abandon();
+                return RemoteAnswer::TimedOut;
+            }
             let started = Instant::now();
-            let (outcome, code) = call(&e, spec, rows, deadline).await;
-            e.in_flight.fetch_sub(rows.rows, Ordering::SeqCst);
+            let (outcome, code) = {
+                let _call = InFlight::enter(&e, rows.rows, &self.freed);
+                call(&e, spec, rows, deadline, remaining).await
+            };
             self.metrics.remote_call(&e.label, &e.zone, code, started.elapsed());
             let failed = |e: &Endpoint| {
                 if e.breaker.lock().unwrap().failure(Instant::now()) {
@@ -472,7 +524,12 @@ impl Inner {
             match outcome {
                 Outcome::Answered(answer) => {
                     match answer {
-                        RemoteAnswer::TimedOut | RemoteAnswer::Lost => failed(&e),
+                        RemoteAnswer::TimedOut | RemoteAnswer::Lost => {
+                            failed(&e);
+                            // Out of the choice until its health check passes again, so the
+                            // router's next try goes elsewhere when there is an elsewhere.
+                            e.healthy.store(false, Ordering::SeqCst);
+                        }
                         _ => e.breaker.lock().unwrap().success(),
                     }
                     return answer;
@@ -489,6 +546,70 @@ impl Inner {
             }
         }
     }
+
+    /// Whether some endpoint not in `tried` would take a call but for its row limit.
+    fn full(&self, tried: &[SocketAddr]) -> bool {
+        let now = Instant::now();
+        self.endpoints().iter().any(|e| {
+            !tried.contains(&e.addr)
+                && e.healthy.load(Ordering::SeqCst)
+                && e.breaker.lock().unwrap().would_pass(now)
+        })
+    }
+}
+
+/// A call's rows counted in its endpoint's load while it runs. Dropped without [`Breaker`]
+/// news (the caller gave up: a partition stopped, a deadline passed), a half-open breaker's
+/// probe is given back, so the endpoint is not shut out for good.
+struct InFlight<'a> {
+    endpoint: &'a Endpoint,
+    rows: usize,
+    freed: &'a tokio::sync::Notify,
+}
+
+impl<'a> InFlight<'a> {
+    fn enter(endpoint: &'a Endpoint, rows: usize, freed: &'a tokio::sync::Notify) -> Self {
+        endpoint.in_flight.fetch_add(rows, Ordering::SeqCst);
+        Self { endpoint, rows, freed }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.endpoint.in_flight.fetch_sub(self.rows, Ordering::SeqCst);
+        // A finished call has settled its probe already (success or failure) before the guard
+        // drops only when cancelled; `abandon` changes nothing then.
+        self.endpoint.breaker.lock().unwrap().abandon();
+        self.freed.notify_waiters();
+    }
+}
+
+/// The gRPC deadline of a call whose rows must be scored within `deadline` of their batch's
+/// start on the worker: room for the wait in its queue and the connection, so a backlog there is
+/// backpressure and not a timeout, while a worker that hangs is still given up on.
+pub fn outer_timeout(deadline: Duration) -> Duration {
+    deadline.saturating_mul(2) + Duration::from_secs(1)
+}
+
+/// Whether TLS files hold what they should: a certificate in the CA file, and a certificate
+/// chain and a private key in the identity's (a rotation half written is refused).
+fn check_pem((ca, identity): &TlsPem) -> std::io::Result<()> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certificates = |pem: &[u8], what: &str| -> std::io::Result<()> {
+        let all: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem).collect();
+        match all {
+            Ok(c) if !c.is_empty() => Ok(()),
+            _ => Err(std::io::Error::other(format!("{what}: no PEM certificate"))),
+        }
+    };
+    certificates(ca, "worker_tls_ca")?;
+    if let Some((cert, key)) = identity {
+        certificates(cert, "worker_tls_cert")?;
+        PrivateKeyDer::from_pem_slice(key)
+            .map_err(|e| std::io::Error::other(format!("worker_tls_key: {e}")))?;
+    }
+    Ok(())
 }
 
 /// Whether the endpoint is ready: its gRPC health status, or OIP `ServerReady` without one.
@@ -526,6 +647,7 @@ async fn call(
     spec: &ModelSpec,
     rows: &InferRows,
     deadline: Option<Duration>,
+    timeout: Option<Duration>,
 ) -> (Outcome, tonic::Code) {
     let mut request = ModelInferRequest {
         model_name: spec.name.clone(),
@@ -537,17 +659,25 @@ async fn call(
         request.inputs.push(tensor("state", rows.rows, spec.state_size));
         request.raw_input_contents.push(raw(&rows.state));
     }
+    if let Some(d) = deadline {
+        // The worker times the rows from their batch's start, as a local worker does.
+        let micros = i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
+        request.parameters.insert(
+            DEADLINE_US.to_owned(),
+            InferParameter { parameter_choice: Some(infer_parameter::ParameterChoice::Int64Param(micros)) },
+        );
+    }
     let mut request = tonic::Request::new(request);
     if let Some(tp) = crate::telemetry::traces::current_traceparent().and_then(|tp| tp.parse().ok()) {
         request.metadata_mut().insert("traceparent", tp);
     }
-    if let Some(d) = deadline {
-        request.set_timeout(d);
+    if let Some(t) = timeout {
+        request.set_timeout(t);
     }
     let mut client = e.client.clone();
     let sent = client.model_infer(request);
-    let result = match deadline {
-        Some(d) => match tokio::time::timeout(d, sent).await {
+    let result = match timeout {
+        Some(t) => match tokio::time::timeout(t, sent).await {
             Ok(r) => r,
             Err(_) => return (Outcome::Answered(RemoteAnswer::TimedOut), tonic::Code::DeadlineExceeded),
         },
@@ -589,6 +719,8 @@ fn classify(status: &tonic::Status, rows: usize) -> Outcome {
         Code::Unauthenticated | Code::PermissionDenied if !local => {
             Outcome::Mismatch(format!("the worker refused this node: {}", status.message()))
         }
+        // The rows ran and the worker's own worker died with them: as if the call broke.
+        Code::Aborted if !local => Outcome::Answered(RemoteAnswer::Lost),
         Code::Internal if !local && rows > 1 => Outcome::Answered(RemoteAnswer::RowFailed),
         Code::Internal if !local => {
             let message = status.message().to_owned();
@@ -644,6 +776,9 @@ pub const BATCH_SIZE: &str = "partita_batch_size";
 pub const QUEUE_US: &str = "partita_queue_time_us";
 pub const COMPUTE_US: &str = "partita_compute_time_us";
 pub const DEVICE: &str = "partita_device";
+/// Request parameter: the rows' deadline from their batch's start, microseconds (a partita
+/// scorer sends it; without it a worker uses its own `[partition] infer_deadline`).
+pub const DEADLINE_US: &str = "partita_deadline_us";
 
 /// The response parameters for `served`.
 pub fn served_parameters(served: &Served) -> HashMap<String, InferParameter> {
@@ -701,6 +836,8 @@ mod tests {
         assert!(b.would_pass(later));
         assert!(b.try_pass(later), "the probe");
         assert!(!b.try_pass(later), "one probe at a time");
+        b.abandon();
+        assert!(b.try_pass(later), "a probe whose call was cancelled may go again");
         b.failure(later);
         assert_eq!(
             b.state(later),
@@ -714,11 +851,56 @@ mod tests {
         assert!(b.try_pass(again) && b.try_pass(again));
     }
 
+    #[tokio::test]
+    async fn a_call_given_up_gives_back_its_rows_and_its_breakers_probe() {
+        let inner = Inner {
+            settings: RemoteSettings {
+                endpoints: vec![],
+                zone: "a".into(),
+                breaker_failures: 1,
+                breaker_open_for: Duration::ZERO,
+                max_inflight: 8,
+                connect_timeout: Duration::from_secs(1),
+                max_message_size: 1 << 20,
+                tls: None,
+            },
+            endpoints: RwLock::default(),
+            metrics: Arc::new(Metrics::new("a")),
+            tls_pem: Mutex::default(),
+            freed: tokio::sync::Notify::new(),
+        };
+        let e = inner.endpoint("a".into(), "127.0.0.1:9".parse().unwrap(), "w".into(), "127.0.0.1").unwrap();
+        assert!(e.breaker.lock().unwrap().failure(Instant::now()), "opened");
+        assert!(e.breaker.lock().unwrap().try_pass(Instant::now()), "half-open: the probe goes");
+        let freed = inner.freed.notified();
+        {
+            // The call's future is dropped while it waits (a partition stopped, a deadline).
+            let _call = InFlight::enter(&e, 3, &inner.freed);
+            assert_eq!(e.in_flight.load(Ordering::SeqCst), 3);
+        }
+        assert_eq!(e.in_flight.load(Ordering::SeqCst), 0, "its rows are given back");
+        assert!(
+            e.breaker.lock().unwrap().try_pass(Instant::now()),
+            "and the probe: the endpoint is not shut out"
+        );
+        tokio::time::timeout(Duration::from_secs(1), freed).await.expect("waiters for room are woken");
+    }
+
+    #[test]
+    fn tls_files_that_do_not_hold_certificates_or_a_key_are_refused() {
+        assert!(check_pem(&(b"not a certificate".to_vec(), None)).is_err());
+        assert!(check_pem(&(Vec::new(), None)).is_err());
+    }
+
     #[test]
     fn statuses_are_classified_by_who_made_them() {
         use tonic::{Code, Status};
         let server = |code, msg: &str| Status::new(code, msg);
         assert!(matches!(classify(&server(Code::Unavailable, "the node is draining"), 4), Outcome::Refused));
+        assert!(matches!(
+            classify(&server(Code::Aborted, "row 1: no healthy worker answered after 3 attempt(s)"), 4),
+            Outcome::Answered(RemoteAnswer::Lost)
+        ));
         assert!(matches!(
             classify(&server(Code::DeadlineExceeded, "late"), 4),
             Outcome::Answered(RemoteAnswer::TimedOut)

@@ -340,20 +340,31 @@ pub fn cross_check(o: &NodeOptions) -> Vec<String> {
                 .to_owned(),
         );
     }
+    let endpoints = !o.inference.worker_endpoints.is_empty();
     match o.role {
-        crate::node::Role::Scorer if o.inference.worker_endpoints.is_empty() => problems.push(
+        crate::node::Role::Scorer if !endpoints => problems.push(
             "[node] role scorer runs no inference workers: set [inference] worker_endpoints (ZONE=HOST:PORT of worker nodes)"
                 .to_owned(),
         ),
-        crate::node::Role::Worker if !o.inference.worker_endpoints.is_empty() => problems.push(
+        crate::node::Role::Worker if endpoints => problems.push(
             "[inference] worker_endpoints is for roles scorer and both: a worker node serves its own workers"
+                .to_owned(),
+        ),
+        crate::node::Role::Worker if o.grpc_security.is_none() => problems.push(
+            "[node] role worker serves inference to other pods: say how in [node] grpc_security (mtls, tls, or plaintext)"
                 .to_owned(),
         ),
         _ => {}
     }
+    if endpoints && o.inference.worker_security.is_none() {
+        problems.push(
+            "[inference] worker_endpoints: say how to reach them in [inference] worker_security (mtls, tls, or plaintext)"
+                .to_owned(),
+        );
+    }
     problems.extend(security_problems(
         "[node] grpc_security",
-        o.grpc_security,
+        o.grpc_security.unwrap_or(crate::node::grpc::Security::Plaintext),
         [
             ("grpc_tls_cert", o.grpc_tls_cert.is_some(), true),
             ("grpc_tls_key", o.grpc_tls_key.is_some(), true),
@@ -363,7 +374,7 @@ pub fn cross_check(o: &NodeOptions) -> Vec<String> {
     let i = &o.inference;
     problems.extend(security_problems(
         "[inference] worker_security",
-        i.worker_security,
+        i.worker_security.unwrap_or(crate::node::grpc::Security::Plaintext),
         [
             ("worker_tls_ca", i.worker_tls_ca.is_some(), true),
             ("worker_tls_domain", i.worker_tls_domain.is_some(), false),
@@ -541,9 +552,14 @@ mod tests {
             cross_check(&parse(&layer(Some(f.path()), [], &[])))
         };
         assert!(problems("[node]\nrole = \"scorer\"\n")[0].contains("set [inference] worker_endpoints"));
+        let scorer = "[node]\nrole = \"scorer\"\n[inference]\nworker_endpoints = \"a=w:50051\"\n";
         assert!(
-            problems("[node]\nrole = \"scorer\"\n[inference]\nworker_endpoints = \"a=w:50051\"\n").is_empty()
+            problems(scorer)[0].contains("say how to reach them"),
+            "secure by default: said, not assumed"
         );
+        assert!(problems(&format!("{scorer}worker_security = \"plaintext\"\n")).is_empty());
+        assert!(problems("[node]\nrole = \"worker\"\n")[0].contains("say how in [node] grpc_security"));
+        assert!(problems("[node]\nrole = \"worker\"\ngrpc_security = \"plaintext\"\n").is_empty());
         assert!(
             problems("[node]\nrole = \"worker\"\n[inference]\nworker_endpoints = \"a=w:50051\"\n")[0]
                 .contains("a worker node serves its own workers")

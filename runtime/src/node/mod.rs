@@ -233,9 +233,11 @@ pub struct NodeOptions {
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub grpc_max_concurrent_streams: u32,
     /// Transport security of the gRPC endpoint: plaintext, tls (grpc_tls_cert and _key) or mtls
-    /// (also grpc_tls_client_ca: clients must present a certificate it signed).
-    #[arg(long, value_enum, default_value_t = Security::Plaintext)]
-    pub grpc_security: Security,
+    /// (also grpc_tls_client_ca: clients must present a certificate it signed). A worker node
+    /// needs it said (plaintext included); unset, a node with role both serves only gRPC health,
+    /// in plaintext.
+    #[arg(long, value_enum)]
+    pub grpc_security: Option<Security>,
     /// PEM certificate chain of the gRPC endpoint (read again when it changes).
     #[arg(long)]
     pub grpc_tls_cert: Option<PathBuf>,
@@ -402,17 +404,24 @@ impl Node {
         let http = serve(opts.http_listen, metrics.clone(), health.clone()).await?;
         let oip = Oip::new(health.clone(), metrics.clone(), opts.infer_deadline);
         let max_message = usize::try_from(opts.grpc_max_message_size.as_u64()).unwrap_or(usize::MAX);
+        // Inference is served by a worker node, and by a node with role both whose gRPC
+        // security is configured (secure by default: never to anyone by accident).
+        let serves_inference = match opts.role {
+            Role::Worker => true,
+            Role::Both => opts.grpc_security.is_some(),
+            Role::Scorer => false,
+        };
         let local_workers = opts.role != Role::Scorer;
         let serving = GrpcServing {
             addr: opts.grpc_listen,
-            security: opts.grpc_security,
+            security: opts.grpc_security.unwrap_or(Security::Plaintext),
             cert: opts.grpc_tls_cert.clone(),
             key: opts.grpc_tls_key.clone(),
             client_ca: opts.grpc_tls_client_ca.clone(),
             max_message_size: max_message,
             max_concurrent_streams: opts.grpc_max_concurrent_streams,
         };
-        let grpc = serve_grpc(&serving, health.clone(), local_workers.then(|| oip.clone()))
+        let grpc = serve_grpc(&serving, health.clone(), serves_inference.then(|| oip.clone()))
             .await
             .context("serving gRPC")?;
         let remote = match &opts.inference.worker_endpoints[..] {
@@ -435,7 +444,8 @@ impl Node {
         };
         let (pool, _repo) =
             opts.inference.start_with(local_workers, remote).await.context("starting the inference pool")?;
-        oip.set_router(pool.router());
+        // Calls from other nodes run on this node's workers only, never passed on.
+        oip.set_router(pool.router().local_only());
         health.models_ready.store(true, Ordering::SeqCst);
         let devices = pool.status().await.iter().map(|w| w.device.to_string()).collect();
         let counters = Arc::new(PipelineCounters::default());
