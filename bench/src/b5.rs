@@ -89,7 +89,12 @@ async fn main() -> anyhow::Result<()> {
     // 1. fill
     let writer = store(&tmp.path().join("writer"), &kafka.bootstrap)?;
     writer.claim(p, Epoch(1)).await?;
-    let value = StateValue::sequenced(&Sequenced { sequence: 1, window: 0, state: vec![0.25; 64] });
+    let value = StateValue::sequenced(&Sequenced {
+        sequence: 1,
+        window: 0,
+        offset: Some(Offset(0)),
+        state: vec![0.25; 64],
+    });
     let started = Instant::now();
     let mut written = 0u64;
     let mut writes = 0u64;

@@ -1,6 +1,6 @@
 //! The partition actor: the compute stage (steps 1-5 of the module doc of `partition`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -48,9 +48,14 @@ pub struct PartitionArgs<S, K> {
 
 pub struct PartitionState<S, K> {
     args: PartitionArgs<S, K>,
-    /// The record that would have exceeded `max_waves`: first in the next batch.
-    carry: Option<InputRecord>,
-    /// Records at or below this offset were computed (or applied before this actor started).
+    /// Records taken from the queue but held back, in offset order: their key had `max_waves`
+    /// records in the batch already. They go first into the next batches; at most `max_batch`,
+    /// then the actor stops taking from the queue (the queue fills, the partition pauses).
+    held: VecDeque<InputRecord>,
+    /// The highest offset taken from the queue.
+    taken: Option<Offset>,
+    /// Records at or below this offset were computed (or applied before this actor started); the
+    /// ones above it that were computed are told apart by their key's offset.
     computed: Option<Offset>,
     /// Number of the next batch computed.
     next_no: u64,
@@ -110,7 +115,8 @@ impl<S: StateStore, K: PartitionSink> Actor for PartitionActor<S, K> {
         Ok(PartitionState {
             computed: args.applied,
             args,
-            carry: None,
+            held: VecDeque::new(),
+            taken: None,
             next_no: 0,
             pending,
             committer: Some((tx, task)),
@@ -128,7 +134,7 @@ impl<S: StateStore, K: PartitionSink> Actor for PartitionActor<S, K> {
             // handled between batches, not after the whole queue.
             PartitionMsg::Wake => {
                 state.drain_queue(None, Some(1)).await?;
-                if state.carry.is_some() || !state.args.queue.is_empty() {
+                if !state.held.is_empty() || !state.args.queue.is_empty() {
                     let _ = myself.cast(PartitionMsg::Wake);
                 }
             }
@@ -210,7 +216,8 @@ pub(super) type Pending = Arc<Mutex<HashMap<Vec<u8>, (u64, StateValue)>>>;
 /// A computed batch on its way to the committer.
 pub(super) struct Computed {
     pub(super) no: u64,
-    pub(super) last: Offset,
+    /// Every record at or below this offset is in this batch or an earlier one.
+    pub(super) applied: Offset,
     pub(super) records: usize,
     /// Scores and dead letters in offset order.
     pub(super) outputs: Vec<OutputRecord>,
@@ -235,10 +242,10 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
         self.args.wake_pending.store(false, Ordering::SeqCst);
         for _ in 0..batches.unwrap_or(usize::MAX) {
             if until.is_some_and(|t| Instant::now() >= t) {
-                tracing::info!(partition = %self.args.partition, queued = self.args.queue.len(), "drain deadline: leaving the rest to be read again");
+                tracing::info!(partition = %self.args.partition, queued = self.args.queue.len(), held = self.held.len(), "drain deadline: leaving the rest to be read again");
                 return Ok(());
             }
-            let batch = self.next_batch();
+            let (batch, applied) = self.next_batch();
             if batch.is_empty() {
                 return Ok(());
             }
@@ -248,7 +255,7 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
             if let Some(ms) = test_delay() {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
             }
-            let Some(computed) = self.compute_with_retry(batch).await? else { continue };
+            let Some(computed) = self.compute_with_retry(batch, applied).await? else { continue };
             let Some((tx, _)) = &self.committer else { return Err("the partition is draining".into()) };
             if tx.send(computed).await.is_err() {
                 return Err("the committer stopped".into());
@@ -257,31 +264,45 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
         Ok(())
     }
 
-    /// Up to `max_batch` queued records, at most `max_waves` of any one key.
-    fn next_batch(&mut self) -> Vec<InputRecord> {
+    /// The next batch, scheduled by key: up to `max_batch` records, at most `max_waves` of any
+    /// one key, the held records first, then the queue's. A record whose key is full in this
+    /// batch is held for the next ones instead of ending the batch, so the other keys' records
+    /// behind a hot key's backlog are not kept waiting by it (`docs/pipeline.md`, "Scheduling by
+    /// key"). Also returns the batch's applied offset: every record at or below it is in this
+    /// batch or an earlier one (the lowest held offset − 1, or the highest taken).
+    fn next_batch(&mut self) -> (Vec<InputRecord>, Offset) {
         let config = &self.args.config;
+        let (max_batch, max_waves) = (config.max_batch.max(1), config.max_waves.max(1));
         let mut batch = Vec::new();
         let mut per_key: HashMap<Vec<u8>, usize> = HashMap::new();
-        let take = |args: &PartitionArgs<S, K>| {
-            let rec = args.queue.try_recv().ok()?;
-            args.queued_bytes.fetch_sub(rec.size(), Ordering::SeqCst);
-            Some(rec)
-        };
-        let mut next = self.carry.take().or_else(|| take(&self.args));
-        while let Some(rec) = next {
+        // Records go into the batch or back into `held` (a key's order kept: once one of its
+        // records is held, so are the later ones, as its count stays full).
+        let mut place = |rec: InputRecord, batch: &mut Vec<InputRecord>, held: &mut VecDeque<InputRecord>| {
             let n = per_key.entry(rec.key.clone().unwrap_or_default()).or_insert(0);
-            if *n == config.max_waves {
-                self.carry = Some(rec);
-                break;
+            if *n < max_waves && batch.len() < max_batch {
+                *n += 1;
+                // Its bytes left the queue's bound only now (held ones still count).
+                self.args.queued_bytes.fetch_sub(rec.size(), Ordering::SeqCst);
+                batch.push(rec);
+            } else {
+                held.push_back(rec);
             }
-            *n += 1;
-            batch.push(rec);
-            if batch.len() == config.max_batch {
-                break;
-            }
-            next = take(&self.args);
+        };
+        let mut held = VecDeque::with_capacity(self.held.len());
+        for rec in std::mem::take(&mut self.held) {
+            place(rec, &mut batch, &mut held);
         }
-        batch
+        while batch.len() < max_batch && held.len() < max_batch {
+            let Ok(rec) = self.args.queue.try_recv() else { break };
+            self.taken = Some(rec.offset);
+            place(rec, &mut batch, &mut held);
+        }
+        self.held = held;
+        let applied = match self.held.front() {
+            Some(first) => Offset(first.offset.0 - 1),
+            None => self.taken.unwrap_or(Offset(-1)),
+        };
+        (batch, applied)
     }
 
     /// Compute `batch`, retrying transient failures (no healthy worker, store reads) with
@@ -289,12 +310,13 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
     async fn compute_with_retry(
         &mut self,
         batch: Vec<InputRecord>,
+        applied: Offset,
     ) -> Result<Option<Computed>, ActorProcessingErr> {
         let mut backoff = self.args.config.backoff;
         // One span for the batch, retries included (their warnings are logged inside it).
         let span = self.args.tracer.batch_span(self.args.partition, batch.len());
         loop {
-            match self.compute(&batch, &span).instrument(span.clone()).await {
+            match self.compute(&batch, applied, &span).instrument(span.clone()).await {
                 Ok(computed) => return Ok(computed),
                 Err(Halt::Fatal(e)) => {
                     tracing::error!(partition = %self.args.partition, error = %e, "partition stops");
@@ -339,10 +361,17 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
     }
 
     /// Decode, validate and score `batch` (steps 1-4 of the module doc). `None`: nothing new.
-    async fn compute(&mut self, batch: &[InputRecord], batch_span: &Span) -> Result<Option<Computed>, Halt> {
+    async fn compute(
+        &mut self,
+        batch: &[InputRecord],
+        applied: Offset,
+        batch_span: &Span,
+    ) -> Result<Option<Computed>, Halt> {
         let a = &self.args;
         let c = &a.counters;
-        let Some(last) = batch.last().map(|r| r.offset) else { return Ok(None) };
+        if batch.is_empty() {
+            return Ok(None);
+        }
         let started = Instant::now();
         c.received.fetch_add(batch.len() as u64, Ordering::Relaxed);
         let now = unix_micros();
@@ -350,6 +379,7 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
             batch.iter().filter(|r| self.computed.is_none_or(|done| r.offset > done)).collect();
         c.redelivered.fetch_add((batch.len() - fresh.len()) as u64, Ordering::Relaxed);
         if fresh.is_empty() {
+            self.computed = Some(applied);
             return Ok(None);
         }
         // Indexed like `fresh`; they end once the batch's outputs and state are durable.
@@ -413,6 +443,12 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
             for &g in &wave {
                 let (i, v) = &good[g];
                 let ks = &keys[&v.event.key].seq;
+                // Applied above the partition's applied offset before this actor started: its
+                // effect is in the key's state and its output was acknowledged before.
+                if ks.offset.is_some_and(|o| fresh[*i].offset <= o) {
+                    c.redelivered.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 let verdict =
                     sequence::judge(ks.sequence, ks.window, v.event.sequence, a.config.max_sequence_gap);
                 if let sequence::Verdict::Reject(reason, detail) = verdict {
@@ -452,6 +488,7 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
                         let s = &mut ks.seq;
                         s.window = sequence::advance(s.sequence, s.window, v.event.sequence);
                         s.sequence = v.event.sequence;
+                        s.offset = Some(rec.offset);
                         // The output's state is the key's now (nothing below reads it).
                         s.state = std::mem::take(&mut out.new_state);
                         ks.dirty = true;
@@ -495,7 +532,7 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
             }
         }
         crate::crash_point!("after-inference");
-        self.computed = Some(last);
+        self.computed = Some(applied);
         tracing::debug!(
             partition = %self.args.partition,
             records = batch.len(),
@@ -505,7 +542,7 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
         );
         Ok(Some(Computed {
             no,
-            last,
+            applied,
             records: batch.len(),
             outputs: outputs.into_iter().map(|(_, o)| o).collect(),
             entries,

@@ -97,7 +97,7 @@ impl<S: StateStore, K: PartitionSink> Committer<S, K> {
         for b in group.iter_mut() {
             entries.extend(std::mem::take(&mut b.entries));
         }
-        let last = group.last().expect("a group has a batch").last;
+        let last = group.last().expect("a group has a batch").applied;
         let write = StateWrite {
             partition: self.partition,
             epoch: self.epoch,

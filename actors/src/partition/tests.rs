@@ -19,7 +19,7 @@ use crate::inference::{
 use crate::model::{BatchPolicy, ModelSpec};
 use crate::pool::{InferencePool, PoolConfig, RestartPolicy};
 use crate::state::mem::MemStore;
-use crate::state::{Epoch, FORMAT_SEQ_F32_LE, Offset, StateCache, StateStore, StateValue};
+use crate::state::{Epoch, FORMAT_SEQ_F32_LE, Offset, Sequenced, StateCache, StateStore, StateValue};
 use sha2::{Digest, Sha256};
 use supervisor::{PartitionDown, PartitionSupervisor, SupervisorMsg};
 
@@ -114,7 +114,7 @@ impl Harness {
 
     /// With `max_inflight` requests admitted to the pool at once and `config`.
     async fn start_with(max_inflight: usize, config: PartitionConfig) -> Self {
-        Self::start_full(Arc::new(MemStore::default()), max_inflight, config).await
+        Self::start_full(Arc::new(MemStore::default()), max_inflight, config, None).await
     }
 
     /// With `key`'s state already stored as `value`.
@@ -125,10 +125,16 @@ impl Harness {
     }
 
     async fn start_with_store(store: Arc<MemStore>) -> Self {
-        Self::start_full(store, 64, PartitionConfig::default()).await
+        Self::start_full(store, 64, PartitionConfig::default(), None).await
     }
 
-    async fn start_full(store: Arc<MemStore>, max_inflight: usize, config: PartitionConfig) -> Self {
+    /// `applied`: the stored applied offset the actor resumes after (as the consumer passes it).
+    async fn start_full(
+        store: Arc<MemStore>,
+        max_inflight: usize,
+        config: PartitionConfig,
+        applied: Option<Offset>,
+    ) -> Self {
         let spec = ModelSpec {
             name: "m".into(),
             version: 1,
@@ -157,7 +163,7 @@ impl Harness {
             topic: Arc::from("in"),
             partition: P,
             epoch: Epoch(1),
-            applied: None,
+            applied,
             queue: rx,
             wake_pending: wake.clone(),
             queued_bytes: Default::default(),
@@ -176,7 +182,8 @@ impl Harness {
                 .await
                 .unwrap();
         let actor = ractor::call!(supervisor, SupervisorMsg::Spawn, Box::new(args)).unwrap().unwrap();
-        Self { store, sink, pool, tx: Some(tx), wake, actor, next_offset: 0, supervisor, downs }
+        let next_offset = applied.map_or(0, |o| o.0 + 1);
+        Self { store, sink, pool, tx: Some(tx), wake, actor, next_offset, supervisor, downs }
     }
 
     /// Queue one event of `key` and wake the actor.
@@ -205,6 +212,22 @@ impl Harness {
         if !self.wake.swap(true, Ordering::SeqCst) {
             self.actor.cast(PartitionMsg::Wake).unwrap();
         }
+    }
+
+    /// Queue `events` (key, sequence, first feature) before the actor looks at any of them.
+    fn send_all(&mut self, events: &[(&str, u64, f32)]) {
+        let woken = self.wake.swap(true, Ordering::SeqCst);
+        for &(key, sequence, feature) in events {
+            self.send(key, sequence, feature);
+        }
+        if !woken {
+            self.actor.cast(PartitionMsg::Wake).unwrap();
+        }
+    }
+
+    /// The source offsets of the outputs, in the order they were produced.
+    fn output_offsets(&self) -> Vec<i64> {
+        self.sink.outputs.lock().unwrap().iter().map(|o| o.source_offset.0).collect()
     }
 
     /// Let the actor finish everything queued and stop; the applied offset it reports.
@@ -334,6 +357,51 @@ async fn late_repeated_and_jumping_sequences_get_their_own_answers_and_never_poi
     use DeadLetterReason::{Duplicate, OutOfOrder, SequenceGap};
     assert_eq!(reasons, [None, None, Some(OutOfOrder), Some(Duplicate), Some(SequenceGap), None]);
     assert_eq!(h.stored("k"), Some((4, vec![3.0, 3.0])), "events 1, 3 and 4 applied");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_keys_backlog_never_holds_back_the_other_keys_and_commits_stay_below_it() {
+    // 10 events of a hot key, then 3 cold keys; 2 records of a key per batch.
+    let config = PartitionConfig { max_batch: 16, max_waves: 2, ..PartitionConfig::default() };
+    let mut h = Harness::start_full(Arc::new(MemStore::default()), 64, config, None).await;
+    let mut events: Vec<(&str, u64, f32)> = (1..=10).map(|s| ("hot", s, 1.0)).collect();
+    events.extend([("a", 1, 1.0), ("b", 1, 1.0), ("c", 1, 1.0)]);
+    h.send_all(&events);
+    assert_eq!(h.drain().await, Some(Offset(12)));
+    // The cold keys go out with the hot key's first two, not after its whole backlog.
+    assert_eq!(h.output_offsets()[..5], [0, 1, 10, 11, 12], "{:?}", h.output_offsets());
+    assert_eq!(h.output_offsets().len(), 13);
+    // Every commit is at most the lowest offset not yet output when it was made: never past a
+    // held record of the hot key.
+    let commits = h.sink.commits.lock().unwrap().clone();
+    assert!(commits.windows(2).all(|w| w[0] <= w[1]), "{commits:?}");
+    assert!(commits[0] <= Offset(2), "the first commit stops below the held hot records: {commits:?}");
+    assert_eq!(commits.last(), Some(&Offset(13)));
+    // The hot key's events applied once each, in order: state 10 × 1.0, sequence 10.
+    assert_eq!(h.stored("hot"), Some((10, vec![10.0, 10.0])));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_applied_above_the_applied_offset_is_not_applied_again_after_a_restart() {
+    // A previous owner applied offsets 0-1 (hot) and 4 (cold, ahead of the held hot records 2-3)
+    // and stored applied offset 1: the cold key's state carries offset 4.
+    let store = Arc::new(MemStore::default());
+    let cold = Sequenced { sequence: 1, window: 0, offset: Some(Offset(4)), state: vec![1.0, 1.0] };
+    let hot = Sequenced { sequence: 2, window: 0b1, offset: Some(Offset(1)), state: vec![2.0, 2.0] };
+    for (key, s) in [("cold", &cold), ("hot", &hot)] {
+        store.data.lock().unwrap().insert((P, key.as_bytes().to_vec()), StateValue::sequenced(s));
+    }
+    let mut h = Harness::start_full(store, 64, PartitionConfig::default(), Some(Offset(1))).await;
+    // Redelivered from offset 2 on: hot 3, hot 4, cold 1 (again), then a new cold event.
+    h.send_all(&[("hot", 3, 1.0), ("hot", 4, 1.0), ("cold", 1, 1.0), ("cold", 2, 1.0)]);
+    assert_eq!(h.drain().await, Some(Offset(5)));
+    // Offset 4 has no second output (not even a DUPLICATE dead letter) and no second effect.
+    assert_eq!(h.output_offsets(), [2, 3, 5]);
+    assert!(h.outputs().iter().all(|o| reason(o).is_none()), "{:?}", h.outputs());
+    assert_eq!(h.stored("cold"), Some((2, vec![2.0, 2.0])));
+    assert_eq!(h.stored("hot"), Some((4, vec![4.0, 4.0])));
     h.stop().await;
 }
 

@@ -65,16 +65,25 @@ pub const FORMAT_F32_LE: u16 = 1;
 pub const FORMAT_SEQ_F32_LE: u16 = 2;
 
 /// Format 3: the key's last applied sequence (u64 LE), the window of the 64 sequences before it
-/// (u64 LE, bit `i` set: sequence − 1 − i was applied), then its state vector (f32 LE). What
-/// partition actors store: the sequence and window tell a duplicate from a late event
-/// (`partition::sequence`).
+/// (u64 LE, bit `i` set: sequence − 1 − i was applied), then its state vector (f32 LE). Written
+/// by earlier versions; read as format 4 with no offset.
 pub const FORMAT_SEQ_WINDOW_F32_LE: u16 = 3;
+
+/// Format 4: as format 3 with, after the window, the input offset of the key's last applied
+/// record (i64 LE, −1: none). What partition actors store: the sequence and window tell a
+/// duplicate from a late event (`partition::sequence`); the offset tells a record applied above
+/// the partition's applied offset (a partition applies its keys out of offset order,
+/// `docs/pipeline.md`) from one still to apply.
+pub const FORMAT_SEQ_WINDOW_OFFSET_F32_LE: u16 = 4;
 
 /// A key's state as partition actors keep it.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Sequenced {
     pub sequence: u64,
     pub window: u64,
+    /// The input offset of the key's last applied record (`None`: written before format 4, or
+    /// never applied).
+    pub offset: Option<Offset>,
     pub state: Vec<f32>,
 }
 
@@ -99,35 +108,47 @@ impl StateValue {
         Ok(self.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
 
-    /// A key's state as partition actors store it (format 3).
+    /// A key's state as partition actors store it (format 4).
     pub fn sequenced(s: &Sequenced) -> Self {
-        let mut data = Vec::with_capacity(16 + 4 * s.state.len());
+        let mut data = Vec::with_capacity(24 + 4 * s.state.len());
         data.extend_from_slice(&s.sequence.to_le_bytes());
         data.extend_from_slice(&s.window.to_le_bytes());
+        data.extend_from_slice(&s.offset.map_or(-1, |o| o.0).to_le_bytes());
         data.extend(s.state.iter().flat_map(|v| v.to_le_bytes()));
-        Self { format: FORMAT_SEQ_WINDOW_F32_LE, data }
+        Self { format: FORMAT_SEQ_WINDOW_OFFSET_F32_LE, data }
     }
 
-    /// A format-3 value, or a format-2 one (its window: every earlier sequence applied).
+    /// A format-4 value, or one of the formats before it: 3 (no offset), 2 (no offset, and its
+    /// window: every earlier sequence applied).
     pub fn to_sequenced(&self) -> Result<Sequenced, StoreError> {
         let f32s = |rest: &[u8]| {
             rest.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
         };
+        let u64_at = |d: &[u8], i: usize| u64::from_le_bytes(d[i..i + 8].try_into().expect("8 bytes"));
         let d = &self.data;
+        let fits = |header: usize| d.len() >= header && (d.len() - header).is_multiple_of(4);
         match self.format {
-            FORMAT_SEQ_WINDOW_F32_LE if d.len() >= 16 && (d.len() - 16).is_multiple_of(4) => Ok(Sequenced {
-                sequence: u64::from_le_bytes(d[..8].try_into().expect("8 bytes")),
-                window: u64::from_le_bytes(d[8..16].try_into().expect("8 bytes")),
+            FORMAT_SEQ_WINDOW_OFFSET_F32_LE if fits(24) => {
+                let offset = i64::from_le_bytes(d[16..24].try_into().expect("8 bytes"));
+                Ok(Sequenced {
+                    sequence: u64_at(d, 0),
+                    window: u64_at(d, 8),
+                    offset: (offset >= 0).then_some(Offset(offset)),
+                    state: f32s(&d[24..]),
+                })
+            }
+            FORMAT_SEQ_WINDOW_F32_LE if fits(16) => Ok(Sequenced {
+                sequence: u64_at(d, 0),
+                window: u64_at(d, 8),
+                offset: None,
                 state: f32s(&d[16..]),
             }),
-            FORMAT_SEQ_F32_LE if d.len() >= 8 && (d.len() - 8).is_multiple_of(4) => Ok(Sequenced {
-                sequence: u64::from_le_bytes(d[..8].try_into().expect("8 bytes")),
-                window: u64::MAX,
-                state: f32s(&d[8..]),
-            }),
+            FORMAT_SEQ_F32_LE if fits(8) => {
+                Ok(Sequenced { sequence: u64_at(d, 0), window: u64::MAX, offset: None, state: f32s(&d[8..]) })
+            }
             _ => Err(StoreError::Corrupt {
                 detail: format!(
-                    "expected format {FORMAT_SEQ_WINDOW_F32_LE} or {FORMAT_SEQ_F32_LE} (sequence [+ window] + f32 values), found format {} with {} bytes",
+                    "expected format {FORMAT_SEQ_WINDOW_OFFSET_F32_LE}, {FORMAT_SEQ_WINDOW_F32_LE} or {FORMAT_SEQ_F32_LE} (sequence [+ window [+ offset]] + f32 values), found format {} with {} bytes",
                     self.format,
                     d.len()
                 ),
@@ -237,22 +258,34 @@ mod tests {
     }
 
     #[test]
-    fn sequenced_values_round_trip_and_format_2_still_reads() {
-        let s = Sequenced { sequence: 7, window: 0b101, state: vec![0.5, -1.0] };
+    fn sequenced_values_round_trip_and_formats_2_and_3_still_read() {
+        let s = Sequenced { sequence: 7, window: 0b101, offset: Some(Offset(42)), state: vec![0.5, -1.0] };
         let v = StateValue::sequenced(&s);
         assert_eq!(StateValue::decode(&v.encode()).unwrap().to_sequenced().unwrap(), s);
-        let empty = Sequenced { sequence: 3, window: 0, state: vec![] };
+        let empty = Sequenced { sequence: 3, window: 0, offset: None, state: vec![] };
         assert_eq!(StateValue::sequenced(&empty).to_sequenced().unwrap(), empty);
+        // Format 3 (earlier versions): sequence, window, state; no offset.
+        let mut three = 7u64.to_le_bytes().to_vec();
+        three.extend(0b101u64.to_le_bytes());
+        three.extend(0.5f32.to_le_bytes());
+        let three = StateValue { format: FORMAT_SEQ_WINDOW_F32_LE, data: three };
+        assert_eq!(
+            three.to_sequenced().unwrap(),
+            Sequenced { sequence: 7, window: 0b101, offset: None, state: vec![0.5] }
+        );
         // Format 2 (earlier versions): sequence then state; every earlier sequence counts as applied.
         let mut old = 9u64.to_le_bytes().to_vec();
         old.extend(2.5f32.to_le_bytes());
         let old = StateValue { format: FORMAT_SEQ_F32_LE, data: old };
         assert_eq!(
             old.to_sequenced().unwrap(),
-            Sequenced { sequence: 9, window: u64::MAX, state: vec![2.5] }
+            Sequenced { sequence: 9, window: u64::MAX, offset: None, state: vec![2.5] }
         );
         assert!(StateValue::from_f32(&[1.0, 2.0]).to_sequenced().is_err());
         assert!(StateValue { format: FORMAT_SEQ_F32_LE, data: vec![0; 5] }.to_sequenced().is_err());
         assert!(StateValue { format: FORMAT_SEQ_WINDOW_F32_LE, data: vec![0; 12] }.to_sequenced().is_err());
+        assert!(
+            StateValue { format: FORMAT_SEQ_WINDOW_OFFSET_F32_LE, data: vec![0; 20] }.to_sequenced().is_err()
+        );
     }
 }
