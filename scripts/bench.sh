@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # shellcheck disable=SC1091
 source "${PARTITA_CACHE:-$HOME/.cache/partita}/env.sh"
-name="${1:?usage: scripts/bench.sh <b1|b2|b4|b5|b6> [flags]}"; shift
+name="${1:?usage: scripts/bench.sh <b1|b2|b4|b5|b6|b8> [flags]}"; shift
 cargo build --release --locked --workspace --bins
 # B2's peer (Triton) and load tool (perf_analyzer), installed once into the cache.
 if [ "$name" = b2 ]; then eval "$(bash scripts/b2-tools.sh)"; fi

@@ -5,6 +5,9 @@
 //!    minimal score (source headers, event time) with the same producer settings as the node
 //!    (idempotent, `acks=all`), on one thread: what the broker and clients alone sustain.
 //! 2. **node**: `partita node` in process (RocksDB state, fraud_gru on CPU) on its own topics.
+//! 3. **split**: the same node as role scorer, with its inference on a role-worker node (same
+//!    process, plaintext gRPC on loopback, the same worker settings): what the scorer -> worker
+//!    hop costs against the in-process workers of `node` (`ratio_split_vs_node`).
 //!
 //! The broker is Apache Kafka (one KRaft node on loopback). Every rung runs on a fresh broker with
 //! fresh topics, so a rung's backlog or log size never carries into the next. For each, the load generator offers a ladder of rates (open loop, latency from the scheduled
@@ -12,7 +15,8 @@
 //! spread is printed); the **max sustainable rate** is the highest rung whose median run has p99
 //! at most 50 ms with every record answered and throughput >= 95 % of the offered rate.
 //! `ratio_vs_pass_through` = node / pass-through. Ends with `RESULT {json}`.
-//! Usage: `scripts/bench.sh b4 [--seconds 5] [--runs 3] [--rates 1000,2000,...] [--partitions 4] [--sync-wal false]`.
+//! Usage: `scripts/bench.sh b4 [--seconds 5] [--runs 3] [--rates 1000,2000,...] [--partitions 4] [--sync-wal false]
+//! [--modes pass-through,node,split]`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,11 +24,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use partita_actors::partition::{HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION};
-use partita_bench::git_rev;
+use partita_bench::{NodeUnderTest, TOPICS, fresh_broker, git_rev, load_options};
 use partita_proto::v1::{Event, Score};
-use partita_runtime::loadgen::{LoadReport, LoadgenOptions, run as run_load};
-use partita_runtime::local::kafka::{KafkaOptions, LocalKafka, create_topics};
-use partita_runtime::node::{Node, NodeOptions};
+use partita_runtime::loadgen::{LoadReport, run as run_load};
 use prost::Message as _;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Message, OwnedHeaders};
@@ -57,6 +59,12 @@ struct Args {
     /// The node's `--sync-wal` (fsync RocksDB's log on every state write).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     sync_wal: bool,
+    /// The node's libtorch intra-op threads (default: the node's).
+    #[arg(long)]
+    intra_op_threads: Option<usize>,
+    /// What to measure, in this order (pass-through is the limit the ratios are against).
+    #[arg(long, value_delimiter = ',', default_value = "pass-through,node,split")]
+    modes: Vec<Mode>,
 }
 
 const P99_LIMIT_MS: f64 = 50.0;
@@ -65,34 +73,27 @@ fn sustained(r: &LoadReport) -> bool {
     r.p99_ms <= P99_LIMIT_MS && r.missing == 0 && r.throughput >= 0.95 * r.offered_rate
 }
 
-const TOPICS: (&str, &str, &str) = ("transactions", "scores", "transactions.dlq");
-
 /// One load run against the topics on `bootstrap`.
 fn load(args: &Args, bootstrap: &str, rate: f64, drain: u64) -> anyhow::Result<LoadReport> {
-    let mut o = LoadgenOptions::local(bootstrap);
-    (o.topic, o.scores_topic, o.dlq_topic) = (TOPICS.0.into(), TOPICS.1.into(), TOPICS.2.into());
-    o.rate = rate;
-    o.duration = Duration::from_secs_f64(args.seconds);
+    let mut o = load_options(bootstrap, rate, args.seconds, Duration::from_secs(drain));
     o.keys = args.keys;
     o.zipf = args.zipf;
-    o.plain = true;
-    o.drain = Duration::from_secs(drain);
     run_load(&o, &AtomicBool::new(false))
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum Mode {
     PassThrough,
     Node,
+    Split,
 }
 
 /// One rung on a fresh broker (rungs must not inherit each other's records): topics, the system
 /// under test, the load, teardown.
 async fn rung(args: &Arc<Args>, mode: Mode, rate: f64, drain: u64) -> anyhow::Result<LoadReport> {
-    let broker = LocalKafka::start(KafkaOptions::default()).await?;
-    let b = broker.bootstrap.clone();
     let p = args.partitions;
-    create_topics(&b, &[(TOPICS.0, p), (TOPICS.1, p), (TOPICS.2, 1)], 1).await?;
+    let broker = fresh_broker(p).await?;
+    let b = broker.bootstrap.clone();
     let run = {
         let (args, b) = (args.clone(), b.clone());
         move || load(&args, &b, rate, drain)
@@ -120,15 +121,15 @@ async fn rung(args: &Arc<Args>, mode: Mode, rate: f64, drain: u64) -> anyhow::Re
             pt.join().map_err(|_| anyhow::anyhow!("pass-through panicked"))??;
             r?
         }
-        Mode::Node => {
-            let dir = tempfile::tempdir()?;
-            let mut opts = NodeOptions::local(&b, dir.path().join("state"));
-            opts.inference.repository = args.repository.clone();
-            opts.sync_wal = args.sync_wal;
-            let node = Node::start(&opts).await?;
-            while node.assigned() < i64::from(p) {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+        Mode::Node | Mode::Split => {
+            let node = NodeUnderTest::start(&b, p, mode == Mode::Split, |o| {
+                o.inference.repository = args.repository.clone();
+                o.sync_wal = args.sync_wal;
+                if let Some(n) = args.intra_op_threads {
+                    o.inference.intra_op_threads = n;
+                }
+            })
+            .await?;
             let r = tokio::task::spawn_blocking(run).await?;
             node.stop().await?;
             r?
@@ -188,7 +189,11 @@ async fn runs(
 }
 
 fn label(mode: Mode) -> &'static str {
-    if mode == Mode::Node { "node" } else { "pass-through" }
+    match mode {
+        Mode::PassThrough => "pass-through",
+        Mode::Node => "node",
+        Mode::Split => "split",
+    }
 }
 
 /// Every rate (a noisy rung does not end the ladder), then the saturation runs.
@@ -295,21 +300,38 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Arc::new(Args::parse());
     let p = args.partitions;
-    let pass = ladder(&args, Mode::PassThrough).await?;
-    let pipeline = ladder(&args, Mode::Node).await?;
-
-    let (pt_best, node_best) = (best(&pass.0), best(&pipeline.0));
-    let ratio = if pt_best > 0.0 { node_best / pt_best } else { 0.0 };
-    let (pt_cap, node_cap) = (pass.1.answered_rate, pipeline.1.answered_rate);
-    let cap_ratio = if pt_cap > 0.0 { node_cap / pt_cap } else { 0.0 };
+    let mut measured = std::collections::BTreeMap::new();
+    for &mode in &args.modes {
+        measured.insert(label(mode), ladder(&args, mode).await?);
+    }
+    let best_of = |m: &str| measured.get(m).map(|l| best(&l.0));
+    let cap_of = |m: &str| measured.get(m).map(|l| l.1.answered_rate);
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    let show =
+        |v: Option<f64>, digits: usize| v.map_or("not measured".to_owned(), |v| format!("{v:.digits$}"));
+    let (pt_best, node_best, split_best) = (best_of("pass-through"), best_of("node"), best_of("split"));
+    let (pt_cap, node_cap, split_cap) = (cap_of("pass-through"), cap_of("node"), cap_of("split"));
     println!();
     println!(
-        "max sustainable rate (p99 <= {P99_LIMIT_MS} ms): pass-through {pt_best:.0}/s, node {node_best:.0}/s, ratio {ratio:.2}"
+        "max sustainable rate (p99 <= {P99_LIMIT_MS} ms): pass-through {}/s, node {}/s, split {}/s; node / pass-through {}, split / node {}",
+        show(pt_best, 0),
+        show(node_best, 0),
+        show(split_best, 0),
+        show(ratio(node_best, pt_best), 2),
+        show(ratio(split_best, node_best), 2)
     );
     println!(
-        "capacity (saturated, latency ignored): pass-through {pt_cap:.0}/s, node {node_cap:.0}/s, ratio {cap_ratio:.2}"
+        "capacity (saturated, latency ignored): pass-through {}/s, node {}/s, split {}/s; node / pass-through {}, split / node {}",
+        show(pt_cap, 0),
+        show(node_cap, 0),
+        show(split_cap, 0),
+        show(ratio(node_cap, pt_cap), 2),
+        show(ratio(split_cap, node_cap), 2)
     );
-    println!("targets: node >= 20000/s on 2 cores; ratio >= 0.7");
+    println!("targets: node >= 20000/s on 2 cores; node / pass-through >= 0.7");
     let result = json!({
         "name": "b4",
         "git": git_rev(),
@@ -321,14 +343,15 @@ async fn main() -> anyhow::Result<()> {
         "sync_wal": args.sync_wal,
         "pass_through_max_rate": pt_best,
         "node_max_rate": node_best,
-        "ratio_vs_pass_through": ratio,
+        "split_max_rate": split_best,
+        "ratio_vs_pass_through": ratio(node_best, pt_best),
+        "ratio_split_vs_node": ratio(split_best, node_best),
         "pass_through_capacity": pt_cap,
         "node_capacity": node_cap,
-        "capacity_ratio": cap_ratio,
-        "pass_through": pass.0,
-        "node": pipeline.0,
-        "pass_through_saturation": pass.1,
-        "node_saturation": pipeline.1,
+        "split_capacity": split_cap,
+        "capacity_ratio": ratio(node_cap, pt_cap),
+        "capacity_ratio_split_vs_node": ratio(split_cap, node_cap),
+        "ladders": measured.iter().map(|(m, l)| (m.to_string(), json!({"rungs": l.0, "saturation": l.1}))).collect::<serde_json::Map<_, _>>(),
     });
     println!("RESULT {result}");
     Ok(())

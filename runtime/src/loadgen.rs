@@ -55,6 +55,11 @@ pub struct LoadgenOptions {
     /// chain rather than the pipeline; 0.6 over a million cards gives the hottest 0.2 %.
     #[arg(long, default_value_t = 0.6)]
     pub zipf: f64,
+    /// Share of events on one hot key (0 to 1; its card is [`HOT_CARD`]), the rest over `keys`
+    /// by `zipf`: a test card, a bot, a merchant-keyed model. The report gives its latency and the
+    /// other keys' apart.
+    #[arg(long, default_value_t = 0.0)]
+    pub hot_share: f64,
     /// Share of bad records, spread over every kind (0 to 1).
     #[arg(long, default_value_t = 0.0)]
     pub bad_ratio: f64,
@@ -150,6 +155,9 @@ impl XorShift {
     }
 }
 
+/// The card of the hot key (`--hot-share`).
+pub const HOT_CARD: u64 = u64::MAX;
+
 /// The record key of card `k` in run `run` (each run has its own cards, so a second run against
 /// the same state does not replay sequence numbers the first one applied).
 pub fn card_key(run: u64, k: u64) -> Vec<u8> {
@@ -178,6 +186,7 @@ pub struct Generator {
     sequences: HashMap<u64, u64>,
     last_good: HashMap<u64, Vec<u8>>,
     produced: u64,
+    hot_share: f64,
 }
 
 impl Generator {
@@ -192,13 +201,24 @@ impl Generator {
             sequences: HashMap::new(),
             last_good: HashMap::new(),
             produced: 0,
+            hot_share: 0.0,
         }
+    }
+
+    /// A share `share` of the events on [`HOT_CARD`].
+    pub fn with_hot_share(mut self, share: f64) -> Self {
+        self.hot_share = share;
+        self
     }
 
     /// The next record, stamped with `event_time` (µs since the epoch).
     pub fn record(&mut self, event_time: i64) -> GenRecord {
         self.produced += 1;
-        let card = self.zipf.sample();
+        let card = if self.hot_share > 0.0 && self.rng.unit() < self.hot_share {
+            HOT_CARD
+        } else {
+            self.zipf.sample()
+        };
         let key = card_key(self.run, card);
         let seq = self.sequences.get(&card).copied().unwrap_or(0) + 1;
         let mut event = Event {
@@ -302,6 +322,11 @@ struct ReaderShared {
     /// Sums of the scores' stage latencies, µs: node, queue, compute, state load.
     stages: [AtomicU64; 4],
     latency: Mutex<Option<Histogram<u64>>>,
+    /// The hot key ([`OutputReader::track_hot`]), and the latency of its scores and of the
+    /// others' apart.
+    hot_key: Mutex<Option<Vec<u8>>>,
+    hot_latency: Mutex<Option<Histogram<u64>>>,
+    cold_latency: Mutex<Option<Histogram<u64>>>,
     /// Latency since the last progress line.
     window: Mutex<Option<Histogram<u64>>>,
     /// When the latest new source record was answered.
@@ -334,6 +359,8 @@ impl OutputReader {
         consumer.assign(&tpl).context("assigning the output topics")?;
         let shared = Arc::new(ReaderShared {
             latency: Mutex::new(Some(Histogram::new_with_bounds(1, 600_000_000, 3)?)),
+            hot_latency: Mutex::new(Some(Histogram::new_with_bounds(1, 600_000_000, 3)?)),
+            cold_latency: Mutex::new(Some(Histogram::new_with_bounds(1, 600_000_000, 3)?)),
             window: Mutex::new(Some(Histogram::new_with_bounds(1, 600_000_000, 3)?)),
             ..ReaderShared::default()
         });
@@ -350,7 +377,9 @@ impl OutputReader {
                     let out = if m.topic() == scores_topic {
                         let Ok(s) = Score::decode(payload) else { continue };
                         let us = now.saturating_sub(s.event_time_unix_micros).max(1) as u64;
-                        for h in [&shared.latency, &shared.window] {
+                        let hot = shared.hot_key.lock().unwrap().as_ref().is_some_and(|k| *k == s.key);
+                        let class = if hot { &shared.hot_latency } else { &shared.cold_latency };
+                        for h in [&shared.latency, &shared.window, class] {
                             if let Some(h) = h.lock().unwrap().as_mut() {
                                 h.saturating_record(us);
                             }
@@ -390,6 +419,11 @@ impl OutputReader {
         Ok(Self { stop, shared, thread: Some(thread) })
     }
 
+    /// Count `key`'s scores apart from the others' ([`ReaderResult::hot_latency_us`]).
+    pub fn track_hot(&self, key: Vec<u8>) {
+        *self.shared.hot_key.lock().unwrap() = Some(key);
+    }
+
     /// Distinct source records answered so far (scores and dead letters).
     pub fn unique(&self) -> u64 {
         self.shared.unique.load(Ordering::Relaxed)
@@ -415,6 +449,8 @@ impl OutputReader {
             outputs: std::mem::take(&mut *sh.outputs.lock().unwrap()),
             produced_ms: std::mem::take(&mut *sh.produced_ms.lock().unwrap()),
             latency_us: sh.latency.lock().unwrap().take().expect("histogram taken once"),
+            hot_latency_us: sh.hot_latency.lock().unwrap().take().expect("histogram taken once"),
+            cold_latency_us: sh.cold_latency.lock().unwrap().take().expect("histogram taken once"),
             unique: sh.unique.load(Ordering::Relaxed),
             duplicates: sh.duplicates.load(Ordering::Relaxed),
             scores: sh.scored.load(Ordering::Relaxed),
@@ -437,6 +473,9 @@ pub struct ReaderResult {
     pub produced_ms: Vec<i64>,
     /// End-to-end latency of every score seen, µs.
     pub latency_us: Histogram<u64>,
+    /// ... of the tracked hot key's scores, and of the other keys' (all, when none is tracked).
+    pub hot_latency_us: Histogram<u64>,
+    pub cold_latency_us: Histogram<u64>,
     /// Distinct source records answered (scores and dead letters).
     pub unique: u64,
     /// Outputs whose source record was answered before.
@@ -528,6 +567,12 @@ pub struct LoadReport {
     pub max_ms: f64,
     /// Share of scores within 50 ms end to end.
     pub under_50ms: f64,
+    /// With `--hot-share`: events sent on the hot key, its scores' latency, and the other keys'
+    /// p99 (without: the hot figures are 0 and the cold p99 is everyone's).
+    pub hot_sent: u64,
+    pub hot_p50_ms: f64,
+    pub hot_p99_ms: f64,
+    pub cold_p99_ms: f64,
     /// Mean ms per score: in the node (receive to produce), in the inference queue, in the
     /// forward pass, loading state.
     pub node_ms: f64,
@@ -559,7 +604,13 @@ pub fn run(opts: &LoadgenOptions, stop: &AtomicBool) -> anyhow::Result<LoadRepor
         .context("input topic metadata")?;
     std::thread::sleep(Duration::from_secs(1));
     let run = opts.run_id.unwrap_or_else(|| (unix_micros() / 1000) as u64);
-    let mut generator = Generator::new(run, opts.keys, opts.zipf, opts.features, opts.bad_ratio, opts.seed);
+    let mut generator = Generator::new(run, opts.keys, opts.zipf, opts.features, opts.bad_ratio, opts.seed)
+        .with_hot_share(opts.hot_share);
+    let hot_key = card_key(run, HOT_CARD);
+    if opts.hot_share > 0.0 {
+        reader.track_hot(hot_key.clone());
+    }
+    let mut hot_sent = 0u64;
     let total = (opts.rate * opts.duration.as_secs_f64()).round() as u64;
     let progress = Progress::new(total, opts.plain);
     let start_wall = unix_micros();
@@ -579,6 +630,9 @@ pub fn run(opts: &LoadgenOptions, stop: &AtomicBool) -> anyhow::Result<LoadRepor
             let rec = generator.record(scheduled);
             if let Some(k) = rec.bad {
                 *bad_by_kind.entry(BAD_KINDS[k].0.to_owned()).or_default() += 1;
+            }
+            if rec.key.as_ref() == Some(&hot_key) {
+                hot_sent += 1;
             }
             send(&producer, &opts.topic, &rec, ())?;
             sent += 1;
@@ -603,6 +657,7 @@ pub fn run(opts: &LoadgenOptions, stop: &AtomicBool) -> anyhow::Result<LoadRepor
     let r = reader.finish();
     let hist = &r.latency_us;
     let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    let ms_of = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let under = if hist.is_empty() { 0.0 } else { hist.count_between(0, 50_000) as f64 / hist.len() as f64 };
     Ok(LoadReport {
         offered_rate: opts.rate,
@@ -622,6 +677,10 @@ pub fn run(opts: &LoadgenOptions, stop: &AtomicBool) -> anyhow::Result<LoadRepor
         p999_ms: ms(0.999),
         max_ms: hist.max() as f64 / 1000.0,
         under_50ms: under,
+        hot_sent,
+        hot_p50_ms: ms_of(&r.hot_latency_us, 0.5),
+        hot_p99_ms: ms_of(&r.hot_latency_us, 0.99),
+        cold_p99_ms: ms_of(&r.cold_latency_us, 0.99),
         node_ms: r.mean_stage_ms[0],
         queue_ms: r.mean_stage_ms[1],
         compute_ms: r.mean_stage_ms[2],
@@ -688,6 +747,15 @@ impl LoadReport {
             ),
         );
         row("under 50 ms", format!("{:.2} %", self.under_50ms * 100.0));
+        if self.hot_sent > 0 {
+            row(
+                "hot key",
+                format!(
+                    "{} events, p50 {:.1} ms  p99 {:.1} ms; the other keys' p99 {:.1} ms",
+                    self.hot_sent, self.hot_p50_ms, self.hot_p99_ms, self.cold_p99_ms
+                ),
+            );
+        }
         row(
             "mean time per score",
             format!(
@@ -699,5 +767,29 @@ impl LoadReport {
             row(&format!("  DLQ {reason}"), n.to_string());
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hot_share_puts_that_share_on_one_key_whose_sequences_run_on() {
+        let mut g = Generator::new(1, 1000, 0.6, 4, 0.0, 7).with_hot_share(0.3);
+        let hot = card_key(1, HOT_CARD);
+        let mut hot_sequences = Vec::new();
+        for _ in 0..10_000 {
+            let rec = g.record(0);
+            if rec.key.as_ref() == Some(&hot) {
+                hot_sequences.push(Event::decode(&rec.value[..]).unwrap().sequence);
+            }
+        }
+        let share = hot_sequences.len() as f64 / 10_000.0;
+        assert!((0.28..0.32).contains(&share), "hot share {share}");
+        assert!(hot_sequences.iter().copied().eq(1..=hot_sequences.len() as u64), "per-key sequences from 1");
+        // Without a hot share, no event lands on the hot card.
+        let mut cold = Generator::new(1, 1000, 0.6, 4, 0.0, 7);
+        assert!((0..10_000).all(|_| cold.record(0).key.as_ref() != Some(&hot)));
     }
 }
