@@ -16,7 +16,7 @@
 //! at most 50 ms with every record answered and throughput >= 95 % of the offered rate.
 //! `ratio_vs_pass_through` = node / pass-through. Ends with `RESULT {json}`.
 //! Usage: `scripts/bench.sh b4 [--seconds 5] [--runs 3] [--rates 1000,2000,...] [--partitions 4] [--sync-wal false]
-//! [--modes pass-through,node,split]`.
+//! [--modes pass-through,node,split] [--intra-op-threads N] [--cpu-affinity 1]`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -62,6 +62,9 @@ struct Args {
     /// The node's libtorch intra-op threads (default: the node's).
     #[arg(long)]
     intra_op_threads: Option<usize>,
+    /// The node's `--cpu-affinity` (cores its inference threads are pinned to; default none).
+    #[arg(long, value_parser = partita_runtime::inference::affinity::parse_cpu_list, default_value = "")]
+    cpu_affinity: partita_runtime::inference::affinity::CpuList,
     /// What to measure, in this order (pass-through is the limit the ratios are against).
     #[arg(long, value_delimiter = ',', default_value = "pass-through,node,split")]
     modes: Vec<Mode>,
@@ -128,6 +131,7 @@ async fn rung(args: &Arc<Args>, mode: Mode, rate: f64, drain: u64) -> anyhow::Re
                 if let Some(n) = args.intra_op_threads {
                     o.inference.intra_op_threads = n;
                 }
+                o.inference.cpu_affinity = args.cpu_affinity.clone();
             })
             .await?;
             let r = tokio::task::spawn_blocking(run).await?;
@@ -341,6 +345,7 @@ async fn main() -> anyhow::Result<()> {
         "keys": args.keys,
         "zipf": args.zipf,
         "sync_wal": args.sync_wal,
+        "cpu_affinity": args.cpu_affinity.to_string(),
         "pass_through_max_rate": pt_best,
         "node_max_rate": node_best,
         "split_max_rate": split_best,

@@ -204,3 +204,45 @@ async fn device_cuda_without_a_gpu_is_a_clear_error() {
     let o = InferenceOptions { device: DeviceChoice::Cuda, ..opts(models_dir()) };
     assert!(matches!(o.start().await, Err(StartError::NoCuda)));
 }
+
+/// The CPU lists the threads of this process whose name starts with `prefix` may run on
+/// (`/proc`; a thread's name there is cut to 15 bytes).
+fn cpus_of_threads(prefix: &str) -> Vec<String> {
+    let tasks = std::fs::read_dir("/proc/self/task").unwrap();
+    tasks
+        .flatten()
+        .filter_map(|task| {
+            let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
+            if !comm.starts_with(prefix) {
+                return None;
+            }
+            let status = std::fs::read_to_string(task.path().join("status")).ok()?;
+            status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).map(|v| v.trim().to_owned())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpu_affinity_pins_the_workers_threads_and_unavailable_cores_are_refused() {
+    use partita_runtime::inference::affinity::{CpuList, available};
+    let last = *available().unwrap().last().unwrap();
+    let o = InferenceOptions { cpu_affinity: CpuList(vec![last]), ..opts(models_dir()) };
+    let (pool, _) = o.start().await.unwrap();
+    let out = pool.router().infer(req("fraud_gru", vec![0.5; 16], Some(vec![0.0; 64]))).await.unwrap();
+    assert!(out.score.is_finite());
+    // Two workers: each one's device thread and feeder (and threads libtorch starts from the
+    // device thread, which carry its name).
+    for prefix in ["partita-worker-", "partita-feeder-"] {
+        let cpus = cpus_of_threads(prefix);
+        assert!(
+            cpus.len() >= 2 && cpus.iter().all(|c| *c == last.to_string()),
+            "{prefix}*: {cpus:?}, want core {last}"
+        );
+    }
+    pool.shutdown().await;
+    let refused = InferenceOptions { cpu_affinity: CpuList(vec![4000]), ..opts(models_dir()) };
+    match refused.start().await {
+        Err(StartError::Affinity(e)) => assert!(e.contains("4000") && e.contains("not available"), "{e}"),
+        other => panic!("expected an affinity error, got {:?}", other.map(|_| ())),
+    }
+}

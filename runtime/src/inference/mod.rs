@@ -1,6 +1,7 @@
 //! Wiring of the inference half: options, device selection, and starting the worker pool on the
 //! model repository with the LibTorch adapter.
 
+pub mod affinity;
 pub mod oip;
 pub mod remote;
 pub mod repository;
@@ -45,6 +46,12 @@ pub struct InferenceOptions {
     /// on CPU may want more.
     #[arg(long, default_value_t = 1)]
     pub intra_op_threads: usize,
+    /// Cores the inference threads run on (a CPU list: `1`, `2-3,6`); empty: wherever the
+    /// scheduler puts them. Each worker's device and feeder threads, and libtorch's intra-op
+    /// threads they start, are pinned to these cores (with a GPU: the cores NUMA-local to it,
+    /// from `nvidia-smi topo -m`).
+    #[arg(long, value_parser = affinity::parse_cpu_list, default_value = "")]
+    pub cpu_affinity: affinity::CpuList,
     /// Rows in flight across the pool before callers wait (backpressure); a wave of n rows takes n.
     #[arg(long, default_value_t = 4096)]
     pub max_inflight: usize,
@@ -104,6 +111,8 @@ pub enum StartError {
     NoCuda,
     #[error("--cpu-workers must be at least 1")]
     NoWorkers,
+    #[error("--cpu-affinity {0}")]
+    Affinity(String),
     #[error("starting the worker pool: {0}")]
     Pool(#[from] partita_actors::pool::PoolError),
 }
@@ -164,7 +173,11 @@ impl InferenceOptions {
                 s.batch = BatchPolicy::unbatched();
             }
         }
-        let factory = TchFactory::new(repo.models.iter().map(|m| m.path.clone()).collect());
+        if local && !self.cpu_affinity.is_empty() {
+            affinity::check_available(&self.cpu_affinity).map_err(StartError::Affinity)?;
+        }
+        let factory = TchFactory::new(repo.models.iter().map(|m| m.path.clone()).collect())
+            .pinned_to(self.cpu_affinity.clone());
         let config = PoolConfig {
             devices,
             max_inflight: self.max_inflight,

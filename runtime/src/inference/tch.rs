@@ -9,16 +9,27 @@ use partita_actors::inference::{
 use partita_actors::model::ModelSpec;
 use tch::{CModule, IValue, Kind, TchError, Tensor};
 
+use super::affinity::{CpuList, pin_current_thread};
+
 /// Loads the repository's TorchScript files onto a worker's device.
 #[derive(Debug, Clone)]
 pub struct TchFactory {
     /// `model.pt` of each spec, in the same order as the specs the pool is started with.
     paths: Vec<PathBuf>,
+    /// Cores the worker threads are pinned to (empty: not pinned).
+    cores: CpuList,
 }
 
 impl TchFactory {
     pub fn new(paths: Vec<PathBuf>) -> Self {
-        Self { paths }
+        Self { paths, cores: CpuList::default() }
+    }
+
+    /// Pin each worker's threads to `cores` (its device thread, when it creates the backend; the
+    /// threads it starts after inherit the mask).
+    pub fn pinned_to(mut self, cores: CpuList) -> Self {
+        self.cores = cores;
+        self
     }
 }
 
@@ -58,6 +69,11 @@ impl BackendFactory for TchFactory {
         device: Device,
         specs: &[ModelSpec],
     ) -> Result<(Box<dyn InferenceBackend>, Vec<ModelReady>), BackendError> {
+        if !self.cores.is_empty() {
+            pin_current_thread(&self.cores).map_err(|e| {
+                BackendError::Fatal(format!("pinning the worker to cores {}: {e}", self.cores))
+            })?;
+        }
         let tdev = tch_device(device);
         let mut backend = TchBackend { device: tdev, models: Vec::with_capacity(specs.len()) };
         let mut ready = Vec::with_capacity(specs.len());

@@ -85,6 +85,7 @@ const SETTINGS: &[Setting] = &[
     s("inference", "device", "--device"),
     s("inference", "cpu_workers", "--cpu-workers"),
     s("inference", "intra_op_threads", "--intra-op-threads"),
+    s("inference", "cpu_affinity", "--cpu-affinity"),
     s("inference", "max_inflight", "--max-inflight"),
     s("inference", "default_model", "--default-model"),
     s("inference", "worker_hang_after", "--worker-hang-after"),
