@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use partita_actors::partition::{HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION};
-use partita_bench::{NodeUnderTest, TOPICS, fresh_broker, git_rev, load_options};
+use partita_bench::{NodeUnderTest, TOPICS, fresh_broker, git_rev, init_logs, load_options};
 use partita_proto::v1::{Event, Score};
 use partita_runtime::loadgen::{LoadReport, run as run_load};
 use prost::Message as _;
@@ -296,12 +296,7 @@ fn pass_through(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logs();
     let args = Arc::new(Args::parse());
     let p = args.partitions;
     let mut measured = std::collections::BTreeMap::new();

@@ -19,7 +19,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use clap::Parser;
-use partita_bench::{NodeUnderTest, fresh_broker, git_rev, load_options};
+use partita_bench::{NodeUnderTest, fresh_broker, git_rev, init_logs, load_options};
 use partita_runtime::loadgen::{LoadReport, run as run_load};
 use serde_json::json;
 
@@ -102,12 +102,7 @@ fn line(label: &str, r: &LoadReport) {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logs();
     let args = Args::parse();
     let (mut without, mut with) = (Vec::new(), Vec::new());
     for i in 0..args.runs.max(1) {

@@ -1,5 +1,15 @@
 //! Helpers shared by the benchmark binaries.
 
+/// Logs to stderr, `warn` and up unless `RUST_LOG` says otherwise (stdout carries the results).
+pub fn init_logs() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 /// The short git revision of the working tree, for `RESULT` lines.
 pub fn git_rev() -> String {
     std::process::Command::new("git")

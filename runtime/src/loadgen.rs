@@ -567,8 +567,8 @@ pub struct LoadReport {
     pub max_ms: f64,
     /// Share of scores within 50 ms end to end.
     pub under_50ms: f64,
-    /// With `--hot-share`: events sent on the hot key, its scores' latency, and the other keys'
-    /// p99 (without: the hot figures are 0 and the cold p99 is everyone's).
+    /// With `--hot-share`: records sent on the hot key (bad ones included), its scores' latency,
+    /// and the other keys' p99 (without: the hot figures are 0 and the cold p99 is everyone's).
     pub hot_sent: u64,
     pub hot_p50_ms: f64,
     pub hot_p99_ms: f64,
@@ -604,6 +604,11 @@ pub fn run(opts: &LoadgenOptions, stop: &AtomicBool) -> anyhow::Result<LoadRepor
         .context("input topic metadata")?;
     std::thread::sleep(Duration::from_secs(1));
     let run = opts.run_id.unwrap_or_else(|| (unix_micros() / 1000) as u64);
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&opts.hot_share),
+        "--hot-share {} is not between 0 and 1",
+        opts.hot_share
+    );
     let mut generator = Generator::new(run, opts.keys, opts.zipf, opts.features, opts.bad_ratio, opts.seed)
         .with_hot_share(opts.hot_share);
     let hot_key = card_key(run, HOT_CARD);

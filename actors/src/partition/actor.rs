@@ -71,8 +71,9 @@ pub enum PartitionMsg {
     Wake,
     /// Compute what is queued until the first instant, let the committer finish until the
     /// second, then stop; replies with the applied offset (`None` when the committer did not
-    /// finish in time). What was not computed or committed is dropped: nothing past the stored
-    /// offset was committed, so whoever owns the partition next reads it again.
+    /// finish in time). What was not computed or committed is dropped, held records included:
+    /// whoever owns the partition next reads from the stored applied offset + 1 again, and skips
+    /// what its keys' states say was answered.
     Drain(Instant, Instant, RpcReplyPort<Option<Offset>>),
     /// The committer hit a fenced or corrupt store: stop.
     Failed(StoreError),
@@ -443,10 +444,12 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
             for &g in &wave {
                 let (i, v) = &good[g];
                 let ks = &keys[&v.event.key].seq;
-                // Applied above the partition's applied offset before this actor started: its
-                // effect is in the key's state and its output was acknowledged before.
+                // Applied (scored or dead-lettered) above the partition's applied offset before
+                // this actor started: its effect is in the key's state and its output was
+                // acknowledged before.
                 if ks.offset.is_some_and(|o| fresh[*i].offset <= o) {
                     c.redelivered.fetch_add(1, Ordering::Relaxed);
+                    spans[*i].record(trace::OUTCOME, "REDELIVERED");
                     continue;
                 }
                 let verdict =
@@ -454,6 +457,7 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
                 if let sequence::Verdict::Reject(reason, detail) = verdict {
                     dead.push(reason);
                     outputs.push((fresh[*i].offset, dead_out(*i, reason, &detail, 1)));
+                    mark_answered(&mut keys, &v.event.key, fresh[*i].offset);
                     continue;
                 }
                 let Some(spec) = router.model(&v.model) else {
@@ -511,6 +515,7 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
                     Outcome::Dead(reason, detail, attempts) => {
                         dead.push(reason);
                         outputs.push((rec.offset, dead_out(*i, reason, &detail, attempts)));
+                        mark_answered(&mut keys, &v.event.key, rec.offset);
                     }
                     Outcome::Retry(e) => return Err(Halt::Transient(e.to_string())),
                 }
@@ -551,6 +556,16 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
             span: batch_span.clone(),
             _record_spans: spans,
         }))
+    }
+}
+
+/// A record of `key` at `offset` was dead-lettered: its key's state (unchanged otherwise) now
+/// says so, so that a restart from below it skips the record instead of answering it again
+/// (perhaps differently: a timeout may score the second time).
+fn mark_answered(keys: &mut HashMap<Vec<u8>, KeyState>, key: &[u8], offset: Offset) {
+    if let Some(ks) = keys.get_mut(key) {
+        ks.seq.offset = Some(offset);
+        ks.dirty = true;
     }
 }
 

@@ -255,6 +255,11 @@ impl Harness {
         self.store.value(P, key.as_bytes()).map(|v| v.to_sequenced().unwrap()).map(|s| (s.sequence, s.state))
     }
 
+    /// The offset of `key`'s last answered record, as stored with its state.
+    fn stored_offset(&self, key: &str) -> Option<Offset> {
+        self.store.value(P, key.as_bytes()).and_then(|v| v.to_sequenced().unwrap().offset)
+    }
+
     /// The next partition actor the supervisor reports down, if one does `within`.
     fn next_down(&self, within: Duration) -> Option<PartitionDown> {
         self.downs.recv_timeout(within).ok()
@@ -366,18 +371,23 @@ async fn a_hot_keys_backlog_never_holds_back_the_other_keys_and_commits_stay_bel
     let config = PartitionConfig { max_batch: 16, max_waves: 2, ..PartitionConfig::default() };
     let mut h = Harness::start_full(Arc::new(MemStore::default()), 64, config, None).await;
     let mut events: Vec<(&str, u64, f32)> = (1..=10).map(|s| ("hot", s, 1.0)).collect();
-    events.extend([("a", 1, 1.0), ("b", 1, 1.0), ("c", 1, 1.0)]);
+    // ... and a repeat of a's event, dead-lettered DUPLICATE ahead of the held hot records.
+    events.extend([("a", 1, 1.0), ("b", 1, 1.0), ("c", 1, 1.0), ("a", 1, 1.0)]);
     h.send_all(&events);
-    assert_eq!(h.drain().await, Some(Offset(12)));
+    assert_eq!(h.drain().await, Some(Offset(13)));
     // The cold keys go out with the hot key's first two, not after its whole backlog.
-    assert_eq!(h.output_offsets()[..5], [0, 1, 10, 11, 12], "{:?}", h.output_offsets());
-    assert_eq!(h.output_offsets().len(), 13);
+    assert_eq!(h.output_offsets()[..6], [0, 1, 10, 11, 12, 13], "{:?}", h.output_offsets());
+    assert_eq!(h.output_offsets().len(), 14);
+    // Each key's state carries the offset of its last answered record, the dead-lettered one
+    // included: a restart from below it skips it instead of answering it again.
+    assert_eq!(h.stored_offset("a"), Some(Offset(13)));
+    assert_eq!(h.stored_offset("hot"), Some(Offset(9)));
     // Every commit is at most the lowest offset not yet output when it was made: never past a
     // held record of the hot key.
     let commits = h.sink.commits.lock().unwrap().clone();
     assert!(commits.windows(2).all(|w| w[0] <= w[1]), "{commits:?}");
     assert!(commits[0] <= Offset(2), "the first commit stops below the held hot records: {commits:?}");
-    assert_eq!(commits.last(), Some(&Offset(13)));
+    assert_eq!(commits.last(), Some(&Offset(14)));
     // The hot key's events applied once each, in order: state 10 × 1.0, sequence 10.
     assert_eq!(h.stored("hot"), Some((10, vec![10.0, 10.0])));
     h.stop().await;

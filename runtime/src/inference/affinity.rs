@@ -38,11 +38,12 @@ pub fn parse_cpu_list(s: &str) -> Result<CpuList, String> {
                 if a > b {
                     return Err(format!("range {part:?} runs backwards"));
                 }
-                cores.extend(a..=b);
+                cores.extend(a..=b.min(CpuSet::count()));
             }
             None => cores.push(core(part)?),
         }
     }
+    // (A range is cut at the first core past the limit, so a huge one never allocates.)
     if cores.iter().any(|&c| c >= CpuSet::count()) {
         return Err(format!("{s:?} names a core past {}", CpuSet::count() - 1));
     }
@@ -95,6 +96,7 @@ mod tests {
         assert!(parse_cpu_list("3-1").unwrap_err().contains("backwards"));
         assert!(parse_cpu_list("a").unwrap_err().contains("not a core number"));
         assert!(parse_cpu_list("100000").unwrap_err().contains("past"));
+        assert!(parse_cpu_list("0-4000000000").unwrap_err().contains("past"));
     }
 
     #[test]
