@@ -2,7 +2,8 @@
 """Build partita's reference models and store them Triton-style.
 
     models/fraud_gru/config.toml      stateful: (features [B,16], state [B,64]) -> (score [B], new_state [B,64])
-    models/fraud_gru/1/model.pt
+    models/fraud_gru/1/model.pt       and its sequence form, forward_sequence: (features [B,S,16], state [B,64])
+                                      -> (score [B,S], new_state [B,64]), S <= 64 events of a key in one call
     models/fraud_mlp/config.toml      stateless MLP for benchmarks: features [B,16] -> score [B]
     models/fraud_mlp/1/model.pt
 
@@ -13,7 +14,10 @@ normal purchase is larger than a small spender's fraud, so the model must learn 
 in its recurrent state. That is what makes the state worth keeping per key.
 
 Usage: python models/build_reference.py [--out models] [--epochs N] [--fixtures tests/fixtures/models]
-Deterministic: fixed seeds, single-threaded.
+                                        [--weights models/fraud_gru/1/model.pt]
+Deterministic: fixed seeds, single-threaded. --weights takes fraud_gru's weights from a model file
+instead of training (the shipped weights, with a new export of the code around them), and leaves
+fraud_mlp as it is.
 """
 
 import argparse
@@ -73,6 +77,16 @@ class FraudGRU(nn.Module):
         score = torch.sigmoid(self.head(context)).squeeze(1)
         new_state = self.cell(features, state)
         return score, new_state
+
+    @torch.jit.export
+    def forward_sequence(self, features: torch.Tensor, state: torch.Tensor):
+        """A key's backlog in one call: features [B, S, F] -> (score [B, S], new_state [B, H]),
+        exactly S calls of forward, one after another, in one TorchScript loop."""
+        scores = []
+        for t in range(features.shape[1]):
+            score, state = self.forward(features[:, t], state)
+            scores.append(score)
+        return torch.stack(scores, dim=1), state
 
 
 class FraudMLP(nn.Module):
@@ -162,6 +176,10 @@ max_queue_delay = "1ms"
 
 [warmup]
 batch_sizes = [1, 64, 512]
+
+[sequence]
+# A key's backlog in one pass: forward_sequence takes up to this many events of one key per row.
+max_steps = 64
 """
 
 MLP_CONFIG = """# Triton-style model configuration, read by partita's model repository loader.
@@ -223,7 +241,8 @@ class ShortState(nn.Module):
 def build_fixtures(out: str) -> None:
     """Tiny models for the integration tests, one repository each, under `out`."""
     for name, module in (("faulty", Faulty()), ("short_state", ShortState())):
-        config = GRU_CONFIG.replace('name = "fraud_gru"', f'name = "{name}"')
+        # Without the sequence form: the fixtures have only `forward`.
+        config = GRU_CONFIG.split("\n[sequence]")[0].replace('name = "fraud_gru"', f'name = "{name}"')
         save(module, os.path.join(out, name), name, config)
 
 
@@ -232,15 +251,21 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--fixtures", default=None, help="also write the test fixture models under this directory")
+    ap.add_argument("--weights", default=None, help="take fraud_gru's weights from this TorchScript file, no training")
     args = ap.parse_args()
     torch.manual_seed(7)
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(7)
-    gru = train_gru(args.epochs, gen)
+    if args.weights:
+        gru = FraudGRU()
+        gru.load_state_dict(torch.jit.load(args.weights).state_dict())
+    else:
+        gru = train_gru(args.epochs, gen)
     recall = evaluate(gru, torch.Generator().manual_seed(8))
     print(f"fraud_gru: {recall:.1%} of fraud events score above the 99th percentile of legitimate ones")
     save(gru, args.out, "fraud_gru", GRU_CONFIG)
-    save(FraudMLP(), args.out, "fraud_mlp", MLP_CONFIG)
+    if not args.weights:  # its random weights come after training's draws: only then the same
+        save(FraudMLP(), args.out, "fraud_mlp", MLP_CONFIG)
     if args.fixtures:
         build_fixtures(args.fixtures)
 

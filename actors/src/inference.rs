@@ -40,28 +40,46 @@ pub struct InferOutput {
 /// tensors). [`crate::pool::Router::infer_rows_within`] sends them as one job per batch limit,
 /// with one answer each, so a row costs a copy of its values, not a request, a queue hop and a
 /// reply of its own.
-#[derive(Debug, Clone, Default, PartialEq)]
+///
+/// With `steps > 1` each row is one key's `steps` events in order, for the model's sequence
+/// form: `steps × feature_count` feature values and one state per row, `steps` scores out.
+#[derive(Debug, Clone, PartialEq)]
 pub struct InferRows {
     pub rows: usize,
-    /// `rows × feature_count` values.
+    /// Events per row: 1, or up to the model's `max_steps` for its sequence form.
+    pub steps: usize,
+    /// `rows × steps × feature_count` values.
     pub features: Vec<f32>,
     /// `rows × state_size` values for a stateful model (zeros for a key without state), else
     /// empty.
     pub state: Vec<f32>,
 }
 
+impl Default for InferRows {
+    fn default() -> Self {
+        Self { rows: 0, steps: 1, features: Vec::new(), state: Vec::new() }
+    }
+}
+
 impl InferRows {
-    /// Room for `rows` rows of `spec`.
+    /// Room for `rows` rows of `spec`, one event each.
     pub fn with_capacity(spec: &ModelSpec, rows: usize) -> Self {
+        Self::sequences(spec, rows, 1)
+    }
+
+    /// Room for `rows` rows of `spec` of `steps` events each (the sequence form when `steps > 1`).
+    pub fn sequences(spec: &ModelSpec, rows: usize, steps: usize) -> Self {
         Self {
             rows: 0,
-            features: Vec::with_capacity(rows * spec.feature_count),
+            steps,
+            features: Vec::with_capacity(rows * steps * spec.feature_count),
             state: Vec::with_capacity(rows * spec.state_size),
         }
     }
 
-    /// Append one row of `spec`: its features and, for a stateful model, its key's state (`None`:
-    /// no state yet, zeros). A row of the wrong shape is refused and nothing is appended.
+    /// Append one row of `spec`: its features (`steps` events' worth) and, for a stateful model,
+    /// its key's state (`None`: no state yet, zeros). A row of the wrong shape is refused and
+    /// nothing is appended.
     pub fn push(
         &mut self,
         spec: &ModelSpec,
@@ -70,8 +88,8 @@ impl InferRows {
     ) -> Result<(), InferError> {
         let shape =
             |input, expected, got| InferError::Shape { model: spec.name.clone(), input, expected, got };
-        if features.len() != spec.feature_count {
-            return Err(shape("features", spec.feature_count, features.len()));
+        if features.len() != self.steps * spec.feature_count {
+            return Err(shape("features", self.steps * spec.feature_count, features.len()));
         }
         match state {
             Some(s) if s.len() != spec.state_size => return Err(shape("state", spec.state_size, s.len())),
@@ -85,7 +103,7 @@ impl InferRows {
 
     /// A copy of rows `index`, in that order.
     pub fn select(&self, spec: &ModelSpec, index: &[usize]) -> Self {
-        let mut out = Self::with_capacity(spec, index.len());
+        let mut out = Self::sequences(spec, index.len(), self.steps);
         for &k in index {
             let (features, state) = self.row(spec, k);
             out.features.extend_from_slice(features);
@@ -95,9 +113,9 @@ impl InferRows {
         out
     }
 
-    /// Row `k`'s features and state.
+    /// Row `k`'s features (all its steps) and state.
     pub fn row(&self, spec: &ModelSpec, k: usize) -> (&[f32], &[f32]) {
-        let (f, h) = (spec.feature_count, spec.state_size);
+        let (f, h) = (self.steps * spec.feature_count, spec.state_size);
         (&self.features[k * f..(k + 1) * f], &self.state[k * h..(k + 1) * h])
     }
 }
@@ -129,23 +147,26 @@ pub enum RowAnswer {
 /// The answer to an [`InferRows`], row by row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RowsOutput {
-    /// One per row; NaN where the row was not scored.
+    /// `steps` per row (one per event); NaN where the row was not scored.
     pub scores: Vec<f32>,
     /// `rows × state_size` values (zeros where the row was not scored); empty for a stateless
     /// model.
     pub new_state: Vec<f32>,
     pub answers: Vec<RowAnswer>,
     pub state_size: usize,
+    /// Events per row, as in the [`InferRows`].
+    pub steps: usize,
 }
 
 impl RowsOutput {
     /// Every row answered `answer`.
-    pub(crate) fn all(rows: usize, state_size: usize, answer: RowAnswer) -> Self {
+    pub(crate) fn all(rows: usize, steps: usize, state_size: usize, answer: RowAnswer) -> Self {
         Self {
-            scores: vec![f32::NAN; rows],
+            scores: vec![f32::NAN; rows * steps],
             new_state: vec![0.0; rows * state_size],
             answers: vec![answer; rows],
             state_size,
+            steps,
         }
     }
 
@@ -163,9 +184,16 @@ impl RowsOutput {
         &self.new_state[k * h..(k + 1) * h]
     }
 
+    /// Row `k`'s scores, one per step.
+    pub fn scores(&self, k: usize) -> &[f32] {
+        &self.scores[k * self.steps..(k + 1) * self.steps]
+    }
+
     /// Row `k` as [`crate::pool::Router::infer_within`] answers one request: `None` when its
-    /// deadline passed.
+    /// deadline passed. Rows of one step only (a sequence row has a score per step:
+    /// [`RowsOutput::scores`]).
     pub fn get(&self, k: usize) -> Option<Result<InferOutput, InferError>> {
+        debug_assert_eq!(self.steps, 1, "a row of one event");
         match &self.answers[k] {
             RowAnswer::Scored(s) => {
                 Some(Ok(InferOutput::new(self.scores[k], self.new_state(k).to_vec(), *s)))
@@ -202,6 +230,10 @@ pub enum InferError {
     /// Wrong number of values. Bad input: dead-letter (`SHAPE`). Checked before any tensor is built.
     #[error("{input} has {got} values, model {model:?} expects {expected}")]
     Shape { model: String, input: &'static str, expected: usize, got: usize },
+    /// Rows of `steps` events for a model whose sequence form takes at most `max_steps` (1: it
+    /// has none). Bad input: the caller scores the events one by one.
+    #[error("rows of {steps} steps, model {model:?} takes at most {max_steps}")]
+    Steps { model: String, steps: usize, max_steps: usize },
     /// NaN or infinite value. Bad input: dead-letter (`VALUE_RANGE`).
     #[error("{input}[{index}] is {value}, not a finite number")]
     ValueRange { input: &'static str, index: usize, value: f32 },
@@ -226,7 +258,10 @@ pub enum InferError {
 impl InferError {
     /// True for errors caused by the request itself: retrying cannot help.
     pub fn is_bad_request(&self) -> bool {
-        matches!(self, Self::UnknownModel { .. } | Self::Shape { .. } | Self::ValueRange { .. })
+        matches!(
+            self,
+            Self::UnknownModel { .. } | Self::Shape { .. } | Self::Steps { .. } | Self::ValueRange { .. }
+        )
     }
 }
 
@@ -282,7 +317,10 @@ impl fmt::Display for Device {
 #[derive(Debug)]
 pub struct BatchInput<'a> {
     pub rows: usize,
-    /// `rows × feature_count` values.
+    /// Events per row: 1 (`forward`), or more for the model's sequence form
+    /// (`forward_sequence`, features `[rows, steps, feature_count]`).
+    pub steps: usize,
+    /// `rows × steps × feature_count` values.
     pub features: &'a [f32],
     /// `rows × state_size` values for a stateful model, else empty.
     pub state: &'a [f32],
@@ -291,7 +329,7 @@ pub struct BatchInput<'a> {
 /// What the backend returns for a batch.
 #[derive(Debug, Default, PartialEq)]
 pub struct BatchOutput {
-    /// One score per row.
+    /// One score per row and step.
     pub scores: Vec<f32>,
     /// `rows × state_size` values for a stateful model, else empty.
     pub new_state: Vec<f32>,
@@ -351,6 +389,7 @@ mod tests {
             batch: BatchPolicy::unbatched(),
             warmup_batch_sizes: vec![],
             feature_range: None,
+            max_steps: 1,
         }
     }
 

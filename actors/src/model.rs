@@ -5,7 +5,12 @@
 //!
 //! * inputs: `features [F]`, then `state [H]` when the model is stateful (`[state] size = H`);
 //! * outputs: `score []` (one scalar per row), then `new_state [H]` when stateful;
-//! * data type `fp32` only.
+//! * data type `fp32` only;
+//! * optionally, for a stateful model, the **sequence form** (`[sequence] max_steps = T`): a
+//!   TorchScript method `forward_sequence(features [B, S, F], state [B, H]) -> (score [B, S],
+//!   new_state [B, H])` that applies `S <= T` events of each row in order, as `S` calls of
+//!   `forward` would. A key's backlog is then scored in one pass (docs/pipeline.md, "A key's
+//!   backlog in one pass").
 //!
 //! A batch dimension is implicit, as in Triton (`max_batch_size > 0`).
 
@@ -32,6 +37,16 @@ pub struct ModelConfig {
     pub dynamic_batching: Option<DynamicBatchingConfig>,
     #[serde(default)]
     pub warmup: WarmupConfig,
+    #[serde(default)]
+    pub sequence: Option<SequenceConfig>,
+}
+
+/// The optional sequence form of a stateful model.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SequenceConfig {
+    /// Most events of one row in one `forward_sequence` call (at least 2).
+    pub max_steps: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -129,11 +144,19 @@ pub struct ModelSpec {
     pub warmup_batch_sizes: Vec<usize>,
     /// Bounds on every feature value, when the config sets them.
     pub feature_range: Option<FeatureRange>,
+    /// Most events of one row in the sequence form; 1 when the model has none (each event is a
+    /// row of its own).
+    pub max_steps: usize,
 }
 
 impl ModelSpec {
     pub fn is_stateful(&self) -> bool {
         self.state_size > 0
+    }
+
+    /// Whether rows of `steps` events are served: 1 always, more up to `max_steps`.
+    pub fn takes_steps(&self, steps: usize) -> bool {
+        (1..=self.max_steps).contains(&steps)
     }
 }
 
@@ -155,6 +178,8 @@ pub enum ModelConfigError {
     PreferredBatchSize(usize),
     #[error("warmup: batch size {0} must be between 1 and max_batch_size")]
     WarmupBatchSize(usize),
+    #[error("sequence: max_steps must be at least 2, and the model stateful")]
+    Sequence,
     #[error("config name {config:?} does not match its directory {dir:?}")]
     NameMismatch { config: String, dir: String },
 }
@@ -247,6 +272,14 @@ impl ModelConfig {
                 errors.push(ModelConfigError::WarmupBatchSize(w));
             }
         }
+        let max_steps = match &self.sequence {
+            None => 1,
+            Some(s) if s.max_steps >= 2 && state_size > 0 => s.max_steps,
+            Some(_) => {
+                errors.push(ModelConfigError::Sequence);
+                1
+            }
+        };
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -263,6 +296,7 @@ impl ModelConfig {
             },
             warmup_batch_sizes: self.warmup.batch_sizes.clone(),
             feature_range,
+            max_steps,
         })
     }
 }
@@ -307,6 +341,18 @@ mod tests {
         assert_eq!(spec.batch.preferred_batch_sizes, vec![2, 4]);
         assert_eq!(spec.batch.max_queue_delay, Duration::from_millis(2));
         assert_eq!(spec.batch.target(), 4);
+        assert_eq!(spec.max_steps, 1);
+        assert!(spec.takes_steps(1) && !spec.takes_steps(2));
+    }
+
+    #[test]
+    fn the_sequence_form_is_read_and_checked() {
+        let spec =
+            ModelConfig::parse(&format!("{GRU}\n[sequence]\nmax_steps = 32")).unwrap().validate(1).unwrap();
+        assert_eq!(spec.max_steps, 32);
+        assert!(spec.takes_steps(1) && spec.takes_steps(32) && !spec.takes_steps(33) && !spec.takes_steps(0));
+        let one = ModelConfig::parse(&format!("{GRU}\n[sequence]\nmax_steps = 1")).unwrap().validate(1);
+        assert_eq!(one.unwrap_err(), vec![ModelConfigError::Sequence]);
     }
 
     #[test]

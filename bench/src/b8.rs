@@ -12,8 +12,13 @@
 //!    run has p99 <= 50 ms with every record answered and throughput >= 95 % of the offered rate
 //!    (goal >= 5000 events/s on CPU).
 //!
+//! A model with a sequence form (the shipped fraud_gru) scores a key's backlog in one pass;
+//! `--one-by-one` runs everything with that form off (a copy of the repository without its
+//! `[sequence]` sections), one inference round per event, for comparison.
+//!
 //! Ends with `RESULT {json}`. Usage: `scripts/bench.sh b8 [--rate 1000] [--hot-share 0.3]
-//! [--seconds 10] [--runs 2] [--alone-rates 100,200,...] [--intra-op-threads N] [--max-batch N]`.
+//! [--seconds 10] [--runs 2] [--alone-rates 100,200,...] [--intra-op-threads N] [--max-batch N]
+//! [--one-by-one]`.
 
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
@@ -54,6 +59,42 @@ struct Args {
     /// The node's `--max-batch` (records per partition batch; also the most held back).
     #[arg(long)]
     max_batch: Option<usize>,
+    /// The models' sequence form off: every event is one inference round.
+    #[arg(long)]
+    one_by_one: bool,
+}
+
+/// A copy of the model repository at `from` whose configs have no `[sequence]` section (the
+/// TorchScript files are linked, not copied).
+fn without_sequence_form(from: &std::path::Path) -> anyhow::Result<tempfile::TempDir> {
+    let dir = tempfile::tempdir()?;
+    for model in std::fs::read_dir(from)? {
+        let model = model?.path();
+        let config = model.join("config.toml");
+        if !config.is_file() {
+            continue;
+        }
+        let to = dir.path().join(model.file_name().unwrap_or_default());
+        std::fs::create_dir_all(&to)?;
+        let text = std::fs::read_to_string(&config)?;
+        let kept = text.split("\n[sequence]").next().unwrap_or_default();
+        anyhow::ensure!(
+            !kept.contains("[sequence]"),
+            "{}: [sequence] must be its last section",
+            config.display()
+        );
+        std::fs::write(to.join("config.toml"), kept)?;
+        for version in std::fs::read_dir(&model)? {
+            let version = version?.path();
+            if version.is_dir() {
+                std::os::unix::fs::symlink(
+                    std::fs::canonicalize(&version)?,
+                    to.join(version.file_name().unwrap_or_default()),
+                )?;
+            }
+        }
+    }
+    Ok(dir)
 }
 
 const P99_LIMIT_MS: f64 = 50.0;
@@ -103,7 +144,15 @@ fn line(label: &str, r: &LoadReport) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     init_logs();
-    let args = Args::parse();
+    let mut args = Args::parse();
+    let _copy = if args.one_by_one {
+        let copy = without_sequence_form(&args.repository)?;
+        args.repository = copy.path().to_path_buf();
+        println!("the models' sequence form is off: one inference round per event");
+        Some(copy)
+    } else {
+        None
+    };
     let (mut without, mut with) = (Vec::new(), Vec::new());
     for i in 0..args.runs.max(1) {
         // Alternate which goes first, so drift in the machine does not favour one.
@@ -161,6 +210,7 @@ async fn main() -> anyhow::Result<()> {
         "hot_share": args.hot_share,
         "seconds": args.seconds,
         "runs": args.runs,
+        "one_by_one": args.one_by_one,
         "cold_p99_without_ms": without.cold_p99_ms,
         "cold_p99_with_ms": with.cold_p99_ms,
         "cold_p99_ratio": ratio,

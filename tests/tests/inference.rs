@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use partita_actors::inference::{
-    BackendError, BackendFactory, BatchInput, BatchOutput, Device, InferError, InferRequest,
-    InferenceBackend, ModelReady,
+    BackendError, BackendFactory, BatchInput, BatchOutput, Device, InferError, InferRequest, InferRows,
+    InferenceBackend, ModelReady, RowAnswer,
 };
 use partita_actors::model::ModelSpec;
 use partita_actors::pool::{InferencePool, PoolConfig, RestartPolicy};
@@ -196,6 +196,55 @@ async fn a_model_that_breaks_its_contract_fails_at_warm_up() {
     assert!(text.contains("short_state") && text.contains("warm-up"), "{text}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_backlog_in_one_forward_sequence_equals_its_events_one_by_one() {
+    let (pool, _) = opts(models_dir()).start().await.unwrap();
+    let router = pool.router();
+    let spec = router.model("fraud_gru").unwrap().clone();
+    assert_eq!(spec.max_steps, 64, "the shipped model has the sequence form");
+    let mut rng = Lcg::new(5);
+    for steps in [2, 17, 64] {
+        // 5 keys, each `steps` events and a state.
+        let keys: Vec<(Vec<Vec<f32>>, Vec<f32>)> =
+            (0..5).map(|_| ((0..steps).map(|_| rng.vec(16)).collect(), rng.vec(64))).collect();
+        let mut rows = InferRows::sequences(&spec, keys.len(), steps);
+        for (events, state) in &keys {
+            rows.push(&spec, &events.concat(), Some(state)).unwrap();
+        }
+        let out =
+            router.infer_rows_within("fraud_gru", Arc::new(rows), std::time::Duration::from_secs(30)).await;
+        for (k, (events, state)) in keys.iter().enumerate() {
+            assert!(matches!(out.answers[k], RowAnswer::Scored(_)), "{:?}", out.answers[k]);
+            let mut s = state.clone();
+            for (t, f) in events.iter().enumerate() {
+                let one = router.infer(req("fraud_gru", f.clone(), Some(s))).await.unwrap();
+                assert_close(
+                    &out.scores(k)[t..=t],
+                    &[one.score],
+                    &format!("{steps} steps: key {k} score {t}"),
+                );
+                s = one.new_state;
+            }
+            assert_close(out.new_state(k), &s, &format!("{steps} steps: key {k} new_state"));
+        }
+    }
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_sequence_form_in_the_config_without_forward_sequence_fails_at_warm_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let from = fixture_repo("faulty").join("faulty");
+    let to = dir.path().join("faulty");
+    std::fs::create_dir_all(to.join("1")).unwrap();
+    std::fs::copy(from.join("1/model.pt"), to.join("1/model.pt")).unwrap();
+    let config = std::fs::read_to_string(from.join("config.toml")).unwrap();
+    std::fs::write(to.join("config.toml"), format!("{config}\n[sequence]\nmax_steps = 8\n")).unwrap();
+    let err = opts(dir.path().to_path_buf()).start().await.unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("faulty") && text.contains("forward_sequence"), "{text}");
+}
+
 #[tokio::test]
 async fn device_cuda_without_a_gpu_is_a_clear_error() {
     if partita_runtime::inference::tch::cuda_device_count() > 0 {
@@ -220,7 +269,8 @@ async fn cpu_affinity_pins_the_workers_threads_and_unavailable_cores_are_refused
         let (mut backend, _) = factory.create(Device::Cpu, &specs).unwrap();
         let (features, state) = (vec![0.5; 16], vec![0.0; 64]);
         let gru = specs.iter().position(|s| s.name == "fraud_gru").unwrap();
-        let out = backend.run(gru, &BatchInput { rows: 1, features: &features, state: &state }).unwrap();
+        let out =
+            backend.run(gru, &BatchInput { rows: 1, steps: 1, features: &features, state: &state }).unwrap();
         assert!(out.scores[0].is_finite());
         available().unwrap()
     })

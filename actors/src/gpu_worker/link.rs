@@ -64,14 +64,14 @@ pub struct JobOutput {
     pub served: Served,
 }
 
-/// A job's scores and new states: one per row (NaN for a failed row), and `rows × state_size`
+/// A job's scores and new states: `steps` per row (NaN for a failed row), and `rows × state_size`
 /// values for a stateful model (zeros for a failed row), else none.
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobValues {
     /// Rows `start..start + rows` of the output of the one `forward` that ran the whole job
     /// (the common case): the worker thread, which feeds the device, neither allocates nor copies
     /// per job; the caller copies what it keeps.
-    Shared { batch: Arc<BatchOutput>, start: usize, rows: usize, state_size: usize },
+    Shared { batch: Arc<BatchOutput>, start: usize, rows: usize, steps: usize, state_size: usize },
     /// Assembled row by row (a job that was split when its batch failed).
     Owned { scores: Vec<f32>, new_state: Vec<f32> },
 }
@@ -79,14 +79,16 @@ pub enum JobValues {
 impl JobValues {
     pub fn scores(&self) -> &[f32] {
         match self {
-            Self::Shared { batch, start, rows, .. } => &batch.scores[*start..start + rows],
+            Self::Shared { batch, start, rows, steps, .. } => {
+                &batch.scores[start * steps..(start + rows) * steps]
+            }
             Self::Owned { scores, .. } => scores,
         }
     }
 
     pub fn new_state(&self) -> &[f32] {
         match self {
-            Self::Shared { batch, start, rows, state_size } => {
+            Self::Shared { batch, start, rows, state_size, .. } => {
                 &batch.new_state[start * state_size..(start + rows) * state_size]
             }
             Self::Owned { new_state, .. } => new_state,

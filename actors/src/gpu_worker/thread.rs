@@ -1,5 +1,6 @@
-//! The worker's two OS threads: the feeder batches queued jobs per model, builds each batch's
-//! input and answers its jobs; the device thread runs the backend, one `forward` after another.
+//! The worker's two OS threads: the feeder batches queued jobs per model and row length (one
+//! event, or a sequence of `steps`: a batch's rows all have the same), builds each batch's input
+//! and answers its jobs; the device thread runs the backend, one `forward` after another.
 //!
 //! Neither runs on the async runtime. The device thread never waits for the feeder while there
 //! is work: when `max_batch_size` rows wait, the feeder hands them over while the device still
@@ -46,6 +47,8 @@ pub(crate) struct Forward {
     id: u64,
     model: usize,
     rows: usize,
+    /// Events per row.
+    steps: usize,
     input: Input,
     /// The jobs whose first `forward` this is: their deadlines start when it starts.
     starts: Vec<Arc<JobStart>>,
@@ -83,7 +86,7 @@ pub(crate) fn run_device(
             for s in &f.starts {
                 s.mark(started);
             }
-            forward(&mut *backend, &specs[f.model], f.model, f.rows, &f.input, &shared)
+            forward(&mut *backend, &specs[f.model], f.model, (f.rows, f.steps), &f.input, &shared)
         };
         if let Err(Failed::Fatal(reason)) = &result {
             gone = Some(reason.clone());
@@ -99,28 +102,29 @@ fn forward(
     backend: &mut dyn InferenceBackend,
     spec: &ModelSpec,
     m: usize,
-    rows: usize,
+    (rows, steps): (usize, usize),
     input: &Input,
     shared: &WorkerShared,
 ) -> Result<BatchOutput, Failed> {
     // Tests: `forward=1*sleep(60000)` makes one model call take a minute (a stuck device).
     fail::fail_point!("forward");
-    let (f, h) = (spec.feature_count, spec.state_size);
+    let (f, h) = (steps * spec.feature_count, spec.state_size);
     let batch = match input {
         Input::Rows(job, range) => BatchInput {
             rows,
+            steps,
             features: &job.features[range.start * f..range.end * f],
             state: &job.state[range.start * h..range.end * h],
         },
-        Input::Copied { features, state } => BatchInput { rows, features, state },
+        Input::Copied { features, state } => BatchInput { rows, steps, features, state },
     };
     shared.set_busy(Some(Instant::now()));
     let result = catch_unwind(AssertUnwindSafe(|| backend.run(m, &batch)));
     shared.set_busy(None);
     match result {
-        Ok(Ok(out)) if out.scores.len() == rows && out.new_state.len() == rows * h => Ok(out),
+        Ok(Ok(out)) if out.scores.len() == rows * steps && out.new_state.len() == rows * h => Ok(out),
         Ok(Ok(out)) => Err(Failed::Batch(InferError::Backend(format!(
-            "model {} returned {} scores and {} state values for {rows} rows",
+            "model {} returned {} scores and {} state values for {rows} rows of {steps} step(s)",
             spec.name,
             out.scores.len(),
             out.new_state.len()
@@ -134,7 +138,9 @@ fn forward(
 /// The feeder thread's state.
 pub(crate) struct WorkerThread {
     specs: Arc<[ModelSpec]>,
-    batchers: Vec<Batcher<Job>>,
+    /// One per model for rows of one event (index = the model's), then one per model and
+    /// sequence length seen, added as they come (at most `max_steps - 1` more per model).
+    lanes: Vec<Lane>,
     shared: Arc<WorkerShared>,
     device: Device,
     forwards: Sender<Forward>,
@@ -150,6 +156,13 @@ pub(crate) struct WorkerThread {
     cancelled: Vec<Job>,
     /// Retried requests, each run in a batch of its own before anything else.
     isolated: Vec<Job>,
+}
+
+/// The queued jobs of one model whose rows have `steps` events each: batched together only.
+struct Lane {
+    model: usize,
+    steps: usize,
+    batcher: Batcher<Job>,
 }
 
 /// A batch handed to the device thread: its jobs' rows and answers.
@@ -168,10 +181,14 @@ impl WorkerThread {
         forwards: Sender<Forward>,
         done: Receiver<Forwarded>,
     ) -> Self {
-        let batchers = specs.iter().map(|s| Batcher::new(s.batch.clone())).collect();
+        let lanes = specs
+            .iter()
+            .enumerate()
+            .map(|(model, s)| Lane { model, steps: 1, batcher: Batcher::new(s.batch.clone()) })
+            .collect();
         Self {
             specs,
-            batchers,
+            lanes,
             shared,
             device,
             forwards,
@@ -196,7 +213,8 @@ impl WorkerThread {
             // only (jobs wait in the queue without waking this thread).
             let idle = self.launched.is_empty();
             let jobs = if self.launched.len() < IN_FLIGHT { rx.clone() } else { crossbeam_channel::never() };
-            let deadline = if idle { self.batchers.iter().filter_map(Batcher::deadline).min() } else { None };
+            let deadline =
+                if idle { self.lanes.iter().filter_map(|l| l.batcher.deadline()).min() } else { None };
             let timer = deadline.map_or_else(crossbeam_channel::never, crossbeam_channel::at);
             let results = if idle { no_results.clone() } else { self.done.clone() };
             crossbeam_channel::select! {
@@ -240,9 +258,19 @@ impl WorkerThread {
     fn enqueue(&mut self, job: Job) {
         if job.isolate {
             self.isolated.push(job);
-        } else {
-            self.batchers[job.model].push(job);
+            return;
         }
+        let (model, steps) = (job.model, job.rows.steps);
+        let lane = if steps == 1 {
+            model
+        } else if let Some(l) = self.lanes.iter().position(|l| l.model == model && l.steps == steps) {
+            l
+        } else {
+            let batcher = Batcher::new(self.specs[model].batch.clone());
+            self.lanes.push(Lane { model, steps, batcher });
+            self.lanes.len() - 1
+        };
+        self.lanes[lane].batcher.push(job);
     }
 
     /// Hand the device what is due: each retried job alone (and answered before anything else
@@ -264,22 +292,23 @@ impl WorkerThread {
         while self.launched.len() < IN_FLIGHT {
             let now = Instant::now();
             let busy = !self.launched.is_empty();
-            // Models by their oldest request (then by index), so that none waits behind another's
-            // stream of full batches; and behind a running batch no full batch of one model jumps
-            // ahead of another model's overdue one.
-            let oldest: Vec<Option<Instant>> = self.batchers.iter().map(Batcher::deadline).collect();
-            let overdue = |m: usize| oldest[m].is_some_and(|d| d <= now);
-            let mut order: Vec<usize> = (0..self.batchers.len()).collect();
-            order.sort_by_key(|&m| (oldest[m].is_none(), oldest[m]));
-            let next = order.into_iter().find_map(|m| {
+            // Lanes by their oldest request (then by index), so that none waits behind another's
+            // stream of full batches; and behind a running batch no full batch of one lane jumps
+            // ahead of another lane's overdue one.
+            let oldest: Vec<Option<Instant>> = self.lanes.iter().map(|l| l.batcher.deadline()).collect();
+            let overdue = |l: usize| oldest[l].is_some_and(|d| d <= now);
+            let mut order: Vec<usize> = (0..self.lanes.len()).collect();
+            order.sort_by_key(|&l| (oldest[l].is_none(), oldest[l]));
+            let next = order.into_iter().find_map(|l| {
+                let lane = &mut self.lanes[l];
                 let batch = if !busy {
-                    self.batchers[m].pop_ready(now, &mut self.cancelled)
-                } else if (0..oldest.len()).any(|o| o != m && overdue(o)) {
+                    lane.batcher.pop_ready(now, &mut self.cancelled)
+                } else if (0..oldest.len()).any(|o| o != l && overdue(o)) {
                     None
                 } else {
-                    self.batchers[m].pop_full(&mut self.cancelled)
+                    lane.batcher.pop_full(&mut self.cancelled)
                 };
-                batch.map(|b| (m, b))
+                batch.map(|b| (lane.model, b))
             });
             self.drop_cancelled();
             let Some((m, batch)) = next else { break };
@@ -288,7 +317,7 @@ impl WorkerThread {
         Ok(())
     }
 
-    /// Hand one batch of jobs to the device thread.
+    /// Hand one batch of jobs (of one model, with rows of the same `steps`) to the device thread.
     fn launch(&mut self, m: usize, batch: Vec<Job>) {
         let (mut jobs, mut answers, mut starts) = (
             Vec::with_capacity(batch.len()),
@@ -321,7 +350,8 @@ impl WorkerThread {
         segments: &[Segment],
         starts: Vec<Arc<JobStart>>,
     ) -> u64 {
-        let (f, h) = (self.specs[m].feature_count, self.specs[m].state_size);
+        let steps = segments.first().map_or(1, |(j, _)| jobs[*j].steps);
+        let (f, h) = (steps * self.specs[m].feature_count, self.specs[m].state_size);
         let input = match segments {
             [(j, range)] => Input::Rows(jobs[*j].clone(), range.clone()),
             _ => {
@@ -339,7 +369,7 @@ impl WorkerThread {
         self.next_id += 1;
         let rows = segments.iter().map(|(_, r)| r.len()).sum();
         // A send fails only when the device thread is gone; waiting for the result says so.
-        let _ = self.forwards.send(Forward { id, model: m, rows, input, starts });
+        let _ = self.forwards.send(Forward { id, model: m, rows, steps, input, starts });
         id
     }
 
@@ -467,6 +497,7 @@ impl WorkerThread {
         }
         let rows: usize = segments.iter().map(|(_, r)| r.len()).sum();
         let h = self.specs[m].state_size;
+        let steps = jobs.first().map_or(1, |j| j.steps);
         let ran = |segments: &[Segment]| segments.iter().map(|(j, _)| *j).collect();
         match result {
             Ok(out) => {
@@ -481,11 +512,17 @@ impl WorkerThread {
                     a.done += n;
                     if n == a.rows {
                         // The whole job in this `forward`: its answer is a view of the output.
-                        a.values =
-                            Some(JobValues::Shared { batch: out.clone(), start: at, rows: n, state_size: h });
+                        a.values = Some(JobValues::Shared {
+                            batch: out.clone(),
+                            start: at,
+                            rows: n,
+                            steps,
+                            state_size: h,
+                        });
                     } else {
-                        let (scores, new_state) = a.owned(h);
-                        scores[range.clone()].copy_from_slice(&out.scores[at..at + n]);
+                        let (scores, new_state) = a.owned(steps, h);
+                        scores[range.start * steps..range.end * steps]
+                            .copy_from_slice(&out.scores[at * steps..(at + n) * steps]);
                         new_state[range.start * h..range.end * h]
                             .copy_from_slice(&out.new_state[at * h..(at + n) * h]);
                     }
@@ -512,7 +549,7 @@ impl WorkerThread {
                 tracing::warn!(model = %self.specs[m].name, error = %err, "row failed alone");
                 for (j, range) in segments {
                     let a = &mut answers[j];
-                    a.owned(h);
+                    a.owned(steps, h);
                     a.failed.push((range.start, err.clone()));
                     a.done += 1;
                     self.answer_if_done(m, a);
@@ -556,8 +593,9 @@ impl WorkerThread {
             .is_err();
         let isolated = std::mem::take(&mut self.isolated);
         self.fail(isolated, &lost);
-        for m in 0..self.batchers.len() {
-            let queued: Vec<Job> = self.batchers[m].drain_all().collect();
+        for l in 0..self.lanes.len() {
+            let m = self.lanes[l].model;
+            let queued: Vec<Job> = self.lanes[l].batcher.drain_all().collect();
             for chunk in chunks(queued, self.specs[m].batch.max_batch_size) {
                 if dead {
                     // The device died while draining: fail the rest explicitly.
@@ -577,8 +615,8 @@ impl WorkerThread {
         self.lose(launched, false);
         let isolated = std::mem::take(&mut self.isolated);
         self.fail(isolated, &lost);
-        for m in 0..self.batchers.len() {
-            let queued: Vec<Job> = self.batchers[m].drain_all().collect();
+        for l in 0..self.lanes.len() {
+            let queued: Vec<Job> = self.lanes[l].batcher.drain_all().collect();
             self.fail(queued, &lost);
         }
         let rest: Vec<Job> = rx.try_iter().collect();
@@ -646,10 +684,10 @@ struct Answer {
 
 impl Answer {
     /// Buffers for its rows, to fill piece by piece (NaN and zeros until then).
-    fn owned(&mut self, state_size: usize) -> (&mut Vec<f32>, &mut Vec<f32>) {
+    fn owned(&mut self, steps: usize, state_size: usize) -> (&mut Vec<f32>, &mut Vec<f32>) {
         let rows = self.rows;
         let values = self.values.get_or_insert_with(|| JobValues::Owned {
-            scores: vec![f32::NAN; rows],
+            scores: vec![f32::NAN; rows * steps],
             new_state: vec![0.0; rows * state_size],
         });
         match values {

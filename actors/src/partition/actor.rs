@@ -19,7 +19,7 @@ use super::{
     HEADER_TRACEPARENT, InputRecord, OutputRecord, PartitionConfig, PartitionSink, PipelineCounters,
     PipelineObserver, micros, sequence, supervisor, unix_micros, waves,
 };
-use crate::inference::{InferError, InferOutput, InferRequest, InferRows};
+use crate::inference::{InferError, InferOutput, InferRequest, InferRows, RowAnswer, RowsOutput, Served};
 use crate::pool::Router;
 use crate::state::{Epoch, Offset, PartitionId, Sequenced, StateCache, StateStore, StateValue, StoreError};
 
@@ -33,8 +33,10 @@ pub struct PartitionArgs<S, K> {
     pub queue: Receiver<InputRecord>,
     /// Set by the consumer when it sends a `Wake`; cleared by the actor before it drains.
     pub wake_pending: Arc<AtomicBool>,
-    /// Bytes of the records in `queue` ([`InputRecord::size`]): the consumer adds, the actor
-    /// subtracts what it takes, so the queue is bounded in bytes as well as in records.
+    /// Bytes of the records in `queue` ([`InputRecord::size`]), held by the actor, or in the batch
+    /// it computes: the consumer adds, the actor subtracts a batch's once it is computed, so the
+    /// queue is bounded in bytes as well as in records, and a batch that never finishes leaves
+    /// its records counted (the consumer's frozen detection sees them waiting).
     pub queued_bytes: Arc<AtomicUsize>,
     pub cache: Arc<StateCache<S>>,
     pub router: Router,
@@ -256,7 +258,11 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
             if let Some(ms) = test_delay() {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
             }
-            let Some(computed) = self.compute_with_retry(batch, applied).await? else { continue };
+            // Its bytes leave the queue's bound once it is computed (`queued_bytes`).
+            let bytes: usize = batch.iter().map(InputRecord::size).sum();
+            let computed = self.compute_with_retry(batch, applied).await?;
+            self.args.queued_bytes.fetch_sub(bytes, Ordering::SeqCst);
+            let Some(computed) = computed else { continue };
             let Some((tx, _)) = &self.committer else { return Err("the partition is draining".into()) };
             if tx.send(computed).await.is_err() {
                 return Err("the committer stopped".into());
@@ -273,7 +279,10 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
     /// batch or an earlier one (the lowest held offset − 1, or the highest taken).
     fn next_batch(&mut self) -> (Vec<InputRecord>, Offset) {
         let config = &self.args.config;
-        let (max_batch, max_waves) = (config.max_batch.max(1), config.max_waves.max(1));
+        // A key's records beyond `max_waves` cost no more rounds when a model scores them in one
+        // pass (its sequence form): then up to its `max_steps` of them.
+        let max_steps = self.args.router.models().iter().map(|m| m.max_steps).max().unwrap_or(1);
+        let (max_batch, max_waves) = (config.max_batch.max(1), config.max_waves.max(max_steps).max(1));
         let mut batch = Vec::new();
         let mut per_key: HashMap<Vec<u8>, usize> = HashMap::new();
         // Records go into the batch or back into `held` (a key's order kept: once one of its
@@ -282,8 +291,6 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
             let n = per_key.entry(rec.key.clone().unwrap_or_default()).or_insert(0);
             if *n < max_waves && batch.len() < max_batch {
                 *n += 1;
-                // Its bytes left the queue's bound only now (held ones still count).
-                self.args.queued_bytes.fetch_sub(rec.size(), Ordering::SeqCst);
                 batch.push(rec);
             } else {
                 held.push_back(rec);
@@ -361,6 +368,117 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
         Ok(())
     }
 
+    /// A key's backlog in one pass: the keys of `good` with two or more events for a model with a
+    /// sequence form (up to its `max_steps`), each event new and next in its key's sequence, go
+    /// as one row each, grouped by length into one call per model and length, started now and
+    /// answered while the other events run in waves. Returns the events left for the waves (in
+    /// order), and the rows started. Anything unusual about a key (a redelivery, a duplicate, a
+    /// gap, two models) leaves its events to the waves, which judge them one by one.
+    async fn start_backlogs(
+        &self,
+        fresh: &[&InputRecord],
+        good: &[(usize, ValidEvent)],
+        keys: &mut HashMap<Vec<u8>, KeyState>,
+    ) -> Result<(Vec<usize>, Option<Backlogs>), Halt> {
+        let router = &self.args.router;
+        let all = || (0..good.len()).collect::<Vec<usize>>();
+        if router.models().iter().all(|m| m.max_steps < 2) {
+            return Ok((all(), None));
+        }
+        // Each key's events, in order.
+        let mut by_key: HashMap<&[u8], Vec<usize>> = HashMap::new();
+        let mut order: Vec<&[u8]> = Vec::new();
+        for (g, (_, v)) in good.iter().enumerate() {
+            let events = by_key.entry(v.event.key.as_slice()).or_default();
+            if events.is_empty() {
+                order.push(v.event.key.as_slice());
+            }
+            events.push(g);
+        }
+        let candidates: Vec<&[u8]> = order
+            .into_iter()
+            .filter(|k| {
+                let events = &by_key[k];
+                let model = &good[events[0]].1.model;
+                events.len() >= 2
+                    && events.iter().all(|&g| good[g].1.model == *model)
+                    && router.model(model).is_some_and(|spec| spec.takes_steps(events.len()))
+            })
+            .collect();
+        if candidates.is_empty() {
+            return Ok((all(), None));
+        }
+        let load_started = Instant::now();
+        let missing = candidates.iter().filter(|k| !keys.contains_key(**k)).map(|k| k.to_vec()).collect();
+        self.load(missing, keys).await?;
+        let load_us = micros(load_started.elapsed());
+        let gap = self.args.config.max_sequence_gap;
+        let mut jobs: Vec<BacklogJob> = Vec::new();
+        let mut in_rows = vec![false; good.len()];
+        for key in candidates {
+            let events = &by_key[key];
+            let ks = &keys[key].seq;
+            let (mut seq, mut window) = (ks.sequence, ks.window);
+            let clean = events.iter().all(|&g| {
+                let (i, v) = &good[g];
+                let fresh_here = ks.offset.is_none_or(|o| fresh[*i].offset > o);
+                let next =
+                    matches!(sequence::judge(seq, window, v.event.sequence, gap), sequence::Verdict::Apply);
+                if next {
+                    window = sequence::advance(seq, window, v.event.sequence);
+                    seq = v.event.sequence;
+                }
+                fresh_here && next
+            });
+            if !clean {
+                continue;
+            }
+            let model = &good[events[0]].1.model;
+            let spec = router.model(model).expect("checked above");
+            let steps = events.len();
+            let at = match jobs.iter().position(|j| j.model == *model && j.rows.steps == steps) {
+                Some(at) => at,
+                None => {
+                    let rows = InferRows::sequences(spec, 1, steps);
+                    jobs.push(BacklogJob { model: model.clone(), rows, members: Vec::new() });
+                    jobs.len() - 1
+                }
+            };
+            let features: Vec<f32> =
+                events.iter().flat_map(|&g| good[g].1.event.features.iter().copied()).collect();
+            let state = (!ks.state.is_empty()).then_some(ks.state.as_slice());
+            let job = &mut jobs[at];
+            if job.rows.push(spec, &features, state).is_ok() {
+                job.members.push(BacklogRow { key: key.to_vec(), events: events.clone() });
+                for &g in events {
+                    in_rows[g] = true;
+                }
+            }
+        }
+        if jobs.is_empty() {
+            return Ok((all(), None));
+        }
+        let rest = (0..good.len()).filter(|&g| !in_rows[g]).collect();
+        let (router, deadline) = (router.clone(), self.args.config.infer_deadline);
+        let jobs: Vec<(BacklogJob, Arc<InferRows>)> = jobs
+            .into_iter()
+            .map(|mut j| {
+                let rows = Arc::new(std::mem::take(&mut j.rows));
+                (j, rows)
+            })
+            .collect();
+        let calls: Vec<(Arc<str>, Arc<InferRows>)> =
+            jobs.iter().map(|(j, r)| (j.model.clone(), r.clone())).collect();
+        // Its own task, so that the waves of the other keys run meanwhile.
+        let task = tokio::spawn(async move {
+            let calls =
+                calls.iter().map(|(model, rows)| router.infer_rows_within(model, rows.clone(), deadline));
+            futures::future::join_all(calls).await
+        });
+        let jobs = jobs.into_iter().map(|(j, _)| j).collect();
+        Ok((rest, Some(Backlogs { jobs, task: AbortOnDrop(task), load_us })))
+    }
+
     /// Decode, validate and score `batch` (steps 1-4 of the module doc). `None`: nothing new.
     async fn compute(
         &mut self,
@@ -425,100 +543,135 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
         crate::crash_point!("after-decode");
         let mut keys: HashMap<Vec<u8>, KeyState> = HashMap::new();
         let mut scored = 0u64;
-        let waves = waves::waves(good.iter().map(|(_, v)| v.event.key.as_slice()));
-        let n_waves = waves.len();
-        for wave in waves {
-            let load_started = Instant::now();
-            let missing: Vec<Vec<u8>> = wave
-                .iter()
-                .map(|&g| &good[g].1.event.key)
-                .filter(|k| !keys.contains_key(*k))
-                .cloned()
+        let emit_scored = |i: usize, v: &ValidEvent, out: &InferOutput, load_us: u64| {
+            let rec = fresh[i];
+            // Any i64 is a valid event time (far-off ones are flagged): no overflow.
+            let since_event = unix_micros()
+                .checked_sub(v.event.event_time_unix_micros)
+                .and_then(|us| u64::try_from(us).ok())
+                .map(Duration::from_micros);
+            a.observer.scored(&v.model, out, rec.received.elapsed(), since_event);
+            let span = &spans[i];
+            span.record(trace::OUTCOME, "SCORED");
+            span.record(trace::MODEL, &*v.model);
+            span.record(trace::MODEL_VERSION, out.model_version);
+            span.record(trace::DEVICE, tracing::field::display(&out.device));
+            span.record(trace::INFERENCE_BATCH, out.batch_size);
+            (rec.offset, score(rec, v, out, load_us).with_traceparent(traceparent(i)))
+        };
+        // Keys with a backlog go as one row each through their model's sequence form, while the
+        // other records run in waves; a row that fails goes on in waves after them.
+        let (mut todo, mut backlogs) = self.start_backlogs(&fresh, &good, &mut keys).await?;
+        let mut n_waves = 0;
+        loop {
+            let waves: Vec<Vec<usize>> = waves::waves(todo.iter().map(|&g| good[g].1.event.key.as_slice()))
+                .into_iter()
+                .map(|wave| wave.into_iter().map(|w| todo[w]).collect())
                 .collect();
-            self.load(missing, &mut keys).await?;
-            let load_us = micros(load_started.elapsed());
+            n_waves += waves.len();
+            for wave in waves {
+                let load_started = Instant::now();
+                let missing: Vec<Vec<u8>> = wave
+                    .iter()
+                    .map(|&g| &good[g].1.event.key)
+                    .filter(|k| !keys.contains_key(*k))
+                    .cloned()
+                    .collect();
+                self.load(missing, &mut keys).await?;
+                let load_us = micros(load_started.elapsed());
 
-            let mut idx = Vec::with_capacity(wave.len());
-            let mut by_model: Vec<ModelRows> = Vec::new();
-            let mut refused = Vec::new();
-            for &g in &wave {
-                let (i, v) = &good[g];
-                let ks = &keys[&v.event.key].seq;
-                // Applied (scored or dead-lettered) above the partition's applied offset before
-                // this actor started: its effect is in the key's state and its output was
-                // acknowledged before.
-                if ks.offset.is_some_and(|o| fresh[*i].offset <= o) {
-                    c.redelivered.fetch_add(1, Ordering::Relaxed);
-                    spans[*i].record(trace::OUTCOME, "REDELIVERED");
-                    continue;
-                }
-                let verdict =
-                    sequence::judge(ks.sequence, ks.window, v.event.sequence, a.config.max_sequence_gap);
-                if let sequence::Verdict::Reject(reason, detail) = verdict {
-                    dead.push(reason);
-                    outputs.push((fresh[*i].offset, dead_out(*i, reason, &detail, 1)));
-                    mark_answered(&mut keys, &v.event.key, fresh[*i].offset);
-                    continue;
-                }
-                let Some(spec) = router.model(&v.model) else {
-                    let e = InferError::UnknownModel { model: v.model.to_string() };
-                    refused.push((idx.len(), e));
-                    idx.push(g);
-                    continue;
-                };
-                let at = match by_model.iter().position(|w| w.model == v.model) {
-                    Some(at) => at,
-                    None => {
-                        let rows = InferRows::with_capacity(spec, wave.len());
-                        by_model.push(ModelRows { model: v.model.clone(), at: Vec::new(), rows });
-                        by_model.len() - 1
+                let mut idx = Vec::with_capacity(wave.len());
+                let mut by_model: Vec<ModelRows> = Vec::new();
+                let mut refused = Vec::new();
+                for &g in &wave {
+                    let (i, v) = &good[g];
+                    let ks = &keys[&v.event.key].seq;
+                    // Applied (scored or dead-lettered) above the partition's applied offset before
+                    // this actor started: its effect is in the key's state and its output was
+                    // acknowledged before.
+                    if ks.offset.is_some_and(|o| fresh[*i].offset <= o) {
+                        c.redelivered.fetch_add(1, Ordering::Relaxed);
+                        spans[*i].record(trace::OUTCOME, "REDELIVERED");
+                        continue;
                     }
-                };
-                let w = &mut by_model[at];
-                let state = (!ks.state.is_empty()).then_some(ks.state.as_slice());
-                match w.rows.push(spec, &v.event.features, state) {
-                    Ok(()) => w.at.push(idx.len()),
-                    Err(e) => refused.push((idx.len(), e)),
-                }
-                idx.push(g);
-            }
-            let outcomes = infer_wave(router, by_model, refused, idx.len(), &a.config).await;
-            for (g, outcome) in idx.into_iter().zip(outcomes) {
-                let (i, v) = &good[g];
-                let rec = fresh[*i];
-                match outcome {
-                    Outcome::Scored(mut out) => {
-                        let ks = keys.get_mut(&v.event.key).expect("loaded above");
-                        let s = &mut ks.seq;
-                        s.window = sequence::advance(s.sequence, s.window, v.event.sequence);
-                        s.sequence = v.event.sequence;
-                        s.offset = Some(rec.offset);
-                        // The output's state is the key's now (nothing below reads it).
-                        s.state = std::mem::take(&mut out.new_state);
-                        ks.dirty = true;
-                        scored += 1;
-                        // Any i64 is a valid event time (far-off ones are flagged): no overflow.
-                        let since_event = unix_micros()
-                            .checked_sub(v.event.event_time_unix_micros)
-                            .and_then(|us| u64::try_from(us).ok())
-                            .map(Duration::from_micros);
-                        a.observer.scored(&v.model, &out, rec.received.elapsed(), since_event);
-                        let span = &spans[*i];
-                        span.record(trace::OUTCOME, "SCORED");
-                        span.record(trace::MODEL, &*v.model);
-                        span.record(trace::MODEL_VERSION, out.model_version);
-                        span.record(trace::DEVICE, tracing::field::display(&out.device));
-                        span.record(trace::INFERENCE_BATCH, out.batch_size);
-                        let output = score(rec, v, &out, load_us).with_traceparent(traceparent(*i));
-                        outputs.push((rec.offset, output));
-                    }
-                    Outcome::Dead(reason, detail, attempts) => {
+                    let verdict =
+                        sequence::judge(ks.sequence, ks.window, v.event.sequence, a.config.max_sequence_gap);
+                    if let sequence::Verdict::Reject(reason, detail) = verdict {
                         dead.push(reason);
-                        outputs.push((rec.offset, dead_out(*i, reason, &detail, attempts)));
-                        mark_answered(&mut keys, &v.event.key, rec.offset);
+                        outputs.push((fresh[*i].offset, dead_out(*i, reason, &detail, 1)));
+                        mark_answered(&mut keys, &v.event.key, fresh[*i].offset);
+                        continue;
                     }
-                    Outcome::Retry(e) => return Err(Halt::Transient(e.to_string())),
+                    let Some(spec) = router.model(&v.model) else {
+                        let e = InferError::UnknownModel { model: v.model.to_string() };
+                        refused.push((idx.len(), e));
+                        idx.push(g);
+                        continue;
+                    };
+                    let at = match by_model.iter().position(|w| w.model == v.model) {
+                        Some(at) => at,
+                        None => {
+                            let rows = InferRows::with_capacity(spec, wave.len());
+                            by_model.push(ModelRows { model: v.model.clone(), at: Vec::new(), rows });
+                            by_model.len() - 1
+                        }
+                    };
+                    let w = &mut by_model[at];
+                    let state = (!ks.state.is_empty()).then_some(ks.state.as_slice());
+                    match w.rows.push(spec, &v.event.features, state) {
+                        Ok(()) => w.at.push(idx.len()),
+                        Err(e) => refused.push((idx.len(), e)),
+                    }
+                    idx.push(g);
                 }
+                let outcomes = infer_wave(router, by_model, refused, idx.len(), &a.config).await;
+                for (g, outcome) in idx.into_iter().zip(outcomes) {
+                    let (i, v) = &good[g];
+                    let rec = fresh[*i];
+                    match outcome {
+                        Outcome::Scored(mut out) => {
+                            let ks = keys.get_mut(&v.event.key).expect("loaded above");
+                            apply_event(&mut ks.seq, v.event.sequence, rec.offset);
+                            // The output's state is the key's now (nothing below reads it).
+                            ks.seq.state = std::mem::take(&mut out.new_state);
+                            ks.dirty = true;
+                            scored += 1;
+                            outputs.push(emit_scored(*i, v, &out, load_us));
+                        }
+                        Outcome::Dead(reason, detail, attempts) => {
+                            dead.push(reason);
+                            outputs.push((rec.offset, dead_out(*i, reason, &detail, attempts)));
+                            mark_answered(&mut keys, &v.event.key, rec.offset);
+                        }
+                        Outcome::Retry(e) => return Err(Halt::Transient(e.to_string())),
+                    }
+                }
+            }
+            let Some(started) = backlogs.take() else { break };
+            let (answers, load_us) = started.answers().await?;
+            todo = Vec::new();
+            for (row, answer) in answers {
+                let Some((scores, new_state, served)) = answer else {
+                    // Failed, timed out, or not finite: its events go on one by one, which
+                    // dead-letters the one at fault and scores the others.
+                    c.backlog_fallbacks.fetch_add(1, Ordering::Relaxed);
+                    todo.extend_from_slice(&row.events);
+                    continue;
+                };
+                let ks = keys.get_mut(&row.key).expect("loaded for its row");
+                for (&g, &score) in row.events.iter().zip(&scores) {
+                    let (i, v) = &good[g];
+                    apply_event(&mut ks.seq, v.event.sequence, fresh[*i].offset);
+                    let out = InferOutput::new(score, Vec::new(), served);
+                    outputs.push(emit_scored(*i, v, &out, load_us));
+                }
+                ks.seq.state = new_state;
+                ks.dirty = true;
+                scored += row.events.len() as u64;
+                c.backlog_events.fetch_add(row.events.len() as u64, Ordering::Relaxed);
+            }
+            if todo.is_empty() {
+                break;
             }
         }
 
@@ -559,6 +712,13 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
     }
 }
 
+/// An event of sequence `seq` at `offset` was applied to its key (its new state is set apart).
+fn apply_event(s: &mut Sequenced, seq: u64, offset: Offset) {
+    s.window = sequence::advance(s.sequence, s.window, seq);
+    s.sequence = seq;
+    s.offset = Some(offset);
+}
+
 /// A record of `key` at `offset` was dead-lettered: its key's state (unchanged otherwise) now
 /// says so, so that a restart from below it skips the record instead of answering it again
 /// (perhaps differently: a timeout may score the second time).
@@ -566,6 +726,76 @@ fn mark_answered(keys: &mut HashMap<Vec<u8>, KeyState>, key: &[u8], offset: Offs
     if let Some(ks) = keys.get_mut(key) {
         ks.seq.offset = Some(offset);
         ks.dirty = true;
+    }
+}
+
+/// Keys' backlogs on their way through their models' sequence form.
+struct Backlogs {
+    jobs: Vec<BacklogJob>,
+    task: AbortOnDrop<Vec<RowsOutput>>,
+    /// Loading their keys' states.
+    load_us: u64,
+}
+
+/// The rows of one model and length.
+struct BacklogJob {
+    model: Arc<str>,
+    /// Taken when the call starts.
+    rows: InferRows,
+    members: Vec<BacklogRow>,
+}
+
+/// One key's backlog: its events (indices into the batch's decoded events), in order.
+struct BacklogRow {
+    key: Vec<u8>,
+    events: Vec<usize>,
+}
+
+/// A row's scores (one per event), its key's new state and how it was served; `None` when the
+/// row was not scored in full (its events go on one by one).
+type BacklogAnswer = Option<(Vec<f32>, Vec<f32>, Served)>;
+
+impl Backlogs {
+    /// Each row with its answer, and the state-load time. A pool that cannot serve (no healthy
+    /// worker, shutting down) halts the batch, as in a wave.
+    async fn answers(self) -> Result<(Vec<(BacklogRow, BacklogAnswer)>, u64), Halt> {
+        let outputs = self.task.join().await.map_err(|e| Halt::Transient(format!("backlog rows: {e}")))?;
+        let mut answers = Vec::new();
+        for (job, out) in self.jobs.into_iter().zip(outputs) {
+            for (k, row) in job.members.into_iter().enumerate() {
+                let answer = match &out.answers[k] {
+                    RowAnswer::Scored(served) => {
+                        let (scores, new_state) = (out.scores(k), out.new_state(k));
+                        let finite = scores.iter().chain(new_state).all(|v| v.is_finite());
+                        finite.then(|| (scores.to_vec(), new_state.to_vec(), *served))
+                    }
+                    RowAnswer::Failed(
+                        e @ (InferError::Overloaded { .. }
+                        | InferError::WorkerLost { .. }
+                        | InferError::ShuttingDown),
+                    ) => return Err(Halt::Transient(e.to_string())),
+                    RowAnswer::Failed(_) | RowAnswer::TimedOut => None,
+                };
+                answers.push((row, answer));
+            }
+        }
+        Ok((answers, self.load_us))
+    }
+}
+
+/// A spawned task that is aborted when its handle is dropped (a batch that halts does not leave
+/// its backlog rows' task behind).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> AbortOnDrop<T> {
+    async fn join(mut self) -> Result<T, tokio::task::JoinError> {
+        (&mut self.0).await
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -665,7 +895,9 @@ fn judge(
             InferError::UnknownModel { .. } => {
                 Ok(Outcome::Dead(DeadLetterReason::UnknownModel, e.to_string(), 1))
             }
-            InferError::Shape { .. } => Ok(Outcome::Dead(DeadLetterReason::Shape, e.to_string(), 1)),
+            InferError::Shape { .. } | InferError::Steps { .. } => {
+                Ok(Outcome::Dead(DeadLetterReason::Shape, e.to_string(), 1))
+            }
             InferError::ValueRange { .. } => {
                 Ok(Outcome::Dead(DeadLetterReason::ValueRange, e.to_string(), 1))
             }

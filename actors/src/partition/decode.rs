@@ -216,6 +216,7 @@ mod tests {
             batch: BatchPolicy::unbatched(),
             warmup_batch_sizes: vec![],
             feature_range: None,
+            max_steps: 1,
         }
     }
 
@@ -321,6 +322,7 @@ mod tests {
         let decode_with = |on_violation, features: Vec<f32>| {
             let s = ModelSpec {
                 feature_range: Some(FeatureRange { min: -1.0, max: 1.0, on_violation }),
+                max_steps: 1,
                 ..spec()
             };
             let rec = with(|e| e.features = features);

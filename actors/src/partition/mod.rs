@@ -120,6 +120,11 @@ pub struct PipelineCounters {
     pub batches: AtomicU64,
     /// Produce or store-write attempts that failed and were retried.
     pub retries: AtomicU64,
+    /// Events scored in a key's backlog row (a model's sequence form), several per inference row.
+    pub backlog_events: AtomicU64,
+    /// Backlog rows that were not scored in full (failed, timed out, not finite): their events
+    /// went on one by one.
+    pub backlog_fallbacks: AtomicU64,
     /// The stored applied offset of each partition this node applied to.
     pub applied_offsets: std::sync::Mutex<std::collections::BTreeMap<u32, i64>>,
 }

@@ -33,22 +33,27 @@ const INF_STATE: f32 = 14.0;
 /// Takes 300 ms.
 const SLOW: f32 = 99.0;
 
-/// score = sum(features) + sum(state); new_state = state + features[0].
+/// score = sum(features) + sum(state); new_state = state + features[0]. A row of several steps
+/// applies them in order, as the sequence form does.
 struct Scripted;
 
 impl InferenceBackend for Scripted {
     fn run(&mut self, _model: usize, b: &BatchInput<'_>) -> Result<BatchOutput, BackendError> {
         let mut out = BatchOutput::default();
         for r in 0..b.rows {
-            let f = &b.features[r * F..(r + 1) * F];
-            if f[0] == SLOW {
-                std::thread::sleep(Duration::from_millis(300));
+            let mut s = b.state[r * H..(r + 1) * H].to_vec();
+            for t in 0..b.steps {
+                let at = (r * b.steps + t) * F;
+                let f = &b.features[at..at + F];
+                if f[0] == SLOW {
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                let score = f.iter().sum::<f32>() + s.iter().sum::<f32>();
+                out.scores.push(if f[0] == NAN_SCORE { f32::NAN } else { score });
+                let add = if f[0] == INF_STATE { f32::INFINITY } else { f[0] };
+                s.iter_mut().for_each(|v| *v += add);
             }
-            let s = &b.state[r * H..(r + 1) * H];
-            let score = f.iter().sum::<f32>() + s.iter().sum::<f32>();
-            out.scores.push(if f[0] == NAN_SCORE { f32::NAN } else { score });
-            let add = if f[0] == INF_STATE { f32::INFINITY } else { f[0] };
-            out.new_state.extend(s.iter().map(|v| v + add));
+            out.new_state.extend(s);
         }
         Ok(out)
     }
@@ -97,6 +102,7 @@ enum Out {
 
 struct Harness {
     store: Arc<MemStore>,
+    counters: Arc<PipelineCounters>,
     sink: Arc<Sink>,
     pool: InferencePool,
     tx: Option<Sender<InputRecord>>,
@@ -135,6 +141,17 @@ impl Harness {
         config: PartitionConfig,
         applied: Option<Offset>,
     ) -> Self {
+        Self::start_model(store, max_inflight, config, applied, 1).await
+    }
+
+    /// ... with a model whose sequence form takes `max_steps` (1: none).
+    async fn start_model(
+        store: Arc<MemStore>,
+        max_inflight: usize,
+        config: PartitionConfig,
+        applied: Option<Offset>,
+        max_steps: usize,
+    ) -> Self {
         let spec = ModelSpec {
             name: "m".into(),
             version: 1,
@@ -144,6 +161,7 @@ impl Harness {
             batch: BatchPolicy::unbatched(),
             warmup_batch_sizes: vec![],
             feature_range: None,
+            max_steps,
         };
         let pool_config = PoolConfig {
             devices: vec![Device::Cpu],
@@ -159,6 +177,7 @@ impl Harness {
         let sink = Arc::new(Sink::default());
         let (tx, rx) = crossbeam_channel::bounded(1024);
         let wake = Arc::new(AtomicBool::new(false));
+        let counters = Arc::new(PipelineCounters::default());
         let args = PartitionArgs {
             topic: Arc::from("in"),
             partition: P,
@@ -172,7 +191,7 @@ impl Harness {
             sink: sink.clone(),
             limits: Arc::new(Limits { default_model: Arc::from("m"), ..Limits::default() }),
             config,
-            counters: Arc::new(PipelineCounters::default()),
+            counters: counters.clone(),
             observer: Arc::new(NoopPipelineObserver),
             tracer: Arc::new(NoTraces),
         };
@@ -183,7 +202,7 @@ impl Harness {
                 .unwrap();
         let actor = ractor::call!(supervisor, SupervisorMsg::Spawn, Box::new(args)).unwrap().unwrap();
         let next_offset = applied.map_or(0, |o| o.0 + 1);
-        Self { store, sink, pool, tx: Some(tx), wake, actor, next_offset, supervisor, downs }
+        Self { store, counters, sink, pool, tx: Some(tx), wake, actor, next_offset, supervisor, downs }
     }
 
     /// Queue one event of `key` and wake the actor.
@@ -391,6 +410,78 @@ async fn a_hot_keys_backlog_never_holds_back_the_other_keys_and_commits_stay_bel
     // The hot key's events applied once each, in order: state 10 × 1.0, sequence 10.
     assert_eq!(h.stored("hot"), Some((10, vec![10.0, 10.0])));
     h.stop().await;
+}
+
+/// Run `events` through an actor whose model's sequence form takes `max_steps` (1: none), with
+/// 2 records of a key per batch otherwise; its outputs by offset (score or dead-letter reason),
+/// the stored states of `keys`, and its backlog counters (events, fallbacks).
+async fn run_backlogs(
+    events: &[(&str, u64, f32)],
+    keys: &[&str],
+    max_steps: usize,
+) -> (Vec<(i64, Result<f32, DeadLetterReason>)>, Vec<Option<(u64, Vec<f32>)>>, (u64, u64)) {
+    let config = PartitionConfig { max_batch: 64, max_waves: 2, ..PartitionConfig::default() };
+    let mut h = Harness::start_model(Arc::new(MemStore::default()), 64, config, None, max_steps).await;
+    h.send_all(events);
+    assert_eq!(h.drain().await, Some(Offset(events.len() as i64 - 1)));
+    let mut outs: Vec<(i64, Result<f32, DeadLetterReason>)> = h
+        .outputs()
+        .into_iter()
+        .map(|o| match o {
+            Out::Score(s) => (s.source_offset, Ok(s.score)),
+            Out::Dead(d) => (d.source_offset, Err(d.reason())),
+        })
+        .collect();
+    outs.sort_by_key(|(o, _)| *o);
+    let stored = keys.iter().map(|k| h.stored(k)).collect();
+    let c = &h.counters;
+    let counts = (c.backlog_events.load(Ordering::Relaxed), c.backlog_fallbacks.load(Ordering::Relaxed));
+    h.stop().await;
+    (outs, stored, counts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_backlog_is_scored_in_one_row_with_the_answers_of_one_by_one() {
+    // 12 events of a hot key (8 in the first batch: the sequence form's max_steps, not max_waves),
+    // 3 of a warm key, one of a cold key, interleaved.
+    let mut events: Vec<(&str, u64, f32)> = (1..=12).map(|s| ("hot", s, s as f32)).collect();
+    events.insert(3, ("warm", 1, 0.5));
+    events.insert(5, ("cold", 1, 2.0));
+    events.insert(7, ("warm", 2, 0.25));
+    events.push(("warm", 3, 4.0));
+    let keys = ["hot", "warm", "cold"];
+    let one_by_one = run_backlogs(&events, &keys, 1).await;
+    let in_rows = run_backlogs(&events, &keys, 8).await;
+    assert_eq!(one_by_one.2, (0, 0));
+    assert_eq!(in_rows.0, one_by_one.0, "the same answers, offset by offset");
+    assert_eq!(in_rows.1, one_by_one.1, "the same stored sequences and states");
+    assert!(one_by_one.0.iter().all(|(_, r)| r.is_ok()), "{:?}", one_by_one.0);
+    // hot: rows of 8 and 4; warm: a row of 3; cold alone.
+    assert_eq!(in_rows.2, (15, 0), "backlog events, fallbacks");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_row_that_fails_goes_on_one_by_one_and_an_unusual_one_never_goes_in_a_row() {
+    // hot: its 3rd event makes the model answer NaN (the row is not finite: fallback); dup: a
+    // repeated sequence (judged one by one, never in a row).
+    let events = [
+        ("hot", 1, 1.0),
+        ("hot", 2, 2.0),
+        ("hot", 3, NAN_SCORE),
+        ("hot", 4, 3.0),
+        ("dup", 1, 1.0),
+        ("dup", 1, 1.0),
+        ("dup", 2, 1.0),
+    ];
+    let keys = ["hot", "dup"];
+    let one_by_one = run_backlogs(&events, &keys, 1).await;
+    let in_rows = run_backlogs(&events, &keys, 8).await;
+    assert_eq!(in_rows.0, one_by_one.0);
+    assert_eq!(in_rows.1, one_by_one.1);
+    use DeadLetterReason::{Duplicate, OutputRange};
+    let reasons: Vec<Option<DeadLetterReason>> = in_rows.0.iter().map(|(_, r)| r.err()).collect();
+    assert_eq!(reasons, [None, None, Some(OutputRange), None, None, Some(Duplicate), None]);
+    assert_eq!(in_rows.2, (0, 1), "one fallback, nothing scored in a row");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

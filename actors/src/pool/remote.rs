@@ -14,7 +14,7 @@ use crate::model::ModelSpec;
 /// How one remote call of validated rows ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RemoteAnswer {
-    /// Every row scored: one score per row, `rows × state_size` new-state values.
+    /// Every row scored: one score per row and step, `rows × state_size` new-state values.
     Scored { scores: Vec<f32>, new_state: Vec<f32>, served: Served },
     /// The call's own rows are the cause (a lone row the model failed on): no retry helps.
     Failed(InferError),

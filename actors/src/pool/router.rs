@@ -120,24 +120,31 @@ impl Router {
     /// answer; a row with a value that is not finite, or that failed when run alone, gets its own
     /// error; [`RowAnswer::TimedOut`] for the rows of a job whose deadline passed. A wave that fits
     /// one job and is all valid is sent without a copy (the caller keeps its handle, to run a row
-    /// again).
+    /// again). Rows of several events (`rows.steps > 1`) run the model's sequence form; a model
+    /// without one, or with fewer `max_steps`, refuses them ([`InferError::Steps`]).
     pub async fn infer_rows_within(
         &self,
         model: &str,
         rows: Arc<InferRows>,
         deadline: Duration,
     ) -> RowsOutput {
-        let n = rows.rows;
+        let (n, steps) = (rows.rows, rows.steps);
         let Some(&m) = self.inner.by_name.get(model) else {
             return RowsOutput::all(
                 n,
+                steps,
                 0,
                 RowAnswer::Failed(InferError::UnknownModel { model: model.into() }),
             );
         };
         let spec = &self.inner.specs[m];
-        let (f, h) = (spec.feature_count, spec.state_size);
-        let mut out = RowsOutput::all(n, h, RowAnswer::TimedOut);
+        let (f, h) = (steps * spec.feature_count, spec.state_size);
+        let mut out = RowsOutput::all(n, steps, h, RowAnswer::TimedOut);
+        if !spec.takes_steps(steps) {
+            let e = InferError::Steps { model: spec.name.clone(), steps, max_steps: spec.max_steps };
+            out.answers.fill(RowAnswer::Failed(e));
+            return out;
+        }
         for (input, per_row, got) in [("features", f, rows.features.len()), ("state", h, rows.state.len())] {
             if got != n * per_row {
                 let e = InferError::Shape { model: spec.name.clone(), input, expected: n * per_row, got };
@@ -178,7 +185,10 @@ impl Router {
         let Ok(_permit) = self.inner.permits.clone().acquire_many_owned(count).await else {
             return JobAnswer::Whole(Some(Err(InferError::ShuttingDown)));
         };
-        match self.dispatch(model, rows.clone(), Some(deadline), 1, rows.rows > 1).await {
+        // A job of sequence rows is retried whole (isolated): its caller goes on event by event
+        // when it fails.
+        let split = rows.rows > 1 && rows.steps == 1;
+        match self.dispatch(model, rows.clone(), Some(deadline), 1, split).await {
             Dispatched::Answered(out) => JobAnswer::Whole(Some(out)),
             Dispatched::TimedOut => JobAnswer::Whole(None),
             Dispatched::LostRunning { attempt } => {
@@ -403,7 +413,7 @@ enum JobAnswer {
 impl RowsOutput {
     /// Write the answer of the job made of rows `index`.
     fn fill(&mut self, index: &[usize], answer: JobAnswer) {
-        let h = self.state_size;
+        let (h, t) = (self.state_size, self.steps);
         match answer {
             JobAnswer::Whole(Some(Ok(job))) => {
                 match job.values {
@@ -420,7 +430,7 @@ impl RowsOutput {
                     values => {
                         let (scores, new_state) = (values.scores(), values.new_state());
                         for (j, &k) in index.iter().enumerate() {
-                            self.scores[k] = scores[j];
+                            self.scores[k * t..(k + 1) * t].copy_from_slice(&scores[j * t..(j + 1) * t]);
                             self.new_state[k * h..(k + 1) * h]
                                 .copy_from_slice(&new_state[j * h..(j + 1) * h]);
                         }
@@ -447,6 +457,7 @@ impl RowsOutput {
             JobAnswer::ByRow(rows) => {
                 for (&k, row) in index.iter().zip(rows) {
                     self.answers[k] = match row {
+                        // Rows of one event only: a sequence row goes whole (see `rows_job`).
                         Some(Ok(o)) => {
                             self.scores[k] = o.score;
                             self.new_state[k * h..(k + 1) * h].copy_from_slice(&o.new_state);

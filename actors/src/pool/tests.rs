@@ -26,13 +26,16 @@ const HANG: f32 = 3e6;
 #[derive(Default)]
 struct Record {
     batch_sizes: Mutex<Vec<usize>>,
+    /// (rows, steps) of each batch.
+    batch_shapes: Mutex<Vec<(usize, usize)>>,
     rows: AtomicUsize,
     created: AtomicUsize,
     /// Batches that entered `run` (before waiting on the gate).
     entered: AtomicUsize,
 }
 
-/// score = sum(features) + sum(state); new_state = state + features[0].
+/// score = sum(features) + sum(state); new_state = state + features[0]; a row of several steps
+/// applies them in order.
 struct Fake {
     record: Arc<Record>,
     /// When set, every batch waits for one message before running.
@@ -46,22 +49,26 @@ impl InferenceBackend for Fake {
             let _ = gate.recv();
         }
         self.record.batch_sizes.lock().unwrap().push(b.rows);
+        self.record.batch_shapes.lock().unwrap().push((b.rows, b.steps));
         self.record.rows.fetch_add(b.rows, Ordering::SeqCst);
         let mut out = BatchOutput::default();
         for r in 0..b.rows {
-            let f = &b.features[r * F..(r + 1) * F];
-            let s = &b.state[r * H..(r + 1) * H];
-            match f[0] {
-                PANIC => panic!("poisoned input"),
-                FAIL => return Err(BackendError::Batch("kernel failed".into())),
-                DEVICE_LOST => return Err(BackendError::Fatal("device lost".into())),
-                HANG => loop {
-                    std::thread::park();
-                },
-                _ => {}
+            let mut s = b.state[r * H..(r + 1) * H].to_vec();
+            for t in 0..b.steps {
+                let f = &b.features[(r * b.steps + t) * F..(r * b.steps + t + 1) * F];
+                match f[0] {
+                    PANIC => panic!("poisoned input"),
+                    FAIL => return Err(BackendError::Batch("kernel failed".into())),
+                    DEVICE_LOST => return Err(BackendError::Fatal("device lost".into())),
+                    HANG => loop {
+                        std::thread::park();
+                    },
+                    _ => {}
+                }
+                out.scores.push(f.iter().sum::<f32>() + s.iter().sum::<f32>());
+                s.iter_mut().for_each(|v| *v += f[0]);
             }
-            out.scores.push(f.iter().sum::<f32>() + s.iter().sum::<f32>());
-            out.new_state.extend(s.iter().map(|v| v + f[0]));
+            out.new_state.extend(s);
         }
         Ok(out)
     }
@@ -102,6 +109,7 @@ fn spec(batch: BatchPolicy) -> ModelSpec {
         batch,
         warmup_batch_sizes: vec![],
         feature_range: None,
+        max_steps: 1,
     }
 }
 
@@ -838,4 +846,63 @@ async fn without_workers_of_its_own_the_router_sends_waves_to_the_remote_workers
     assert!(remote.calls.lock().unwrap().is_empty());
     assert_eq!(router.load().0, 0);
     pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_of_several_steps_are_batched_only_with_rows_of_as_many_and_answered_per_step() {
+    let (open, gate) = crossbeam_channel::unbounded();
+    let record = Arc::new(Record::default());
+    let factory = FakeFactory { record: record.clone(), gate: Some(gate), fail_start: None };
+    let seq = ModelSpec { max_steps: 4, ..spec(batched()) };
+    let pool = InferencePool::start(config(1, 64), vec![seq.clone()], Arc::new(factory)).await.unwrap();
+    let h = Harness { pool, record };
+    let router = h.pool.router();
+    let held = hold_worker(&h).await;
+    // Rows of `steps` steps: row r's step t has first feature 10 r + t, its state starts [r, 0].
+    let rows_of = |n: usize, steps: usize| {
+        let mut rows = InferRows::sequences(&seq, n, steps);
+        for r in 0..n {
+            let features: Vec<f32> = (0..steps).flat_map(|t| [(10 * r + t) as f32, 1.0, 2.0]).collect();
+            rows.push(&seq, &features, Some(&[r as f32, 0.0])).unwrap();
+        }
+        Arc::new(rows)
+    };
+    let calls = [(3, 1), (2, 3), (1, 2), (2, 3)].map(|(n, steps)| {
+        let (router, rows) = (router.clone(), rows_of(n, steps));
+        tokio::spawn(async move {
+            (rows.clone(), router.infer_rows_within("m", rows, Duration::from_secs(10)).await)
+        })
+    });
+    wait_for(|| async { router.load().0 }, |&n| n == 1 + 3 + 2 + 1 + 2).await;
+    release_forever(open);
+    held.await.unwrap().unwrap();
+    for call in calls {
+        let (rows, out) = call.await.unwrap();
+        assert_eq!((out.len(), out.steps), (rows.rows, rows.steps));
+        for r in 0..rows.rows {
+            assert!(matches!(out.answers[r], RowAnswer::Scored(_)), "{:?}", out.answers[r]);
+            // Step by step, as rows of one step would be answered.
+            let mut state = vec![r as f32, 0.0];
+            for t in 0..rows.steps {
+                let x = (10 * r + t) as f32;
+                assert_eq!(out.scores(r)[t], x + 3.0 + state.iter().sum::<f32>(), "row {r} step {t}");
+                state.iter_mut().for_each(|v| *v += x);
+            }
+            assert_eq!(out.new_state(r), state, "row {r}");
+        }
+    }
+    // Behind the held batch: one batch per length, the two calls of 3 steps together.
+    let mut shapes = h.record.batch_shapes.lock().unwrap()[1..].to_vec();
+    shapes.sort_unstable();
+    assert_eq!(shapes, [(1, 2), (3, 1), (4, 3)]);
+
+    // More steps than the model takes, or steps for a model without a sequence form: refused.
+    let out = router.infer_rows_within("m", rows_of(1, 5), Duration::from_secs(10)).await;
+    let steps = InferError::Steps { model: "m".into(), steps: 5, max_steps: 4 };
+    assert_eq!(out.answers, [RowAnswer::Failed(steps)]);
+    h.pool.shutdown().await;
+    let plain = start(1, 64, batched(), None).await;
+    let out = plain.pool.router().infer_rows_within("m", rows_of(1, 2), Duration::from_secs(10)).await;
+    assert!(matches!(&out.answers[0], RowAnswer::Failed(InferError::Steps { max_steps: 1, .. })), "{out:?}");
+    plain.pool.shutdown().await;
 }

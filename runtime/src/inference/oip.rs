@@ -155,6 +155,7 @@ impl Oip {
         };
         for name in outputs {
             let (shape, values): (Vec<usize>, &[f32]) = match name {
+                "score" if answer.steps > 1 => (vec![n, answer.steps], &answer.scores),
                 "score" => (vec![n], &answer.scores),
                 _ => (vec![n, spec.state_size], &answer.new_state),
             };
@@ -246,13 +247,14 @@ fn rows_from(spec: &ModelSpec, req: &ModelInferRequest) -> Result<InferRows, Sta
             req.inputs.len()
         )));
     }
-    let mut wanted = vec![("features", spec.feature_count)];
+    // (name, values per step, most steps)
+    let mut wanted = vec![("features", spec.feature_count, spec.max_steps)];
     if spec.is_stateful() {
-        wanted.push(("state", spec.state_size));
+        wanted.push(("state", spec.state_size, 1));
     }
-    let names = wanted.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ");
+    let names = wanted.iter().map(|(n, ..)| *n).collect::<Vec<_>>().join(", ");
     for input in &req.inputs {
-        if !wanted.iter().any(|(n, _)| *n == input.name) {
+        if !wanted.iter().any(|(n, ..)| *n == input.name) {
             return Err(bad(format!(
                 "model {:?} has no input {:?} (inputs: {names})",
                 spec.name, input.name
@@ -262,14 +264,17 @@ fn rows_from(spec: &ModelSpec, req: &ModelInferRequest) -> Result<InferRows, Sta
             return Err(bad(format!("input {:?} is given more than once", input.name)));
         }
     }
-    let mut rows: Option<usize> = None;
+    let (mut rows, mut steps): (Option<usize>, usize) = (None, 1);
     let mut values = Vec::with_capacity(wanted.len());
-    for &(name, width) in &wanted {
+    for &(name, width, max_steps) in &wanted {
         let Some(k) = req.inputs.iter().position(|i| i.name == name) else {
             return Err(bad(format!("model {:?} needs input {name:?} (inputs: {names})", spec.name)));
         };
         let input = &req.inputs[k];
-        let n = batch_of(input, width)?;
+        let (n, t) = batch_of(input, width, max_steps)?;
+        if name == "features" {
+            steps = t;
+        }
         if rows.is_some_and(|r| r != n) {
             return Err(bad(format!(
                 "input {name:?} has {n} rows, the inputs before it {}",
@@ -278,7 +283,7 @@ fn rows_from(spec: &ModelSpec, req: &ModelInferRequest) -> Result<InferRows, Sta
         }
         rows = Some(n);
         // A shape whose size does not fit a usize (or its bytes) is refused, not multiplied.
-        let count = n.checked_mul(width).filter(|c| c.checked_mul(4).is_some()).ok_or_else(|| {
+        let count = n.checked_mul(t * width).filter(|c| c.checked_mul(4).is_some()).ok_or_else(|| {
             bad(format!("input {name:?} has shape {:?}: more values than any request holds", input.shape))
         })?;
         values.push(tensor_values(input, raw.then(|| req.raw_input_contents[k].as_slice()), count)?);
@@ -286,6 +291,7 @@ fn rows_from(spec: &ModelSpec, req: &ModelInferRequest) -> Result<InferRows, Sta
     let mut values = values.into_iter();
     let rows = InferRows {
         rows: rows.unwrap_or_default(),
+        steps,
         features: values.next().unwrap_or_default(),
         state: values.next().unwrap_or_default(),
     };
@@ -299,8 +305,9 @@ fn rows_from(spec: &ModelSpec, req: &ModelInferRequest) -> Result<InferRows, Sta
     Ok(rows)
 }
 
-/// An input's row count: FP32 of shape `[rows, width]`, `rows` at least 1.
-fn batch_of(input: &InferInputTensor, width: usize) -> Result<usize, Status> {
+/// An input's rows and steps: FP32 of shape `[rows, width]` (one step), or `[rows, steps, width]`
+/// with `2 <= steps <= max_steps` (a sequence model's features); `rows` at least 1.
+fn batch_of(input: &InferInputTensor, width: usize, max_steps: usize) -> Result<(usize, usize), Status> {
     let name = &input.name;
     if input.datatype != FP32 {
         return Err(Status::invalid_argument(format!(
@@ -308,14 +315,27 @@ fn batch_of(input: &InferInputTensor, width: usize) -> Result<usize, Status> {
             input.datatype
         )));
     }
-    match input.shape[..] {
-        [rows, w] if rows >= 1 && w == width as i64 => usize::try_from(rows)
-            .map_err(|_| Status::invalid_argument(format!("input {name:?}: {rows} rows is too many"))),
-        _ => Err(Status::invalid_argument(format!(
-            "input {name:?} has shape {:?}, the model takes [rows, {width}] with rows >= 1",
-            input.shape
-        ))),
-    }
+    let (rows, steps) = match input.shape[..] {
+        [rows, w] if rows >= 1 && w == width as i64 => (rows, 1),
+        [rows, steps, w] if rows >= 1 && w == width as i64 && (2..=max_steps as i64).contains(&steps) => {
+            (rows, steps as usize)
+        }
+        _ if max_steps > 1 => {
+            return Err(Status::invalid_argument(format!(
+                "input {name:?} has shape {:?}, the model takes [rows, {width}] or [rows, steps, {width}] with rows >= 1 and 2 <= steps <= {max_steps}",
+                input.shape
+            )));
+        }
+        _ => {
+            return Err(Status::invalid_argument(format!(
+                "input {name:?} has shape {:?}, the model takes [rows, {width}] with rows >= 1",
+                input.shape
+            )));
+        }
+    };
+    let rows = usize::try_from(rows)
+        .map_err(|_| Status::invalid_argument(format!("input {name:?}: {rows} rows is too many")))?;
+    Ok((rows, steps))
 }
 
 /// The `count` values of one input, from its raw bytes or its typed contents.
@@ -374,7 +394,9 @@ pub fn status_of(e: &InferError, row: &str) -> Status {
     let message = format!("{row}{e}");
     match e {
         InferError::UnknownModel { .. } => Status::not_found(message),
-        InferError::Shape { .. } | InferError::ValueRange { .. } => Status::invalid_argument(message),
+        InferError::Shape { .. } | InferError::Steps { .. } | InferError::ValueRange { .. } => {
+            Status::invalid_argument(message)
+        }
         InferError::Backend(_) | InferError::Panicked(_) => Status::internal(message),
         // The row ran and its worker died with it (maybe because of it): not "nothing ran", so a
         // scorer goes on row by row instead of trying the same rows elsewhere.
@@ -500,6 +522,7 @@ mod tests {
             batch: partita_actors::model::BatchPolicy::unbatched(),
             warmup_batch_sizes: vec![],
             feature_range: None,
+            max_steps: 1,
         }
     }
 
@@ -540,6 +563,28 @@ mod tests {
             .map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect())
             .collect();
         assert_eq!(rows_from(&spec, &raw).unwrap(), rows);
+    }
+
+    #[test]
+    fn a_sequence_models_features_may_have_steps_and_a_model_without_may_not() {
+        let seq = ModelSpec { max_steps: 4, ..spec(2) };
+        let features: Vec<f32> = (0..18).map(|v| v as f32).collect();
+        let state = [0.5, -0.5, 0.25, -0.25, 1.0, 2.0];
+        let req = request(vec![input("features", &[3, 2, 3], &features), input("state", &[3, 2], &state)]);
+        let rows = rows_from(&seq, &req).unwrap();
+        assert_eq!((rows.rows, rows.steps, rows.features.len(), rows.state.len()), (3, 2, 18, 6));
+        assert_eq!(rows.row(&seq, 1).0, &features[6..12], "row 1: its 2 steps of 3 values");
+        let too_many =
+            request(vec![input("features", &[1, 5, 3], &[0.0; 15]), input("state", &[1, 2], &[0.0; 2])]);
+        assert!(refused(&seq, &too_many).contains("2 <= steps <= 4"), "{}", refused(&seq, &too_many));
+        assert!(
+            refused(&spec(2), &req).contains("the model takes [rows, 3] with"),
+            "{}",
+            refused(&spec(2), &req)
+        );
+        let state_steps =
+            request(vec![input("features", &[1, 2, 3], &[0.0; 6]), input("state", &[1, 2, 2], &[0.0; 4])]);
+        assert!(refused(&seq, &state_steps).contains("\"state\" has shape [1, 2, 2]"));
     }
 
     #[test]

@@ -627,11 +627,14 @@ async fn serving(e: &Endpoint) -> bool {
     }
 }
 
-fn tensor(name: &str, rows: usize, width: usize) -> InferInputTensor {
+/// An FP32 input of `rows` rows of `steps` steps of `width` values: `[rows, width]` for one step,
+/// `[rows, steps, width]` for a sequence model's rows of several.
+fn tensor(name: &str, rows: usize, steps: usize, width: usize) -> InferInputTensor {
+    let shape = if steps > 1 { vec![rows, steps, width] } else { vec![rows, width] };
     InferInputTensor {
         name: name.into(),
         datatype: "FP32".into(),
-        shape: vec![rows as i64, width as i64],
+        shape: shape.into_iter().map(|d| d as i64).collect(),
         ..Default::default()
     }
 }
@@ -651,12 +654,12 @@ async fn call(
 ) -> (Outcome, tonic::Code) {
     let mut request = ModelInferRequest {
         model_name: spec.name.clone(),
-        inputs: vec![tensor("features", rows.rows, spec.feature_count)],
+        inputs: vec![tensor("features", rows.rows, rows.steps, spec.feature_count)],
         raw_input_contents: vec![raw(&rows.features)],
         ..Default::default()
     };
     if spec.is_stateful() {
-        request.inputs.push(tensor("state", rows.rows, spec.state_size));
+        request.inputs.push(tensor("state", rows.rows, 1, spec.state_size));
         request.raw_input_contents.push(raw(&rows.state));
     }
     if let Some(d) = deadline {
@@ -684,7 +687,7 @@ async fn call(
         None => sent.await,
     };
     match result {
-        Ok(response) => match scored(spec, rows.rows, response.into_inner()) {
+        Ok(response) => match scored(spec, (rows.rows, rows.steps), response.into_inner()) {
             Ok(answer) => (Outcome::Answered(answer), tonic::Code::Ok),
             Err(why) => (Outcome::Mismatch(why), tonic::Code::Ok),
         },
@@ -735,7 +738,11 @@ fn classify(status: &tonic::Status, rows: usize) -> Outcome {
 }
 
 /// The answer's scores and new states, checked against the model.
-fn scored(spec: &ModelSpec, rows: usize, response: ModelInferResponse) -> Result<RemoteAnswer, String> {
+fn scored(
+    spec: &ModelSpec,
+    (rows, steps): (usize, usize),
+    response: ModelInferResponse,
+) -> Result<RemoteAnswer, String> {
     let values = |name: &str, count: usize| -> Result<Vec<f32>, String> {
         let k = response.outputs.iter().position(|o| o.name == name).ok_or(format!("no output {name:?}"))?;
         let bytes =
@@ -745,7 +752,7 @@ fn scored(spec: &ModelSpec, rows: usize, response: ModelInferResponse) -> Result
         }
         Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
     };
-    let scores = values("score", rows)?;
+    let scores = values("score", rows * steps)?;
     let new_state =
         if spec.is_stateful() { values("new_state", rows * spec.state_size)? } else { Vec::new() };
     let int = |name: &str| match response.parameters.get(name).and_then(|p| p.parameter_choice.clone()) {

@@ -95,7 +95,7 @@ impl BackendFactory for TchFactory {
                 let features = vec![0.0; rows * spec.feature_count];
                 let state = vec![0.0; rows * spec.state_size];
                 let out = backend
-                    .run(i, &BatchInput { rows, features: &features, state: &state })
+                    .run(i, &BatchInput { rows, steps: 1, features: &features, state: &state })
                     .map_err(|e| load_err(format!("warm-up with batch {rows}: {e}")))?;
                 if out.scores.len() != rows || out.new_state.len() != rows * spec.state_size {
                     return Err(load_err(format!(
@@ -103,6 +103,25 @@ impl BackendFactory for TchFactory {
                         out.scores.len(),
                         out.new_state.len(),
                         rows * spec.state_size
+                    )));
+                }
+            }
+            // The sequence form: its method must exist and answer in shape, checked here too.
+            if spec.max_steps > 1 {
+                let steps = spec.max_steps.min(2);
+                let features = vec![0.0; steps * spec.feature_count];
+                let state = vec![0.0; spec.state_size];
+                let out = backend
+                    .run(i, &BatchInput { rows: 1, steps, features: &features, state: &state })
+                    .map_err(|e| {
+                        load_err(format!("warm-up of forward_sequence ([sequence] max_steps): {e}"))
+                    })?;
+                if out.scores.len() != steps || out.new_state.len() != spec.state_size {
+                    return Err(load_err(format!(
+                        "warm-up of forward_sequence with {steps} steps: got {} scores and {} state values, expected {steps} and {}",
+                        out.scores.len(),
+                        out.new_state.len(),
+                        spec.state_size
                     )));
                 }
             }
@@ -127,22 +146,37 @@ impl TchBackend {
     fn forward(&self, m: &Loaded, batch: &BatchInput<'_>) -> Result<BatchOutput, TchError> {
         let _no_grad = tch::no_grad_guard();
         let rows = to_i64(batch.rows);
-        let features =
-            Tensor::f_from_slice(batch.features)?.f_view([rows, m.features])?.f_to_device(self.device)?;
+        let features = Tensor::f_from_slice(batch.features)?;
+        if batch.steps > 1 {
+            // The sequence form (stateful models only: checked when the config loads).
+            let features =
+                features.f_view([rows, to_i64(batch.steps), m.features])?.f_to_device(self.device)?;
+            let state =
+                Tensor::f_from_slice(batch.state)?.f_view([rows, m.state])?.f_to_device(self.device)?;
+            let out =
+                m.module.method_is("forward_sequence", &[IValue::Tensor(features), IValue::Tensor(state)])?;
+            return pair(out);
+        }
+        let features = features.f_view([rows, m.features])?.f_to_device(self.device)?;
         if m.state == 0 {
             let score = m.module.forward_ts(&[features])?;
             return Ok(BatchOutput { scores: to_vec(&score)?, new_state: Vec::new() });
         }
         let state = Tensor::f_from_slice(batch.state)?.f_view([rows, m.state])?.f_to_device(self.device)?;
-        match m.module.forward_is(&[IValue::Tensor(features), IValue::Tensor(state)])? {
-            IValue::Tuple(mut out) if out.len() == 2 => match (out.pop(), out.pop()) {
-                (Some(IValue::Tensor(new_state)), Some(IValue::Tensor(score))) => {
-                    Ok(BatchOutput { scores: to_vec(&score)?, new_state: to_vec(&new_state)? })
-                }
-                _ => Err(TchError::Kind("model must return (score, new_state) tensors".into())),
-            },
-            _ => Err(TchError::Kind("model must return a (score, new_state) tuple".into())),
-        }
+        pair(m.module.forward_is(&[IValue::Tensor(features), IValue::Tensor(state)])?)
+    }
+}
+
+/// A stateful model's `(score, new_state)` answer.
+fn pair(out: IValue) -> Result<BatchOutput, TchError> {
+    match out {
+        IValue::Tuple(mut out) if out.len() == 2 => match (out.pop(), out.pop()) {
+            (Some(IValue::Tensor(new_state)), Some(IValue::Tensor(score))) => {
+                Ok(BatchOutput { scores: to_vec(&score)?, new_state: to_vec(&new_state)? })
+            }
+            _ => Err(TchError::Kind("model must return (score, new_state) tensors".into())),
+        },
+        _ => Err(TchError::Kind("model must return a (score, new_state) tuple".into())),
     }
 }
 

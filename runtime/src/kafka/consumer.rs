@@ -646,8 +646,8 @@ impl<S: StateStore> NodeContext<S> {
                 slot.claiming = Some(self.start_claim(p, mine));
             }
             let Some(run) = &slot.run else { continue };
-            // Records wait in the queue, here (paused), or held by the actor behind a hot key
-            // (their bytes stay counted until they go into a batch).
+            // Records wait in the queue, here (paused), held by the actor behind a hot key, or in
+            // the batch it computes (their bytes stay counted until that batch is computed).
             let waiting = run.tx.len() + slot.held.len();
             if waiting == 0 && run.queued_bytes.load(Ordering::SeqCst) == 0 {
                 slot.progress_at = now;

@@ -168,6 +168,18 @@ impl Collector for NodeCollector {
         counter(&mut enc, "partita_retries", "Produce or state-write attempts retried", get(&c.retries))?;
         counter(
             &mut enc,
+            "partita_backlog_events",
+            "Events scored in a key's backlog row (the model's sequence form)",
+            get(&c.backlog_events),
+        )?;
+        counter(
+            &mut enc,
+            "partita_backlog_fallbacks",
+            "Backlog rows not scored in full, whose events went on one by one",
+            get(&c.backlog_fallbacks),
+        )?;
+        counter(
+            &mut enc,
             "partita_unknown_field_events",
             "Events carrying fields this schema does not know (accepted)",
             get(&c.unknown_fields),
