@@ -279,9 +279,11 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
     /// batch or an earlier one (the lowest held offset − 1, or the highest taken).
     fn next_batch(&mut self) -> (Vec<InputRecord>, Offset) {
         let config = &self.args.config;
-        // A key's records beyond `max_waves` cost no more rounds when a model scores them in one
-        // pass (its sequence form): then up to its `max_steps` of them.
-        let max_steps = self.args.router.models().iter().map(|m| m.max_steps).max().unwrap_or(1);
+        // A key's records beyond `max_waves` cost no more rounds when its model scores them in one
+        // pass (its sequence form): then up to the default model's `max_steps` of them (records
+        // are not decoded yet; those naming another model, or whose row falls back, still take a
+        // wave each: docs/pipeline.md).
+        let max_steps = self.args.router.model(&self.args.limits.default_model).map_or(1, |m| m.max_steps);
         let (max_batch, max_waves) = (config.max_batch.max(1), config.max_waves.max(max_steps).max(1));
         let mut batch = Vec::new();
         let mut per_key: HashMap<Vec<u8>, usize> = HashMap::new();
@@ -756,10 +758,16 @@ struct BacklogRow {
 type BacklogAnswer = Option<(Vec<f32>, Vec<f32>, Served)>;
 
 impl Backlogs {
-    /// Each row with its answer, and the state-load time. A pool that cannot serve (no healthy
-    /// worker, shutting down) halts the batch, as in a wave.
+    /// Each row with its answer, and the state-load time. A pool that is full or shutting down
+    /// halts the batch, as in a wave; a row whose worker was lost goes on one by one like a
+    /// failed one (one of its job's rows may have killed the worker: alone, in waves, it is
+    /// isolated as there). A panic in the calls' task is the actor's, as in a wave.
     async fn answers(self) -> Result<(Vec<(BacklogRow, BacklogAnswer)>, u64), Halt> {
-        let outputs = self.task.join().await.map_err(|e| Halt::Transient(format!("backlog rows: {e}")))?;
+        let outputs = match self.task.join().await {
+            Ok(outputs) => outputs,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => return Err(Halt::Transient(format!("backlog rows: {e}"))),
+        };
         let mut answers = Vec::new();
         for (job, out) in self.jobs.into_iter().zip(outputs) {
             for (k, row) in job.members.into_iter().enumerate() {
@@ -769,11 +777,9 @@ impl Backlogs {
                         let finite = scores.iter().chain(new_state).all(|v| v.is_finite());
                         finite.then(|| (scores.to_vec(), new_state.to_vec(), *served))
                     }
-                    RowAnswer::Failed(
-                        e @ (InferError::Overloaded { .. }
-                        | InferError::WorkerLost { .. }
-                        | InferError::ShuttingDown),
-                    ) => return Err(Halt::Transient(e.to_string())),
+                    RowAnswer::Failed(e @ (InferError::Overloaded { .. } | InferError::ShuttingDown)) => {
+                        return Err(Halt::Transient(e.to_string()));
+                    }
                     RowAnswer::Failed(_) | RowAnswer::TimedOut => None,
                 };
                 answers.push((row, answer));

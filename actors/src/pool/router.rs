@@ -185,8 +185,9 @@ impl Router {
         let Ok(_permit) = self.inner.permits.clone().acquire_many_owned(count).await else {
             return JobAnswer::Whole(Some(Err(InferError::ShuttingDown)));
         };
-        // A job of sequence rows is retried whole (isolated): its caller goes on event by event
-        // when it fails.
+        // A job of sequence rows is retried whole (isolated); when that fails too (its worker lost
+        // again), the partition actor goes on with its rows' events one by one, where a row that
+        // kills a worker is isolated as above.
         let split = rows.rows > 1 && rows.steps == 1;
         match self.dispatch(model, rows.clone(), Some(deadline), 1, split).await {
             Dispatched::Answered(out) => JobAnswer::Whole(Some(out)),

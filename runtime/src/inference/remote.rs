@@ -691,7 +691,7 @@ async fn call(
             Ok(answer) => (Outcome::Answered(answer), tonic::Code::Ok),
             Err(why) => (Outcome::Mismatch(why), tonic::Code::Ok),
         },
-        Err(status) => (classify(&status, rows.rows), status.code()),
+        Err(status) => (classify(&status, rows.rows, rows.steps), status.code()),
     }
 }
 
@@ -707,7 +707,7 @@ fn connect_failed(status: &tonic::Status) -> bool {
     false
 }
 
-fn classify(status: &tonic::Status, rows: usize) -> Outcome {
+fn classify(status: &tonic::Status, rows: usize, steps: usize) -> Outcome {
     use tonic::Code;
     // A status with a source was made by this client from a transport error; one without came
     // from the server.
@@ -716,6 +716,11 @@ fn classify(status: &tonic::Status, rows: usize) -> Outcome {
         _ if connect_failed(status) => Outcome::Refused,
         Code::Unavailable | Code::ResourceExhausted if !local => Outcome::Refused,
         Code::DeadlineExceeded | Code::Cancelled => Outcome::Answered(RemoteAnswer::TimedOut),
+        // Rows of several steps refused: a worker whose model has no sequence form (an older one,
+        // mid-upgrade). Not the endpoint's failure: the caller scores the events one by one.
+        Code::InvalidArgument if !local && steps > 1 => Outcome::Answered(RemoteAnswer::Failed(
+            InferError::Backend(format!("the worker refused rows of {steps} steps: {}", status.message())),
+        )),
         Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition if !local => {
             Outcome::Mismatch(format!("the worker refused rows this node validated: {}", status.message()))
         }
@@ -903,28 +908,38 @@ mod tests {
     fn statuses_are_classified_by_who_made_them() {
         use tonic::{Code, Status};
         let server = |code, msg: &str| Status::new(code, msg);
-        assert!(matches!(classify(&server(Code::Unavailable, "the node is draining"), 4), Outcome::Refused));
         assert!(matches!(
-            classify(&server(Code::Aborted, "row 1: no healthy worker answered after 3 attempt(s)"), 4),
+            classify(&server(Code::Unavailable, "the node is draining"), 4, 1),
+            Outcome::Refused
+        ));
+        assert!(matches!(
+            classify(&server(Code::Aborted, "row 1: no healthy worker answered after 3 attempt(s)"), 4, 1),
             Outcome::Answered(RemoteAnswer::Lost)
         ));
         assert!(matches!(
-            classify(&server(Code::DeadlineExceeded, "late"), 4),
+            classify(&server(Code::DeadlineExceeded, "late"), 4, 1),
             Outcome::Answered(RemoteAnswer::TimedOut)
         ));
-        assert!(matches!(classify(&server(Code::NotFound, "unknown model"), 1), Outcome::Mismatch(_)));
+        assert!(matches!(classify(&server(Code::NotFound, "unknown model"), 1, 1), Outcome::Mismatch(_)));
+        // Rows of several steps refused (a worker without the sequence form): the rows' failure,
+        // not the endpoint's (its breaker is not charged); one step refused is a mismatch.
         assert!(matches!(
-            classify(&server(Code::Internal, "row 2: boom"), 4),
+            classify(&server(Code::InvalidArgument, "input \"features\" has shape [2, 8, 16]"), 2, 8),
+            Outcome::Answered(RemoteAnswer::Failed(InferError::Backend(_)))
+        ));
+        assert!(matches!(classify(&server(Code::InvalidArgument, "shape"), 2, 1), Outcome::Mismatch(_)));
+        assert!(matches!(
+            classify(&server(Code::Internal, "row 2: boom"), 4, 1),
             Outcome::Answered(RemoteAnswer::RowFailed)
         ));
         assert!(matches!(
-            classify(&server(Code::Internal, "model runtime panicked on this batch: x"), 1),
+            classify(&server(Code::Internal, "model runtime panicked on this batch: x"), 1, 1),
             Outcome::Answered(RemoteAnswer::Failed(InferError::Panicked(_)))
         ));
         let broken = Status::from_error(Box::new(std::io::Error::other("connection reset")));
-        assert!(matches!(classify(&broken, 4), Outcome::Answered(RemoteAnswer::Lost)), "{broken:?}");
+        assert!(matches!(classify(&broken, 4, 1), Outcome::Answered(RemoteAnswer::Lost)), "{broken:?}");
         let refused =
             Status::from_error(Box::new(tonic::ConnectError(Box::new(std::io::Error::other("refused")))));
-        assert!(matches!(classify(&refused, 4), Outcome::Refused), "{refused:?}");
+        assert!(matches!(classify(&refused, 4, 1), Outcome::Refused), "{refused:?}");
     }
 }
