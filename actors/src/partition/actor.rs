@@ -462,22 +462,17 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
         }
         let rest = (0..good.len()).filter(|&g| !in_rows[g]).collect();
         let (router, deadline) = (router.clone(), self.args.config.infer_deadline);
-        let jobs: Vec<(BacklogJob, Arc<InferRows>)> = jobs
-            .into_iter()
-            .map(|mut j| {
-                let rows = Arc::new(std::mem::take(&mut j.rows));
-                (j, rows)
-            })
-            .collect();
-        let calls: Vec<(Arc<str>, Arc<InferRows>)> =
-            jobs.iter().map(|(j, r)| (j.model.clone(), r.clone())).collect();
+        // The rows go to the task; the members stay to apply the answers.
+        let calls: Vec<(Arc<str>, InferRows)> =
+            jobs.iter_mut().map(|j| (j.model.clone(), std::mem::take(&mut j.rows))).collect();
         // Its own task, so that the waves of the other keys run meanwhile.
         let task = tokio::spawn(async move {
-            let calls =
-                calls.iter().map(|(model, rows)| router.infer_rows_within(model, rows.clone(), deadline));
+            let calls = calls.into_iter().map(|(model, rows)| {
+                let router = &router;
+                async move { router.infer_rows_within(&model, Arc::new(rows), deadline).await }
+            });
             futures::future::join_all(calls).await
         });
-        let jobs = jobs.into_iter().map(|(j, _)| j).collect();
         Ok((rest, Some(Backlogs { jobs, task: AbortOnDrop(task), load_us })))
     }
 
