@@ -35,6 +35,22 @@ pub fn partita_bin() -> PathBuf {
     bin
 }
 
+/// A node started with `FAILPOINTS` aborted at fail point `point` (its log says so). A binary
+/// built without the feature ignores `FAILPOINTS`: said plainly, as that is the usual cause.
+pub fn assert_crashed_at(status: Option<std::process::ExitStatus>, log: &str, point: &str) {
+    let hint = if log.contains("fail points configured") {
+        String::new()
+    } else {
+        format!(
+            " ({} was built without fail points: `cargo build -p partita-runtime --features \
+             partita-runtime/failpoints --bin partita`, as scripts/test.sh does)",
+            partita_bin().display()
+        )
+    };
+    assert!(status.is_some_and(|s| !s.success()), "fail point {point} did not fire{hint}: {status:?}\n{log}");
+    assert!(log.contains(&format!("fail point {point}: aborting")), "{log}");
+}
+
 /// Where a test node keeps its state: RocksDB in `dir` (with a changelog topic, for several
 /// nodes), or (backend cql) a keyspace of its own on the test binary's local Cassandra. Node logs
 /// go next to `dir` either way.

@@ -7,9 +7,10 @@ use crate::node::{Node, NodeOptions};
 
 pub async fn run(opts: &NodeOptions) -> anyhow::Result<()> {
     exit_with_stdin();
+    let signals = StopSignals::listen()?;
     let node = Node::start(opts).await?;
     tracing::info!(devices = ?node.devices, group = %opts.group, zone = %opts.zone, input = %opts.input_topic, "node started");
-    let summary = node.run_until(shutdown_signal()).await?;
+    let summary = node.run_until(signals.first_then_exit_on_second()).await?;
     let c = &summary.counters;
     tracing::info!(
         scored = c.scored.load(Ordering::Relaxed),
@@ -34,32 +35,49 @@ fn exit_with_stdin() {
     });
 }
 
-/// Resolves on the first SIGTERM or SIGINT; a second one exits the process at once.
-pub async fn shutdown_signal() {
-    first_signal().await;
-    tracing::info!("shutdown signal: draining (a second signal exits at once)");
-    tokio::spawn(async {
-        first_signal().await;
-        eprintln!("second signal: exiting without draining");
-        std::process::exit(130);
-    });
+/// The stop signals (SIGTERM, SIGINT), listened for from creation on: one that comes while the
+/// node starts (model loading, warm-up, joining the group) is served once it has started, as an
+/// orderly drain, instead of killing the process with the default action.
+pub struct StopSignals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
 }
 
-async fn first_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut term) = signal(SignalKind::terminate()) else {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+impl StopSignals {
+    pub fn listen() -> anyhow::Result<Self> {
+        #[cfg(unix)]
+        {
+            use anyhow::Context;
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Self {
+                term: signal(SignalKind::terminate()).context("listening for SIGTERM")?,
+                int: signal(SignalKind::interrupt()).context("listening for SIGINT")?,
+            })
         }
+        #[cfg(not(unix))]
+        Ok(Self {})
     }
-    #[cfg(not(unix))]
-    {
+
+    /// Resolves on the first signal; a second one exits the process at once.
+    pub async fn first_then_exit_on_second(mut self) {
+        self.next().await;
+        tracing::info!("shutdown signal: draining (a second signal exits at once)");
+        tokio::spawn(async move {
+            self.next().await;
+            eprintln!("second signal: exiting without draining");
+            std::process::exit(130);
+        });
+    }
+
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+        #[cfg(not(unix))]
         let _ = tokio::signal::ctrl_c().await;
     }
 }
