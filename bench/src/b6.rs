@@ -19,6 +19,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use clap::Parser;
 use hdrhistogram::Histogram;
 use partita_actors::state::{
@@ -26,7 +27,7 @@ use partita_actors::state::{
 };
 use partita_bench::git_rev;
 use partita_runtime::loadgen::Zipf;
-use partita_runtime::state::rocks::{RocksConfig, RocksStore};
+use partita_runtime::state::rocks::{RocksConfig, RocksMemory, RocksStore};
 use serde_json::json;
 
 #[derive(Debug, Parser)]
@@ -57,12 +58,40 @@ fn value_len(key: u64, max: usize) -> usize {
     (256.0 * ((max as f64 / 256.0).powf(u))) as usize
 }
 
-fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(|l| l.to_owned()))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()))
-        .map_or(0, |kb| kb * 1024)
+/// Where the process's memory stands at one instant, bytes.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sample {
+    rss: u64,
+    /// Anonymous memory (the heap: malloc's arenas, whatever they hold) and file pages (code,
+    /// RocksDB's files mapped).
+    anon: u64,
+    file: u64,
+    /// The state cache's accounted bytes (what its budget bounds).
+    cache: u64,
+    rocks: RocksMemory,
+}
+
+impl Sample {
+    fn take(cache: &StateCache<RocksStore>, rocks: &RocksStore) -> Self {
+        Self { cache: cache.stats().bytes, rocks: rocks.memory(), ..Self::process() }
+    }
+
+    /// The process's part only (`/proc/self/status`).
+    fn process() -> Self {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let kib = |field: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()))
+                .map_or(0, |n| n * 1024)
+        };
+        Self { rss: kib("VmRSS:"), anon: kib("RssAnon:"), file: kib("RssFile:"), ..Self::default() }
+    }
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / 1048576.0
 }
 
 fn key_bytes(k: u64) -> Vec<u8> {
@@ -227,7 +256,9 @@ fn redis(budget: u64, keys: u64, max_value: usize) -> anyhow::Result<serde_json:
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let tmp = tempfile::tempdir_in(args.dir.clone().unwrap_or_else(std::env::temp_dir))?;
+    let parent = args.dir.clone().unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
+    let tmp = tempfile::tempdir_in(&parent)?;
     let budget = args.budget_mib << 20;
     let mean_value = {
         let n = 10_000u64;
@@ -243,6 +274,9 @@ async fn main() -> anyhow::Result<()> {
     };
     // The memory the configuration allows for state: cache + RocksDB block cache + 2 memtables.
     let configured = budget + rocks_cfg.block_cache_bytes as u64 + 2 * rocks_cfg.write_buffer_bytes as u64;
+    // glibc reads it at start: the image and scripts/bench.sh set 2 (docs/memory.md).
+    let arena_max = std::env::var("MALLOC_ARENA_MAX").unwrap_or_else(|_| "unset (glibc default)".into());
+    println!("MALLOC_ARENA_MAX: {arena_max}");
     println!(
         "B6: {keys} keys, mean value {mean_value} B, {:.0} MiB of state through a {} MiB cache ({:.0} MiB configured in all)",
         (keys * mean_value) as f64 / 1048576.0,
@@ -250,12 +284,20 @@ async fn main() -> anyhow::Result<()> {
         configured as f64 / 1048576.0
     );
 
-    let baseline = rss_bytes();
+    let baseline = Sample::process();
     let store = RocksStore::open(&rocks_cfg)?;
+    let rocks = store.clone();
     // Writes come from the partition's owner: claim it (epoch 1) as a node would.
     store.claim(PartitionId(0), Epoch(1)).await?;
     let cache = Arc::new(StateCache::new(store, budget, Arc::new(NoopObserver)));
-    let mut peak = 0u64;
+    // The sample with the highest RSS: where the memory was then.
+    let mut peak = Sample::default();
+    let sample = |peak: &mut Sample| {
+        let now = Sample::take(&cache, &rocks);
+        if now.rss > peak.rss {
+            *peak = now;
+        }
+    };
     let mut offset = 0i64;
     let started = Instant::now();
     let all: Vec<u64> = (0..keys).collect();
@@ -271,7 +313,7 @@ async fn main() -> anyhow::Result<()> {
         }
         offset += 1;
         if offset % 64 == 0 {
-            peak = peak.max(rss_bytes().saturating_sub(baseline));
+            sample(&mut peak);
         }
     }
     let stream_secs = started.elapsed().as_secs_f64();
@@ -279,7 +321,7 @@ async fn main() -> anyhow::Result<()> {
     let stats = cache.stats();
     println!(
         "{}",
-        json!({"name": "stream", "keys": keys, "keys_per_s": stream_rate, "cache": format!("{stats:?}"), "rss_growth_peak": peak})
+        json!({"name": "stream", "keys": keys, "keys_per_s": stream_rate, "cache": format!("{stats:?}"), "rss_growth_peak": peak.rss.saturating_sub(baseline.rss)})
     );
 
     let mut zipf = Zipf::new(keys as usize, 1.1, 1);
@@ -294,7 +336,7 @@ async fn main() -> anyhow::Result<()> {
         offset += 1;
         done += wave.len() as u64;
         if offset % 64 == 0 {
-            peak = peak.max(rss_bytes().saturating_sub(baseline));
+            sample(&mut peak);
         }
     }
     let zipf_rate = done as f64 / started.elapsed().as_secs_f64();
@@ -305,7 +347,7 @@ async fn main() -> anyhow::Result<()> {
         cache.get_many(PartitionId(0), &hot_key).await?;
         hot.record(t.elapsed().as_nanos().max(1) as u64)?;
     }
-    peak = peak.max(rss_bytes().saturating_sub(baseline));
+    sample(&mut peak);
     let stats = cache.stats();
     let hit_ratio = stats.hits as f64 / (stats.hits + stats.misses).max(1) as f64;
     println!(
@@ -323,7 +365,11 @@ async fn main() -> anyhow::Result<()> {
 
     let ratio = zipf_rate / db_bench_rate;
     let ratio_cold = stream_rate / db_bench_rate;
-    let rss_ratio = peak as f64 / configured as f64;
+    let growth = peak.rss.saturating_sub(baseline.rss);
+    let rss_ratio = growth as f64 / configured as f64;
+    let anon = peak.anon.saturating_sub(baseline.anon);
+    let file = peak.file.saturating_sub(baseline.file);
+    let rocks_mem = peak.rocks.block_cache + peak.rocks.memtables + peak.rocks.table_readers;
     let state_vs_budget = streamed_bytes as f64 / budget as f64;
     println!();
     println!(
@@ -332,12 +378,27 @@ async fn main() -> anyhow::Result<()> {
     );
     println!(
         "RSS growth peak: {:.1} MiB vs {:.1} MiB configured (cache {} + block cache {} + memtables {}): {:.2}x",
-        peak as f64 / 1048576.0,
-        configured as f64 / 1048576.0,
+        mib(growth),
+        mib(configured),
         args.budget_mib,
         rocks_cfg.block_cache_bytes >> 20,
         (2 * rocks_cfg.write_buffer_bytes) >> 20,
         rss_ratio
+    );
+    // The parts at the peak: what the state cache and RocksDB count, and what the process holds
+    // (anonymous: the heap; file: mapped files). Anonymous growth beyond the counted parts is the
+    // allocator's (arenas, fragmentation, freed memory not returned) or uncounted allocations.
+    println!(
+        "at the RSS peak: state cache {:.1} MiB accounted; RocksDB {:.1} MiB (block cache {:.1}, memtables {:.1}, \
+         table readers {:.1}); anonymous growth {:.1} MiB ({:.1} MiB beyond those counts); file pages {:.1} MiB",
+        mib(peak.cache),
+        mib(rocks_mem),
+        mib(peak.rocks.block_cache),
+        mib(peak.rocks.memtables),
+        mib(peak.rocks.table_readers),
+        mib(anon),
+        mib(anon.saturating_sub(peak.cache + rocks_mem)),
+        mib(file),
     );
     println!(
         "Zipf RMW through cache + RocksDB: {zipf_rate:.0} keys/s (hit ratio {hit_ratio:.3}); db_bench updaterandom: {db_bench_rate:.0} ops/s; ratio {ratio:.2} (target >= 0.5)"
@@ -355,7 +416,16 @@ async fn main() -> anyhow::Result<()> {
             "state_vs_budget": state_vs_budget,
             "budget_bytes": budget,
             "configured_bytes": configured,
-            "rss_growth_peak_bytes": peak,
+            "malloc_arena_max": arena_max,
+            "rss_growth_peak_bytes": growth,
+            "at_peak": {
+                "state_cache_bytes": peak.cache,
+                "rocksdb_block_cache_bytes": peak.rocks.block_cache,
+                "rocksdb_memtables_bytes": peak.rocks.memtables,
+                "rocksdb_table_readers_bytes": peak.rocks.table_readers,
+                "anonymous_growth_bytes": anon,
+                "file_pages_growth_bytes": file,
+            },
             "rss_vs_configured": rss_ratio,
             "stream_keys_per_s": stream_rate,
             "zipf_rmw_keys_per_s": zipf_rate,

@@ -369,6 +369,10 @@ async fn metrics_match_what_was_processed_and_readiness_follows_the_node() {
         );
     }
     assert!(metric(&text, "partita_state_cache_misses_total", &[]).unwrap() >= 30.0);
+    // RocksDB's own accounting: the states written sit in its memtables.
+    let memtables = metric(&text, "partita_rocksdb_memory_bytes", &[("part", "memtables")]);
+    assert!(memtables.is_some_and(|b| b > 0.0), "{memtables:?}\n{text}");
+    assert!(metric(&text, "partita_rocksdb_memory_bytes", &[("part", "block_cache")]).is_some(), "{text}");
     assert_eq!(metric(&text, "partita_worker_healthy", &[("device", "cpu")]), Some(1.0));
     assert_eq!(metric(&text, "partita_worker_restarts_total", &[]), Some(0.0));
     for family in

@@ -437,6 +437,9 @@ fn spawn_node(
         .args(&args.node_args)
         .env("PARTITA_EXIT_WITH_STDIN", "1")
         .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        // As the image sets it (Dockerfile): B6 measured glibc's per-thread arenas as the
+        // largest part of the memory beyond the configured bounds.
+        .env("MALLOC_ARENA_MAX", std::env::var("MALLOC_ARENA_MAX").unwrap_or_else(|_| "2".into()))
         .stdin(Stdio::piped())
         .stdout(file.try_clone()?)
         .stderr(file)

@@ -91,6 +91,11 @@ fn is_fatal(e: &KafkaError) -> bool {
 }
 
 impl ChangelogStore {
+    /// The local RocksDB copy.
+    pub fn local(&self) -> &RocksStore {
+        &self.local
+    }
+
     /// `local` keeps the state; `topic` (on `tier`) is the changelog; `group` names the
     /// transactional ids (one consumer group = one set of owners).
     pub fn new(local: RocksStore, tier: KafkaTier, topic: &str, group: &str) -> Self {

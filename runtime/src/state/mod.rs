@@ -36,6 +36,17 @@ pub enum NodeStore {
     Cql(scylla::ScyllaStore),
 }
 
+impl NodeStore {
+    /// The RocksDB this node keeps its state in, if any (not on CQL).
+    pub fn rocks(&self) -> Option<&rocks::RocksStore> {
+        match self {
+            Self::Rocks(r) => Some(r),
+            Self::Changelog(c) => Some(c.local()),
+            Self::Cql(_) => None,
+        }
+    }
+}
+
 impl StateStore for NodeStore {
     async fn read(
         &self,

@@ -53,8 +53,20 @@ pub struct RocksStore {
     inner: Arc<Inner>,
 }
 
+/// What RocksDB holds in memory, by its own accounting, bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RocksMemory {
+    /// The block cache in use: data, index and filter blocks, and the memtables charged to it.
+    pub block_cache: u64,
+    /// Memtables, active and immutable (not yet flushed).
+    pub memtables: u64,
+    /// Table readers' memory outside the block cache.
+    pub table_readers: u64,
+}
+
 struct Inner {
     db: DB,
+    block_cache: Cache,
     sync_wal: bool,
     /// Serialises epoch-check-then-write per partition (striped).
     locks: Vec<Mutex<()>>,
@@ -78,8 +90,9 @@ impl RocksStore {
         opts.set_max_write_buffer_number(2);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         opts.set_max_background_jobs(2);
+        let block_cache = Cache::new_lru_cache(config.block_cache_bytes);
         let mut table = BlockBasedOptions::default();
-        table.set_block_cache(&Cache::new_lru_cache(config.block_cache_bytes));
+        table.set_block_cache(&block_cache);
         // Index and filter blocks live in the block cache, so they count against its bound.
         table.set_cache_index_and_filter_blocks(true);
         table.set_bloom_filter(10.0, false);
@@ -87,7 +100,17 @@ impl RocksStore {
         let db = DB::open(&opts, &config.path)
             .map_err(|e| unavailable(format!("opening RocksDB at {}: {e}", config.path.display())))?;
         let locks = (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect();
-        Ok(Self { inner: Arc::new(Inner { db, sync_wal: config.sync_wal, locks }) })
+        Ok(Self { inner: Arc::new(Inner { db, block_cache, sync_wal: config.sync_wal, locks }) })
+    }
+
+    /// RocksDB's memory by its own accounting (a property it cannot read counts 0).
+    pub fn memory(&self) -> RocksMemory {
+        let property = |name: &str| self.inner.db.property_int_value(name).ok().flatten().unwrap_or(0);
+        RocksMemory {
+            block_cache: self.inner.block_cache.get_usage() as u64,
+            memtables: property("rocksdb.cur-size-all-mem-tables"),
+            table_readers: property("rocksdb.estimate-table-readers-mem"),
+        }
     }
 
     pub fn path(&self) -> &Path {
