@@ -14,7 +14,10 @@
 //! send time) for `--seconds` each, `--runs` times (default 3; the median run by p99 counts, the
 //! spread is printed); the **max sustainable rate** is the highest rung whose median run has p99
 //! at most 50 ms with every record answered and throughput >= 95 % of the offered rate.
-//! `ratio_vs_pass_through` = node / pass-through. Ends with `RESULT {json}`.
+//! `ratio_vs_pass_through` = node / pass-through. For the node (and split) each rung also prints
+//! where a score's time went (mean ms per score of the median run, from the score's own stage
+//! timings and the reader's clock) and the node's state writes (from its `/metrics`). Ends with
+//! `RESULT {json}`.
 //! Usage: `scripts/bench.sh b4 [--seconds 5] [--runs 3] [--rates 1000,2000,...] [--partitions 4] [--sync-wal false]
 //! [--modes pass-through,node,split] [--intra-op-threads N] [--cpu-affinity 1]`.
 
@@ -27,6 +30,7 @@ use partita_actors::partition::{HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION};
 use partita_bench::{NodeUnderTest, TOPICS, fresh_broker, git_rev, init_logs, load_options};
 use partita_proto::v1::{Event, Score};
 use partita_runtime::loadgen::{LoadReport, run as run_load};
+use partita_runtime::local::scrape::{http_get, metric};
 use prost::Message as _;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Message, OwnedHeaders};
@@ -134,7 +138,20 @@ async fn rung(args: &Arc<Args>, mode: Mode, rate: f64, drain: u64) -> anyhow::Re
                 o.inference.cpu_affinity = args.cpu_affinity.clone();
             })
             .await?;
-            let r = tokio::task::spawn_blocking(run).await?;
+            let mut r = tokio::task::spawn_blocking(run).await?;
+            // The node's state writes of this run (a fresh node per run): not on a score's path,
+            // but each batch waits for its write before its offset may be committed.
+            let text =
+                http_get(&node.node.http.to_string(), "/metrics").map(|(_, body)| body).unwrap_or_default();
+            if let Ok(r) = r.as_mut() {
+                let (sum, count) = (
+                    metric(&text, "partita_state_write_seconds_sum", &[]).unwrap_or(0.0),
+                    metric(&text, "partita_state_write_seconds_count", &[]).unwrap_or(0.0),
+                );
+                r.state_writes = count as u64;
+                r.state_write_ms = if count > 0.0 { sum / count * 1000.0 } else { 0.0 };
+                r.wal_syncs = metric(&text, "partita_rocksdb_wal_syncs_total", &[]).unwrap_or(0.0) as u64;
+            }
             node.stop().await?;
             r?
         }
@@ -216,22 +233,38 @@ async fn ladder(args: &Arc<Args>, mode: Mode) -> anyhow::Result<(Vec<LoadReport>
             r.missing,
             if sustained(&r) { "sustained" } else { "NOT sustained" }
         );
+        if mode != Mode::PassThrough {
+            print_stages(label, &r);
+        }
         println!("{}", json!({"name": format!("b4/{label}"), "rate": rate, "report": r, "git": git_rev()}));
         rungs.push(r);
     }
     let sat = runs(args, mode, args.saturate, 60, true).await?;
     println!(
-        "{label:<13} saturation (median run): offered {:.0}/s, sent {}, answered {:.0}/s from first send to last answer (node stages per score: in node {:.1} ms, inference queue {:.1}, forward {:.1}, state load {:.1})",
-        args.saturate,
-        sat.sent,
-        sat.answered_rate,
-        sat.node_ms,
-        sat.queue_ms,
-        sat.compute_ms,
-        sat.state_load_ms
+        "{label:<13} saturation (median run): offered {:.0}/s, sent {}, answered {:.0}/s from first send to last answer",
+        args.saturate, sat.sent, sat.answered_rate,
     );
+    if mode != Mode::PassThrough {
+        print_stages(label, &sat);
+    }
     println!("{}", json!({"name": format!("b4/{label}/saturation"), "report": sat, "git": git_rev()}));
     Ok((rungs, sat))
+}
+
+/// Where a score's time went (the median run): mean and p99 per stage along its path (p99s do not
+/// add up), then the node's state writes.
+fn print_stages(label: &str, r: &LoadReport) {
+    let stages: Vec<String> =
+        r.stages.iter().map(|t| format!("{} {:.1}/{:.1}", t.stage, t.mean_ms, t.p99_ms)).collect();
+    println!(
+        "{label:<13}   ms per score, mean/p99: {} | end to end {:.1}/{:.1}; state writes {} of {:.1} ms each, {} log fsyncs",
+        stages.join(", "),
+        r.mean_ms,
+        r.p99_ms,
+        r.state_writes,
+        r.state_write_ms,
+        r.wal_syncs,
+    );
 }
 
 fn best(reports: &[LoadReport]) -> f64 {

@@ -319,8 +319,8 @@ struct ReaderShared {
     duplicates: AtomicU64,
     scored: AtomicU64,
     reasons: Mutex<BTreeMap<String, u64>>,
-    /// Sums of the scores' stage latencies, µs: node, queue, compute, state load.
-    stages: [AtomicU64; 4],
+    /// The scores' stage latencies, µs, in [`STAGES`] order.
+    stages: Mutex<Vec<Histogram<u64>>>,
     latency: Mutex<Option<Histogram<u64>>>,
     /// The hot key ([`OutputReader::track_hot`]), and the latency of its scores and of the
     /// others' apart.
@@ -362,6 +362,12 @@ impl OutputReader {
             hot_latency: Mutex::new(Some(Histogram::new_with_bounds(1, 600_000_000, 3)?)),
             cold_latency: Mutex::new(Some(Histogram::new_with_bounds(1, 600_000_000, 3)?)),
             window: Mutex::new(Some(Histogram::new_with_bounds(1, 600_000_000, 3)?)),
+            stages: Mutex::new(
+                STAGES
+                    .iter()
+                    .map(|_| Histogram::new_with_bounds(1, 600_000_000, 3))
+                    .collect::<Result<_, _>>()?,
+            ),
             ..ReaderShared::default()
         });
         let stop = Arc::new(AtomicBool::new(false));
@@ -386,10 +392,13 @@ impl OutputReader {
                         }
                         shared.scored.fetch_add(1, Ordering::Relaxed);
                         let l = s.latency.unwrap_or_default();
-                        for (sum, v) in
-                            shared.stages.iter().zip([l.node_us, l.queue_us, l.compute_us, l.state_load_us])
-                        {
-                            sum.fetch_add(v, Ordering::Relaxed);
+                        // What the node does not see: from handing the score to its producer to
+                        // this reader having it (produce, acknowledgement, this fetch).
+                        let delivery = us.saturating_sub(l.fetch_us + l.node_us);
+                        let stages =
+                            [l.fetch_us, l.node_us, l.queue_us, l.compute_us, l.state_load_us, delivery];
+                        for (h, v) in shared.stages.lock().unwrap().iter_mut().zip(stages) {
+                            h.saturating_record(v.max(1));
                         }
                         Output::Score(s)
                     } else {
@@ -455,10 +464,7 @@ impl OutputReader {
             duplicates: sh.duplicates.load(Ordering::Relaxed),
             scores: sh.scored.load(Ordering::Relaxed),
             last_answer: *sh.last_answer.lock().unwrap(),
-            mean_stage_ms: {
-                let n = sh.scored.load(Ordering::Relaxed).max(1) as f64;
-                sh.stages.each_ref().map(|s| s.load(Ordering::Relaxed) as f64 / n / 1000.0)
-            },
+            stages: std::mem::take(&mut *sh.stages.lock().unwrap()),
             dead_letters_by_reason: std::mem::take(&mut *sh.reasons.lock().unwrap()),
         }
     }
@@ -483,8 +489,8 @@ pub struct ReaderResult {
     /// Score records seen (duplicates included).
     pub scores: u64,
     pub last_answer: Option<Instant>,
-    /// Mean stage latencies of the scores, ms: in the node, inference queue, forward, state load.
-    pub mean_stage_ms: [f64; 4],
+    /// The scores' stage latencies, µs, in [`STAGES`] order.
+    pub stages: Vec<Histogram<u64>>,
     pub dead_letters_by_reason: BTreeMap<String, u64>,
 }
 
@@ -541,6 +547,20 @@ pub fn send<C: ProducerContext>(
     }
 }
 
+/// The stages a score's latency is split into, in order along its path: from its event time to
+/// the node receiving it; in the node (receive to handing the score to the producer), of which
+/// the inference queue, the forward pass and the state load are parts; from the node's producer
+/// to the reader (produce, acknowledgement, the reader's fetch).
+pub const STAGES: [&str; 6] = ["fetch", "in node", "inference queue", "forward", "state load", "delivery"];
+
+/// One stage's time per score, ms.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct StageTime {
+    pub stage: &'static str,
+    pub mean_ms: f64,
+    pub p99_ms: f64,
+}
+
 /// What a load run saw.
 #[derive(Debug, Clone, Serialize)]
 pub struct LoadReport {
@@ -573,12 +593,16 @@ pub struct LoadReport {
     pub hot_p50_ms: f64,
     pub hot_p99_ms: f64,
     pub cold_p99_ms: f64,
-    /// Mean ms per score: in the node (receive to produce), in the inference queue, in the
-    /// forward pass, loading state.
-    pub node_ms: f64,
-    pub queue_ms: f64,
-    pub compute_ms: f64,
-    pub state_load_ms: f64,
+    /// Where the scores' time went, per stage of [`STAGES`] (partita nodes' scores carry their
+    /// stage timings); and the end-to-end mean.
+    pub stages: Vec<StageTime>,
+    pub mean_ms: f64,
+    /// Filled by a caller that reads the node's metrics (B4): the node's state writes during the
+    /// run (one per batch: states, offset, fsync), their mean, ms, and the fsyncs of RocksDB's
+    /// log (writes that arrive together share one); 0 otherwise.
+    pub state_writes: u64,
+    pub state_write_ms: f64,
+    pub wal_syncs: u64,
     pub dead_letters_by_reason: BTreeMap<String, u64>,
     pub bad_sent_by_kind: BTreeMap<String, u64>,
 }
@@ -686,10 +710,19 @@ pub fn run(opts: &LoadgenOptions, stop: &AtomicBool) -> anyhow::Result<LoadRepor
         hot_p50_ms: ms_of(&r.hot_latency_us, 0.5),
         hot_p99_ms: ms_of(&r.hot_latency_us, 0.99),
         cold_p99_ms: ms_of(&r.cold_latency_us, 0.99),
-        node_ms: r.mean_stage_ms[0],
-        queue_ms: r.mean_stage_ms[1],
-        compute_ms: r.mean_stage_ms[2],
-        state_load_ms: r.mean_stage_ms[3],
+        stages: STAGES
+            .iter()
+            .zip(&r.stages)
+            .map(|(name, h)| StageTime {
+                stage: name,
+                mean_ms: if h.is_empty() { 0.0 } else { h.mean() / 1000.0 },
+                p99_ms: h.value_at_quantile(0.99) as f64 / 1000.0,
+            })
+            .collect(),
+        mean_ms: if hist.is_empty() { 0.0 } else { hist.mean() / 1000.0 },
+        state_writes: 0,
+        state_write_ms: 0.0,
+        wal_syncs: 0,
         dead_letters_by_reason: r.dead_letters_by_reason,
         bad_sent_by_kind: bad_by_kind,
     })
@@ -762,11 +795,12 @@ impl LoadReport {
             );
         }
         row(
-            "mean time per score",
-            format!(
-                "in node {:.2} ms (inference queue {:.2}, forward {:.2}, state load {:.2})",
-                self.node_ms, self.queue_ms, self.compute_ms, self.state_load_ms
-            ),
+            "time per score, ms",
+            self.stages
+                .iter()
+                .map(|t| format!("{} {:.1} (p99 {:.1})", t.stage, t.mean_ms, t.p99_ms))
+                .collect::<Vec<_>>()
+                .join(", "),
         );
         for (reason, n) in &self.dead_letters_by_reason {
             row(&format!("  DLQ {reason}"), n.to_string());

@@ -373,6 +373,10 @@ async fn metrics_match_what_was_processed_and_readiness_follows_the_node() {
     let memtables = metric(&text, "partita_rocksdb_memory_bytes", &[("part", "memtables")]);
     assert!(memtables.is_some_and(|b| b > 0.0), "{memtables:?}\n{text}");
     assert!(metric(&text, "partita_rocksdb_memory_bytes", &[("part", "block_cache")]).is_some(), "{text}");
+    // Every batch's write goes through the log with an fsync (`sync_wal`), some sharing one.
+    let wal = |name| metric(&text, name, &[]).unwrap_or(0.0);
+    let (writes, syncs) = (wal("partita_rocksdb_wal_writes_total"), wal("partita_rocksdb_wal_syncs_total"));
+    assert!(syncs >= 1.0 && syncs <= writes, "{writes} writes, {syncs} syncs");
     assert_eq!(metric(&text, "partita_worker_healthy", &[("device", "cpu")]), Some(1.0));
     assert_eq!(metric(&text, "partita_worker_restarts_total", &[]), Some(0.0));
     for family in

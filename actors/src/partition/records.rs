@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use super::decode::{Limits, ValidEvent};
 use super::{
     DEAD_LETTER_PREFIX, HEADER_DLQ_REASON, HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION,
-    HEADER_SOURCE_TOPIC, HEADER_TRACEPARENT, MAX_TRACEPARENT, micros,
+    HEADER_SOURCE_TOPIC, HEADER_TRACEPARENT, MAX_TRACEPARENT, micros, unix_micros,
 };
 use crate::inference::InferOutput;
 use crate::state::{Offset, PartitionId};
@@ -181,11 +181,16 @@ pub(super) fn score(rec: &InputRecord, v: &ValidEvent, out: &InferOutput, load_u
         score: out.score,
         event_time_unix_micros: e.event_time_unix_micros,
         batch_size: out.batch_size as u32,
-        latency: Some(StageLatencies {
-            node_us: micros(rec.received.elapsed()),
-            queue_us: micros(out.queue_time),
-            compute_us: micros(out.compute_time),
-            state_load_us: load_us,
+        latency: Some({
+            let in_node = rec.received.elapsed();
+            let received_unix = unix_micros().saturating_sub(micros(in_node) as i64);
+            StageLatencies {
+                node_us: micros(in_node),
+                queue_us: micros(out.queue_time),
+                compute_us: micros(out.compute_time),
+                state_load_us: load_us,
+                fetch_us: received_unix.saturating_sub(e.event_time_unix_micros).max(0) as u64,
+            }
         }),
         event_time_suspect: v.time_suspect,
     };
@@ -292,4 +297,62 @@ pub(super) fn refused_output(
         headers,
         source_offset: out.source_offset,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use partita_proto::v1::Event;
+
+    use super::*;
+    use crate::inference::Device;
+
+    fn fetch_us(event_time_from_now_us: i64) -> u64 {
+        let rec = InputRecord::bounded(
+            Arc::from("t"),
+            PartitionId(0),
+            Offset(1),
+            Some(b"k"),
+            Some(b"v"),
+            Vec::new(),
+            &Limits::default(),
+        );
+        let event = Event {
+            key: b"k".to_vec(),
+            event_time_unix_micros: unix_micros() + event_time_from_now_us,
+            ..Event::default()
+        };
+        let v = ValidEvent {
+            event,
+            model: Arc::from("m"),
+            unknown_fields: false,
+            time_suspect: false,
+            clamped: false,
+        };
+        let out = InferOutput {
+            score: 0.5,
+            new_state: Vec::new(),
+            model_version: 1,
+            batch_size: 1,
+            device: Device::Cpu,
+            queue_time: Duration::ZERO,
+            compute_time: Duration::ZERO,
+        };
+        std::thread::sleep(Duration::from_millis(5));
+        let s = Score::decode(&score(&rec, &v, &out, 0).value[..]).unwrap();
+        let l = s.latency.unwrap();
+        assert!(l.node_us >= 5_000, "{l:?}");
+        l.fetch_us
+    }
+
+    #[test]
+    fn a_scores_fetch_time_runs_from_its_event_time_to_the_node_receiving_it() {
+        // Received just before an event time 20 ms ago was taken: a little under 20 ms, and the
+        // 5 ms the record then spent in the node are not part of it.
+        let fetch = fetch_us(-20_000);
+        assert!((14_000..=20_000).contains(&fetch), "{fetch}");
+        // An event time ahead of the node's clock counts 0.
+        assert_eq!(fetch_us(60_000_000), 0);
+    }
 }

@@ -649,7 +649,7 @@ impl Scoring {
         let sources = Sources {
             counters,
             cache: Box::new(move || cache.stats()),
-            rocks_memory: Box::new(move || rocks.as_ref().map(|r| r.memory())),
+            rocks,
             lag: Box::new(move || context.lag.lock().unwrap().iter().map(|(p, l)| (*p, *l)).collect()),
             fetched_from: Box::new(move || {
                 fetch.fetched_from.lock().unwrap().iter().map(|(p, b)| (*p, i64::from(*b))).collect()

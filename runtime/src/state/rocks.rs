@@ -64,8 +64,19 @@ pub struct RocksMemory {
     pub table_readers: u64,
 }
 
+/// Writes with the write-ahead log and the log's fsyncs since the store opened. RocksDB syncs
+/// writes that arrive together (several partitions' batches) with one fsync: writes per sync
+/// above 1 is that grouping at work.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RocksWal {
+    pub writes: u64,
+    pub syncs: u64,
+}
+
 struct Inner {
     db: DB,
+    /// Kept for its statistics (tickers only: counters, no timers).
+    opts: Options,
     block_cache: Cache,
     sync_wal: bool,
     /// Serialises epoch-check-then-write per partition (striped).
@@ -90,6 +101,8 @@ impl RocksStore {
         opts.set_max_write_buffer_number(2);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         opts.set_max_background_jobs(2);
+        opts.enable_statistics();
+        opts.set_statistics_level(rocksdb::statistics::StatsLevel::ExceptHistogramOrTimers);
         let block_cache = Cache::new_lru_cache(config.block_cache_bytes);
         let mut table = BlockBasedOptions::default();
         table.set_block_cache(&block_cache);
@@ -100,7 +113,16 @@ impl RocksStore {
         let db = DB::open(&opts, &config.path)
             .map_err(|e| unavailable(format!("opening RocksDB at {}: {e}", config.path.display())))?;
         let locks = (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect();
-        Ok(Self { inner: Arc::new(Inner { db, block_cache, sync_wal: config.sync_wal, locks }) })
+        Ok(Self { inner: Arc::new(Inner { db, opts, block_cache, sync_wal: config.sync_wal, locks }) })
+    }
+
+    /// The write-ahead log's writes and fsyncs so far.
+    pub fn wal(&self) -> RocksWal {
+        use rocksdb::statistics::Ticker;
+        RocksWal {
+            writes: self.inner.opts.get_ticker_count(Ticker::WriteWithWal),
+            syncs: self.inner.opts.get_ticker_count(Ticker::WalFileSynced),
+        }
     }
 
     /// RocksDB's memory by its own accounting (a property it cannot read counts 0).

@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::state::rocks::RocksMemory;
+use crate::state::rocks::RocksStore;
 pub use health::{Health, serve};
 use partita_actors::inference::{InferOutput, Served};
 use partita_actors::partition::{PipelineCounters, PipelineObserver};
@@ -81,8 +81,8 @@ pub const PARTITION_STATES: [&str; 3] = ["running", "starting", "fenced"];
 pub struct Sources {
     pub counters: Arc<PipelineCounters>,
     pub cache: Box<dyn Fn() -> CacheStats + Send + Sync>,
-    /// RocksDB's memory by its own accounting (none on CQL).
-    pub rocks_memory: Box<dyn Fn() -> Option<RocksMemory> + Send + Sync>,
+    /// The node's RocksDB (none on CQL): its memory and write-ahead log counts.
+    pub rocks: Option<RocksStore>,
     pub lag: Box<dyn Fn() -> Vec<(i32, i64)> + Send + Sync>,
     /// The broker id each owned partition is fetched from.
     pub fetched_from: Box<dyn Fn() -> Vec<(i32, i64)> + Send + Sync>,
@@ -100,7 +100,7 @@ impl Sources {
         Self {
             counters,
             cache: Box::new(CacheStats::default),
-            rocks_memory: Box::new(|| None),
+            rocks: None,
             lag: Box::new(Vec::new),
             fetched_from: Box::new(Vec::new),
             partitions: Box::new(Vec::new),
@@ -281,21 +281,37 @@ impl Collector for NodeCollector {
             Some(&Unit::Bytes),
             cache.budget as i64,
         )?;
-        if let Some(rocks) = (s.rocks_memory)() {
-            let mut m = enc.encode_descriptor(
-                "partita_rocksdb_memory",
-                "RocksDB's memory by its own accounting: block cache (with the index and filter blocks), \
+        if let Some(store) = &s.rocks {
+            let rocks = store.memory();
+            {
+                let mut m = enc.encode_descriptor(
+                    "partita_rocksdb_memory",
+                    "RocksDB's memory by its own accounting: block cache (with the index and filter blocks), \
                  memtables, table readers outside the block cache",
-                Some(&Unit::Bytes),
-                MetricType::Gauge,
-            )?;
-            for (part, v) in [
-                ("block_cache", rocks.block_cache),
-                ("memtables", rocks.memtables),
-                ("table_readers", rocks.table_readers),
-            ] {
-                ConstGauge::new(v as i64).encode(m.encode_family(&[("part", part)])?)?;
+                    Some(&Unit::Bytes),
+                    MetricType::Gauge,
+                )?;
+                for (part, v) in [
+                    ("block_cache", rocks.block_cache),
+                    ("memtables", rocks.memtables),
+                    ("table_readers", rocks.table_readers),
+                ] {
+                    ConstGauge::new(v as i64).encode(m.encode_family(&[("part", part)])?)?;
+                }
             }
+            let wal = store.wal();
+            counter(
+                &mut enc,
+                "partita_rocksdb_wal_writes",
+                "State writes through RocksDB's write-ahead log",
+                wal.writes,
+            )?;
+            counter(
+                &mut enc,
+                "partita_rocksdb_wal_syncs",
+                "fsyncs of RocksDB's write-ahead log (writes that arrive together share one)",
+                wal.syncs,
+            )?;
         }
         let workers = s.workers.lock().unwrap();
         {
