@@ -32,6 +32,9 @@ const NAN_SCORE: f32 = 13.0;
 const INF_STATE: f32 = 14.0;
 /// Takes 300 ms.
 const SLOW: f32 = 99.0;
+/// In a row of several steps, the device is lost (the worker dies); one step at a time it is an
+/// ordinary event.
+const LOSES_ROWS: f32 = 16.0;
 
 /// score = sum(features) + sum(state); new_state = state + features[0]. A row of several steps
 /// applies them in order, as the sequence form does.
@@ -39,6 +42,9 @@ struct Scripted;
 
 impl InferenceBackend for Scripted {
     fn run(&mut self, _model: usize, b: &BatchInput<'_>) -> Result<BatchOutput, BackendError> {
+        if b.steps > 1 && b.features.chunks(F).any(|f| f[0] == LOSES_ROWS) {
+            return Err(BackendError::Fatal("device lost".into()));
+        }
         let mut out = BatchOutput::default();
         for r in 0..b.rows {
             let mut s = b.state[r * H..(r + 1) * H].to_vec();
@@ -168,7 +174,9 @@ impl Harness {
             max_inflight,
             max_retries: 2,
             retry_backoff: Duration::from_millis(5),
-            restart: RestartPolicy::default(),
+            // A lost worker is back within milliseconds (the default's backoff starts at 200 ms,
+            // longer than a request waits for a healthy worker).
+            restart: RestartPolicy { backoff: Duration::from_millis(1), ..RestartPolicy::default() },
             hang_after: None,
             remote: None,
         };
@@ -481,6 +489,20 @@ async fn a_backlog_row_that_fails_goes_on_one_by_one_and_an_unusual_one_never_go
     use DeadLetterReason::{Duplicate, OutputRange};
     let reasons: Vec<Option<DeadLetterReason>> = in_rows.0.iter().map(|(_, r)| r.err()).collect();
     assert_eq!(reasons, [None, None, Some(OutputRange), None, None, Some(Duplicate), None]);
+    assert_eq!(in_rows.2, (0, 1), "one fallback, nothing scored in a row");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_row_whose_worker_is_lost_goes_on_one_by_one() {
+    // hot's row loses its worker on every attempt (the pool restarts the worker and retries the
+    // row alone, then gives up: WorkerLost); its events then run one by one, where they score.
+    let events = [("hot", 1, 1.0), ("hot", 2, LOSES_ROWS), ("hot", 3, 2.0), ("cold", 1, 1.0)];
+    let keys = ["hot", "cold"];
+    let one_by_one = run_backlogs(&events, &keys, 1).await;
+    let in_rows = run_backlogs(&events, &keys, 8).await;
+    assert!(one_by_one.0.iter().all(|(_, r)| r.is_ok()), "{:?}", one_by_one.0);
+    assert_eq!(in_rows.0, one_by_one.0, "the same answers, offset by offset");
+    assert_eq!(in_rows.1, one_by_one.1, "the same stored sequences and states");
     assert_eq!(in_rows.2, (0, 1), "one fallback, nothing scored in a row");
 }
 
