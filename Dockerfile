@@ -10,7 +10,8 @@ RUN python3 -m venv /opt/torch && /opt/torch/bin/pip install --no-cache-dir torc
 ENV VIRTUAL_ENV=/opt/torch PATH=/opt/torch/bin:$PATH LIBTORCH_USE_PYTORCH=1 LIBTORCH_BYPASS_VERSION_CHECK=1
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p partita-runtime --bin partita \
+# `cuda`: link LibTorch's CUDA half, without which a GPU is never used (runtime/build.rs).
+RUN cargo build --release --locked -p partita-runtime --features cuda --bin partita \
     && mkdir -p /out/lib \
     && cp target/release/partita /out/ \
     && site=$(python -c 'import site; print(site.getsitepackages()[0])') \

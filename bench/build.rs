@@ -1,0 +1,2 @@
+// The benchmarks link LibTorch as the `partita` binary does (its `cuda` feature).
+include!("../runtime/build.rs");
