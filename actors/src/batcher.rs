@@ -7,23 +7,35 @@
 //! always at least one request (a request larger than `max_batch_size` runs alone; the router
 //! never sends one).
 //!
-//! 1. Requests whose caller has gone away ([`Pending::is_cancelled`]) leave the queue and are
-//!    handed back as cancelled; they never reach the model.
+//! 1. Requests whose caller has gone away ([`Pending::is_cancelled`]) leave the queue when a
+//!    batch is due by the rules below (they count until then), and are handed back as
+//!    cancelled; they never reach the model. The batch is then decided again without them.
 //! 2. If `max_batch_size` rows wait, run up to that many (and if that batch left short a request
 //!    that did not fit, run that one next without waiting for its own batch to fill).
 //! 3. If the largest preferred batch size (or `max_batch_size` when none is set) can be formed,
 //!    run up to the largest preferred size that fits.
-//! 4. If the oldest request has waited `max_queue_delay`, run everything queued (up to
-//!    `max_batch_size`): no request waits longer than the delay before its batch starts.
+//! 4. If the queue's start time ([`Batcher::deadline`]) has come, run everything queued (up to
+//!    `max_batch_size`). The start time is the earlier of
+//!    - the oldest request without a due time plus `max_queue_delay` (Triton's fixed delay): no
+//!      such request waits longer than the delay before its batch starts;
+//!    - the earliest due time ([`Pending::due`], its event's deadline) minus the time the batch
+//!      is at risk from: twice its expected compute time (its own `forward`, and one that may be
+//!      running when it is due) plus [`DUE_MARGIN`]. The expected compute per batch size is
+//!      learned from the batches run ([`ComputeCost`]). Until then the batch grows: requests with
+//!      time to spare wait for batch-mates instead of running in small batches.
 //! 5. Otherwise wait until [`Batcher::deadline`] or the next arrival.
 //!
 //! With `max_queue_delay = 0` the batcher runs whatever has accumulated while the previous batch
 //! ran ("opportunistic" batching); with `max_batch_size = 1` batching is off.
 
 use std::collections::VecDeque;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::model::BatchPolicy;
+
+/// Time kept in hand before a due time beyond the expected compute: waking the worker, answering
+/// the caller, and an estimate's error.
+pub const DUE_MARGIN: Duration = Duration::from_millis(1);
 
 /// What the batcher needs to know about a queued request.
 pub trait Pending {
@@ -34,6 +46,52 @@ pub trait Pending {
     /// Rows it carries.
     fn rows(&self) -> usize {
         1
+    }
+    /// When its answer is due (its event's deadline), if it has one: such a request waits for
+    /// batch-mates while its batch can still be computed in time (rule 4), not `max_queue_delay`.
+    fn due(&self) -> Option<Instant> {
+        None
+    }
+}
+
+/// Expected compute time of a batch by its rows, learned online: a moving average of the
+/// `forward` times seen per size class (rows rounded up to a power of two).
+#[derive(Debug, Clone, Default)]
+pub struct ComputeCost {
+    /// Microseconds, by class (index = log2 of the rows rounded up); `None`: none seen yet.
+    classes: Vec<Option<f64>>,
+}
+
+impl ComputeCost {
+    /// Weight of the newest observation in its class's average.
+    const WEIGHT: f64 = 0.2;
+
+    fn class(rows: usize) -> usize {
+        rows.max(1).next_power_of_two().trailing_zeros() as usize
+    }
+
+    /// A batch of `rows` rows took `took`.
+    pub fn learn(&mut self, rows: usize, took: Duration) {
+        let c = Self::class(rows);
+        if self.classes.len() <= c {
+            self.classes.resize(c + 1, None);
+        }
+        let us = took.as_secs_f64() * 1e6;
+        let avg = self.classes[c].get_or_insert(us);
+        *avg += Self::WEIGHT * (us - *avg);
+    }
+
+    /// The expected compute time of a batch of `rows` rows: its class's average; for a class not
+    /// seen yet, the nearest larger class's (an upper bound: more rows cost no less), else the
+    /// largest smaller class's scaled up in proportion to the rows; zero before any batch ran.
+    pub fn expected(&self, rows: usize) -> Duration {
+        let c = Self::class(rows);
+        let us = self.classes.iter().skip(c).find_map(|v| *v).or_else(|| {
+            let (below, us) =
+                self.classes.iter().take(c).enumerate().rev().find_map(|(i, v)| Some((i, (*v)?)))?;
+            Some(us * rows as f64 / (1u64 << below) as f64)
+        });
+        Duration::from_micros(us.unwrap_or(0.0).round() as u64)
     }
 }
 
@@ -46,11 +104,24 @@ pub struct Batcher<T> {
     /// A full batch left its next request behind (it did not fit): that one runs next, at once,
     /// instead of waiting for a batch of its own to fill.
     spilled: bool,
+    /// When the oldest queued request without a due time arrived, and the earliest due time
+    /// queued: kept on arrival, recomputed when requests leave.
+    oldest_undue: Option<Instant>,
+    earliest_due: Option<Instant>,
+    cost: ComputeCost,
 }
 
 impl<T: Pending> Batcher<T> {
     pub fn new(policy: BatchPolicy) -> Self {
-        Self { policy, queue: VecDeque::new(), rows: 0, spilled: false }
+        Self {
+            policy,
+            queue: VecDeque::new(),
+            rows: 0,
+            spilled: false,
+            oldest_undue: None,
+            earliest_due: None,
+            cost: ComputeCost::default(),
+        }
     }
 
     pub fn policy(&self) -> &BatchPolicy {
@@ -59,7 +130,14 @@ impl<T: Pending> Batcher<T> {
 
     pub fn push(&mut self, item: T) {
         self.rows += item.rows();
+        (self.oldest_undue, self.earliest_due) = noted((self.oldest_undue, self.earliest_due), &item);
         self.queue.push_back(item);
+    }
+
+    /// Requests left the queue: the oldest arrival without a due time and the earliest due time
+    /// of those still queued.
+    fn requests_left(&mut self) {
+        (self.oldest_undue, self.earliest_due) = self.queue.iter().fold((None, None), noted);
     }
 
     /// Requests queued.
@@ -76,9 +154,21 @@ impl<T: Pending> Batcher<T> {
         self.queue.is_empty()
     }
 
-    /// When the oldest queued request must start, if any is queued.
+    /// A batch of `rows` rows took `took` to compute (what [`Batcher::deadline`] expects of the
+    /// next ones).
+    pub fn learn(&mut self, rows: usize, took: Duration) {
+        self.cost.learn(rows, took);
+    }
+
+    /// When the queued requests' batch must start (rule 4), if any is queued.
     pub fn deadline(&self) -> Option<Instant> {
-        self.queue.front().map(|r| r.enqueued_at() + self.policy.max_queue_delay)
+        let fixed = self.oldest_undue.map(|t| t + self.policy.max_queue_delay);
+        let at_risk = 2 * self.cost.expected(self.rows.min(self.policy.max_batch_size)) + DUE_MARGIN;
+        let grown = self.earliest_due.map(|d| d.checked_sub(at_risk).unwrap_or(d));
+        match (fixed, grown) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// The next batch to run at `now`, if the rules above say one should run. Cancelled requests
@@ -96,25 +186,19 @@ impl<T: Pending> Batcher<T> {
     }
 
     fn pop(&mut self, now: Option<Instant>, cancelled: &mut Vec<T>) -> Option<Vec<T>> {
+        // Whether a batch is due is first asked with the cancelled requests counted (looking for
+        // them on every poll would cost a pass over the queue per arrival); once one is, they
+        // leave, and it is asked again.
+        self.due_rows(now)?;
         if self.queue.iter().any(Pending::is_cancelled) {
             let (gone, live): (VecDeque<T>, VecDeque<T>) =
                 std::mem::take(&mut self.queue).into_iter().partition(Pending::is_cancelled);
             self.rows -= gone.iter().map(Pending::rows).sum::<usize>();
             cancelled.extend(gone);
             self.queue = live;
+            self.requests_left();
         }
-        let len = self.rows;
-        let max = self.policy.max_batch_size;
-        let n = match now {
-            _ if len >= max => max,
-            None => return None,
-            Some(_) if self.spilled && len > 0 => max,
-            Some(_) if len >= self.policy.target() && len > 0 => {
-                self.policy.preferred_batch_sizes.iter().rev().copied().find(|&p| p <= len).unwrap_or(len)
-            }
-            Some(now) if self.deadline().is_some_and(|d| now >= d) => len,
-            Some(_) => return None,
-        };
+        let n = self.due_rows(now)?;
         // Whole requests up to `n` rows, at least one.
         let (mut take, mut rows) = (0, 0);
         for item in &self.queue {
@@ -125,15 +209,46 @@ impl<T: Pending> Batcher<T> {
             take += 1;
         }
         self.rows -= rows;
-        self.spilled = n == max && rows < n && take < self.queue.len();
-        Some(self.queue.drain(..take).collect())
+        self.spilled = n == self.policy.max_batch_size && rows < n && take < self.queue.len();
+        let batch = self.queue.drain(..take).collect();
+        self.requests_left();
+        Some(batch)
+    }
+
+    /// The rows of the batch the rules say should run at `now` (`None`: only a full batch), if
+    /// one should.
+    fn due_rows(&self, now: Option<Instant>) -> Option<usize> {
+        let len = self.rows;
+        let max = self.policy.max_batch_size;
+        match now {
+            _ if len >= max => Some(max),
+            None => None,
+            Some(_) if self.spilled && len > 0 => Some(max),
+            Some(_) if len >= self.policy.target() && len > 0 => Some(
+                self.policy.preferred_batch_sizes.iter().rev().copied().find(|&p| p <= len).unwrap_or(len),
+            ),
+            Some(now) if self.deadline().is_some_and(|d| now >= d) => Some(len),
+            Some(_) => None,
+        }
     }
 
     /// Everything still queued, in arrival order (used when a worker shuts down).
     pub fn drain_all(&mut self) -> impl Iterator<Item = T> + '_ {
         self.rows = 0;
         self.spilled = false;
+        (self.oldest_undue, self.earliest_due) = (None, None);
         self.queue.drain(..)
+    }
+}
+
+/// (oldest arrival without a due time, earliest due time), with `r` counted.
+fn noted(
+    (oldest_undue, earliest_due): (Option<Instant>, Option<Instant>),
+    r: &impl Pending,
+) -> (Option<Instant>, Option<Instant>) {
+    match r.due() {
+        Some(d) => (oldest_undue, Some(earliest_due.map_or(d, |e| e.min(d)))),
+        None => (oldest_undue.or(Some(r.enqueued_at())), earliest_due),
     }
 }
 
@@ -154,6 +269,7 @@ mod tests {
         at: Instant,
         cancelled: Rc<Cell<bool>>,
         rows: usize,
+        due: Option<Instant>,
     }
 
     impl Pending for Req {
@@ -166,6 +282,9 @@ mod tests {
         fn rows(&self) -> usize {
             self.rows
         }
+        fn due(&self) -> Option<Instant> {
+            self.due
+        }
     }
 
     fn policy(max: usize, preferred: &[usize], delay_us: u64) -> BatchPolicy {
@@ -177,7 +296,7 @@ mod tests {
     }
 
     fn req(id: usize, at: Instant) -> Req {
-        Req { id, at, cancelled: Rc::new(Cell::new(false)), rows: 1 }
+        Req { id, at, cancelled: Rc::new(Cell::new(false)), rows: 1, due: None }
     }
 
     fn ids(batch: &[Req]) -> Vec<usize> {
@@ -279,10 +398,55 @@ mod tests {
         assert!(b.pop_ready(t0, &mut gone).is_none(), "3 rows wait for the delay");
     }
 
+    #[test]
+    fn a_request_with_time_to_spare_grows_its_batch_until_its_due_time_is_at_risk() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut b = Batcher::new(policy(512, &[], 1_000));
+        // Batches of up to 4 rows took 2 ms: a batch of 1 to 4 rows is at risk 2 x 2 ms + the
+        // margin before its due time.
+        b.learn(4, ms(2));
+        b.push(Req { due: Some(t0 + ms(20)), ..req(0, t0) });
+        let mut gone = Vec::new();
+        assert_eq!(b.deadline(), Some(t0 + ms(16) - DUE_MARGIN));
+        assert!(b.pop_ready(t0 + ms(2), &mut gone).is_none(), "past max_queue_delay, but time to spare");
+        b.push(Req { due: Some(t0 + ms(30)), ..req(1, t0 + ms(3)) });
+        b.push(Req { due: Some(t0 + ms(12)), ..req(2, t0 + ms(4)) });
+        assert_eq!(b.deadline(), Some(t0 + ms(8) - DUE_MARGIN), "the earliest due time rules");
+        assert!(b.pop_ready(t0 + ms(6), &mut gone).is_none());
+        assert_eq!(ids(&b.pop_ready(t0 + ms(7), &mut gone).unwrap()), vec![0, 1, 2], "all in one batch");
+        // A request without a due time keeps the fixed delay, and its batch-mates go with it.
+        b.push(Req { due: Some(t0 + ms(40)), ..req(3, t0 + ms(10)) });
+        b.push(req(4, t0 + ms(11)));
+        assert_eq!(b.deadline(), Some(t0 + ms(12)));
+        assert_eq!(ids(&b.pop_ready(t0 + ms(12), &mut gone).unwrap()), vec![3, 4]);
+        // Already too late: at once.
+        b.push(Req { due: Some(t0 + ms(14)), ..req(5, t0 + ms(13)) });
+        assert_eq!(ids(&b.pop_ready(t0 + ms(13), &mut gone).unwrap()), vec![5]);
+    }
+
+    #[test]
+    fn compute_cost_is_learned_per_size_class_and_bounded_from_above_where_unseen() {
+        let ms = Duration::from_millis;
+        let mut c = ComputeCost::default();
+        assert_eq!(c.expected(64), Duration::ZERO, "nothing run yet");
+        c.learn(64, ms(4));
+        assert_eq!(c.expected(64), ms(4));
+        assert_eq!(c.expected(33), ms(4), "the same class (33-64 rows)");
+        assert_eq!(c.expected(10), ms(4), "a smaller class not seen: the larger one's");
+        assert_eq!(c.expected(100), Duration::from_micros(6_250), "a larger one: scaled by rows");
+        c.learn(64, ms(14));
+        assert_eq!(c.expected(64), ms(6), "a moving average");
+        c.learn(8, ms(1));
+        assert_eq!(c.expected(10), ms(6), "16 rows not seen: 64's");
+        assert_eq!(c.expected(5), ms(1));
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
-        /// A request of `rows` rows (at most `max_batch_size`) arrives after `dt` µs.
-        Push(u64, usize),
+        /// A request of `rows` rows (at most `max_batch_size`) arrives after `dt` µs, due that many
+        /// µs after its arrival if given.
+        Push(u64, usize, Option<u64>),
         /// Time passes without arrivals.
         Advance(u64),
         /// The caller of the n-th request (modulo count) goes away.
@@ -291,14 +455,16 @@ mod tests {
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            6 => (0u64..300, prop_oneof![3 => Just(1usize), 1 => 1usize..40]).prop_map(|(dt, rows)| Op::Push(dt, rows)),
+            6 => (0u64..300, prop_oneof![3 => Just(1usize), 1 => 1usize..40], proptest::option::of(0u64..5_000))
+                .prop_map(|(dt, rows, due)| Op::Push(dt, rows, due)),
             2 => (0u64..3_000).prop_map(Op::Advance),
             1 => any::<usize>().prop_map(Op::Cancel),
         ]
     }
 
     proptest! {
-        /// Whatever arrives, whenever, of one row or several: no batch exceeds `max_batch_size` rows,
+        /// Whatever arrives, whenever, of one row or several, due or not, whatever was learned of
+        /// the compute time: no batch exceeds `max_batch_size` rows,
         /// a full batch never waits, batches keep arrival order,
         /// nothing overdue is left waiting after a poll, and every request comes out exactly once
         /// (in a batch, or as cancelled if its caller left before its batch formed).
@@ -308,6 +474,7 @@ mod tests {
             preferred in proptest::collection::vec(1usize..40, 0..3),
             delay_us in 0u64..2_000,
             ops in proptest::collection::vec(op(), 1..300),
+            learned in proptest::option::of((1usize..40, 0u64..3_000)),
         ) {
             let preferred: Vec<usize> = {
                 let mut p: Vec<usize> = preferred.into_iter().filter(|&p| p <= max).collect();
@@ -317,6 +484,9 @@ mod tests {
             };
             let pol = policy(max, &preferred, delay_us);
             let mut b = Batcher::new(pol.clone());
+            if let Some((rows, us)) = learned {
+                b.learn(rows, Duration::from_micros(us));
+            }
             let t0 = Instant::now();
             let mut now = t0;
             let mut flags: Vec<Rc<Cell<bool>>> = Vec::new();
@@ -342,9 +512,10 @@ mod tests {
             };
             for op in ops {
                 match op {
-                    Op::Push(dt, rows) => {
+                    Op::Push(dt, rows, due) => {
                         now += Duration::from_micros(dt);
-                        let r = Req { rows: rows.min(max), ..req(flags.len(), now) };
+                        let due = due.map(|us| now + Duration::from_micros(us));
+                        let r = Req { rows: rows.min(max), due, ..req(flags.len(), now) };
                         flags.push(r.cancelled.clone());
                         b.push(r);
                     }

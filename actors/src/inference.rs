@@ -6,7 +6,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::model::ModelSpec;
 
@@ -53,12 +53,27 @@ pub struct InferRows {
     /// `rows × state_size` values for a stateful model (zeros for a key without state), else
     /// empty.
     pub state: Vec<f32>,
+    /// When the earliest of its rows' answers is due (an event's deadline, [`due_at`]): the
+    /// worker's batcher then lets the batch grow while it can still be computed in time instead
+    /// of waiting the model's `max_queue_delay` ([`crate::batcher`], rule 4). `None`: the fixed
+    /// delay.
+    pub due: Option<Instant>,
 }
 
 impl Default for InferRows {
     fn default() -> Self {
-        Self { rows: 0, steps: 1, features: Vec::new(), state: Vec::new() }
+        Self { rows: 0, steps: 1, features: Vec::new(), state: Vec::new(), due: None }
     }
+}
+
+/// When the score of an event that happened at `event_time_unix_micros` is due with a budget of
+/// `slo` from its event time, on this process's monotonic clock. An event time ahead of this
+/// node's clock counts as now (a skewed producer gets no extra time).
+pub fn due_at(event_time_unix_micros: i64, slo: Duration) -> Instant {
+    let now = Instant::now();
+    let age = crate::partition::unix_micros().saturating_sub(event_time_unix_micros).max(0);
+    let budget = slo.saturating_sub(Duration::from_micros(age.unsigned_abs()));
+    now + budget
 }
 
 impl InferRows {
@@ -74,6 +89,7 @@ impl InferRows {
             steps,
             features: Vec::with_capacity(rows * steps * spec.feature_count),
             state: Vec::with_capacity(rows * spec.state_size),
+            due: None,
         }
     }
 
@@ -110,7 +126,13 @@ impl InferRows {
             out.state.extend_from_slice(state);
         }
         out.rows = index.len();
+        out.due = self.due;
         out
+    }
+
+    /// Make `due` the earlier of its due time and `at` (a row of an event due at `at` joined).
+    pub fn due_by(&mut self, at: Instant) {
+        self.due = Some(self.due.map_or(at, |d| d.min(at)));
     }
 
     /// Row `k`'s features (all its steps) and state.
@@ -378,6 +400,24 @@ pub trait BackendFactory: Send + Sync + 'static {
 mod tests {
     use super::*;
     use crate::model::BatchPolicy;
+
+    #[test]
+    fn an_events_due_time_is_its_event_time_plus_the_budget_and_never_later_than_now_plus_it() {
+        let ms = Duration::from_millis;
+        let (now_us, before) = (crate::partition::unix_micros(), Instant::now());
+        let recent = due_at(now_us - 10_000, ms(30));
+        let old = due_at(now_us - 60_000, ms(30));
+        let ahead = due_at(now_us + 60_000_000, ms(30));
+        let after = Instant::now();
+        assert!(recent >= before + ms(19) && recent <= after + ms(20), "{:?}", recent - before);
+        assert!(old <= after, "past its budget: due now");
+        assert!(ahead >= before + ms(30) && ahead <= after + ms(30), "an event time ahead counts as now");
+        let mut rows = InferRows::default();
+        rows.due_by(after);
+        rows.due_by(before);
+        rows.due_by(after);
+        assert_eq!(rows.due, Some(before), "the earliest row's");
+    }
 
     fn spec(state_size: usize) -> ModelSpec {
         ModelSpec {

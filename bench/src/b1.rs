@@ -10,7 +10,10 @@
 //!    per request (`Router::infer`) is printed beside it (`ratio_vs_bare_per_row`).
 //! 3. **unbatched, saturated**: the same pool with batching off. `gain_vs_unbatched` = pool / unbatched.
 //! 4. **open loop** at several offered rates, for both: latency measured from the *scheduled* send
-//!    time (no coordinated omission), p50/p99/p99.9, and whether the rate was sustained.
+//!    time (no coordinated omission), p50/p99/p99.9, the share answered within `--slo`, and
+//!    whether the rate was sustained. The batched pool runs each rate twice: with the model's
+//!    fixed `max_queue_delay`, and **deadline-aware** (each request due `--slo` after its
+//!    scheduled send: its batch grows while it can still be computed in time).
 //!
 //! Each saturated figure is the median of `--runs` runs, with min and max. Ends with one
 //! `RESULT {json}` line. Usage: `scripts/bench.sh b1 [--seconds S] [--runs N] [--model NAME]`.
@@ -20,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use hdrhistogram::Histogram;
-use partita_actors::inference::{InferRequest, InferRows};
+use partita_actors::inference::{InferRequest, InferRows, RowAnswer};
 use partita_actors::model::ModelSpec;
 use partita_actors::pool::Router;
 use partita_bench::git_rev;
@@ -55,6 +58,9 @@ struct Args {
     /// Turns per run between the pool and the bare loop (each `seconds / slices` long).
     #[arg(long, default_value_t = 6)]
     slices: usize,
+    /// The open loop's budget per request (deadline-aware batching, and the share within it).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "20ms")]
+    slo: Duration,
 }
 
 /// Random rows, generated once; requests clone them (as a caller building requests would).
@@ -77,6 +83,15 @@ impl Rows {
     fn row(&self, i: usize) -> (&[f32], &[f32]) {
         let i = i % self.features.len();
         (&self.features[i], &self.states[i])
+    }
+
+    /// Row `i` as a job of one row, due at `due` if given.
+    fn one_row(&self, spec: &ModelSpec, i: usize, due: Option<Instant>) -> Arc<InferRows> {
+        let (features, state) = self.row(i);
+        let mut rows = InferRows::with_capacity(spec, 1);
+        rows.push(spec, features, spec.is_stateful().then_some(state)).expect("rows fit the model");
+        rows.due = due;
+        Arc::new(rows)
     }
 
     fn request(&self, model: &Arc<str>, stateful: bool, i: usize) -> InferRequest {
@@ -285,6 +300,8 @@ async fn rows_and_mean_batch(tasks: Vec<tokio::task::JoinHandle<(usize, usize)>>
 }
 
 /// Offer `rate` requests/s for `seconds`, open loop; latencies from the scheduled send time.
+/// With `due`, each request is due that long after its scheduled send (deadline-aware batching);
+/// `slo` is the budget the share `within_slo` counts against.
 ///
 /// The schedule runs on its own OS thread with sub-100 µs precision (tokio's timer wheel ticks
 /// every millisecond, which would add up to 1 ms of artificial lag to every request).
@@ -292,15 +309,16 @@ async fn open_loop(
     router: &Router,
     rows: &Arc<Rows>,
     spec: &ModelSpec,
-    rate: f64,
-    seconds: f64,
+    (rate, seconds): (f64, f64),
+    due: Option<Duration>,
+    slo: Duration,
 ) -> serde_json::Value {
     let model: Arc<str> = spec.name.as_str().into();
     let n = (rate * seconds) as usize;
     let period = Duration::from_secs_f64(1.0 / rate);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let handle = tokio::runtime::Handle::current();
-    let (router, rows, stateful) = (router.clone(), rows.clone(), spec.is_stateful());
+    let (router, rows, spec) = (router.clone(), rows.clone(), spec.clone());
     let start = Instant::now();
     let generator = std::thread::spawn(move || {
         for i in 0..n {
@@ -316,18 +334,21 @@ async fn open_loop(
                     std::hint::spin_loop();
                 }
             }
-            let (router, req, tx) = (router.clone(), rows.request(&model, stateful, i), tx.clone());
+            let job = rows.one_row(&spec, i, due.map(|d| at + d));
+            let (router, model, tx) = (router.clone(), model.clone(), tx.clone());
             handle.spawn(async move {
-                let ok = router.infer(req).await.is_ok();
+                let out = router.infer_rows_within(&model, job, Duration::from_secs(60)).await;
+                let ok = matches!(out.answers[..], [RowAnswer::Scored(_)]);
                 let _ = tx.send((at.elapsed(), ok));
             });
         }
     });
     let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
-    let mut failed = 0;
+    let (mut failed, mut within) = (0, 0);
     for _ in 0..n {
         let Some((lat, ok)) = rx.recv().await else { break };
         failed += usize::from(!ok);
+        within += usize::from(ok && lat <= slo);
         h.saturating_record(lat.as_micros() as u64);
     }
     let elapsed = start.elapsed().as_secs_f64();
@@ -339,6 +360,7 @@ async fn open_loop(
         "sustained": elapsed < seconds * 1.1 + 0.05,
         "failed": failed,
         "p50_ms": ms(0.5), "p99_ms": ms(0.99), "p999_ms": ms(0.999),
+        "within_slo": within as f64 / n.max(1) as f64,
     })
 }
 
@@ -420,22 +442,25 @@ async fn main() -> anyhow::Result<()> {
     println!("{}", json!({"name": "pool_unbatched_saturated", "rows_per_s": sjson(unbatched)}));
 
     // Offered rates: below and near the unbatched limit (where both can keep up, so p99 compares
-    // like for like), then beyond it, up to near the batched limit.
+    // like for like), then beyond it, up to near the batched limit (where deadline-aware batching
+    // has the most to win or lose).
     let u = unbatched.median;
     let p = batched.median;
-    let mut rates = vec![0.5 * u, 0.9 * u, 2.0 * u, 0.05 * p, 0.1 * p, 0.25 * p, 0.5 * p];
+    let mut rates = vec![0.5 * u, 0.9 * u, 2.0 * u, 0.05 * p, 0.1 * p, 0.25 * p, 0.5 * p, 0.75 * p, 0.9 * p];
     rates.retain(|r| *r >= 50.0);
     rates.sort_by(f64::total_cmp);
     rates.dedup_by(|a, b| (*a - *b).abs() < 1.0);
     let mut open = Vec::new();
+    let slo = args.slo;
     for &rate in &rates {
-        let rb = open_loop(&pool.router(), &rows, &spec, rate, args.seconds).await;
+        let rb = open_loop(&pool.router(), &rows, &spec, (rate, args.seconds), None, slo).await;
+        let rd = open_loop(&pool.router(), &rows, &spec, (rate, args.seconds), Some(slo), slo).await;
         let ru = if rate <= 2.0 * u {
-            open_loop(&unpool.router(), &rows, &spec, rate, args.seconds).await
+            open_loop(&unpool.router(), &rows, &spec, (rate, args.seconds), None, slo).await
         } else {
             json!(null)
         };
-        let line = json!({"name": "open_loop", "offered_per_s": rate, "batched": rb, "unbatched": ru});
+        let line = json!({"name": "open_loop", "offered_per_s": rate, "batched": rb, "deadline": rd, "unbatched": ru});
         println!("{line}");
         open.push(line);
     }
@@ -464,7 +489,13 @@ async fn main() -> anyhow::Result<()> {
         println!("{name:<34} {:>14.0} {:>14.0} {:>14.0}", s.median, s.min, s.max);
     }
     println!("mean batch size (batched, saturated): {:.1}", mean_batch.median);
-    println!("{:<14} {:>22} {:>22}", "offered/s", "batched p50/p99 ms", "unbatched p50/p99 ms");
+    println!(
+        "{:<10} {:>30} {:>30} {:>30}",
+        "offered/s",
+        "batched p50/p99 ms, in slo",
+        "deadline-aware p50/p99, in slo",
+        "unbatched p50/p99, in slo"
+    );
     for l in &open {
         let f = |m: &str| {
             if l[m].is_null() {
@@ -472,16 +503,18 @@ async fn main() -> anyhow::Result<()> {
             } else {
                 let ok = if l[m]["sustained"].as_bool() == Some(true) { "" } else { " (behind)" };
                 format!(
-                    "{:.2}/{:.2}{ok}",
+                    "{:.2}/{:.2}, {:.1}%{ok}",
                     l[m]["p50_ms"].as_f64().unwrap_or(0.0),
-                    l[m]["p99_ms"].as_f64().unwrap_or(0.0)
+                    l[m]["p99_ms"].as_f64().unwrap_or(0.0),
+                    100.0 * l[m]["within_slo"].as_f64().unwrap_or(0.0)
                 )
             }
         };
         println!(
-            "{:<14.0} {:>22} {:>22}",
+            "{:<10.0} {:>30} {:>30} {:>30}",
             l["offered_per_s"].as_f64().unwrap_or(0.0),
             f("batched"),
+            f("deadline"),
             f("unbatched")
         );
     }
@@ -509,6 +542,8 @@ async fn main() -> anyhow::Result<()> {
             "gain_vs_unbatched": gain_vs_unbatched,
             "added_us_per_row_saturated": added_us,
             "p99_ms_at_0_9_unbatched_limit": {"batched": p99_b, "unbatched": p99_u},
+            "slo_ms": slo.as_secs_f64() * 1e3,
+            "open_loop": open,
         })
     );
     Ok(())

@@ -69,6 +69,10 @@ struct Args {
     /// The node's `--cpu-affinity` (cores its inference threads are pinned to; default none).
     #[arg(long, value_parser = partita_runtime::inference::affinity::parse_cpu_list, default_value = "")]
     cpu_affinity: partita_runtime::inference::affinity::CpuList,
+    /// The node's `[inference] slo` (deadline-aware batching; default none: the models' fixed
+    /// delay).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    slo: Option<Duration>,
     /// What to measure, in this order (pass-through is the limit the ratios are against).
     #[arg(long, value_delimiter = ',', default_value = "pass-through,node,split")]
     modes: Vec<Mode>,
@@ -136,6 +140,7 @@ async fn rung(args: &Arc<Args>, mode: Mode, rate: f64, drain: u64) -> anyhow::Re
                     o.inference.intra_op_threads = n;
                 }
                 o.inference.cpu_affinity = args.cpu_affinity.clone();
+                o.inference.slo = args.slo;
             })
             .await?;
             let mut r = tokio::task::spawn_blocking(run).await?;
@@ -374,6 +379,7 @@ async fn main() -> anyhow::Result<()> {
         "zipf": args.zipf,
         "sync_wal": args.sync_wal,
         "cpu_affinity": args.cpu_affinity.to_string(),
+        "slo_ms": args.slo.map(|d| d.as_secs_f64() * 1e3),
         "pass_through_max_rate": pt_best,
         "node_max_rate": node_best,
         "split_max_rate": split_best,

@@ -118,6 +118,10 @@ impl Pending for Job {
     fn is_cancelled(&self) -> bool {
         self.reply.is_closed()
     }
+
+    fn due(&self) -> Option<Instant> {
+        self.rows.due
+    }
 }
 
 /// What the router holds of one worker: the queue's sending end plus the shared load and health.

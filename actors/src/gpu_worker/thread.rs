@@ -65,6 +65,8 @@ pub(crate) struct Forwarded {
     id: u64,
     result: Result<BatchOutput, Failed>,
     started: Instant,
+    /// How long the `forward` took.
+    took: std::time::Duration,
     input: Input,
 }
 
@@ -91,7 +93,8 @@ pub(crate) fn run_device(
         if let Err(Failed::Fatal(reason)) = &result {
             gone = Some(reason.clone());
         }
-        if done.send(Forwarded { id: f.id, result, started, input: f.input }).is_err() {
+        let took = started.elapsed();
+        if done.send(Forwarded { id: f.id, result, started, took, input: f.input }).is_err() {
             return;
         }
     }
@@ -169,6 +172,8 @@ struct Lane {
 struct Launched {
     id: u64,
     model: usize,
+    /// The lane it came from, which learns its compute time (`None`: a retried job, run alone).
+    lane: Option<usize>,
     jobs: Vec<Arc<InferRows>>,
     answers: Vec<Answer>,
 }
@@ -283,7 +288,7 @@ impl WorkerThread {
                 self.shared.finished(job.rows.rows);
                 continue;
             }
-            self.launch(job.model, vec![job]);
+            self.launch(job.model, None, vec![job]);
             if let Err(fatal) = self.complete_all() {
                 self.isolated.extend(isolated);
                 return Err(fatal);
@@ -308,17 +313,18 @@ impl WorkerThread {
                 } else {
                     lane.batcher.pop_full(&mut self.cancelled)
                 };
-                batch.map(|b| (lane.model, b))
+                batch.map(|b| (l, b))
             });
             self.drop_cancelled();
-            let Some((m, batch)) = next else { break };
-            self.launch(m, batch);
+            let Some((l, batch)) = next else { break };
+            self.launch(self.lanes[l].model, Some(l), batch);
         }
         Ok(())
     }
 
-    /// Hand one batch of jobs (of one model, with rows of the same `steps`) to the device thread.
-    fn launch(&mut self, m: usize, batch: Vec<Job>) {
+    /// Hand one batch of jobs (of one model, with rows of the same `steps`, from `lane`) to the
+    /// device thread.
+    fn launch(&mut self, m: usize, lane: Option<usize>, batch: Vec<Job>) {
         let (mut jobs, mut answers, mut starts) = (
             Vec::with_capacity(batch.len()),
             Vec::with_capacity(batch.len()),
@@ -339,7 +345,7 @@ impl WorkerThread {
             jobs.push(job.rows);
         }
         let id = self.submit(m, &jobs, &whole(&jobs), starts);
-        self.launched.push_back(Launched { id, model: m, jobs, answers });
+        self.launched.push_back(Launched { id, model: m, lane, jobs, answers });
     }
 
     /// Queue one `forward` of `segments` (rows of `jobs`) on the device thread.
@@ -429,9 +435,12 @@ impl WorkerThread {
     /// rows: one poison row costs about 2·log2(rows) extra calls, and only a row that fails
     /// **alone** is answered with the error; every other row of its job and batch gets its score.
     fn complete(&mut self, l: Launched, done: Forwarded) -> Result<(), String> {
-        let Launched { model: m, jobs, mut answers, .. } = l;
+        let Launched { model: m, lane, jobs, mut answers, .. } = l;
         for a in &mut answers {
             a.started = Some(done.started);
+        }
+        if let (Some(lane), Ok(_)) = (lane, &done.result) {
+            self.lanes[lane].batcher.learn(answers.iter().map(|a| a.rows).sum(), done.took);
         }
         let Err(Fatal { reason, ran }) = self.settle(m, &jobs, whole(&jobs), &mut answers, done) else {
             return Ok(());
@@ -601,7 +610,7 @@ impl WorkerThread {
                     // The device died while draining: fail the rest explicitly.
                     self.fail(chunk, &lost);
                 } else {
-                    self.launch(m, chunk);
+                    self.launch(m, Some(l), chunk);
                     dead = self.complete_all().is_err();
                 }
             }

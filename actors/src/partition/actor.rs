@@ -19,7 +19,9 @@ use super::{
     HEADER_TRACEPARENT, InputRecord, OutputRecord, PartitionConfig, PartitionSink, PipelineCounters,
     PipelineObserver, micros, sequence, supervisor, unix_micros, waves,
 };
-use crate::inference::{InferError, InferOutput, InferRequest, InferRows, RowAnswer, RowsOutput, Served};
+use crate::inference::{
+    InferError, InferOutput, InferRequest, InferRows, RowAnswer, RowsOutput, Served, due_at,
+};
 use crate::pool::Router;
 use crate::state::{Epoch, Offset, PartitionId, Sequenced, StateCache, StateStore, StateValue, StoreError};
 
@@ -451,6 +453,10 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
             let state = (!ks.state.is_empty()).then_some(ks.state.as_slice());
             let job = &mut jobs[at];
             if job.rows.push(spec, &features, state).is_ok() {
+                if let Some(slo) = self.args.config.slo {
+                    // The key's oldest event is due first.
+                    job.rows.due_by(due_at(good[events[0]].1.event.event_time_unix_micros, slo));
+                }
                 job.members.push(BacklogRow { key: key.to_vec(), events: events.clone() });
                 for &g in events {
                     in_rows[g] = true;
@@ -616,7 +622,12 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
                     let w = &mut by_model[at];
                     let state = (!ks.state.is_empty()).then_some(ks.state.as_slice());
                     match w.rows.push(spec, &v.event.features, state) {
-                        Ok(()) => w.at.push(idx.len()),
+                        Ok(()) => {
+                            w.at.push(idx.len());
+                            if let Some(slo) = a.config.slo {
+                                w.rows.due_by(due_at(v.event.event_time_unix_micros, slo));
+                            }
+                        }
                         Err(e) => refused.push((idx.len(), e)),
                     }
                     idx.push(g);

@@ -78,6 +78,11 @@ pub struct PartitionConfig {
     /// in the pool or a worker's queue is not counted); a record that misses it is retried, then
     /// dead-lettered.
     pub infer_deadline: Duration,
+    /// The budget from an event's time to its score (`[inference] slo`): each inference request
+    /// carries its events' due time, and the workers' batchers let a batch grow while it can
+    /// still be computed in time ([`crate::batcher`]). `None`: the models' fixed
+    /// `max_queue_delay`.
+    pub slo: Option<Duration>,
     /// Inference attempts per record before it is dead-lettered (errors, panics, deadlines).
     pub max_attempts: u32,
     /// An event more than this above its key's applied sequence is dead-lettered `SEQUENCE_GAP`.
@@ -94,6 +99,7 @@ impl Default for PartitionConfig {
             max_waves: 4,
             max_pending_batches: 4,
             infer_deadline: Duration::from_secs(2),
+            slo: None,
             max_attempts: 3,
             max_sequence_gap: 1_000_000,
             backoff: Duration::from_millis(50),

@@ -9,7 +9,7 @@ use crossbeam_channel::{Receiver, Sender};
 use super::*;
 use crate::inference::{
     BackendError, BatchInput, BatchOutput, InferError, InferOutput, InferRequest, InferRows,
-    InferenceBackend, RowAnswer,
+    InferenceBackend, RowAnswer, RowsOutput,
 };
 use crate::model::BatchPolicy;
 
@@ -905,4 +905,32 @@ async fn rows_of_several_steps_are_batched_only_with_rows_of_as_many_and_answere
     let out = plain.pool.router().infer_rows_within("m", rows_of(1, 2), Duration::from_secs(10)).await;
     assert!(matches!(&out.answers[0], RowAnswer::Failed(InferError::Steps { max_steps: 1, .. })), "{out:?}");
     plain.pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_with_time_to_spare_wait_for_batch_mates_past_the_fixed_delay() {
+    // No fixed delay: a request without a due time runs as soon as the worker is free, alone.
+    let policy = BatchPolicy { max_queue_delay: Duration::ZERO, ..batched() };
+    let h = start(1, 64, policy, None).await;
+    let router = h.pool.router();
+    let send = |x: f32, due: Option<std::time::Instant>| {
+        let (router, mut rows) = (router.clone(), (*wave(&[x])).clone());
+        rows.due = due;
+        tokio::spawn(
+            async move { router.infer_rows_within("m", Arc::new(rows), Duration::from_secs(30)).await },
+        )
+    };
+    let batch_size = |out: &RowsOutput| match out.answers[..] {
+        [RowAnswer::Scored(ref served)] => served.batch_size,
+        ref other => panic!("{other:?}"),
+    };
+    // Due in 2 s: the first waits for the second instead of running at once.
+    let due = std::time::Instant::now() + Duration::from_secs(2);
+    let first = send(1.0, Some(due));
+    wait_for(|| async { h.pool.status().await[0].inflight }, |&n| n == 1).await;
+    let second = send(2.0, Some(due));
+    let (first, second) = (first.await.unwrap(), second.await.unwrap());
+    assert_eq!((batch_size(&first), batch_size(&second)), (2, 2), "one batch of both");
+    assert_eq!((first.scores[0], second.scores[0]), (4.0, 5.0));
+    assert_eq!(batch_size(&send(3.0, None).await.unwrap()), 1, "without a due time: at once, alone");
 }

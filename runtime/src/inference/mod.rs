@@ -58,6 +58,13 @@ pub struct InferenceOptions {
     /// Ignore the models' dynamic batching and run one request per forward (for comparison).
     #[arg(long)]
     pub no_batching: bool,
+    /// The budget from an event's time to its score (e.g. `30ms`): deadline-aware batching. Each
+    /// request then carries its events' due time, and a batch grows (past the model's
+    /// `max_queue_delay`) while it can still be computed in time: twice its expected compute
+    /// time, learned from the batches run, plus 1 ms before the due time. Leave the time the
+    /// score's delivery takes out of it. Unset: the models' fixed `max_queue_delay`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub slo: Option<Duration>,
     /// A worker whose model call runs longer than this is hung: its requests go to another
     /// worker and a new worker replaces it.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]

@@ -294,6 +294,8 @@ fn rows_from(spec: &ModelSpec, req: &ModelInferRequest) -> Result<InferRows, Sta
         steps,
         features: values.next().unwrap_or_default(),
         state: values.next().unwrap_or_default(),
+        // A client's request carries no event time: the model's fixed delay.
+        due: None,
     };
     // A value that is not finite refuses the whole request before any row runs.
     for k in 0..rows.rows {

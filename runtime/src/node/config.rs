@@ -87,6 +87,7 @@ const SETTINGS: &[Setting] = &[
     s("inference", "intra_op_threads", "--intra-op-threads"),
     s("inference", "cpu_affinity", "--cpu-affinity"),
     s("inference", "max_inflight", "--max-inflight"),
+    s("inference", "slo", "--slo"),
     s("inference", "default_model", "--default-model"),
     s("inference", "worker_hang_after", "--worker-hang-after"),
     s("inference", "worker_endpoints", "--worker-endpoints"),

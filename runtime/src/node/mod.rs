@@ -592,6 +592,7 @@ impl Scoring {
                 max_waves: opts.max_waves.max(1),
                 max_pending_batches: opts.max_pending_batches.max(1),
                 infer_deadline: opts.infer_deadline,
+                slo: opts.inference.slo,
                 max_sequence_gap: opts.max_sequence_gap,
                 ..PartitionConfig::default()
             },
