@@ -19,10 +19,12 @@
 //!    - the oldest request without a due time plus `max_queue_delay` (Triton's fixed delay): no
 //!      such request waits longer than the delay before its batch starts;
 //!    - the earliest due time ([`Pending::due`], its event's deadline) minus the time the batch
-//!      is at risk from: twice its expected compute time (its own `forward`, and one that may be
-//!      running when it is due) plus [`DUE_MARGIN`]. The expected compute per batch size is
-//!      learned from the batches run ([`ComputeCost`]). Until then the batch grows: requests with
-//!      time to spare wait for batch-mates instead of running in small batches.
+//!      is at risk from: its own expected compute time, that of the [`AHEAD`] full batches that
+//!      may run before it (the worker's one on the device and the next), and [`DUE_MARGIN`].
+//!      The expected compute per batch size is learned from the batches run ([`ComputeCost`]).
+//!      Until then the batch grows: requests with time to spare wait for batch-mates instead of
+//!      running in small batches. Before the batcher has learned anything, every request keeps
+//!      the fixed delay (a due time is no use without an expected compute time).
 //! 5. Otherwise wait until [`Batcher::deadline`] or the next arrival.
 //!
 //! With `max_queue_delay = 0` the batcher runs whatever has accumulated while the previous batch
@@ -36,6 +38,10 @@ use crate::model::BatchPolicy;
 /// Time kept in hand before a due time beyond the expected compute: waking the worker, answering
 /// the caller, and an estimate's error.
 pub const DUE_MARGIN: Duration = Duration::from_millis(1);
+
+/// Batches that may run on a worker before a batch formed now: the one on the device and a full
+/// one handed to it meanwhile (the worker's two in flight).
+pub const AHEAD: u32 = 2;
 
 /// What the batcher needs to know about a queued request.
 pub trait Pending {
@@ -83,15 +89,15 @@ impl ComputeCost {
 
     /// The expected compute time of a batch of `rows` rows: its class's average; for a class not
     /// seen yet, the nearest larger class's (an upper bound: more rows cost no less), else the
-    /// largest smaller class's scaled up in proportion to the rows; zero before any batch ran.
-    pub fn expected(&self, rows: usize) -> Duration {
+    /// largest smaller class's scaled up in proportion to the rows; `None` before any batch ran.
+    pub fn expected(&self, rows: usize) -> Option<Duration> {
         let c = Self::class(rows);
         let us = self.classes.iter().skip(c).find_map(|v| *v).or_else(|| {
             let (below, us) =
                 self.classes.iter().take(c).enumerate().rev().find_map(|(i, v)| Some((i, (*v)?)))?;
             Some(us * rows as f64 / (1u64 << below) as f64)
         });
-        Duration::from_micros(us.unwrap_or(0.0).round() as u64)
+        us.map(|us| Duration::from_micros(us.round() as u64))
     }
 }
 
@@ -162,9 +168,17 @@ impl<T: Pending> Batcher<T> {
 
     /// When the queued requests' batch must start (rule 4), if any is queued.
     pub fn deadline(&self) -> Option<Instant> {
+        let max = self.policy.max_batch_size;
+        let (Some(own), Some(full)) = (self.cost.expected(self.rows.min(max)), self.cost.expected(max))
+        else {
+            // Nothing learned yet: the fixed delay for every request.
+            return self.queue.front().map(|r| r.enqueued_at() + self.policy.max_queue_delay);
+        };
         let fixed = self.oldest_undue.map(|t| t + self.policy.max_queue_delay);
-        let at_risk = 2 * self.cost.expected(self.rows.min(self.policy.max_batch_size)) + DUE_MARGIN;
-        let grown = self.earliest_due.map(|d| d.checked_sub(at_risk).unwrap_or(d));
+        let at_risk = own + AHEAD * full + DUE_MARGIN;
+        // (Before the clock's origin: at once.)
+        let front = || self.queue.front().map_or_else(Instant::now, Pending::enqueued_at);
+        let grown = self.earliest_due.map(|d| d.checked_sub(at_risk).unwrap_or_else(front));
         match (fixed, grown) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -402,19 +416,20 @@ mod tests {
     fn a_request_with_time_to_spare_grows_its_batch_until_its_due_time_is_at_risk() {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
-        let mut b = Batcher::new(policy(512, &[], 1_000));
-        // Batches of up to 4 rows took 2 ms: a batch of 1 to 4 rows is at risk 2 x 2 ms + the
-        // margin before its due time.
-        b.learn(4, ms(2));
+        let mut b = Batcher::new(policy(8, &[], 1_000));
         b.push(Req { due: Some(t0 + ms(20)), ..req(0, t0) });
+        assert_eq!(b.deadline(), Some(t0 + ms(1)), "nothing learned yet: the fixed delay");
+        // Batches of up to 8 rows took 2 ms: a batch is at risk its own 2 ms, 2 x 2 ms for the
+        // two full batches that may run before it, and the margin before its due time.
+        b.learn(8, ms(2));
+        assert_eq!(b.deadline(), Some(t0 + ms(20 - 2 - 4) - DUE_MARGIN));
         let mut gone = Vec::new();
-        assert_eq!(b.deadline(), Some(t0 + ms(16) - DUE_MARGIN));
         assert!(b.pop_ready(t0 + ms(2), &mut gone).is_none(), "past max_queue_delay, but time to spare");
         b.push(Req { due: Some(t0 + ms(30)), ..req(1, t0 + ms(3)) });
         b.push(Req { due: Some(t0 + ms(12)), ..req(2, t0 + ms(4)) });
-        assert_eq!(b.deadline(), Some(t0 + ms(8) - DUE_MARGIN), "the earliest due time rules");
-        assert!(b.pop_ready(t0 + ms(6), &mut gone).is_none());
-        assert_eq!(ids(&b.pop_ready(t0 + ms(7), &mut gone).unwrap()), vec![0, 1, 2], "all in one batch");
+        assert_eq!(b.deadline(), Some(t0 + ms(12 - 2 - 4) - DUE_MARGIN), "the earliest due time rules");
+        assert!(b.pop_ready(t0 + ms(4), &mut gone).is_none());
+        assert_eq!(ids(&b.pop_ready(t0 + ms(5), &mut gone).unwrap()), vec![0, 1, 2], "all in one batch");
         // A request without a due time keeps the fixed delay, and its batch-mates go with it.
         b.push(Req { due: Some(t0 + ms(40)), ..req(3, t0 + ms(10)) });
         b.push(req(4, t0 + ms(11)));
@@ -427,17 +442,17 @@ mod tests {
 
     #[test]
     fn compute_cost_is_learned_per_size_class_and_bounded_from_above_where_unseen() {
-        let ms = Duration::from_millis;
+        let ms = |n| Some(Duration::from_millis(n));
         let mut c = ComputeCost::default();
-        assert_eq!(c.expected(64), Duration::ZERO, "nothing run yet");
-        c.learn(64, ms(4));
+        assert_eq!(c.expected(64), None, "nothing run yet");
+        c.learn(64, Duration::from_millis(4));
         assert_eq!(c.expected(64), ms(4));
         assert_eq!(c.expected(33), ms(4), "the same class (33-64 rows)");
         assert_eq!(c.expected(10), ms(4), "a smaller class not seen: the larger one's");
-        assert_eq!(c.expected(100), Duration::from_micros(6_250), "a larger one: scaled by rows");
-        c.learn(64, ms(14));
+        assert_eq!(c.expected(100), Some(Duration::from_micros(6_250)), "a larger one: scaled by rows");
+        c.learn(64, Duration::from_millis(14));
         assert_eq!(c.expected(64), ms(6), "a moving average");
-        c.learn(8, ms(1));
+        c.learn(8, Duration::from_millis(1));
         assert_eq!(c.expected(10), ms(6), "16 rows not seen: 64's");
         assert_eq!(c.expected(5), ms(1));
     }

@@ -297,18 +297,18 @@ impl WorkerThread {
         while self.launched.len() < IN_FLIGHT {
             let now = Instant::now();
             let busy = !self.launched.is_empty();
-            // Lanes by their oldest request (then by index), so that none waits behind another's
+            // Lanes by their start time (then by index), so that none waits behind another's
             // stream of full batches; and behind a running batch no full batch of one lane jumps
             // ahead of another lane's overdue one.
-            let oldest: Vec<Option<Instant>> = self.lanes.iter().map(|l| l.batcher.deadline()).collect();
-            let overdue = |l: usize| oldest[l].is_some_and(|d| d <= now);
+            let start: Vec<Option<Instant>> = self.lanes.iter().map(|l| l.batcher.deadline()).collect();
+            let overdue = |l: usize| start[l].is_some_and(|d| d <= now);
             let mut order: Vec<usize> = (0..self.lanes.len()).collect();
-            order.sort_by_key(|&l| (oldest[l].is_none(), oldest[l]));
+            order.sort_by_key(|&l| (start[l].is_none(), start[l]));
             let next = order.into_iter().find_map(|l| {
                 let lane = &mut self.lanes[l];
                 let batch = if !busy {
                     lane.batcher.pop_ready(now, &mut self.cancelled)
-                } else if (0..oldest.len()).any(|o| o != l && overdue(o)) {
+                } else if (0..start.len()).any(|o| o != l && overdue(o)) {
                     None
                 } else {
                     lane.batcher.pop_full(&mut self.cancelled)
@@ -604,7 +604,11 @@ impl WorkerThread {
         self.fail(isolated, &lost);
         for l in 0..self.lanes.len() {
             let m = self.lanes[l].model;
-            let queued: Vec<Job> = self.lanes[l].batcher.drain_all().collect();
+            // Those whose callers went away never run (the batcher hands them back only when a
+            // batch is due).
+            let (gone, queued): (Vec<Job>, Vec<Job>) =
+                self.lanes[l].batcher.drain_all().partition(Pending::is_cancelled);
+            self.shared.finished(gone.iter().map(|j| j.rows.rows).sum());
             for chunk in chunks(queued, self.specs[m].batch.max_batch_size) {
                 if dead {
                     // The device died while draining: fail the rest explicitly.

@@ -454,8 +454,9 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
             let job = &mut jobs[at];
             if job.rows.push(spec, &features, state).is_ok() {
                 if let Some(slo) = self.args.config.slo {
-                    // The key's oldest event is due first.
-                    job.rows.due_by(due_at(good[events[0]].1.event.event_time_unix_micros, slo));
+                    // Its events are in offset order; the earliest event time is due first.
+                    let earliest = events.iter().map(|&g| good[g].1.event.event_time_unix_micros).min();
+                    job.rows.due_by(due_at(earliest.expect("two or more events"), slo));
                 }
                 job.members.push(BacklogRow { key: key.to_vec(), events: events.clone() });
                 for &g in events {

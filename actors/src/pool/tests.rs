@@ -924,11 +924,13 @@ async fn requests_with_time_to_spare_wait_for_batch_mates_past_the_fixed_delay()
         [RowAnswer::Scored(ref served)] => served.batch_size,
         ref other => panic!("{other:?}"),
     };
-    // Due in 2 s: the first waits for the second instead of running at once.
-    let due = std::time::Instant::now() + Duration::from_secs(2);
-    let first = send(1.0, Some(due));
+    // Before the worker has run a batch it has no compute time to go by: the fixed delay.
+    let due = || Some(std::time::Instant::now() + Duration::from_secs(2));
+    assert_eq!(batch_size(&send(0.0, due()).await.unwrap()), 1, "nothing learned: at once, alone");
+    // Now due in 2 s: the first waits for the second instead of running at once.
+    let first = send(1.0, due());
     wait_for(|| async { h.pool.status().await[0].inflight }, |&n| n == 1).await;
-    let second = send(2.0, Some(due));
+    let second = send(2.0, due());
     let (first, second) = (first.await.unwrap(), second.await.unwrap());
     assert_eq!((batch_size(&first), batch_size(&second)), (2, 2), "one batch of both");
     assert_eq!((first.scores[0], second.scores[0]), (4.0, 5.0));

@@ -58,12 +58,13 @@ pub struct InferenceOptions {
     /// Ignore the models' dynamic batching and run one request per forward (for comparison).
     #[arg(long)]
     pub no_batching: bool,
-    /// The budget from an event's time to its score (e.g. `30ms`): deadline-aware batching. Each
-    /// request then carries its events' due time, and a batch grows (past the model's
-    /// `max_queue_delay`) while it can still be computed in time: twice its expected compute
-    /// time, learned from the batches run, plus 1 ms before the due time. Leave the time the
-    /// score's delivery takes out of it. Unset: the models' fixed `max_queue_delay`.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    /// The budget from an event's time to its score (e.g. `30ms`, 1 ms to 1 h): deadline-aware
+    /// batching. Each request then carries its events' due time, and a batch grows (past the
+    /// model's `max_queue_delay`) while it can still be computed in time: its expected compute
+    /// time (learned from the batches run), that of two full batches, and 1 ms before the due
+    /// time. Leave the time the score's delivery takes out of it. Unset: the models' fixed
+    /// `max_queue_delay`.
+    #[arg(long, value_parser = parse_slo)]
     pub slo: Option<Duration>,
     /// A worker whose model call runs longer than this is hung: its requests go to another
     /// worker and a new worker replaces it.
@@ -101,6 +102,13 @@ pub struct InferenceOptions {
     /// The name the workers' certificates are checked against (default: each endpoint's host).
     #[arg(long)]
     pub worker_tls_domain: Option<String>,
+}
+
+/// `--slo`: a duration from 1 ms to 1 h.
+fn parse_slo(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    let range = Duration::from_millis(1)..=Duration::from_secs(3600);
+    if range.contains(&d) { Ok(d) } else { Err(format!("{text} is outside 1ms..=1h")) }
 }
 
 impl Default for InferenceOptions {

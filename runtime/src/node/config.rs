@@ -606,6 +606,8 @@ mod tests {
             "partition",
             &["max_batch", "max_waves", "max_pending_batches", "queue", "infer_deadline"],
         );
+        assert_each_rejected("[inference]\nslo = \"0s\"\n", "inference", &["slo"]);
+        assert_each_rejected("[inference]\nslo = \"1000years\"\n", "inference", &["slo"]);
     }
 
     #[test]
