@@ -608,7 +608,8 @@ impl WorkerThread {
             // batch is due).
             let (gone, queued): (Vec<Job>, Vec<Job>) =
                 self.lanes[l].batcher.drain_all().partition(Pending::is_cancelled);
-            self.shared.finished(gone.iter().map(|j| j.rows.rows).sum());
+            self.cancelled.extend(gone);
+            self.drop_cancelled();
             for chunk in chunks(queued, self.specs[m].batch.max_batch_size) {
                 if dead {
                     // The device died while draining: fail the rest explicitly.
