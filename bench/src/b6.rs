@@ -267,10 +267,10 @@ async fn main() -> anyhow::Result<()> {
     let per_key = mean_value + 17 + partita_actors::state::ENTRY_OVERHEAD;
     let keys = args.factor * budget / per_key;
     let rocks_cfg = RocksConfig {
-        path: tmp.path().join("partita"),
         sync_wal: false,
         block_cache_bytes: 32 << 20,
         write_buffer_bytes: 16 << 20,
+        ..RocksConfig::new(tmp.path().join("partita"))
     };
     // The memory the configuration allows for state: cache + RocksDB block cache + 2 memtables.
     let configured = budget + rocks_cfg.block_cache_bytes as u64 + 2 * rocks_cfg.write_buffer_bytes as u64;

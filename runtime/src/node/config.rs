@@ -59,6 +59,7 @@ const SETTINGS: &[Setting] = &[
     s("state", "dir", "--state-dir"),
     s("state", "cache_size", "--cache-size"),
     s("state", "sync_wal", "--sync-wal"),
+    s("state", "commit_window", "--commit-window"),
     s("state", "backend", "--state-backend"),
     s("state", "changelog_topic", "--changelog-topic"),
     s("state", "standby_replicas", "--standby-replicas"),
@@ -608,6 +609,7 @@ mod tests {
         );
         assert_each_rejected("[inference]\nslo = \"0s\"\n", "inference", &["slo"]);
         assert_each_rejected("[inference]\nslo = \"1000years\"\n", "inference", &["slo"]);
+        assert_each_rejected("[state]\ncommit_window = \"1s\"\n", "state", &["commit_window"]);
     }
 
     #[test]

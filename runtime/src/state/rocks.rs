@@ -15,9 +15,20 @@
 //! locking is enough to make check-then-write atomic.
 //!
 //! Every call runs on tokio's blocking pool: RocksDB may stall on compaction or fsync.
+//!
+//! **Group commit** (`commit_window` > 0): state writes go to one thread per store, which gathers
+//! every write that arrives within the window after the first, checks each against its partition's
+//! stored meta (under the locks of all their partitions, taken in stripe order), and writes the
+//! accepted ones as one `WriteBatch`: one write and one fsync for the whole node per window,
+//! however many partitions it owns. A write that fails its check is answered alone; a failed
+//! RocksDB write fails every write of its group, none of which landed (the batch is atomic). With
+//! a zero window every write is its own RocksDB write; RocksDB still shares one fsync among writes
+//! that arrive while the previous one syncs.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use partita_actors::state::{
     Epoch, Offset, PartitionId, PartitionMeta, StateStore, StateValue, StateWrite, StoreError,
@@ -39,11 +50,20 @@ pub struct RocksConfig {
     pub block_cache_bytes: usize,
     /// Size of one memtable; RocksDB keeps at most two.
     pub write_buffer_bytes: usize,
+    /// Zero: each state write is its own RocksDB write. Above: state writes arriving within this
+    /// long of the first share one write and one fsync (group commit, module doc).
+    pub commit_window: Duration,
 }
 
 impl RocksConfig {
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into(), sync_wal: true, block_cache_bytes: 32 << 20, write_buffer_bytes: 16 << 20 }
+        Self {
+            path: path.into(),
+            sync_wal: true,
+            block_cache_bytes: 32 << 20,
+            write_buffer_bytes: 16 << 20,
+            commit_window: Duration::ZERO,
+        }
     }
 }
 
@@ -51,6 +71,8 @@ impl RocksConfig {
 #[derive(Clone)]
 pub struct RocksStore {
     inner: Arc<Inner>,
+    /// The group commit thread's queue (`commit_window` > 0).
+    group: Option<Arc<GroupCommit>>,
 }
 
 /// What RocksDB holds in memory, by its own accounting, bytes.
@@ -113,7 +135,13 @@ impl RocksStore {
         let db = DB::open(&opts, &config.path)
             .map_err(|e| unavailable(format!("opening RocksDB at {}: {e}", config.path.display())))?;
         let locks = (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect();
-        Ok(Self { inner: Arc::new(Inner { db, opts, block_cache, sync_wal: config.sync_wal, locks }) })
+        let inner = Arc::new(Inner { db, opts, block_cache, sync_wal: config.sync_wal, locks });
+        let group = if config.commit_window.is_zero() {
+            None
+        } else {
+            Some(Arc::new(GroupCommit::start(inner.clone(), config.commit_window).map_err(unavailable)?))
+        };
+        Ok(Self { inner, group })
     }
 
     /// The write-ahead log's writes and fsyncs so far.
@@ -206,7 +234,14 @@ impl RocksStore {
     /// A state write that came through the changelog at `position`: the write and the position in
     /// one batch, checked like [`StateStore::write`].
     pub async fn write_logged(&self, write: StateWrite, position: i64) -> Result<(), StoreError> {
-        self.blocking(move |inner| inner.write(&write, Some(position))).await
+        self.write_at(write, Some(position)).await
+    }
+
+    async fn write_at(&self, write: StateWrite, position: Option<i64>) -> Result<(), StoreError> {
+        match &self.group {
+            Some(group) => group.write(write, position).await,
+            None => self.blocking(move |inner| inner.write(vec![(write, position)]).remove(0)).await,
+        }
     }
 
     async fn blocking<T: Send + 'static>(
@@ -215,6 +250,62 @@ impl RocksStore {
     ) -> Result<T, StoreError> {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || f(&inner)).await.map_err(unavailable)?
+    }
+}
+
+fn stripe(p: PartitionId) -> usize {
+    p.0 as usize % LOCK_STRIPES
+}
+
+/// One state write waiting for the group commit thread.
+struct Queued {
+    write: StateWrite,
+    position: Option<i64>,
+    done: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// The group commit thread (module doc). Dropping the last store clone closes its queue; the
+/// drop waits for the thread to write what it holds and release the database.
+struct GroupCommit {
+    queue: Option<crossbeam_channel::Sender<Queued>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl GroupCommit {
+    fn start(inner: Arc<Inner>, window: Duration) -> std::io::Result<Self> {
+        let (queue, rx) = crossbeam_channel::unbounded::<Queued>();
+        let thread = std::thread::Builder::new().name("partita-commit".into()).spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let until = Instant::now() + window;
+                let mut group = vec![first];
+                while let Ok(next) = rx.recv_deadline(until) {
+                    group.push(next);
+                }
+                let (writes, answers): (Vec<_>, Vec<_>) =
+                    group.into_iter().map(|q| ((q.write, q.position), q.done)).unzip();
+                for (answer, result) in answers.into_iter().zip(inner.write(writes)) {
+                    let _ = answer.send(result);
+                }
+            }
+        })?;
+        Ok(Self { queue: Some(queue), thread: Some(thread) })
+    }
+
+    async fn write(&self, write: StateWrite, position: Option<i64>) -> Result<(), StoreError> {
+        let stopped = || unavailable("the group commit thread stopped");
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let queue = self.queue.as_ref().ok_or_else(stopped)?;
+        queue.send(Queued { write, position, done }).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+impl Drop for GroupCommit {
+    fn drop(&mut self) {
+        self.queue.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -267,7 +358,7 @@ fn decode_meta(bytes: &[u8]) -> Result<PartitionMeta, StoreError> {
 
 impl Inner {
     fn lock(&self, p: PartitionId) -> std::sync::MutexGuard<'_, ()> {
-        self.locks[p.0 as usize % LOCK_STRIPES].lock().unwrap_or_else(|e| e.into_inner())
+        self.locks[stripe(p)].lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn meta(&self, p: PartitionId) -> Result<PartitionMeta, StoreError> {
@@ -289,24 +380,50 @@ impl Inner {
         }
     }
 
-    fn write(&self, write: &StateWrite, position: Option<i64>) -> Result<(), StoreError> {
-        let p = write.partition;
-        let _guard = self.lock(p);
-        let stored = self.meta(p)?;
-        Inner::check_write(p, write, &stored)?;
+    /// Check each write against its partition's stored meta (or the group's earlier write of the
+    /// same partition) and write the accepted ones as one atomic batch; one result per write, in
+    /// order. Holds the locks of every partition involved, taken in stripe order (everything else
+    /// takes one lock at a time, so no two lockers wait on each other).
+    fn write(&self, writes: Vec<(StateWrite, Option<i64>)>) -> Vec<Result<(), StoreError>> {
+        let mut stripes: Vec<usize> = writes.iter().map(|(w, _)| stripe(w.partition)).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let _guards: Vec<_> =
+            stripes.into_iter().map(|i| self.locks[i].lock().unwrap_or_else(|e| e.into_inner())).collect();
         let mut batch = WriteBatch::default();
-        for (k, v) in &write.entries {
-            batch.put(state_key(p, k), v.encode());
+        let mut written: HashMap<PartitionId, PartitionMeta> = HashMap::new();
+        let mut results: Vec<Result<(), StoreError>> = writes
+            .iter()
+            .map(|(write, position)| {
+                let p = write.partition;
+                let stored = match written.get(&p) {
+                    Some(meta) => *meta,
+                    None => self.meta(p)?,
+                };
+                Inner::check_write(p, write, &stored)?;
+                for (k, v) in &write.entries {
+                    batch.put(state_key(p, k), v.encode());
+                }
+                let meta = PartitionMeta { applied_offset: Some(write.applied_offset), epoch: write.epoch };
+                batch.put(meta_key(p), encode_meta(&meta));
+                match position {
+                    Some(position) => batch.put(position_key(p), position.to_be_bytes()),
+                    // Written without the changelog: a position kept from an earlier run with one
+                    // no longer describes this copy (a later claim replays the whole changelog).
+                    None => batch.delete(position_key(p)),
+                }
+                written.insert(p, meta);
+                Ok(())
+            })
+            .collect();
+        if !written.is_empty()
+            && let Err(e) = self.db.write_opt(batch, &self.write_opts()).map_err(unavailable)
+        {
+            for r in results.iter_mut().filter(|r| r.is_ok()) {
+                *r = Err(e.clone());
+            }
         }
-        let meta = PartitionMeta { applied_offset: Some(write.applied_offset), epoch: write.epoch };
-        batch.put(meta_key(p), encode_meta(&meta));
-        match position {
-            Some(position) => batch.put(position_key(p), position.to_be_bytes()),
-            // Written without the changelog: a position kept from an earlier run with one no
-            // longer describes this copy (a later claim replays the whole changelog).
-            None => batch.delete(position_key(p)),
-        }
-        self.db.write_opt(batch, &self.write_opts()).map_err(unavailable)
+        results
     }
 
     fn write_opts(&self) -> WriteOptions {
@@ -357,7 +474,7 @@ impl StateStore for RocksStore {
     }
 
     async fn write(&self, write: StateWrite) -> Result<(), StoreError> {
-        self.blocking(move |inner| inner.write(&write, None)).await
+        self.write_at(write, None).await
     }
 
     async fn meta(&self, partition: PartitionId) -> Result<PartitionMeta, StoreError> {
