@@ -63,9 +63,9 @@ struct Args {
     /// The node's `--sync-wal` (fsync RocksDB's log on every state write).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     sync_wal: bool,
-    /// The node's `[state] commit_window` (group commit of state writes; default 0: off).
+    /// The node's `[state] write_window` (state writes of every partition grouped into one RocksDB write per window; default 0: off).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "0ms")]
-    commit_window: Duration,
+    write_window: Duration,
     /// The node's libtorch intra-op threads (default: the node's).
     #[arg(long)]
     intra_op_threads: Option<usize>,
@@ -139,7 +139,7 @@ async fn rung(args: &Arc<Args>, mode: Mode, rate: f64, drain: u64) -> anyhow::Re
             let node = NodeUnderTest::start(&b, p, mode == Mode::Split, |o| {
                 o.inference.repository = args.repository.clone();
                 o.sync_wal = args.sync_wal;
-                o.commit_window = args.commit_window;
+                o.write_window = args.write_window;
                 if let Some(n) = args.intra_op_threads {
                     o.inference.intra_op_threads = n;
                 }
@@ -382,7 +382,7 @@ async fn main() -> anyhow::Result<()> {
         "keys": args.keys,
         "zipf": args.zipf,
         "sync_wal": args.sync_wal,
-        "commit_window_ms": args.commit_window.as_secs_f64() * 1e3,
+        "write_window_ms": args.write_window.as_secs_f64() * 1e3,
         "cpu_affinity": args.cpu_affinity.to_string(),
         "slo_ms": args.slo.map(|d| d.as_secs_f64() * 1e3),
         "pass_through_max_rate": pt_best,

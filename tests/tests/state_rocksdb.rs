@@ -11,7 +11,7 @@ use partita_tests::state_contract::Harness;
 /// A fresh directory per check, so partition ids need no namespacing.
 struct Rocks {
     dir: tempfile::TempDir,
-    commit_window: Duration,
+    write_window: Duration,
 }
 
 impl Harness for Rocks {
@@ -20,8 +20,7 @@ impl Harness for Rocks {
     async fn open(&self) -> RocksStore {
         // RocksDB allows one open handle per directory: a reopen waits for the last one to close.
         loop {
-            let config =
-                RocksConfig { commit_window: self.commit_window, ..RocksConfig::new(self.dir.path()) };
+            let config = RocksConfig { write_window: self.write_window, ..RocksConfig::new(self.dir.path()) };
             match RocksStore::open(&config) {
                 Ok(s) => return s,
                 Err(e) if e.to_string().contains("lock") => {
@@ -38,17 +37,17 @@ impl Harness for Rocks {
 }
 
 async fn harness() -> Rocks {
-    Rocks { dir: tempfile::tempdir().unwrap(), commit_window: Duration::ZERO }
+    Rocks { dir: tempfile::tempdir().unwrap(), write_window: Duration::ZERO }
 }
 
 partita_tests::state_contract_suite!(harness());
 
-/// The same contract with group commit on.
-mod group_commit {
+/// The same contract with write grouping on.
+mod write_grouping {
     use super::*;
 
     async fn harness() -> Rocks {
-        Rocks { dir: tempfile::tempdir().unwrap(), commit_window: Duration::from_millis(2) }
+        Rocks { dir: tempfile::tempdir().unwrap(), write_window: Duration::from_millis(2) }
     }
 
     partita_tests::state_contract_suite!(harness());
@@ -95,9 +94,9 @@ async fn kill_9_mid_stream_loses_no_acknowledged_write_and_never_splits_state_fr
 /// partition's offset back behind an earlier write of the same group) fails alone, and a later
 /// write of a partition in the same group wins.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn writes_within_the_commit_window_share_one_write_and_fsync_and_a_bad_one_fails_alone() {
+async fn writes_within_the_write_window_share_one_write_and_fsync_and_a_bad_one_fails_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let config = RocksConfig { commit_window: Duration::from_secs(1), ..RocksConfig::new(dir.path()) };
+    let config = RocksConfig { write_window: Duration::from_secs(1), ..RocksConfig::new(dir.path()) };
     let store = RocksStore::open(&config).unwrap();
     let write = |p: u32, epoch: u64, offset: i64| StateWrite {
         partition: PartitionId(p),

@@ -59,7 +59,7 @@ const SETTINGS: &[Setting] = &[
     s("state", "dir", "--state-dir"),
     s("state", "cache_size", "--cache-size"),
     s("state", "sync_wal", "--sync-wal"),
-    s("state", "commit_window", "--commit-window"),
+    s("state", "write_window", "--write-window"),
     s("state", "backend", "--state-backend"),
     s("state", "changelog_topic", "--changelog-topic"),
     s("state", "standby_replicas", "--standby-replicas"),
@@ -335,6 +335,12 @@ pub fn cross_check(o: &NodeOptions) -> Vec<String> {
                 .to_owned(),
         );
     }
+    if o.state_backend == crate::state::Backend::Cql && !o.write_window.is_zero() {
+        problems.push(
+            "[state] write_window groups RocksDB writes: it is for backend rocksdb (each CQL write is its own LWT batch)"
+                .to_owned(),
+        );
+    }
     if o.standby_replicas > 0
         && (o.state_backend != crate::state::Backend::Rocksdb || o.changelog_topic.is_empty())
     {
@@ -549,6 +555,17 @@ mod tests {
     }
 
     #[test]
+    fn settings_of_backend_rocksdb_are_refused_with_backend_cql() {
+        let f = file("[state]\nbackend = \"cql\"\nchangelog_topic = \"c\"\nwrite_window = \"2ms\"\n");
+        let problems = cross_check(&parse(&layer(Some(f.path()), [], &[])));
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("changelog_topic is for backend rocksdb"), "{problems:?}");
+        assert!(problems[1].contains("write_window groups RocksDB writes"), "{problems:?}");
+        let f = file("[state]\nwrite_window = \"2ms\"\n");
+        assert!(cross_check(&parse(&layer(Some(f.path()), [], &[]))).is_empty());
+    }
+
+    #[test]
     fn roles_and_transport_security_are_checked_together() {
         let problems = |text: &str| {
             let f = file(text);
@@ -609,7 +626,7 @@ mod tests {
         );
         assert_each_rejected("[inference]\nslo = \"0s\"\n", "inference", &["slo"]);
         assert_each_rejected("[inference]\nslo = \"1000years\"\n", "inference", &["slo"]);
-        assert_each_rejected("[state]\ncommit_window = \"1s\"\n", "state", &["commit_window"]);
+        assert_each_rejected("[state]\nwrite_window = \"1s\"\n", "state", &["write_window"]);
     }
 
     #[test]

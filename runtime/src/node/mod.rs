@@ -70,7 +70,7 @@ fn positive_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// 0 to 100 ms: a longer window would hold every partition's commit for it.
-fn parse_commit_window(s: &str) -> Result<Duration, String> {
+fn parse_write_window(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
     if d <= Duration::from_millis(100) { Ok(d) } else { Err(format!("{s} is above 100ms")) }
 }
@@ -133,12 +133,11 @@ pub struct NodeOptions {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub sync_wal: bool,
     /// Backend rocksdb: state writes of every partition arriving within this long of the first
-    /// share one RocksDB write and one fsync (group commit; e.g. `2ms`, at most 100 ms). Bounds the
-    /// node's fsyncs per second whatever its partition count, and adds up to the window to each
-    /// state write (not to a score's path, but a partition's next outputs wait for its write).
+    /// share one RocksDB write and one fsync (write grouping, docs/state.md; at most 100 ms). Each
+    /// write waits up to about the window more, and a partition's next outputs wait for its write.
     /// 0: each write alone (RocksDB still shares an fsync among writes that overlap).
-    #[arg(long, value_parser = parse_commit_window, default_value = "0ms")]
-    pub commit_window: Duration,
+    #[arg(long, value_parser = parse_write_window, default_value = "0ms")]
+    pub write_window: Duration,
     /// Backend rocksdb in a cluster: the changelog topic (compacted, partitioned like the input)
     /// every state write goes to first, and a node restores a partition from when it claims it, so
     /// state follows its partition to another node. Empty: none (one node only).
@@ -346,7 +345,7 @@ impl NodeOptions {
             Backend::Rocksdb => {
                 let local = RocksStore::open(&RocksConfig {
                     sync_wal: self.sync_wal,
-                    commit_window: self.commit_window,
+                    write_window: self.write_window,
                     ..RocksConfig::new(&self.state_dir)
                 })
                 .with_context(|| format!("opening the state store in {}", self.state_dir.display()))?;

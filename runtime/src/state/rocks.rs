@@ -16,14 +16,15 @@
 //!
 //! Every call runs on tokio's blocking pool: RocksDB may stall on compaction or fsync.
 //!
-//! **Group commit** (`commit_window` > 0): state writes go to one thread per store, which gathers
-//! every write that arrives within the window after the first, checks each against its partition's
-//! stored meta (under the locks of all their partitions, taken in stripe order), and writes the
-//! accepted ones as one `WriteBatch`: one write and one fsync for the whole node per window,
-//! however many partitions it owns. A write that fails its check is answered alone; a failed
-//! RocksDB write fails every write of its group, none of which landed (the batch is atomic). With
-//! a zero window every write is its own RocksDB write; RocksDB still shares one fsync among writes
-//! that arrive while the previous one syncs.
+//! **Write grouping** (`write_window` > 0; docs/state.md): state writes go to one thread per
+//! store, which gathers every write queued within the window after the first one's arrival, checks
+//! each against its partition's stored meta (under the locks of all their partitions, taken in
+//! stripe order), and writes the accepted ones as one `WriteBatch`: one RocksDB write and one
+//! fsync per group, however many partitions the node owns. A write that fails its check is
+//! answered alone; a failed RocksDB write fails every write of its group, none of which landed
+//! (the batch is atomic). With a zero window every write is its own RocksDB write; RocksDB still
+//! shares one fsync among writes that arrive while the previous one syncs. Claims, resets and
+//! changelog replays always write on their own.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -51,8 +52,8 @@ pub struct RocksConfig {
     /// Size of one memtable; RocksDB keeps at most two.
     pub write_buffer_bytes: usize,
     /// Zero: each state write is its own RocksDB write. Above: state writes arriving within this
-    /// long of the first share one write and one fsync (group commit, module doc).
-    pub commit_window: Duration,
+    /// long of the first share one write and one fsync (write grouping, module doc).
+    pub write_window: Duration,
 }
 
 impl RocksConfig {
@@ -62,7 +63,7 @@ impl RocksConfig {
             sync_wal: true,
             block_cache_bytes: 32 << 20,
             write_buffer_bytes: 16 << 20,
-            commit_window: Duration::ZERO,
+            write_window: Duration::ZERO,
         }
     }
 }
@@ -71,8 +72,8 @@ impl RocksConfig {
 #[derive(Clone)]
 pub struct RocksStore {
     inner: Arc<Inner>,
-    /// The group commit thread's queue (`commit_window` > 0).
-    group: Option<Arc<GroupCommit>>,
+    /// The write grouping thread (`write_window` > 0).
+    group: Option<Arc<WriteGrouper>>,
 }
 
 /// What RocksDB holds in memory, by its own accounting, bytes.
@@ -136,10 +137,10 @@ impl RocksStore {
             .map_err(|e| unavailable(format!("opening RocksDB at {}: {e}", config.path.display())))?;
         let locks = (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect();
         let inner = Arc::new(Inner { db, opts, block_cache, sync_wal: config.sync_wal, locks });
-        let group = if config.commit_window.is_zero() {
+        let group = if config.write_window.is_zero() {
             None
         } else {
-            Some(Arc::new(GroupCommit::start(inner.clone(), config.commit_window).map_err(unavailable)?))
+            Some(Arc::new(WriteGrouper::start(inner.clone(), config.write_window).map_err(unavailable)?))
         };
         Ok(Self { inner, group })
     }
@@ -257,33 +258,47 @@ fn stripe(p: PartitionId) -> usize {
     p.0 as usize % LOCK_STRIPES
 }
 
-/// One state write waiting for the group commit thread.
+/// One state write waiting for the write grouping thread.
 struct Queued {
     write: StateWrite,
     position: Option<i64>,
+    queued_at: Instant,
     done: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
 }
 
-/// The group commit thread (module doc). Dropping the last store clone closes its queue; the
-/// drop waits for the thread to write what it holds and release the database.
-struct GroupCommit {
+/// The write grouping thread (module doc). Its queue is unbounded but short: a partition's
+/// committer waits for its write before the next, so it holds at most one write per partition
+/// (and writes whose callers gave up waiting). Dropping the last store clone closes the queue; the
+/// drop waits for the thread to write what it holds and release the database (one window and one
+/// write at most).
+struct WriteGrouper {
     queue: Option<crossbeam_channel::Sender<Queued>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl GroupCommit {
+impl WriteGrouper {
     fn start(inner: Arc<Inner>, window: Duration) -> std::io::Result<Self> {
         let (queue, rx) = crossbeam_channel::unbounded::<Queued>();
-        let thread = std::thread::Builder::new().name("partita-commit".into()).spawn(move || {
+        let thread = std::thread::Builder::new().name("partita-writes".into()).spawn(move || {
             while let Ok(first) = rx.recv() {
-                let until = Instant::now() + window;
+                // From the first write's arrival: one that queued during the previous group's
+                // write has waited part of its window already.
+                let until = first.queued_at + window;
                 let mut group = vec![first];
                 while let Ok(next) = rx.recv_deadline(until) {
                     group.push(next);
                 }
                 let (writes, answers): (Vec<_>, Vec<_>) =
                     group.into_iter().map(|q| ((q.write, q.position), q.done)).unzip();
-                for (answer, result) in answers.into_iter().zip(inner.write(writes)) {
+                let n = writes.len();
+                // A panic fails this group's writes (retried by their callers: a write that landed
+                // passes its check again), not every later one.
+                let results = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    fail::fail_point!("grouped-write");
+                    inner.write(writes)
+                }))
+                .unwrap_or_else(|_| vec![Err(unavailable("a grouped state write panicked")); n]);
+                for (answer, result) in answers.into_iter().zip(results) {
                     let _ = answer.send(result);
                 }
             }
@@ -292,15 +307,15 @@ impl GroupCommit {
     }
 
     async fn write(&self, write: StateWrite, position: Option<i64>) -> Result<(), StoreError> {
-        let stopped = || unavailable("the group commit thread stopped");
+        let stopped = || unavailable("the write grouping thread stopped");
         let (done, answer) = tokio::sync::oneshot::channel();
         let queue = self.queue.as_ref().ok_or_else(stopped)?;
-        queue.send(Queued { write, position, done }).map_err(|_| stopped())?;
+        queue.send(Queued { write, position, queued_at: Instant::now(), done }).map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
 }
 
-impl Drop for GroupCommit {
+impl Drop for WriteGrouper {
     fn drop(&mut self) {
         self.queue.take();
         if let Some(thread) = self.thread.take() {
@@ -383,7 +398,7 @@ impl Inner {
     /// Check each write against its partition's stored meta (or the group's earlier write of the
     /// same partition) and write the accepted ones as one atomic batch; one result per write, in
     /// order. Holds the locks of every partition involved, taken in stripe order (everything else
-    /// takes one lock at a time, so no two lockers wait on each other).
+    /// holds one lock at a time, so no cycle of waiters can form).
     fn write(&self, writes: Vec<(StateWrite, Option<i64>)>) -> Vec<Result<(), StoreError>> {
         let mut stripes: Vec<usize> = writes.iter().map(|(w, _)| stripe(w.partition)).collect();
         stripes.sort_unstable();
@@ -504,6 +519,34 @@ impl StateStore for RocksStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The thread survives a panic: that group's writes fail (nothing landed), the retry lands.
+    #[cfg(feature = "failpoints")]
+    #[tokio::test]
+    async fn a_panic_in_a_grouped_write_fails_its_group_and_the_next_group_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = RocksConfig { write_window: Duration::from_millis(1), ..RocksConfig::new(dir.path()) };
+        let store = RocksStore::open(&config).unwrap();
+        let p = PartitionId(0);
+        store.claim(p, Epoch(1)).await.unwrap();
+        let write = || StateWrite {
+            partition: p,
+            epoch: Epoch(1),
+            applied_offset: Offset(7),
+            entries: vec![(b"k".to_vec(), StateValue::from_f32(&[7.0]))],
+        };
+        fail::cfg("grouped-write", "1*panic").unwrap();
+        let failed = store.write(write()).await;
+        fail::remove("grouped-write");
+        assert!(
+            matches!(&failed, Err(StoreError::Unavailable { detail }) if detail.contains("panicked")),
+            "{failed:?}"
+        );
+        assert_eq!(store.meta(p).await.unwrap().applied_offset, None, "nothing landed");
+        store.write(write()).await.unwrap();
+        assert_eq!(store.meta(p).await.unwrap().applied_offset, Some(Offset(7)));
+        assert_eq!(store.read(p, &[b"k".to_vec()]).await.unwrap(), vec![Some(StateValue::from_f32(&[7.0]))]);
+    }
 
     #[test]
     fn meta_encoding_round_trips() {

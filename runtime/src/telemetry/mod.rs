@@ -303,7 +303,7 @@ impl Collector for NodeCollector {
             counter(
                 &mut enc,
                 "partita_rocksdb_wal_writes",
-                "State writes through RocksDB's write-ahead log",
+                "RocksDB writes through its write-ahead log (with [state] write_window, one per group of state writes)",
                 wal.writes,
             )?;
             counter(
