@@ -1,12 +1,14 @@
-//! The commit stage (steps 6-8 of the module doc of `partition`): one task per partition actor.
+//! The commit stage (steps 6-8 of the module doc of `partition`): one task per partition actor,
+//! in two stages so a group's state write never holds back the next group's outputs.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use partita_proto::v1::DeadLetterReason;
 use ractor::ActorRef;
+use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
 use super::actor::{Computed, Pending};
@@ -32,18 +34,64 @@ pub(super) struct Committer<S, K> {
     pub(super) actor: ActorRef<PartitionMsg>,
 }
 
+/// A group whose outputs the broker acknowledged, on its way to the state write.
+struct Produced {
+    /// Its batches, outputs moved out; their spans end when the group is written.
+    batches: Vec<Computed>,
+    /// Scores refused for good, replaced by minimal dead letters.
+    refused_scores: u64,
+    produce_time: Duration,
+}
+
 impl<S: StateStore, K: PartitionSink> Committer<S, K> {
-    /// Until the actor drops its sender; returns the last applied offset it wrote.
-    pub(super) async fn run(self, mut rx: tokio::sync::mpsc::Receiver<Computed>) -> Option<Offset> {
+    /// Until the actor drops its sender and everything it sent is written; returns the last
+    /// applied offset it wrote.
+    ///
+    /// Producing and writing run side by side: while a group's state write (with its fsync, or a
+    /// `[state] write_window`) is in flight, the next group's outputs go to the broker. The order
+    /// that matters holds: a group's states are written only after its outputs are acknowledged,
+    /// and groups are written in batch order. A crash in between re-runs from the stored offset,
+    /// as before: outputs of unwritten groups may repeat (at least once), states apply once.
+    pub(super) async fn run(self, rx: mpsc::Receiver<Computed>) -> Option<Offset> {
+        let (produced_tx, produced_rx) = mpsc::channel(self.config.max_pending_batches.max(1));
+        let writing = self.write_stage(produced_rx);
+        tokio::pin!(writing);
+        tokio::select! {
+            // The writer stopped on a failure: nothing more goes out.
+            applied = &mut writing => return applied,
+            () = self.produce_stage(rx, produced_tx) => {}
+        }
+        // Everything is produced and the writer's channel closed: it writes what is left.
+        writing.await
+    }
+
+    /// Produces each group of computed batches (everything computed meanwhile goes out together:
+    /// one wait for acks) and hands it to the writer, until the actor or the writer stops.
+    async fn produce_stage(&self, mut rx: mpsc::Receiver<Computed>, tx: mpsc::Sender<Produced>) {
+        while let Some(first) = rx.recv().await {
+            let mut batches = vec![first];
+            while let Ok(next) = rx.try_recv() {
+                batches.push(next);
+            }
+            let span = batches[0].span.clone();
+            let produced = self.produce(batches).instrument(span).await;
+            if tx.send(produced).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Writes what was produced (every group waiting goes in one write), until the producer's
+    /// channel closes; stops the actor on a fatal store error.
+    async fn write_stage(&self, mut rx: mpsc::Receiver<Produced>) -> Option<Offset> {
         let mut applied = None;
         while let Some(first) = rx.recv().await {
-            // Everything computed meanwhile goes out together: one wait for acks, one write.
-            let mut group = vec![first];
+            let mut groups = vec![first];
             while let Ok(next) = rx.try_recv() {
-                group.push(next);
+                groups.push(next);
             }
-            let span = group[0].span.clone();
-            match self.commit(&mut group).instrument(span).await {
+            let span = groups[0].batches[0].span.clone();
+            match self.write(&mut groups).instrument(span).await {
                 Ok(last) => applied = Some(last),
                 Err(e) => {
                     tracing::error!(partition = %self.partition, error = %e, "partition stops");
@@ -55,13 +103,12 @@ impl<S: StateStore, K: PartitionSink> Committer<S, K> {
         applied
     }
 
-    /// Moves the group's outputs and states out (no copies); its spans end when it is dropped.
-    async fn commit(&self, group: &mut [Computed]) -> Result<Offset, StoreError> {
+    /// Moves the batches' outputs out (no copies) and waits until the broker acknowledged each.
+    async fn produce(&self, mut batches: Vec<Computed>) -> Produced {
         let started = Instant::now();
         let mut outputs: Vec<OutputRecord> =
-            group.iter_mut().flat_map(|b| std::mem::take(&mut b.outputs)).collect();
+            batches.iter_mut().flat_map(|b| std::mem::take(&mut b.outputs)).collect();
         let mut backoff = self.config.backoff;
-        // Scores refused for good, replaced by minimal dead letters.
         let mut refused_scores = 0u64;
         while let Err(e) = self.sink.produce(&outputs).await {
             self.counters.retries.fetch_add(1, Ordering::Relaxed);
@@ -92,58 +139,66 @@ impl<S: StateStore, K: PartitionSink> Committer<S, K> {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(self.config.max_backoff);
         }
-        // A later batch's state of a key replaces an earlier one's.
+        Produced { batches, refused_scores, produce_time: started.elapsed() }
+    }
+
+    /// Writes the groups' states (a later batch's state of a key replaces an earlier one's) with
+    /// the last batch's offset in one write, then hands the offset to the group commit.
+    async fn write(&self, groups: &mut [Produced]) -> Result<Offset, StoreError> {
         let mut entries: HashMap<Vec<u8>, StateValue> = HashMap::new();
-        for b in group.iter_mut() {
+        for b in groups.iter_mut().flat_map(|g| g.batches.iter_mut()) {
             entries.extend(std::mem::take(&mut b.entries));
         }
-        let last = group.last().expect("a group has a batch").applied;
+        let newest = groups.last().and_then(|g| g.batches.last()).expect("a group has a batch");
+        let (last, newest_no) = (newest.applied, newest.no);
         let write = StateWrite {
             partition: self.partition,
             epoch: self.epoch,
             applied_offset: last,
             entries: entries.into_iter().collect(),
         };
-        let produced = Instant::now();
+        let started = Instant::now();
         self.store_with_retry(&write).await?;
-        self.observer.state_written(self.partition, produced.elapsed());
+        self.observer.state_written(self.partition, started.elapsed());
         // Written, so in the cache: drop the pending states unless a later batch changed the key.
-        let newest = group.last().expect("a group has a batch").no;
         {
             let mut pending = self.pending.lock().unwrap();
             for (k, _) in &write.entries {
-                if pending.get(k).is_some_and(|(no, _)| *no <= newest) {
+                if pending.get(k).is_some_and(|(no, _)| *no <= newest_no) {
                     pending.remove(k);
                 }
             }
         }
+        let batches = || groups.iter().flat_map(|g| g.batches.iter());
         tracing::debug!(
             partition = %self.partition,
-            batches = group.len(),
-            records = group.iter().map(|b| b.records).sum::<usize>(),
-            produce_us = micros(produced - started),
-            store_us = micros(produced.elapsed()),
+            groups = groups.len(),
+            batches = batches().count(),
+            records = batches().map(|b| b.records).sum::<usize>(),
+            produce_us = groups.iter().map(|g| micros(g.produce_time)).max(),
+            store_us = micros(started.elapsed()),
             "batches applied"
         );
         crate::crash_point!("after-state-write");
         let c = &self.counters;
         c.applied_offsets.lock().unwrap().insert(self.partition.0, last.0);
         self.sink.commit(self.partition, Offset(last.0 + 1));
+        let refused_scores: u64 = groups.iter().map(|g| g.refused_scores).sum();
         c.scored.fetch_sub(refused_scores, Ordering::Relaxed);
         c.dead_letters[DeadLetterReason::OutputRejected as usize]
             .fetch_add(refused_scores, Ordering::Relaxed);
-        for b in group.iter() {
+        for b in batches() {
             c.scored.fetch_add(b.scored, Ordering::Relaxed);
             for r in &b.dead {
                 c.dead_letters[*r as usize].fetch_add(1, Ordering::Relaxed);
             }
         }
-        c.batches.fetch_add(group.len() as u64, Ordering::Relaxed);
+        c.batches.fetch_add(batches().count() as u64, Ordering::Relaxed);
         Ok(last)
     }
 
-    /// The outputs are out: the state write must now succeed (or the actor stop) before anything
-    /// else happens, so it retries here.
+    /// The outputs are out: the state write must now succeed (or the actor stop) before any later
+    /// group is written, so it retries here.
     async fn store_with_retry(&self, write: &StateWrite) -> Result<(), StoreError> {
         let mut backoff = self.config.backoff;
         loop {

@@ -298,6 +298,15 @@ impl Harness {
     }
 }
 
+/// Waits until `cond` holds; panics after 10 s.
+async fn wait_until(cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "not reached within 10 s");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 fn reason(out: &Out) -> Option<DeadLetterReason> {
     match out {
         Out::Score(_) => None,
@@ -504,6 +513,36 @@ async fn a_backlog_row_whose_worker_is_lost_goes_on_one_by_one() {
     assert_eq!(in_rows.0, one_by_one.0, "the same answers, offset by offset");
     assert_eq!(in_rows.1, one_by_one.1, "the same stored sequences and states");
     assert_eq!(in_rows.2, (0, 1), "one fallback, nothing scored in a row");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_state_write_holds_back_the_offset_but_not_the_next_batchs_outputs() {
+    let mut h = Harness::start().await;
+    h.store.hold_writes.store(true, Ordering::SeqCst);
+    h.send("a", 1, 1.0);
+    wait_until(|| h.output_offsets() == [0]).await;
+    // Batch 0's write is in flight (held); batch 1 is scored and its output goes out meanwhile.
+    h.send("a", 2, 2.0);
+    wait_until(|| h.output_offsets() == [0, 1]).await;
+    assert_eq!(h.store.writes.load(Ordering::SeqCst), 0, "nothing is written while the write is held");
+    assert!(h.sink.commits.lock().unwrap().is_empty(), "no offset is committed before its state is written");
+    h.store.hold_writes.store(false, Ordering::SeqCst);
+    assert_eq!(h.drain().await, Some(Offset(1)));
+    let commits = h.sink.commits.lock().unwrap().clone();
+    assert_eq!(commits.last(), Some(&Offset(2)));
+    assert!(commits.windows(2).all(|w| w[0] < w[1]), "commits in offset order: {commits:?}");
+    // The second event read the first one's state while that was still unwritten.
+    assert_eq!(h.stored("a"), Some((2, vec![3.0, 3.0])));
+    let scores: Vec<f32> = h
+        .outputs()
+        .iter()
+        .map(|o| match o {
+            Out::Score(s) => s.score,
+            Out::Dead(d) => panic!("{d:?}"),
+        })
+        .collect();
+    assert_eq!(scores, [1.0, 4.0]);
+    h.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,6 +17,8 @@ pub(crate) struct MemStore {
     pub writes: AtomicUsize,
     /// While set, writes fail as `Unavailable`.
     pub fail_writes: AtomicBool,
+    /// While set, writes wait (a slow disk) before they do anything.
+    pub hold_writes: AtomicBool,
 }
 
 impl MemStore {
@@ -46,6 +48,9 @@ impl StateStore for Arc<MemStore> {
     }
 
     async fn write(&self, w: StateWrite) -> Result<(), StoreError> {
+        while self.hold_writes.load(Ordering::SeqCst) {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
         if self.fail_writes.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable { detail: "down".into() });
         }
