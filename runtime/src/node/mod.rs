@@ -176,7 +176,8 @@ pub struct NodeOptions {
     /// Kubernetes Secret) than from a file. Never printed.
     #[arg(long)]
     pub cql_password: Option<Redacted>,
-    /// Byte budget of the state cache (e.g. 256MiB).
+    /// Heap budget of the state cache (e.g. 256MiB): each cached key counts its key, its state and
+    /// 512 bytes of measured overhead.
     #[arg(long, default_value = "256MiB")]
     pub cache_size: bytesize::ByteSize,
     /// Model for events that name none.
