@@ -1,9 +1,10 @@
 //! B6 + B3: state larger than memory, through the byte-bounded cache and RocksDB, against RocksDB's
 //! own `db_bench` and Redis with `maxmemory`, in the same run.
 //!
-//! 1. **stream**: every key of a universe holding `--factor` × the cache budget of state (values
-//!    256 B to `--max-value` bytes, fixed per key) is read-modified-written once, in waves, through
-//!    `StateCache` + `RocksStore`. RSS is sampled throughout; nothing may fail.
+//! 1. **stream**: every key of a universe holding `--factor` × the cache budget of state, as the
+//!    cache weighs it (values of pseudo-random bytes, 256 B to `--max-value` bytes, fixed per key)
+//!    is read-modified-written once, in waves, through `StateCache` + `RocksStore`. RSS is
+//!    sampled throughout; nothing may fail.
 //! 2. **zipf**: read-modify-write waves of Zipf(1.1)-distributed keys for `--seconds`: keys/s.
 //!    Then single-key reads of the hottest key: p50/p99.
 //! 3. **db_bench** `updaterandom` (RocksDB's own read-modify-write loop, one thread) on the same
@@ -56,6 +57,21 @@ fn value_len(key: u64, max: usize) -> usize {
     let h = key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11;
     let u = (h as f64) / ((1u64 << 53) as f64);
     (256.0 * ((max as f64 / 256.0).powf(u))) as usize
+}
+
+/// A key's first value: `len` pseudo-random bytes (a model's state is floats, which compress
+/// little; zeros would let LZ4 pack the whole stream into a few blocks and flatter RocksDB).
+fn initial_value(key: u64, len: usize) -> Vec<u8> {
+    let mut x = key ^ 0x2545_F491_4F6C_DD1D;
+    (0..len)
+        .map(|_| {
+            // xorshift64
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
 }
 
 /// Where the process's memory stands at one instant, bytes.
@@ -113,7 +129,7 @@ async fn rmw(
         .zip(keys)
         .zip(current)
         .map(|((key, &k), cur)| {
-            let mut data = cur.map_or_else(|| vec![0u8; value_len(k, max_value)], |v| v.data.clone());
+            let mut data = cur.map_or_else(|| initial_value(k, value_len(k, max_value)), |v| v.data.clone());
             data[0] = data[0].wrapping_add(1);
             (key, StateValue { format: 1, data })
         })
