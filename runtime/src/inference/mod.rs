@@ -104,10 +104,13 @@ pub struct InferenceOptions {
     pub worker_tls_domain: Option<String>,
 }
 
+/// The longest `--slo`; also the most time left a remote request's due time may claim.
+pub const MAX_SLO: Duration = Duration::from_secs(3600);
+
 /// `--slo`: a duration from 1 ms to 1 h.
 fn parse_slo(text: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
-    let range = Duration::from_millis(1)..=Duration::from_secs(3600);
+    let range = Duration::from_millis(1)..=MAX_SLO;
     if range.contains(&d) { Ok(d) } else { Err(format!("{text} is outside 1ms..=1h")) }
 }
 

@@ -235,6 +235,23 @@ fn requested_outputs(spec: &ModelSpec, req: &ModelInferRequest) -> Result<Vec<&'
         .collect()
 }
 
+/// When the request's rows are due: its receipt + `partita_due_in_us`, within 0 (due now) and
+/// the longest `[inference] slo` (no request waits longer for batch mates than a local one
+/// could); `None` without the parameter.
+fn due_of(req: &ModelInferRequest) -> Result<Option<Instant>, Status> {
+    let Some(p) = req.parameters.get(crate::inference::remote::DUE_IN_US) else { return Ok(None) };
+    match p.parameter_choice {
+        Some(infer_parameter::ParameterChoice::Int64Param(us)) => {
+            let left = Duration::from_micros(us.max(0).unsigned_abs()).min(crate::inference::MAX_SLO);
+            Ok(Some(Instant::now() + left))
+        }
+        _ => Err(Status::invalid_argument(format!(
+            "parameter {:?} must be an int64 (microseconds until the rows are due)",
+            crate::inference::remote::DUE_IN_US
+        ))),
+    }
+}
+
 /// The request's tensors as rows of `spec`: every input present once, FP32, `[rows, width]`
 /// with the same `rows`, and exactly as many values as the shape says.
 fn rows_from(spec: &ModelSpec, req: &ModelInferRequest) -> Result<InferRows, Status> {
@@ -294,8 +311,9 @@ fn rows_from(spec: &ModelSpec, req: &ModelInferRequest) -> Result<InferRows, Sta
         steps,
         features: values.next().unwrap_or_default(),
         state: values.next().unwrap_or_default(),
-        // A client's request carries no event time: the model's fixed delay.
-        due: None,
+        // A partita scorer's rows carry the time left to their due time; other clients' rows
+        // get the model's fixed delay.
+        due: due_of(req)?,
     };
     // A value that is not finite refuses the whole request before any row runs.
     for k in 0..rows.rows {
@@ -565,6 +583,43 @@ mod tests {
             .map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect())
             .collect();
         assert_eq!(rows_from(&spec, &raw).unwrap(), rows);
+    }
+
+    #[test]
+    fn a_scorers_due_time_crosses_the_hop_as_time_left_and_a_bad_one_is_refused() {
+        let spec = spec(2);
+        let rows_due = |due: Option<Instant>| InferRows {
+            rows: 1,
+            steps: 1,
+            features: vec![1.0, 2.0, 3.0],
+            state: vec![0.0, 0.0],
+            due,
+        };
+        let hop = |due: Option<Instant>| {
+            let req = crate::inference::remote::infer_request(&spec, &rows_due(due), None);
+            rows_from(&spec, &req).unwrap().due
+        };
+        let before = Instant::now();
+        let due = hop(Some(before + Duration::from_secs(2))).expect("a due time comes across");
+        let after = Instant::now();
+        assert!(
+            due <= after + Duration::from_secs(2) && due >= before + Duration::from_millis(1900),
+            "{:?}",
+            due - before
+        );
+        assert_eq!(hop(None), None, "without one, the model's fixed delay");
+        let passed = hop(Some(Instant::now() - Duration::from_secs(1))).unwrap();
+        assert!(passed <= Instant::now(), "a due time already passed is due now");
+        let far = hop(Some(Instant::now() + Duration::from_secs(36_000))).unwrap();
+        assert!(far <= Instant::now() + crate::inference::MAX_SLO, "no longer than the longest slo");
+        let mut bad = crate::inference::remote::infer_request(&spec, &rows_due(None), None);
+        bad.parameters.insert(
+            crate::inference::remote::DUE_IN_US.into(),
+            InferParameter {
+                parameter_choice: Some(infer_parameter::ParameterChoice::StringParam("soon".into())),
+            },
+        );
+        assert!(refused(&spec, &bad).contains("partita_due_in_us"), "{}", refused(&spec, &bad));
     }
 
     #[test]

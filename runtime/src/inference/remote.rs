@@ -643,15 +643,13 @@ fn raw(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
-/// One call: the rows as raw tensors, the deadline as the gRPC deadline. Returns the outcome
-/// and the gRPC code (for metrics).
-async fn call(
-    e: &Endpoint,
+/// The request for `rows`: raw tensors, the deadline and the time left until the rows' due time
+/// as partita parameters.
+pub(crate) fn infer_request(
     spec: &ModelSpec,
     rows: &InferRows,
     deadline: Option<Duration>,
-    timeout: Option<Duration>,
-) -> (Outcome, tonic::Code) {
+) -> ModelInferRequest {
     let mut request = ModelInferRequest {
         model_name: spec.name.clone(),
         inputs: vec![tensor("features", rows.rows, rows.steps, spec.feature_count)],
@@ -662,15 +660,34 @@ async fn call(
         request.inputs.push(tensor("state", rows.rows, 1, spec.state_size));
         request.raw_input_contents.push(raw(&rows.state));
     }
+    let micros = |d: Duration| InferParameter {
+        parameter_choice: Some(infer_parameter::ParameterChoice::Int64Param(
+            i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
+        )),
+    };
     if let Some(d) = deadline {
         // The worker times the rows from their batch's start, as a local worker does.
-        let micros = i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
-        request.parameters.insert(
-            DEADLINE_US.to_owned(),
-            InferParameter { parameter_choice: Some(infer_parameter::ParameterChoice::Int64Param(micros)) },
-        );
+        request.parameters.insert(DEADLINE_US.to_owned(), micros(d));
     }
-    let mut request = tonic::Request::new(request);
+    if let Some(due) = rows.due {
+        // Relative: the two nodes' clocks need not agree. Counted anew on every try.
+        request
+            .parameters
+            .insert(DUE_IN_US.to_owned(), micros(due.saturating_duration_since(Instant::now())));
+    }
+    request
+}
+
+/// One call: the rows as raw tensors, the deadline as the gRPC deadline. Returns the outcome
+/// and the gRPC code (for metrics).
+async fn call(
+    e: &Endpoint,
+    spec: &ModelSpec,
+    rows: &InferRows,
+    deadline: Option<Duration>,
+    timeout: Option<Duration>,
+) -> (Outcome, tonic::Code) {
+    let mut request = tonic::Request::new(infer_request(spec, rows, deadline));
     if let Some(tp) = crate::telemetry::traces::current_traceparent().and_then(|tp| tp.parse().ok()) {
         request.metadata_mut().insert("traceparent", tp);
     }
@@ -791,6 +808,11 @@ pub const DEVICE: &str = "partita_device";
 /// Request parameter: the rows' deadline from their batch's start, microseconds (a partita
 /// scorer sends it; without it a worker uses its own `[partition] infer_deadline`).
 pub const DEADLINE_US: &str = "partita_deadline_us";
+/// Request parameter: the time left until the rows' due time (event time + the scorer's
+/// `[inference] slo`), microseconds, when the request was sent. The worker's batcher takes it as
+/// a due time of its receipt + this (the one-way network time is not subtracted); without it,
+/// its fixed delay.
+pub const DUE_IN_US: &str = "partita_due_in_us";
 
 /// The response parameters for `served`.
 pub fn served_parameters(served: &Served) -> HashMap<String, InferParameter> {
