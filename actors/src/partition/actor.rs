@@ -267,7 +267,11 @@ impl<S: StateStore, K: PartitionSink> PartitionState<S, K> {
             let Some(computed) = computed else { continue };
             let Some((tx, _)) = &self.committer else { return Err("the partition is draining".into()) };
             if tx.send(computed).await.is_err() {
-                return Err("the committer stopped".into());
+                // The committer stopped on a fatal store error, and told the actor before it went
+                // (`Failed` waits in the mailbox): handle that, fenced or not, rather than fail
+                // here as if the committer had vanished. The batch is not written: the partition's
+                // next owner runs it again.
+                return Ok(());
             }
         }
         Ok(())

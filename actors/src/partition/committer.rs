@@ -53,7 +53,9 @@ impl<S: StateStore, K: PartitionSink> Committer<S, K> {
     /// and groups are written in batch order. A crash in between re-runs from the stored offset,
     /// as before: outputs of unwritten groups may repeat (at least once), states apply once.
     pub(super) async fn run(self, rx: mpsc::Receiver<Computed>) -> Option<Offset> {
-        let (produced_tx, produced_rx) = mpsc::channel(self.config.max_pending_batches.max(1));
+        // One acknowledged group waits while others are written: the partition's batches computed
+        // and not yet written stay bounded (docs/pipeline.md).
+        let (produced_tx, produced_rx) = mpsc::channel(1);
         let writing = self.write_stage(produced_rx);
         tokio::pin!(writing);
         tokio::select! {

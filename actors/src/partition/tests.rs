@@ -86,11 +86,16 @@ impl BackendFactory for ScriptedFactory {
 struct Sink {
     outputs: Mutex<Vec<OutputRecord>>,
     commits: Mutex<Vec<Offset>>,
+    /// While set, produced records are not acknowledged (a slow broker).
+    hold_acks: AtomicBool,
 }
 
 impl PartitionSink for Sink {
     async fn produce(&self, records: &[OutputRecord]) -> Result<(), SinkError> {
         self.outputs.lock().unwrap().extend_from_slice(records);
+        while self.hold_acks.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         Ok(())
     }
 
@@ -369,6 +374,28 @@ async fn the_supervisor_reports_a_failed_or_fenced_partition_actor_and_not_a_dra
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_write_stops_the_actor_as_fenced_while_it_waits_to_hand_over_a_batch() {
+    let config = PartitionConfig { max_batch: 1, max_pending_batches: 1, ..PartitionConfig::default() };
+    let mut h = Harness::start_with(64, config).await;
+    h.store.hold_writes.store(true, Ordering::SeqCst);
+    h.send("k", 1, 1.0);
+    wait_until(|| h.output_offsets() == [0]).await;
+    // A newer owner claims the partition while the first write is held; meanwhile the committer's
+    // stages and channel fill, and the actor waits to hand over its next batch.
+    h.store.claim(P, Epoch(2)).await.unwrap();
+    for s in 2..=6 {
+        h.send("k", s, 1.0);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    h.store.hold_writes.store(false, Ordering::SeqCst);
+    let down = tokio::task::block_in_place(|| h.next_down(Duration::from_secs(5)))
+        .expect("the fenced actor is reported");
+    assert!(down.fenced && down.reason.contains("fenced by epoch 2"), "{down:?}");
+    assert!(h.sink.commits.lock().unwrap().is_empty(), "nothing committed past the fence");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_over_the_limit_is_dead_lettered_with_only_its_first_kib_copied() {
     let mut h = Harness::start().await;
     let long = "x".repeat(10_000);
@@ -513,6 +540,31 @@ async fn a_backlog_row_whose_worker_is_lost_goes_on_one_by_one() {
     assert_eq!(in_rows.0, one_by_one.0, "the same answers, offset by offset");
     assert_eq!(in_rows.1, one_by_one.1, "the same stored sequences and states");
     assert_eq!(in_rows.2, (0, 1), "one fallback, nothing scored in a row");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_state_is_written_before_its_outputs_are_acknowledged() {
+    let mut h = Harness::start().await;
+    h.sink.hold_acks.store(true, Ordering::SeqCst);
+    h.send("a", 1, 1.0);
+    wait_until(|| h.output_offsets() == [0]).await;
+    h.send("a", 2, 2.0);
+    // Both batches are computed; neither may be written while the first one's ack is held.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        h.store.writes.load(Ordering::SeqCst),
+        0,
+        "a state written before its outputs were acknowledged"
+    );
+    assert!(
+        h.sink.commits.lock().unwrap().is_empty(),
+        "an offset committed before its outputs were acknowledged"
+    );
+    h.sink.hold_acks.store(false, Ordering::SeqCst);
+    assert_eq!(h.drain().await, Some(Offset(1)));
+    assert_eq!(h.output_offsets(), [0, 1]);
+    assert_eq!(h.stored("a"), Some((2, vec![3.0, 3.0])));
+    h.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

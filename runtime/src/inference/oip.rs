@@ -612,6 +612,14 @@ mod tests {
         assert!(passed <= Instant::now(), "a due time already passed is due now");
         let far = hop(Some(Instant::now() + Duration::from_secs(36_000))).unwrap();
         assert!(far <= Instant::now() + crate::inference::MAX_SLO, "no longer than the longest slo");
+        // With a deadline, at most the deadline: the scorer's call times out after 2 x it + 1 s.
+        let capped = crate::inference::remote::infer_request(
+            &spec,
+            &rows_due(Some(Instant::now() + Duration::from_secs(2))),
+            Some(Duration::from_millis(100)),
+        );
+        let due = rows_from(&spec, &capped).unwrap().due.unwrap();
+        assert!(due <= Instant::now() + Duration::from_millis(100), "capped at the deadline");
         let mut bad = crate::inference::remote::infer_request(&spec, &rows_due(None), None);
         bad.parameters.insert(
             crate::inference::remote::DUE_IN_US.into(),

@@ -670,10 +670,14 @@ pub(crate) fn infer_request(
         request.parameters.insert(DEADLINE_US.to_owned(), micros(d));
     }
     if let Some(due) = rows.due {
-        // Relative: the two nodes' clocks need not agree. Counted anew on every try.
-        request
-            .parameters
-            .insert(DUE_IN_US.to_owned(), micros(due.saturating_duration_since(Instant::now())));
+        // Relative: the two nodes' clocks need not agree. Counted anew on every try. At most the
+        // deadline: the worker may hold the rows that long before their batch starts, and the
+        // call's timeout (2 x the deadline + 1 s) still covers the wait and the batch.
+        let mut left = due.saturating_duration_since(Instant::now());
+        if let Some(d) = deadline {
+            left = left.min(d);
+        }
+        request.parameters.insert(DUE_IN_US.to_owned(), micros(left));
     }
     request
 }
@@ -809,7 +813,7 @@ pub const DEVICE: &str = "partita_device";
 /// scorer sends it; without it a worker uses its own `[partition] infer_deadline`).
 pub const DEADLINE_US: &str = "partita_deadline_us";
 /// Request parameter: the time left until the rows' due time (event time + the scorer's
-/// `[inference] slo`), microseconds, when the request was sent. The worker's batcher takes it as
+/// `[inference] slo`), microseconds, when the request was sent, at most the rows' deadline. The worker's batcher takes it as
 /// a due time of its receipt + this (the one-way network time is not subtracted); without it,
 /// its fixed delay.
 pub const DUE_IN_US: &str = "partita_due_in_us";
