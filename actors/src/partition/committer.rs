@@ -41,6 +41,8 @@ struct Produced {
     /// Scores refused for good, replaced by minimal dead letters.
     refused_scores: u64,
     produce_time: Duration,
+    /// Its room among the acknowledged batches not yet written, given back once it is written.
+    room: u32,
 }
 
 impl<S: StateStore, K: PartitionSink> Committer<S, K> {
@@ -53,31 +55,46 @@ impl<S: StateStore, K: PartitionSink> Committer<S, K> {
     /// and groups are written in batch order. A crash in between re-runs from the stored offset,
     /// as before: outputs of unwritten groups may repeat (at least once), states apply once.
     pub(super) async fn run(self, rx: mpsc::Receiver<Computed>) -> Option<Offset> {
-        // One acknowledged group waits while others are written: the partition's batches computed
-        // and not yet written stay bounded (docs/pipeline.md).
-        let (produced_tx, produced_rx) = mpsc::channel(1);
-        let writing = self.write_stage(produced_rx);
+        // Acknowledged batches not yet written: at most 2 x max_pending_batches (a larger group
+        // takes all the room), so what a partition holds computed and unwritten stays bounded
+        // (docs/pipeline.md) in batches, however small the groups.
+        let room = tokio::sync::Semaphore::new(self.acked_limit() as usize);
+        let (produced_tx, produced_rx) = mpsc::unbounded_channel();
+        let writing = self.write_stage(produced_rx, &room);
         tokio::pin!(writing);
         tokio::select! {
             // The writer stopped on a failure: nothing more goes out.
             applied = &mut writing => return applied,
-            () = self.produce_stage(rx, produced_tx) => {}
+            () = self.produce_stage(rx, produced_tx, &room) => {}
         }
         // Everything is produced and the writer's channel closed: it writes what is left.
         writing.await
     }
 
+    fn acked_limit(&self) -> u32 {
+        u32::try_from(2 * self.config.max_pending_batches.max(1)).unwrap_or(u32::MAX)
+    }
+
     /// Produces each group of computed batches (everything computed meanwhile goes out together:
-    /// one wait for acks) and hands it to the writer, until the actor or the writer stops.
-    async fn produce_stage(&self, mut rx: mpsc::Receiver<Computed>, tx: mpsc::Sender<Produced>) {
+    /// one wait for acks) and hands it to the writer once there is room for it, until the actor
+    /// or the writer stops.
+    async fn produce_stage(
+        &self,
+        mut rx: mpsc::Receiver<Computed>,
+        tx: mpsc::UnboundedSender<Produced>,
+        room: &tokio::sync::Semaphore,
+    ) {
         while let Some(first) = rx.recv().await {
             let mut batches = vec![first];
             while let Ok(next) = rx.try_recv() {
                 batches.push(next);
             }
             let span = batches[0].span.clone();
-            let produced = self.produce(batches).instrument(span).await;
-            if tx.send(produced).await.is_err() {
+            let mut produced = self.produce(batches).instrument(span).await;
+            produced.room = u32::try_from(produced.batches.len()).unwrap_or(u32::MAX).min(self.acked_limit());
+            let Ok(permits) = room.acquire_many(produced.room).await else { return };
+            permits.forget();
+            if tx.send(produced).is_err() {
                 return;
             }
         }
@@ -85,7 +102,11 @@ impl<S: StateStore, K: PartitionSink> Committer<S, K> {
 
     /// Writes what was produced (every group waiting goes in one write), until the producer's
     /// channel closes; stops the actor on a fatal store error.
-    async fn write_stage(&self, mut rx: mpsc::Receiver<Produced>) -> Option<Offset> {
+    async fn write_stage(
+        &self,
+        mut rx: mpsc::UnboundedReceiver<Produced>,
+        room: &tokio::sync::Semaphore,
+    ) -> Option<Offset> {
         let mut applied = None;
         while let Some(first) = rx.recv().await {
             let mut groups = vec![first];
@@ -94,7 +115,10 @@ impl<S: StateStore, K: PartitionSink> Committer<S, K> {
             }
             let span = groups[0].batches[0].span.clone();
             match self.write(&mut groups).instrument(span).await {
-                Ok(last) => applied = Some(last),
+                Ok(last) => {
+                    applied = Some(last);
+                    room.add_permits(groups.iter().map(|g| g.room as usize).sum());
+                }
                 Err(e) => {
                     tracing::error!(partition = %self.partition, error = %e, "partition stops");
                     let _ = self.actor.cast(PartitionMsg::Failed(e));
@@ -141,7 +165,7 @@ impl<S: StateStore, K: PartitionSink> Committer<S, K> {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(self.config.max_backoff);
         }
-        Produced { batches, refused_scores, produce_time: started.elapsed() }
+        Produced { batches, refused_scores, produce_time: started.elapsed(), room: 0 }
     }
 
     /// Writes the groups' states (a later batch's state of a key replaces an earlier one's) with

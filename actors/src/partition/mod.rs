@@ -21,7 +21,7 @@
 //! 8. hand `last + 1` to the group's offset commit.
 //!
 //! Step 6 of a group runs while step 7 of the groups before it is in flight (two stages in the
-//! committer task, one acknowledged group between them), so a slow write (the fsync, `[state]
+//! committer task, room for 2 x `max_pending_batches` acknowledged batches between them), so a slow write (the fsync, `[state]
 //! write_window`) delays the offset, never the next outputs. A group is written only after its
 //! own outputs are acknowledged, and in order; groups acknowledged while a write was in flight go
 //! in the next write together.

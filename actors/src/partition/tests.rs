@@ -543,6 +543,25 @@ async fn a_backlog_row_whose_worker_is_lost_goes_on_one_by_one() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_write_bounds_the_outputs_produced_ahead_of_it() {
+    let config = PartitionConfig { max_batch: 1, max_pending_batches: 1, ..PartitionConfig::default() };
+    let mut h = Harness::start_with(64, config).await;
+    h.store.hold_writes.store(true, Ordering::SeqCst);
+    for k in 0..10 {
+        h.send(&format!("k{k}"), 1, 1.0);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The batch being written, then at most 2 x max_pending_batches acknowledged and unwritten
+    // (a group of two batches may find room for one only, and wait with its outputs out).
+    let ahead = h.output_offsets().len();
+    assert!((2..=4).contains(&ahead), "{ahead} outputs went out while the first write was held");
+    h.store.hold_writes.store(false, Ordering::SeqCst);
+    assert_eq!(h.drain().await, Some(Offset(9)));
+    assert_eq!(h.output_offsets(), (0..10).collect::<Vec<_>>());
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_state_is_written_before_its_outputs_are_acknowledged() {
     let mut h = Harness::start().await;
     h.sink.hold_acks.store(true, Ordering::SeqCst);
