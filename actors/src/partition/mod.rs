@@ -21,10 +21,10 @@
 //! 8. hand `last + 1` to the group's offset commit.
 //!
 //! Step 6 of a group runs while step 7 of the groups before it is in flight (two stages in the
-//! committer task, room for 2 x `max_pending_batches` acknowledged batches between them), so a slow write (the fsync, `[state]
-//! write_window`) delays the offset, never the next outputs. A group is written only after its
-//! own outputs are acknowledged, and in order; groups acknowledged while a write was in flight go
-//! in the next write together.
+//! committer task, room for 2 x `max_pending_batches` acknowledged batches between them), so a
+//! slow write (the fsync, `[state] write_window`) delays the offset, never the next outputs. A
+//! group is written only after its own outputs are acknowledged, and in order; groups
+//! acknowledged while a write was in flight go in the next write together.
 //!
 //! A crash before 7 re-runs the batches from the stored offset: the state effect happens once,
 //! outputs may repeat (at least once), recognisable by their source coordinates. A crash after 7

@@ -292,6 +292,12 @@ impl Harness {
         self.store.value(P, key.as_bytes()).and_then(|v| v.to_sequenced().unwrap().offset)
     }
 
+    /// Neither a state write nor an offset commit happened yet, because of `why`.
+    fn assert_nothing_written(&self, why: &str) {
+        assert_eq!(self.store.writes.load(Ordering::SeqCst), 0, "a state was written: {why}");
+        assert!(self.sink.commits.lock().unwrap().is_empty(), "an offset was committed: {why}");
+    }
+
     /// The next partition actor the supervisor reports down, if one does `within`.
     fn next_down(&self, within: Duration) -> Option<PartitionDown> {
         self.downs.recv_timeout(within).ok()
@@ -570,15 +576,7 @@ async fn no_state_is_written_before_its_outputs_are_acknowledged() {
     h.send("a", 2, 2.0);
     // Both batches are computed; neither may be written while the first one's ack is held.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(
-        h.store.writes.load(Ordering::SeqCst),
-        0,
-        "a state written before its outputs were acknowledged"
-    );
-    assert!(
-        h.sink.commits.lock().unwrap().is_empty(),
-        "an offset committed before its outputs were acknowledged"
-    );
+    h.assert_nothing_written("the outputs are not acknowledged");
     h.sink.hold_acks.store(false, Ordering::SeqCst);
     assert_eq!(h.drain().await, Some(Offset(1)));
     assert_eq!(h.output_offsets(), [0, 1]);
@@ -595,8 +593,7 @@ async fn a_slow_state_write_holds_back_the_offset_but_not_the_next_batchs_output
     // Batch 0's write is in flight (held); batch 1 is scored and its output goes out meanwhile.
     h.send("a", 2, 2.0);
     wait_until(|| h.output_offsets() == [0, 1]).await;
-    assert_eq!(h.store.writes.load(Ordering::SeqCst), 0, "nothing is written while the write is held");
-    assert!(h.sink.commits.lock().unwrap().is_empty(), "no offset is committed before its state is written");
+    h.assert_nothing_written("the first write is held");
     h.store.hold_writes.store(false, Ordering::SeqCst);
     assert_eq!(h.drain().await, Some(Offset(1)));
     let commits = h.sink.commits.lock().unwrap().clone();
