@@ -353,7 +353,13 @@ async fn a_full_batch_waits_on_the_device_and_runs_before_the_halves_of_a_failed
     .await;
     // Three batches through the gate: the held one, the failing one, the clean one. The failed
     // batch's first half then waits at the gate, and the clean batch is answered meanwhile.
-    for _ in 0..3 {
+    // The held one first: once the failing batch is at the gate, the feeder hands the clean one
+    // to the device; give it that moment, or the failing batch could fail and queue its halves
+    // first (a clean batch still in the feeder rightly runs after them).
+    open.send(()).unwrap();
+    wait_for(|| async { h.record.entered.load(Ordering::SeqCst) }, |&n| n == 2).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..2 {
         open.send(()).unwrap();
     }
     wait_for(|| async { clean.iter().all(|t| t.is_finished()) }, |&done| done).await;
